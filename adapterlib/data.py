@@ -1,0 +1,176 @@
+"""The grounded-caption manifest format: one JSON record per line.
+
+    {"image": "images/0000001.png", "caption": "a red circle",
+     "objects": [{"phrase": "red circle", "box": [x0, y0, x1, y1]}],
+     "id": "shapes-1", "seed": 1}
+
+Boxes are normalised to [0, 1] as (x0, y0, x1, y1) with x1, y1 exclusive
+(pixel box divided by width/height). "image" is relative to the manifest's
+folder; "id" and "seed" are optional. Validation is strict -- unknown keys
+are errors -- so a typo in a hand-written manifest fails loudly with the
+file, line, record id and field instead of silently training on bad data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+MAX_OBJECTS = 30
+
+_RECORD_KEYS = ("image", "caption", "objects", "id", "seed")
+_OBJECT_KEYS = ("phrase", "box")
+
+
+class ManifestError(ValueError):
+    """A manifest line that does not follow the format."""
+
+
+@dataclass(frozen=True)
+class GroundedObject:
+    phrase: str
+    box: tuple[float, float, float, float]
+
+    def to_json(self) -> dict:
+        return {"phrase": self.phrase, "box": list(self.box)}
+
+
+@dataclass(frozen=True)
+class Record:
+    caption: str
+    objects: tuple[GroundedObject, ...]
+    image: str | None = None
+    id: str | None = None
+    seed: int | None = None
+
+    def to_json(self) -> dict:
+        """The record as a JSON-ready dict; None fields are omitted."""
+        out: dict[str, Any] = {}
+        if self.image is not None:
+            out["image"] = self.image
+        out["caption"] = self.caption
+        out["objects"] = [o.to_json() for o in self.objects]
+        if self.id is not None:
+            out["id"] = self.id
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str, require_image: bool) -> "Record":
+        """Validate a decoded JSON value; errors start with `where` (file and line)."""
+        if not isinstance(obj, dict):
+            raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        # Name the record in every later message so it can be found in big files.
+        rid = obj.get("id")
+        if isinstance(rid, str):
+            where = f"{where} (id {rid!r})"
+
+        def fail(field: str, problem: str) -> ManifestError:
+            return ManifestError(f"{where}: {field} {problem}")
+
+        for key in obj:
+            if key not in _RECORD_KEYS:
+                raise fail(repr(key), f"is not a known key (expected one of {list(_RECORD_KEYS)})")
+        if rid is not None and not isinstance(rid, str):
+            raise fail("id", f"must be a string, got {rid!r}")
+
+        image = obj.get("image")
+        if image is None:
+            if require_image:
+                raise fail("image", "is missing")
+        elif not isinstance(image, str) or not image:
+            raise fail("image", f"must be a non-empty string, got {image!r}")
+
+        if "caption" not in obj:
+            raise fail("caption", "is missing")
+        caption = obj["caption"]
+        if not isinstance(caption, str):
+            raise fail("caption", f"must be a string, got {caption!r}")
+
+        seed = obj.get("seed")
+        # bool is an int subclass; `true` is never a meaningful seed.
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise fail("seed", f"must be an integer, got {seed!r}")
+
+        if "objects" not in obj:
+            raise fail("objects", "is missing")
+        raw_objects = obj["objects"]
+        if not isinstance(raw_objects, list):
+            raise fail("objects", f"must be a list, got {type(raw_objects).__name__}")
+        if len(raw_objects) > MAX_OBJECTS:
+            raise fail("objects", f"has {len(raw_objects)} entries, more than MAX_OBJECTS={MAX_OBJECTS}")
+        objects = tuple(_parse_object(o, f"objects[{i}]", fail) for i, o in enumerate(raw_objects))
+
+        return cls(caption=caption, objects=objects, image=image, id=rid, seed=seed)
+
+
+def _parse_object(obj: Any, field: str, fail) -> GroundedObject:
+    if not isinstance(obj, dict):
+        raise fail(field, f"must be an object, got {obj!r}")
+    for key in obj:
+        if key not in _OBJECT_KEYS:
+            raise fail(f"{field}.{key}", f"is not a known key (expected one of {list(_OBJECT_KEYS)})")
+    phrase = obj.get("phrase")
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise fail(f"{field}.phrase", f"must be a non-empty string, got {phrase!r}")
+    if "box" not in obj:
+        raise fail(f"{field}.box", "is missing")
+    box = obj["box"]
+    if not isinstance(box, list) or len(box) != 4:
+        raise fail(f"{field}.box", f"{box!r} must be a list of 4 numbers")
+    for v in box:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise fail(f"{field}.box", f"{box!r} must hold 4 finite numbers")
+    if any(v < 0.0 or v > 1.0 for v in box):
+        raise fail(f"{field}.box", f"{box!r} is outside [0, 1]")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not x0 < x1:
+        raise fail(f"{field}.box", f"{box!r} has x0 > x1" if x0 > x1 else f"{box!r} has zero width")
+    if not y0 < y1:
+        raise fail(f"{field}.box", f"{box!r} has y0 > y1" if y0 > y1 else f"{box!r} has zero height")
+    return GroundedObject(phrase=phrase, box=(x0, y0, x1, y1))
+
+
+def read_manifest(path: str | Path, require_image: bool = True) -> list[Record]:
+    """Read and validate a manifest; raises ManifestError on the first bad line."""
+    path = Path(path)
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            record = Record.from_json(obj, where, require_image)
+            if require_image and not resolve_image(path, record).is_file():
+                rid = f" (id {record.id!r})" if record.id is not None else ""
+                raise ManifestError(
+                    f"{where}{rid}: image {record.image!r} does not exist "
+                    f"(looked for {resolve_image(path, record)})"
+                )
+            records.append(record)
+    return records
+
+
+def write_manifest(path: str | Path, records: Iterable[Record]) -> Path:
+    """Write records one per line (parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record.to_json()) + "\n")
+    return path
+
+
+def resolve_image(manifest_path: str | Path, record: Record) -> Path:
+    """The image file of a record: its path is relative to the manifest's folder."""
+    if record.image is None:
+        raise ValueError(f"record {record.id!r} has no image")
+    return Path(manifest_path).parent / record.image

@@ -1,0 +1,165 @@
+"""Measuring grounding: did the object land in the requested box?
+
+A miniature of GLIGEN's YOLO-AP evaluation for the Shapes world. Because
+every Shapes colour appears at most once per image, a "detector" only has to
+find the largest blob of the phrase's colour: each pixel takes the nearest
+palette colour (if close enough, and closer than the background), blobs are
+4-connected components, and a requested object counts as a success when the
+found box overlaps the requested box with IoU >= 0.5.
+
+Images are uint8 RGB numpy arrays, (N, H, W, 3) or a list of (H, W, 3);
+convert generated float tensors in [0, 1] with (x * 255).round() first.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from .data import Record
+from .shapes import BACKGROUND, COLORS
+
+COLOR_TOLERANCE = 90  # max RGB euclidean distance from a palette colour
+MIN_BLOB_PIXELS = 4   # smaller blobs are speckle, not an object
+
+Box = tuple[float, float, float, float]
+
+_NAMES = list(COLORS)
+_PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (C, 3)
+_BACKGROUND = np.array(BACKGROUND, dtype=np.float32)          # (3,)
+
+
+def classify_pixels(image: np.ndarray) -> np.ndarray:
+    """Palette index (H, W) int of each pixel of an (H, W, 3) image; -1 = background."""
+    rgb = np.asarray(image, dtype=np.float32)[..., :3]                     # (H, W, 3)
+    dist = np.linalg.norm(rgb[..., None, :] - _PALETTE, axis=-1)           # (H, W, C)
+    to_background = np.linalg.norm(rgb - _BACKGROUND, axis=-1)             # (H, W)
+    nearest = dist.argmin(axis=-1)                                         # (H, W)
+    d = np.take_along_axis(dist, nearest[..., None], axis=-1)[..., 0]      # (H, W)
+    return np.where((d < COLOR_TOLERANCE) & (d < to_background), nearest, -1)
+
+
+def color_of(phrase: str) -> str | None:
+    """The palette colour named in a phrase ("a red circle" -> "red"), else None."""
+    for word in re.findall(r"[a-z]+", phrase.lower()):
+        if word in COLORS:
+            return word
+    return None
+
+
+def _largest_blob(labels: np.ndarray, color: str) -> tuple[Box | None, int]:
+    """Normalised box and size of the largest 4-connected blob of `color` in a label map."""
+    mask = labels == _NAMES.index(color)                                   # (H, W)
+    components, n = ndimage.label(mask)  # default structure is 4-connectivity
+    if n == 0:
+        return None, 0
+    sizes = np.bincount(components.ravel())[1:]                            # (n,) pixels per blob
+    biggest = int(sizes.argmax())
+    size = int(sizes[biggest])
+    if size < MIN_BLOB_PIXELS:
+        return None, 0
+    ys, xs = np.nonzero(components == biggest + 1)
+    h, w = labels.shape
+    # Same convention as records: exclusive x1/y1, divided by width/height.
+    return (xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h), size
+
+
+def detect(image: np.ndarray, color: str) -> tuple[Box | None, int]:
+    """Box (normalised, x1/y1 exclusive) and pixel count of the largest blob of a colour.
+
+    Returns (None, 0) when there is no blob of at least MIN_BLOB_PIXELS.
+    """
+    if color not in COLORS:
+        raise ValueError(f"unknown colour {color!r}; expected one of {_NAMES}")
+    return _largest_blob(classify_pixels(image), color)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def evaluate_grounding(
+    images: np.ndarray | Sequence[np.ndarray],
+    records: Sequence[Record],
+    iou_threshold: float = 0.5,
+) -> tuple[pd.DataFrame, dict]:
+    """Per-object grounding results and a summary over the measurable objects.
+
+    One row per requested object. Objects whose phrase names no palette colour
+    cannot be measured: they get measurable=False, NaN metrics, and are left
+    out of the summary (with a warning).
+    Summary: success_rate, miou, color_presence (means over measurable objects),
+    n_objects (measurable), n_images.
+    """
+    if len(images) != len(records):
+        raise ValueError(f"{len(images)} images but {len(records)} records")
+    rows = []
+    for i, (image, record) in enumerate(zip(images, records)):
+        labels = classify_pixels(image)
+        for phrase, box in ((o.phrase, o.box) for o in record.objects):
+            color = color_of(phrase)
+            row = {"record": i, "id": record.id, "phrase": phrase, "color": color,
+                   "box": tuple(box), "found_box": None, "measurable": color is not None}
+            if color is None:
+                row.update(iou=np.nan, found=False, success=False, color_present=False)
+            else:
+                found_box, _ = _largest_blob(labels, color)
+                iou = box_iou(box, found_box) if found_box is not None else 0.0
+                # Presence is the same test as "found": the largest blob of the colour.
+                row.update(found_box=found_box, iou=iou, found=found_box is not None,
+                           success=iou >= iou_threshold, color_present=found_box is not None)
+            rows.append(row)
+
+    columns = ["record", "id", "phrase", "color", "box", "found_box", "iou",
+               "found", "success", "color_present", "measurable"]
+    table = pd.DataFrame(rows, columns=columns)
+    skipped = int((~table["measurable"]).sum()) if len(table) else 0
+    if skipped:
+        warnings.warn(f"{skipped} object(s) name no palette colour and were not measured")
+
+    measured = table[table["measurable"]] if len(table) else table
+    n = len(measured)
+    nan = float("nan")
+    summary = {
+        "success_rate": float(measured["success"].mean()) if n else nan,
+        "miou": float(measured["iou"].mean()) if n else nan,
+        "color_presence": float(measured["color_present"].mean()) if n else nan,
+        "n_objects": int(n),
+        "n_images": int(len(records)),
+    }
+    return table, summary
+
+
+_SUMMARY_KEYS = ("success_rate", "miou", "color_presence", "n_objects", "n_images")
+
+
+def format_summary(rows: dict[str, dict]) -> str:
+    """Named summaries as an aligned text table, one row each (e.g. ground truth / base / adapter)."""
+    keys = [k for k in _SUMMARY_KEYS if any(k in s for s in rows.values())]
+    header = ["", *keys]
+    body = [[name, *(_fmt(s.get(k)) for k in keys)] for name, s in rows.items()]
+    widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
+    lines = []
+    for r in [header, *body]:
+        # Left-align the name column, right-align the numbers.
+        cells = [r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(value)
+    return f"{value:.3f}"

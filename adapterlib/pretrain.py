@@ -1,0 +1,108 @@
+"""Training the tiny Shapes base model on captions only (placing objects is the adapter's job).
+
+Used by notebooks/00_base_model.ipynb and by scripts/gpu_checks.py. The recipe, and why:
+- v-prediction on a cosine schedule, loss weighted min(1 + SNR, gamma) in x0 terms: every noise level
+  keeps at least weight 1, so the high-noise steps where colour is decided are not starved (the
+  epsilon-loss trial in WORKBOOK.md learned shapes but ignored the caption);
+- the text encoder trains jointly (it is ours and tiny); 10% empty captions for guidance;
+- an EMA of the weights is what gets saved.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import shapes
+from .base import BaseModel, build_tiny_base
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 20_000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup: int = 500
+    weight_decay: float = 0.01
+    caption_dropout: float = 0.1     # share of empty captions, for classifier-free guidance
+    snr_gamma: float = 5.0           # cap on the x0-space loss weight 1 + SNR
+    ema_decay: float = 0.999
+    n_images: int = 200_000          # training layouts: seeds 0 .. n_images - 1 (held-out ones are >= 10M)
+    seed: int = 0
+    mixed_precision: str = "bf16"    # on CUDA; CPU always runs fp32
+    log_every: int = 200
+
+
+def loss_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Weight on the v-loss so that the effective x0-space weight is min(1 + SNR, gamma)."""
+    alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
+    snr_plus_one = 1 / (1 - alpha_bar)                       # 1 + SNR; v-loss = (1 + SNR) * x0-loss
+    return snr_plus_one.clamp(max=gamma) / snr_plus_one
+
+
+def train_base(cfg: PretrainConfig, out_dir: str | Path, device: str = "cpu", log=print) -> BaseModel:
+    """Train a fresh tiny base for `cfg.steps` steps; save the EMA weights to `out_dir`."""
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(out_dir)
+    base = build_tiny_base(cfg.seed).to(device)
+    unet, text_encoder, scheduler = base.unet, base.text_encoder, base.scheduler
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = [p.detach().clone() for p in params]
+
+    # --- data: the whole training set rendered once, kept on the device as uint8
+    t0 = time.perf_counter()
+    images, records = shapes.render_batch(range(cfg.n_images))
+    images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous()   # (N, 3, H, W) uint8
+    captions = base.tokenize([r.caption for r in records])                        # (N, L)
+    empty = base.tokenize([""])                                                    # (1, L)
+    log(f"rendered {cfg.n_images} training images in {time.perf_counter() - t0:.1f} s")
+
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))))
+    amp = device.startswith("cuda") and cfg.mixed_precision in ("bf16", "fp16")
+    amp_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
+    gen = torch.Generator(device).manual_seed(cfg.seed)
+    history, t_start = [], time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        # --- batch: images in [-1, 1], captions with 10% dropped to empty
+        idx = torch.randint(0, cfg.n_images, (cfg.batch_size,), device=device, generator=gen)
+        x0 = images[idx].float() / 127.5 - 1
+        ids = captions[idx]
+        drop = torch.rand(cfg.batch_size, device=device, generator=gen) < cfg.caption_dropout
+        ids = torch.where(drop[:, None], empty, ids)
+        noise = torch.randn(x0.shape, device=device, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), device=device, generator=gen)
+        # --- forward: v-prediction, SNR-capped weights
+        with torch.autocast("cuda", dtype=amp_dtype, enabled=amp):
+            pred = unet(scheduler.add_noise(x0, noise, t), t, text_encoder(ids)[0]).sample
+        target = scheduler.get_velocity(x0, noise, t)
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * loss_weights(scheduler, t, cfg.snr_gamma)).mean()
+        # --- update and EMA
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - cfg.ema_decay)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            row = dict(step=step, loss=loss.item(), lr=sched.get_last_lr()[0], wall_s=time.perf_counter() - t_start)
+            history.append(row)
+            log(json.dumps(row))
+
+    # --- save the EMA weights as the base
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    base.path = str(out_dir)
+    base.to("cpu").save(out_dir)
+    (out_dir / "training.json").write_text(json.dumps(
+        dict(config=asdict(cfg), device=device, train_seconds=time.perf_counter() - t_start, history=history), indent=1))
+    return base.freeze()
