@@ -1,0 +1,133 @@
+"""Headless entry point.
+
+    python -m adapterlib evaluate --reference ground-truth     # the ceiling: rendered layouts
+    python -m adapterlib evaluate --reference base             # the base alone (no adapter)
+    python -m adapterlib evaluate --reference base --base /path/to/stable-diffusion --limit 20
+
+`evaluate` prints a short table, then, as the LAST line of stdout, one JSON object
+({"success_rate", "miou", "color_presence", "n_objects", "n_images", "reference", ...}) for scripts.
+Progress and warnings go to stderr.
+
+Seeds: held-out layout i is always sampled with seed i (its index in heldout.jsonl), everywhere in
+the project, so the base and every adapter are compared on the same starting noise. For a user
+manifest the seed is the record's "seed" field, or its index when it has none.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import evaluate, shapes
+from .data import ManifestError, Record, read_manifest, resolve_image
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except (FileNotFoundError, ManifestError, ValueError) as e:
+        print(f"adapterlib {args.command_name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m adapterlib", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    ev = commands.add_parser("evaluate", help="grounding summary on the held-out layouts (or a manifest)",
+                             description="Grounding success rate, mIoU and colour presence on the shipped "
+                                         "held-out layouts; the last line of stdout is a JSON object.")
+    ev.set_defaults(command=_evaluate, command_name="evaluate")
+    ev.add_argument("run", nargs="?", help="a run folder or checkpoint (arrives with the training issue)")
+    ev.add_argument("--reference", choices=["ground-truth", "base"],
+                    help="ground-truth: the rendered layouts (the ceiling); base: the base model alone")
+    ev.add_argument("--base", default="shapes-tiny",
+                    help="'shapes-tiny' (the shipped default) or a diffusers-style Stable Diffusion folder")
+    ev.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N layouts (default: all)")
+    ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    ev.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    ev.add_argument("--manifest", type=Path, default=None,
+                    help="evaluate on the layouts of this manifest (JSON Lines) instead of the held-out set")
+    ev.add_argument("--device", default=None, help="torch device for sampling (default: cuda if available, else cpu)")
+    return parser
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    if args.run is not None:
+        print(f"adapterlib evaluate: error: evaluating a run folder ({args.run!r}) arrives with the training "
+              "issue; for now give --reference ground-truth or --reference base", file=sys.stderr)
+        return 2
+    if args.reference is None:
+        print("adapterlib evaluate: error: give --reference ground-truth or --reference base", file=sys.stderr)
+        return 2
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: give a positive number of layouts")
+
+    records, seeds = _layouts(args.manifest, args.limit)
+    if args.reference == "ground-truth":
+        name, extra = "ground truth", {}
+        images = _ground_truth_images(records, args.manifest)
+    else:
+        name, extra = f"base ({args.base})", {"base": args.base, "steps": args.steps, "guidance": args.guidance}
+        images = _sample_base(args, records, seeds)
+
+    _, summary = evaluate.evaluate_grounding(images, records)
+    print(evaluate.format_summary({name: summary}))
+    layouts = "heldout" if args.manifest is None else str(args.manifest)
+    result = {**summary, "reference": args.reference, "layouts": layouts, **extra}
+    # strict JSON: NaN (no measurable object) becomes null
+    result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def _layouts(manifest: Path | None, limit: int | None) -> tuple[list[Record], list[int]]:
+    """The records to evaluate and one sampling seed each (see the module docstring)."""
+    if manifest is None:
+        records = shapes.heldout_records(limit)
+        return records, list(range(len(records)))
+    records = read_manifest(manifest, require_image=False)[:limit]
+    if not records:
+        raise ValueError(f"{manifest}: no records")
+    return records, [r.seed if r.seed is not None else i for i, r in enumerate(records)]
+
+
+def _ground_truth_images(records: list[Record], manifest: Path | None) -> list[np.ndarray] | np.ndarray:
+    """Held-out layouts are rendered from their seeds. A manifest record's image file is its ground
+    truth; a record without an image is rendered from its Shapes seed."""
+    if manifest is None:
+        return shapes.heldout_images(records)
+    from PIL import Image
+
+    images = []
+    for i, r in enumerate(records):
+        if r.image is not None:
+            images.append(np.asarray(Image.open(resolve_image(manifest, r)).convert("RGB")))
+        elif r.seed is not None:
+            images.append(shapes.heldout_images([r])[0])
+        else:
+            raise ValueError(f"{manifest} record {i} (id {r.id!r}): no image and no seed, "
+                             "so there is no ground truth to measure")
+    return images
+
+
+def _sample_base(args: argparse.Namespace, records: list[Record], seeds: list[int]) -> np.ndarray:
+    import torch  # only the base reference needs torch and diffusers
+
+    from . import sample
+    from .base import load_base
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base = load_base(args.base, device=device)
+    print(f"sampling {len(records)} images from {base.path} on {device} "
+          f"({args.steps} steps, guidance {args.guidance})", file=sys.stderr, flush=True)
+    return sample.generate(base, records, seeds, steps=args.steps, guidance=args.guidance)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

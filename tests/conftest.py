@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny Stable-Diffusion-architecture folder built from configs, offline.
+
+The folder has the layout of a real SD 1.x checkpoint on disk (model_index.json, unet/, vae/,
+text_encoder/, tokenizer/ with a CLIP BPE vocab.json + merges.txt, scheduler/ with SD's PNDM
+config), at toy size, so `load_base` is tested on the SD path without any download.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+SD_UNET_SAMPLE_SIZE = 8   # latent side
+SD_VAE_SCALE = 2          # two VAE blocks -> one downsampling by 2
+SD_RESOLUTION = SD_UNET_SAMPLE_SIZE * SD_VAE_SCALE
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (GPT-2's) reversible byte -> printable character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def write_clip_tokenizer(folder: Path) -> int:
+    """A tiny CLIP BPE tokenizer as SD ships it (vocab.json, merges.txt, configs); returns its vocab size.
+
+    Like the real vocab it holds every byte character alone and as a word end ("a</w>"), a few
+    merges, then the two special tokens last, so the EOS token has the highest id (CLIP's pooled
+    output takes the argmax id when eos_token_id is the legacy 2, as in SD's text encoder config)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    merges = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r"), ("a", "n"), ("an", "d</w>")]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True}))
+    return len(vocab)
+
+
+def build_tiny_sd_folder(folder: Path) -> Path:
+    """Write a random-weight, SD-1.x-architecture pipeline folder (latent space, 4 channels)."""
+    folder = Path(folder)
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=SD_UNET_SAMPLE_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+    ).save_pretrained(folder / "unet")
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=SD_RESOLUTION,
+    ).save_pretrained(folder / "vae")
+    vocab_size = write_clip_tokenizer(folder / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2,   # as in SD 1.x's config: 2 = "pool at the argmax id"
+    )).save_pretrained(folder / "text_encoder")
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+                  ).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None], "feature_extractor": [None, None],
+    }, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory) -> Path:
+    """A tiny SD-architecture folder on disk, built once per test session."""
+    return build_tiny_sd_folder(tmp_path_factory.mktemp("tiny-sd"))

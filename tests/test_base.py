@@ -1,0 +1,65 @@
+"""The base model loads through one function: the shipped tiny model, a saved tiny base, an SD folder."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from adapterlib import sample, shapes
+from adapterlib.base import SHIPPED_BASE, build_tiny_base, load_base
+from conftest import SD_RESOLUTION
+
+
+def _unet_output(base, seed: int = 0) -> torch.Tensor:
+    """The UNet's prediction on a fixed noisy input and caption context (text encoder included)."""
+    channels, side = base.unet.config.in_channels, base.unet.config.sample_size
+    x = torch.randn(2, channels, side, side, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        context = base.encode_captions(["a red circle and a blue square", ""])
+        return base.unet(x, torch.tensor([10, 900]), encoder_hidden_states=context).sample
+
+
+def test_tiny_base_round_trips_through_save_and_load(tmp_path):
+    base = build_tiny_base(seed=0).freeze()
+    loaded = load_base(base.save(tmp_path / "tiny"))
+    assert loaded.vae is None and loaded.resolution == shapes.RESOLUTION
+    assert torch.equal(loaded.tokenize(["a red circle"]), base.tokenize(["a red circle"]))
+    assert isinstance(loaded.scheduler, DDPMScheduler)
+    assert loaded.scheduler.config.prediction_type == base.scheduler.config.prediction_type == "v_prediction"
+    assert loaded.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert torch.equal(_unet_output(loaded), _unet_output(base))
+    assert not any(p.requires_grad for m in loaded.modules() for p in m.parameters())  # loaded frozen
+
+
+def test_sd_folder_loads_through_the_same_function(tiny_sd_folder):
+    base = load_base(tiny_sd_folder)
+    assert base.vae is not None and base.unet.config.in_channels == 4
+    assert base.resolution == base.unet.config.sample_size * 2 == SD_RESOLUTION
+    # SD's PNDM scheduler config becomes the DDPM training schedule with the same betas
+    assert isinstance(base.scheduler, DDPMScheduler) and base.scheduler.config.beta_schedule == "scaled_linear"
+    ids = base.tokenize(["a red circle"])
+    assert ids.shape == (1, 77) and ids[0, 0] == base.tokenizer.bos_token_id
+    phrases = base.encode_phrases(["red circle", "blue square"])   # pooled at each phrase's EOS token
+    assert phrases.shape == (2, 32) and not torch.allclose(phrases[0], phrases[1])
+
+    records = shapes.heldout_records(2)
+    images = sample.generate(base, records, seeds=[0, 1], steps=2)
+    assert images.shape == (2, SD_RESOLUTION, SD_RESOLUTION, 3) and images.dtype == np.uint8
+
+
+def test_missing_folder_error_names_the_path(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_base(missing)
+    (tmp_path / "empty").mkdir()   # a folder that exists but is not a diffusers-style model
+    with pytest.raises(FileNotFoundError, match="unet/config.json"):
+        load_base(tmp_path / "empty")
+
+
+def test_shipped_base_loads():
+    """The trained tiny base ships inside the package, with a model card, and loads by name."""
+    base = load_base()
+    assert base.vae is None and base.resolution == shapes.RESOLUTION
+    assert any(SHIPPED_BASE.glob("*.md")), f"no model card (*.md) in {SHIPPED_BASE}"
+    ids = base.tokenize([r.caption for r in shapes.heldout_records(20)])
+    assert not (ids == base.tokenizer.unk_token_id).any()   # every held-out word is in the vocabulary
