@@ -3,6 +3,10 @@
     python -m adapterlib evaluate --reference ground-truth     # the ceiling: rendered layouts
     python -m adapterlib evaluate --reference base             # the base alone (no adapter)
     python -m adapterlib evaluate --reference base --base /path/to/stable-diffusion --limit 20
+    python -m adapterlib evaluate runs/<run> [--checkpoint latest|final|STEP] [--scale 1.0] [--tau 1.0]
+
+For a run, the table shows ground truth, the base alone and the adapter side by side on the same
+layouts and seeds; the JSON line is the adapter's (with the checkpoint's step).
 
 `evaluate` prints a short table, then, as the LAST line of stdout, one JSON object
 ({"success_rate", "miou", "color_presence", "n_objects", "n_images", "reference", ...}) for scripts.
@@ -43,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
                              description="Grounding success rate, mIoU and colour presence on the shipped "
                                          "held-out layouts; the last line of stdout is a JSON object.")
     ev.set_defaults(command=_evaluate, command_name="evaluate")
-    ev.add_argument("run", nargs="?", help="a run folder or checkpoint (arrives with the training issue)")
+    ev.add_argument("run", nargs="?", help="a run folder: evaluate its adapter (latest checkpoint by default)")
+    ev.add_argument("--checkpoint", default="latest", help="latest | final | a step number (with a run)")
+    ev.add_argument("--scale", type=float, default=1.0, help="injection scale over all gates (with a run)")
+    ev.add_argument("--tau", type=float, default=1.0,
+                    help="scheduled sampling: grounding on for the first tau of the steps (with a run)")
     ev.add_argument("--reference", choices=["ground-truth", "base"],
                     help="ground-truth: the rendered layouts (the ceiling); base: the base model alone")
     ev.add_argument("--base", default="shapes-tiny",
@@ -59,11 +67,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _evaluate(args: argparse.Namespace) -> int:
     if args.run is not None:
-        print(f"adapterlib evaluate: error: evaluating a run folder ({args.run!r}) arrives with the training "
-              "issue; for now give --reference ground-truth or --reference base", file=sys.stderr)
-        return 2
+        return _evaluate_run(args)
     if args.reference is None:
-        print("adapterlib evaluate: error: give --reference ground-truth or --reference base", file=sys.stderr)
+        print("adapterlib evaluate: error: give a run folder, --reference ground-truth or --reference base",
+              file=sys.stderr)
         return 2
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: give a positive number of layouts")
@@ -82,6 +89,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = {**summary, "reference": args.reference, "layouts": layouts, **extra}
     # strict JSON: NaN (no measurable object) becomes null
     result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def _evaluate_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import sample
+    from .base import load_base
+    from .checkpoint import load_adapter, resolve_checkpoint
+    from .paths import repo_path
+
+    run_dir = repo_path(args.run)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
+    config = json.loads((run_dir / "config.json").read_text())
+    step, path = resolve_checkpoint(run_dir, args.checkpoint)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base = load_base(config["base_model"] if config["base_model"] == "shapes-tiny" else repo_path(config["base_model"]),
+                     device=device)
+    adapter = load_adapter(path, base)
+    records, seeds = _layouts(args.manifest, args.limit)
+    print(f"sampling {len(records)} layouts: base alone, then {run_dir.name} step {step} "
+          f"(scale {args.scale}, tau {args.tau})", file=sys.stderr, flush=True)
+    kw = dict(steps=args.steps, guidance=args.guidance)
+    rows = {"ground truth": evaluate.evaluate_grounding(_ground_truth_images(records, args.manifest), records)[1],
+            "base alone (scale 0)": evaluate.evaluate_grounding(sample.generate(base, records, seeds, **kw), records)[1]}
+    images = sample.generate(base, records, seeds, adapter=adapter, scale=args.scale, tau=args.tau, **kw)
+    rows[f"adapter step {step}"] = evaluate.evaluate_grounding(images, records)[1]
+    print(evaluate.format_summary(rows))
+    result = {**rows[f"adapter step {step}"], "run": str(run_dir), "step": step, "scale": args.scale, "tau": args.tau,
+              "base_success_rate": rows["base alone (scale 0)"]["success_rate"],
+              "ground_truth_success_rate": rows["ground truth"]["success_rate"]}
     print(json.dumps(result), flush=True)
     return 0
 

@@ -84,7 +84,8 @@ class BaseModel:
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BaseModel":
         """Move every part; `dtype` casts the (frozen) weights, e.g. to bf16 on a GPU."""
         for module in self.modules():
-            module.to(device) if dtype is None else module.to(device, dtype)
+            same = dtype is None or all(p.dtype == dtype for p in module.parameters())
+            module.to(device) if same else module.to(device, dtype)
         return self
 
     def save(self, folder: str | Path) -> Path:

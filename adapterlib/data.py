@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 MAX_OBJECTS = 30
 
 _RECORD_KEYS = ("image", "caption", "objects", "id", "seed")
@@ -174,3 +176,31 @@ def resolve_image(manifest_path: str | Path, record: Record) -> Path:
     if record.image is None:
         raise ValueError(f"record {record.id!r} has no image")
     return Path(manifest_path).parent / record.image
+
+
+class ManifestImages:
+    """A manifest's records with their images, loaded on demand and resized to the model's resolution.
+
+    Boxes are normalised, so resizing (without cropping) keeps every box valid; non-square images are
+    stretched, which the boxes follow exactly."""
+
+    def __init__(self, manifest: str | Path, resolution: int):
+        self.manifest = Path(manifest)
+        self.records = read_manifest(self.manifest)
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, indices) -> tuple[np.ndarray, list[Record]]:
+        """(B, H, W, 3) uint8 images and their records."""
+        from PIL import Image
+        records = [self.records[int(i)] for i in indices]
+        images = []
+        for r in records:
+            with Image.open(resolve_image(self.manifest, r)) as im:
+                im = im.convert("RGB")
+                if im.size != (self.resolution, self.resolution):
+                    im = im.resize((self.resolution, self.resolution), Image.BICUBIC)
+                images.append(np.asarray(im))
+        return np.stack(images), records

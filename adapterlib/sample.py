@@ -67,3 +67,26 @@ def _generate_batch(base, records, seeds, adapter, scale, tau, steps, guidance):
         uncond, cond = pred.float().chunk(2)
         latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
     return to_uint8(base.from_latents(latents))
+
+
+def boxed_grid(images: np.ndarray, records: list[Record] | None = None, upscale: int = 4, ncols: int = 8):
+    """A PIL image: the samples side by side, enlarged, each requested box drawn in its colour."""
+    from PIL import Image, ImageDraw
+
+    from .evaluate import color_of
+    from .shapes import COLORS
+    n, h, w, _ = images.shape
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    pad = 2
+    grid = Image.new("RGB", (ncols * (w * upscale + pad) + pad, nrows * (h * upscale + pad) + pad), (128, 128, 128))
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = pad + (i % ncols) * (w * upscale + pad), pad + (i // ncols) * (h * upscale + pad)
+        grid.paste(Image.fromarray(image).resize((w * upscale, h * upscale), Image.NEAREST), (x, y))
+        for obj in (records[i].objects if records else ()):
+            x0, y0, x1, y1 = obj.box
+            color = COLORS.get(color_of(obj.phrase) or "", (0, 0, 0))
+            draw.rectangle([x + x0 * w * upscale, y + y0 * h * upscale, x + x1 * w * upscale - 1,
+                            y + y1 * h * upscale - 1], outline=tuple(int(c * 0.6) for c in color), width=1)
+    return grid

@@ -64,6 +64,6 @@ def test_cli_base_reference_samples_the_given_folder(tiny_sd_folder, capsys):
     assert 0.0 <= result["success_rate"] <= 1.0
 
 
-def test_cli_rejects_a_run_folder_until_training_lands(capsys):
-    assert main(["evaluate", "runs/default"]) == 2
-    assert "arrives with the training issue" in capsys.readouterr().err
+def test_cli_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "is not a run folder" in capsys.readouterr().err

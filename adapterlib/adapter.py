@@ -1,0 +1,283 @@
+"""The spatial adapter: phrases + boxes -> grounding tokens -> a gated layer after every transformer block.
+
+GLIGEN's maths, arranged so the frozen UNet is never edited: each gated layer is attached with a
+forward hook on a diffusers `BasicTransformerBlock` (tiny default, SD 1.x/2.x, SDXL alike) and adds
+
+    x <- x + scale * tanh(gate_attn) * Attn(norm(x), grounding tokens)
+    x <- x + scale * tanh(gate_ff)   * FF(norm(x))                      (optional)
+
+to the block's output. Gates start at exactly 0, so at step 0 the adapted model *is* the base model.
+Gates are bounded with tanh (as GLIGEN): the effective gate stays in (-1, 1) whatever the learning
+rate, and the raw values are always exposed, since a raw gate above 1.0 is the seed's
+over-activation signal (tanh(1) = 0.76: the gate is saturating).
+
+Attention variants (`attention`):
+- "self":   GLIGEN's gated self-attention over [visual; grounding] tokens, visual part kept;
+- "cross":  visual tokens attend to the grounding tokens (cheaper at high resolution);
+- "masked": cross-attention where a visual token sees only the objects whose box covers it
+            (InstanceDiffusion / MIGC's region prior). Cross variants also see a learned
+            "nothing here" token, so a token outside every box has somewhere to attend.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import BasicTransformerBlock
+from torch import nn
+
+from .data import MAX_OBJECTS, Record
+
+ATTENTIONS = ("self", "cross", "masked")
+NORMS = ("layernorm", "rmsnorm")
+
+
+def zero_gate() -> nn.Parameter:
+    """A scalar gate initialised to exactly zero: the layer starts as the identity."""
+    return nn.Parameter(torch.zeros(()))
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    if kind not in NORMS:
+        raise ValueError(f"adapter_norm {kind!r}: choose one of {NORMS}")
+    return nn.LayerNorm(dim) if kind == "layernorm" else nn.RMSNorm(dim)
+
+
+def fourier_embed(boxes: torch.Tensor, freqs: int) -> torch.Tensor:
+    """(B, N, 4) xyxy in [0, 1] -> (B, N, 4 * 2 * freqs) sin/cos features (GLIGEN: 8 frequencies)."""
+    bands = (2.0 ** torch.arange(freqs, device=boxes.device)) * math.pi       # (F,)
+    angles = boxes[..., None].float() * bands                                 # (B, N, 4, F)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+@dataclass
+class Grounding:
+    """What one UNet batch is grounded on; built by `SpatialAdapter.prepare`."""
+    phrases: torch.Tensor    # (B, N, D) phrase embeddings from the frozen text encoder
+    boxes: torch.Tensor      # (B, N, 4) xyxy in [0, 1]
+    present: torch.Tensor    # (B, N) bool: a real object (False: padding)
+    keep_text: torch.Tensor  # (B, N) bool: False where phrase dropout replaced the phrase by the null one
+
+
+class GroundingTokenizer(nn.Module):
+    """Phrase embedding + Fourier(box) -> MLP -> one grounding token per object (GLIGEN's position_net).
+    Padding slots and dropped phrases use learnable null embeddings."""
+
+    def __init__(self, text_dim: int, token_dim: int, width: int, freqs: int = 8):
+        super().__init__()
+        self.freqs = freqs
+        self.null_text = nn.Parameter(torch.zeros(text_dim))
+        self.null_box = nn.Parameter(torch.zeros(4 * 2 * freqs))
+        self.mlp = nn.Sequential(nn.Linear(text_dim + 4 * 2 * freqs, width), nn.SiLU(),
+                                 nn.Linear(width, width), nn.SiLU(), nn.Linear(width, token_dim))
+
+    def forward(self, g: Grounding) -> torch.Tensor:
+        text = torch.where((g.present & g.keep_text)[..., None], g.phrases.float(), self.null_text)
+        box = torch.where(g.present[..., None], fourier_embed(g.boxes, self.freqs), self.null_box)
+        return self.mlp(torch.cat([text, box], dim=-1))                      # (B, N, token_dim)
+
+
+class GatedLayer(nn.Module):
+    """One gated grounding layer for a transformer block of width `dim`."""
+
+    def __init__(self, dim: int, token_dim: int, heads: int, attention: str, norm: str, feedforward: bool):
+        super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"adapter_attention {attention!r}: choose one of {ATTENTIONS}")
+        self.attention, self.heads = attention, heads
+        self.to_objects = nn.Linear(token_dim, dim)
+        self.norm = make_norm(norm, dim)
+        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.out = nn.Linear(dim, dim)
+        self.nothing = nn.Parameter(torch.zeros(1, 1, dim)) if attention != "self" else None
+        self.gate_attn = zero_gate()
+        self.ff = nn.Sequential(make_norm(norm, dim), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                nn.Linear(4 * dim, dim)) if feedforward else None
+        self.gate_ff = zero_gate() if feedforward else None
+
+    def _attend(self, q_in, kv_in, allowed):                  # allowed: (B, Lq, Lk) bool
+        B, Lq, C = q_in.shape
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, L, C/h)
+        out = F.scaled_dot_product_attention(split(self.q(q_in)), split(self.k(kv_in)), split(self.v(kv_in)),
+                                             attn_mask=allowed[:, None])
+        return self.out(out.transpose(1, 2).reshape(B, Lq, C))
+
+    def forward(self, x, tokens, present, region, scale):
+        # x (B, L, C) visual tokens; tokens (B, N, T); present (B, N); region (B, L, N) or None; scale (B, 1, 1)
+        B, L, _ = x.shape
+        objects = self.to_objects(tokens)                                      # (B, N, C)
+        if self.attention == "self":
+            h = self.norm(torch.cat([x, objects], dim=1))                      # (B, L + N, C)
+            keys = torch.cat([present.new_ones(B, L), present], dim=1)            # (B, L + N)
+            allowed = keys[:, None, :].expand(-1, keys.shape[1], -1)
+            delta = self._attend(h, h, allowed)[:, :L]
+        else:
+            kv = torch.cat([self.nothing.expand(B, 1, -1).to(objects.dtype), objects], dim=1)  # (B, 1 + N, C)
+            allowed = present[:, None, :].expand(B, L, -1)                                  # (B, L, N)
+            if self.attention == "masked":
+                allowed = allowed & region
+            allowed = torch.cat([allowed.new_ones(B, L, 1), allowed], dim=-1)              # "nothing" always allowed
+            delta = self._attend(self.norm(x), kv, allowed)
+        out = x + scale * torch.tanh(self.gate_attn) * delta
+        if self.ff is not None:
+            out = out + scale * torch.tanh(self.gate_ff) * self.ff(out)
+        return out.to(x.dtype)
+
+
+def region_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, N, 4) boxes -> (B, height * width, N) bool: the token's grid cell overlaps the box."""
+    ys = torch.arange(height, device=boxes.device, dtype=torch.float32)
+    xs = torch.arange(width, device=boxes.device, dtype=torch.float32)
+    x0, y0, x1, y1 = (boxes[..., i, None].float() for i in range(4))         # (B, N, 1) each
+    in_x = (xs / width < x1) & ((xs + 1) / width > x0)                        # (B, N, W)
+    in_y = (ys / height < y1) & ((ys + 1) / height > y0)                      # (B, N, H)
+    return (in_y[..., :, None] & in_x[..., None, :]).flatten(-2).transpose(1, 2)
+
+
+def token_grid(sample_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
+    """The (h, w) of a block's token grid, from the UNet input size and the token count."""
+    H, W = sample_hw
+    for k in range(8):
+        h, w = math.ceil(H / 2 ** k), math.ceil(W / 2 ** k)
+        if h * w == n_tokens:
+            return h, w
+    raise ValueError(f"cannot place {n_tokens} tokens on a grid downsampled from {H}x{W}")
+
+
+class SpatialAdapter(nn.Module):
+    """The trainable adapter for one UNet architecture. `attach(unet)` hooks it in, `detach()` removes it."""
+
+    def __init__(self, unet, text_dim: int, *, attention: str = "masked", norm: str = "layernorm",
+                 feedforward: bool = True, max_objects: int = MAX_OBJECTS, fourier_freqs: int = 8,
+                 mlp_width: int | None = None):
+        super().__init__()
+        blocks = transformer_blocks(unet)
+        if not blocks:
+            raise ValueError("this UNet has no transformer blocks: nothing to attach a spatial adapter to")
+        token_dim = unet.config.cross_attention_dim
+        token_dim = token_dim[0] if isinstance(token_dim, (list, tuple)) else token_dim
+        mlp_width = mlp_width or min(512, 4 * token_dim)
+        # every architecture field, saved with checkpoints: resume refuses to change them
+        self.config = dict(attention=attention, norm=norm, feedforward=feedforward, max_objects=max_objects,
+                           fourier_freqs=fourier_freqs, mlp_width=mlp_width, text_dim=text_dim,
+                           token_dim=token_dim, blocks=list(blocks))
+        self.block_names = list(blocks)
+        self.tokenizer = GroundingTokenizer(text_dim, token_dim, mlp_width, fourier_freqs)
+        self.layers = nn.ModuleList(
+            GatedLayer(b.norm1.normalized_shape[0], token_dim, b.attn1.heads, attention, norm, feedforward)
+            for b in blocks.values())
+        self.max_objects = max_objects
+        self._handles: list = []
+        self._active = None          # (tokens, present, boxes, scale, region cache) while injecting
+        self._sample_hw = None
+
+    # --- which parameters train: the one place that decides it
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Every adapter parameter, by name; the base's parameters never train. The optimizer,
+        checkpoints and the dtype checks all take their list from here."""
+        return dict(self.named_parameters())
+
+    def gate_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.trainable_parameters().items() if n.split(".")[-1].startswith("gate_")}
+
+    # --- attaching
+    def attach(self, unet) -> "SpatialAdapter":
+        if self._handles:
+            raise RuntimeError("adapter is already attached; detach() it first")
+        blocks = transformer_blocks(unet)
+        if list(blocks) != self.block_names:
+            raise ValueError("this UNet's transformer blocks differ from the ones the adapter was built for "
+                             f"({len(blocks)} vs {len(self.block_names)}): build the adapter for this UNet")
+        self._handles.append(unet.register_forward_pre_hook(self._remember_size, with_kwargs=True))
+        for layer, block in zip(self.layers, blocks.values()):
+            self._handles.append(block.register_forward_hook(self._hook(layer)))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _remember_size(self, unet, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        self._sample_hw = tuple(sample.shape[-2:])
+
+    def _hook(self, layer: GatedLayer):
+        def hook(block, args, output):
+            if self._active is None:        # not injecting: the block's output passes unchanged
+                return output
+            tokens, present, boxes, scale, regions = self._active
+            region = None
+            if layer.attention == "masked":
+                n_tokens = output.shape[1]
+                if n_tokens not in regions:
+                    regions[n_tokens] = region_mask(boxes, *token_grid(self._sample_hw, n_tokens))
+                region = regions[n_tokens]
+            return layer(output, tokens, present, region, scale)
+        return hook
+
+    # --- grounding inputs
+    @torch.no_grad()
+    def prepare(self, base, records: list[Record], phrase_dropout: float = 0.0,
+                generator: torch.Generator | None = None) -> Grounding:
+        """Embed each record's phrases with the frozen text encoder; pad to the batch's largest count."""
+        n = max(1, max(len(r.objects) for r in records))
+        if n > self.max_objects:
+            raise ValueError(f"a record has {n} objects; this adapter takes at most {self.max_objects}")
+        phrases = [o.phrase for r in records for o in r.objects]
+        emb = base.encode_phrases(phrases).float()                             # (total, D)
+        B, device = len(records), base.device
+        out = Grounding(phrases=torch.zeros(B, n, emb.shape[-1], device=device),
+                        boxes=torch.zeros(B, n, 4, device=device),
+                        present=torch.zeros(B, n, dtype=torch.bool, device=device),
+                        keep_text=torch.ones(B, n, dtype=torch.bool, device=device))
+        i = 0
+        for b, r in enumerate(records):
+            k = len(r.objects)
+            out.phrases[b, :k] = emb[i:i + k]
+            out.boxes[b, :k] = torch.tensor([o.box for o in r.objects], device=device)
+            out.present[b, :k] = True
+            i += k
+        if phrase_dropout > 0:
+            draw = torch.rand(B, n, generator=generator).to(device)
+            out.keep_text = draw >= phrase_dropout
+        return out
+
+    @contextlib.contextmanager
+    def injecting(self, grounding: Grounding, scale: float | torch.Tensor = 1.0):
+        """Within this block, UNet forwards are grounded on `grounding`, every gate times `scale`
+        (a float, or one value per sample: (B,) tensor)."""
+        if not self._handles:
+            raise RuntimeError("adapter is not attached to a UNet: call adapter.attach(unet) first")
+        tokens = self.tokenizer(grounding)
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=tokens.device).reshape(-1, 1, 1)
+        self._active = (tokens, grounding.present, grounding.boxes, scale, {})
+        try:
+            yield self
+        finally:
+            self._active = None
+
+    # --- gates, as the workbook watches them
+    def gate_values(self) -> dict[str, dict[str, float]]:
+        """Per layer: raw gate values and tanh(raw) (the effective gate at scale 1)."""
+        rows = {}
+        for name, layer in zip(self.block_names, self.layers):
+            row = {"attn_raw": layer.gate_attn.item(), "attn": math.tanh(layer.gate_attn.item())}
+            if layer.gate_ff is not None:
+                row.update(ff_raw=layer.gate_ff.item(), ff=math.tanh(layer.gate_ff.item()))
+            rows[name] = row
+        return rows
+
+
+def transformer_blocks(unet) -> dict[str, BasicTransformerBlock]:
+    return {name: m for name, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)}
+
+
+def build_adapter(base, **options) -> SpatialAdapter:
+    """An adapter sized for `base` (its UNet blocks and text encoder width), attached and on its device.
+    Its weights are fp32 whatever the base's dtype: they are the master weights."""
+    adapter = SpatialAdapter(base.unet, base.text_encoder.config.hidden_size, **options)
+    return adapter.to(base.device, torch.float32).attach(base.unet)
