@@ -211,6 +211,7 @@ def run_all(base, adapter: SpatialAdapter, records, device, mixed_precision: str
             passed, value, fix = run(fix)
         except Exception as e:                                  # a crash is a failed check, not a crash
             passed, value = False, f"raised {type(e).__name__}: {e}"
+            fix = "the check could not run; fix any FAIL above it first (often the cause), else the error"
         rows.append(dict(check=check, result="PASS" if passed else "FAIL", value=value, fix=fix))
 
     def dtypes(fix):
@@ -221,7 +222,7 @@ def run_all(base, adapter: SpatialAdapter, records, device, mixed_precision: str
 
     def identity(fix):
         diff = identity_at_init(base, adapter, records)
-        return diff == 0.0, f"max |diff| = {diff:g}" + ("" if diff == 0.0 else " != 0"), fix
+        return diff == 0.0, "max |diff| = 0.0" if diff == 0.0 else f"max |diff| = {diff:.3g} != 0", fix
 
     def gradient(fix):
         table = gradient_at_step0(base, adapter, records)
