@@ -238,7 +238,7 @@ class SpatialAdapter(nn.Module):
         for b, r in enumerate(records):
             k = len(r.objects)
             out.phrases[b, :k] = emb[i:i + k]
-            out.boxes[b, :k] = torch.tensor([o.box for o in r.objects], device=device)
+            out.boxes[b, :k] = torch.tensor([o.box for o in r.objects], device=device).reshape(k, 4)
             out.present[b, :k] = True
             i += k
         if phrase_dropout > 0:

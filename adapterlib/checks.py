@@ -71,7 +71,7 @@ def dtype_table(base, adapter: SpatialAdapter) -> pd.DataFrame:
         module = getattr(base, module_name)
         if module is None:
             continue
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             rows.append(dict(module=f"base.{module_name}", parameter="(all)", dtype=str(p.dtype),
                              trainable=p.requires_grad, tensors=1, numel=p.numel()))
     for name, p in adapter.named_parameters():

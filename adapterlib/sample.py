@@ -12,6 +12,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from .base import BaseModel
+from .checks import autocast_for
 from .data import Record
 
 
@@ -56,17 +57,19 @@ def generate(base: BaseModel, records: list[Record], seeds: list[int], *, adapte
 def _generate_batch(base, records, seeds, adapter, scale, tau, steps, guidance):
     scheduler = ddim_scheduler(base, steps)
     n = len(records)
-    context = base.encode_captions([""] * n + [r.caption for r in records])   # (2n, L, D): [uncond; cond]
-    grounding = adapter.prepare(base, records + records) if adapter is not None else None
+    with autocast_for(base):
+        context = base.encode_captions([""] * n + [r.caption for r in records])   # (2n, L, D): [uncond; cond]
+        grounding = adapter.prepare(base, records + records) if adapter is not None else None
     latents = initial_noise(base, seeds) * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
         grounded = adapter is not None and scale != 0 and i < round(tau * len(scheduler.timesteps))
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        with adapter.injecting(grounding, scale) if grounded else contextlib.nullcontext():
+        with autocast_for(base), adapter.injecting(grounding, scale) if grounded else contextlib.nullcontext():
             pred = base.unet(model_in, t, encoder_hidden_states=context).sample
         uncond, cond = pred.float().chunk(2)
         latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
-    return to_uint8(base.from_latents(latents))
+    with autocast_for(base):
+        return to_uint8(base.from_latents(latents))
 
 
 def boxed_grid(images: np.ndarray, records: list[Record] | None = None, upscale: int = 4, ncols: int = 8):

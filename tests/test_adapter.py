@@ -191,8 +191,6 @@ def test_notebook_parameters_are_known():
     assert names and names <= fields, f"not TrainConfig fields: {sorted(names - fields)}"
 
 
-@pytest.mark.xfail(strict=True, reason="adapter.prepare: torch.tensor([]) of a record with no objects has "
-                   "shape (0,), not (0, 4) (adapter.py, `out.boxes[b, :k] = ...`)")
 def test_a_record_without_objects_is_accepted(base, adapter):
     # the manifest allows "objects": []: such a record grounds on null tokens only
     empty = [Record(caption="a red circle", objects=()),

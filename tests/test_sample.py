@@ -67,3 +67,17 @@ def test_cli_base_reference_samples_the_given_folder(tiny_sd_folder, capsys):
 def test_cli_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_sampling_runs_on_a_bf16_base(untrained_base):
+    import copy
+
+    import torch
+
+    from adapterlib.adapter import build_adapter
+    from adapterlib.shapes import heldout_records
+    base = copy.deepcopy(untrained_base).to(dtype=torch.bfloat16)
+    records = heldout_records(2)
+    adapter = build_adapter(base)
+    images = generate(base, records, [0, 1], adapter=adapter, steps=2)
+    assert images.shape == (2, 32, 32, 3) and images.dtype.name == "uint8"
