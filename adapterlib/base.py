@@ -10,11 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from . import shapes
+
+# loading a few-MB model needs no progress bars (they clutter notebooks and logs)
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.disable_progress_bar()
 
 SHIPPED_BASE = Path(__file__).parent / "models" / "shapes-tiny"
 DEFAULT_BASE = "shapes-tiny"  # the name `load_base` resolves to the shipped folder
