@@ -4,6 +4,8 @@
     python -m adapterlib evaluate --reference base             # the base alone (no adapter)
     python -m adapterlib evaluate --reference base --base /path/to/stable-diffusion --limit 20
     python -m adapterlib evaluate runs/<run> [--checkpoint latest|final|STEP] [--scale 1.0] [--tau 1.0]
+    python -m adapterlib evaluate runs/<run> --checkpoint all   # grounding vs step (checkpoint tests)
+    python -m adapterlib status runs/<run> [--json]             # where a run stands
 
 For a run, the table shows ground truth, the base alone and the adapter side by side on the same
 layouts and seeds; the JSON line is the adapter's (with the checkpoint's step).
@@ -48,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                                          "held-out layouts; the last line of stdout is a JSON object.")
     ev.set_defaults(command=_evaluate, command_name="evaluate")
     ev.add_argument("run", nargs="?", help="a run folder: evaluate its adapter (latest checkpoint by default)")
-    ev.add_argument("--checkpoint", default="latest", help="latest | final | a step number (with a run)")
+    ev.add_argument("--checkpoint", default="latest", help="latest | final | a step number | all (every checkpoint: grounding vs step, cached under checkpoint_test/)")
     ev.add_argument("--scale", type=float, default=1.0, help="injection scale over all gates (with a run)")
     ev.add_argument("--tau", type=float, default=1.0,
                     help="scheduled sampling: grounding on for the first tau of the steps (with a run)")
@@ -62,7 +64,27 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--manifest", type=Path, default=None,
                     help="evaluate on the layouts of this manifest (JSON Lines) instead of the held-out set")
     ev.add_argument("--device", default=None, help="torch device for sampling (default: cuda if available, else cpu)")
+
+    st = commands.add_parser("status", help="where a run stands: step, loss, gates, speed, ETA, warnings",
+                             description="Status of a run folder, while it trains or after (the seed plan's "
+                                         "monitor_training.sh). With --json the last line is a JSON object.")
+    st.set_defaults(command=_status, command_name="status")
+    st.add_argument("run", help="a run folder, e.g. runs/<run_name>")
+    st.add_argument("--json", action="store_true", help="also print the status as one JSON object on the last line")
+    st.add_argument("--stalled-after", type=float, default=600.0, metavar="SECONDS",
+                    help="call the run stalled when metrics.csv has not changed for this long (default 600)")
     return parser
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .monitor import format_status, run_status
+    from .paths import repo_path
+
+    status = run_status(repo_path(args.run), stalled_after_s=args.stalled_after)
+    print(format_status(status))
+    if args.json:
+        print(json.dumps(status), flush=True)
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -105,6 +127,8 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
     config = json.loads((run_dir / "config.json").read_text())
+    if args.checkpoint == "all":
+        return _evaluate_all_checkpoints(args, run_dir)
     step, path = resolve_checkpoint(run_dir, args.checkpoint)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = load_base(config["base_model"] if config["base_model"] == "shapes-tiny" else repo_path(config["base_model"]),
@@ -123,6 +147,24 @@ def _evaluate_run(args: argparse.Namespace) -> int:
               "base_success_rate": rows["base alone (scale 0)"]["success_rate"],
               "ground_truth_success_rate": rows["ground truth"]["success_rate"]}
     print(json.dumps(result), flush=True)
+    return 0
+
+
+def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
+    """The checkpoint test of every checkpoint (probe.grounding_vs_step; cached tests are reused):
+    held-out layouts 0..N-1 (--limit, default 10) with seeds 0..N-1."""
+    from .probe import grounding_vs_step
+
+    if args.manifest is not None:
+        raise ValueError("--checkpoint all tests the held-out layouts; --manifest is not supported with it")
+    n = args.limit or 10
+    print(f"checkpoint tests of {run_dir.name}: {n} held-out layouts per checkpoint", file=sys.stderr, flush=True)
+    table = grounding_vs_step(run_dir, n, device=args.device, steps=args.steps, guidance=args.guidance,
+                              scale=args.scale, tau=args.tau)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    rows = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+            for row in table.drop(columns="cached").to_dict("records")]
+    print(json.dumps({"run": str(run_dir), "n_layouts": n, "rows": rows}), flush=True)
     return 0
 
 

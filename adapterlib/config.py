@@ -21,13 +21,13 @@ class TrainConfig:
     device: str = "auto"                 # "auto": cuda when available, else cpu
     mixed_precision: str = "bf16"        # bf16 | fp16 | no; CPU always runs fp32
     # --- the seed plan's parameters
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 16
     lr: float = 1e-3
     phrase_dropout: float = 0.1          # a dropped phrase becomes the learned null phrase
     scale_min: float = 0.5               # injection scale drawn per sample from [scale_min, scale_max]
     scale_max: float = 1.0
-    save_every: int = 500
+    save_every: int = 250
     # --- what a researcher needs besides
     caption_dropout: float = 0.5         # GLIGEN's 50%: without the caption, only the boxes say what goes where
     weight_decay: float = 0.0            # never on the gates (decay pulls them back to zero)

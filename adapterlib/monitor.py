@@ -2,6 +2,7 @@
 slows training) and the reading of a run folder's metrics."""
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -13,7 +14,12 @@ def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     path = Path(run_dir) / "metrics.csv"
     if not path.exists():
         return pd.DataFrame()
-    frame = pd.read_csv(path, on_bad_lines="skip")
+    text = path.read_text()
+    if not text.endswith("\n"):               # the writer is mid-line: keep the complete rows only
+        text = text[:text.rfind("\n") + 1]
+    if not text.strip():
+        return pd.DataFrame()
+    frame = pd.read_csv(io.StringIO(text), on_bad_lines="skip")
     return frame.dropna(subset=["step"]).astype({"step": int})
 
 
@@ -56,3 +62,98 @@ class LivePlot:
             self.handle = display(self.figure, display_id=True)
         else:
             self.handle.update(self.figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# status of a run folder (the seed plan's monitor_training.sh), while it trains or after
+
+def run_status(run_dir: str | Path, *, stalled_after_s: float = 600.0, now: float | None = None) -> dict:
+    """Where a run stands, from its folder alone (no access to the training process).
+
+    state: "finished" (final/adapter.safetensors written for the configured steps), "interrupted"
+    (train.log's last line says so: Ctrl-C, SIGTERM), "stalled" (no new metrics row for more than
+    `stalled_after_s` seconds: crashed, killed or hung), else "running". Warnings: the alarms of
+    `gates.detect_phases` (collapse, over-activation), non-finite steps skipped, a stalled run."""
+    import json
+    import math
+
+    from .checkpoint import latest_checkpoint
+    from .gates import run_phases
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() and not (run_dir / "metrics.csv").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json, no metrics.csv)")
+    now = time.time() if now is None else now
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    total = config.get("steps")
+    metrics = read_metrics(run_dir)
+    log_lines = (run_dir / "train.log").read_text().splitlines() if (run_dir / "train.log").is_file() else []
+    last_line = log_lines[-1] if log_lines else ""
+    csv_path = run_dir / "metrics.csv"
+    age = now - csv_path.stat().st_mtime if csv_path.is_file() else None
+    final = run_dir / "final" / "info.json"
+    final_step = json.loads(final.read_text())["step"] if final.is_file() else None
+
+    if final_step is not None and (total is None or final_step >= total):
+        state = "finished"
+    elif "interrupted" in last_line:
+        state = "interrupted"
+    elif age is not None and age > stalled_after_s:
+        state = "stalled"
+    else:
+        state = "running"
+
+    status = dict(run=run_dir.name, path=str(run_dir), state=state, step=None, total_steps=total, progress=None,
+                  loss_smoothed=None, gate_mean=None, gate_max=None, gate_raw_max=None, samples_per_s=None,
+                  eta_s=None, last_checkpoint=None, skipped=0, metrics_age_s=age, last_log_line=last_line,
+                  warnings=[])
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        status["last_checkpoint"] = latest[0]
+    if len(metrics):
+        row = metrics.iloc[-1]
+        step = int(row.step)
+        recent = metrics.samples_per_s.tail(5).mean()            # samples/s of the training steps only
+        status.update(step=step, loss_smoothed=float(metrics.loss_avg.ewm(span=10).mean().iloc[-1]),
+                      gate_mean=float(row.gate_mean), gate_max=float(row.gate_max),
+                      gate_raw_max=float(row.gate_raw_max), samples_per_s=float(recent), skipped=int(row.skipped))
+        if total:
+            status["progress"] = step / total
+            if state == "finished":
+                status["eta_s"] = 0.0
+            elif state == "running" and recent > 0 and config.get("batch_size"):
+                status["eta_s"] = float((total - step) * config["batch_size"] / recent)
+    findings = run_phases(run_dir, metrics)
+    status["warnings"] = [f"{f.finding} at step {f.step}: {f.rule}" for f in findings.itertuples() if f.kind == "alarm"]
+    if status["skipped"]:
+        status["warnings"].append(f"{status['skipped']} step(s) skipped for a non-finite loss (grep train.log "
+                                  "for 'non-finite'; check the dtype configuration)")
+    if state == "stalled":
+        status["warnings"].append(f"stalled: no new metrics row for {age / 60:.0f} min (more than "
+                                  f"{stalled_after_s / 60:.0f} min) and the run is not finished: it crashed, was "
+                                  "killed or hangs; see the end of train.log (and the papermill notebook)")
+    # strict JSON: NaN becomes None
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in status.items()}
+
+
+def format_status(status: dict) -> str:
+    """A readable block of `run_status`'s numbers."""
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+    eta = status["eta_s"]
+    eta = "-" if eta is None else f"{eta / 3600:.1f} h" if eta >= 3600 else f"{eta / 60:.0f} min"
+    progress = f" ({status['progress']:.0%})" if status["progress"] is not None else ""
+    checkpoint = "-" if status["last_checkpoint"] is None else f"step {status['last_checkpoint']}"
+    age = "-" if status["metrics_age_s"] is None else f"{status['metrics_age_s']:.0f} s ago"
+    lines = [f"run         {status['run']}  [{status['state']}]",
+             f"step        {num(status['step'], 'd')} / {num(status['total_steps'], 'd')}{progress}   ETA {eta}",
+             f"loss        {num(status['loss_smoothed'], '.4f')} (smoothed)",
+             f"gate        mean {num(status['gate_mean'], '.3f')}   max {num(status['gate_max'], '.3f')}   "
+             f"raw max {num(status['gate_raw_max'], '.3f')}",
+             f"speed       {num(status['samples_per_s'], '.1f')} samples/s",
+             f"checkpoint  {checkpoint}",
+             f"skipped     {status['skipped']} non-finite step(s)",
+             f"metrics     last row written {age}",
+             f"log         {status['last_log_line'][:110]}"]
+    lines += [f"WARNING     {w}" for w in status["warnings"]] or ["warnings    none"]
+    return "\n".join(lines)

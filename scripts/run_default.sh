@@ -10,8 +10,8 @@ mkdir -p "$RUN" figures
 
 # the `shapes` preset's values (the notebook's own defaults are a CI-sized smoke run)
 .venv/bin/papermill notebooks/02_train.ipynb "$RUN/02_train.ipynb" \
-    -p preset shapes -p run_name "$RUN_NAME" -p steps 2000 -p batch_size 16 -p n_train 20000 \
-    -p save_every 500 -p log_every 25 -p n_samples 8
+    -p preset shapes -p run_name "$RUN_NAME" -p steps 1500 -p batch_size 16 -p n_train 20000 \
+    -p save_every 250 -p log_every 25 -p n_samples 8
 .venv/bin/python -m adapterlib evaluate "$RUN" | tee "$RUN/evaluate.txt"
 cp "$(ls "$RUN"/samples/*.png | tail -n 1)" "figures/default_run_samples.png"
 
