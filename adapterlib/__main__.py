@@ -26,10 +26,9 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 
-from . import evaluate, shapes
-from .data import ManifestError, Record, read_manifest, resolve_image
+from . import evaluate
+from .data import ManifestError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,66 +87,58 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: give a positive number of layouts")
     if args.run is not None:
         return _evaluate_run(args)
     if args.reference is None:
         print("adapterlib evaluate: error: give a run folder, --reference ground-truth or --reference base",
               file=sys.stderr)
         return 2
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit}: give a positive number of layouts")
-
-    records, seeds = _layouts(args.manifest, args.limit)
+    layouts = _layouts(args)
     if args.reference == "ground-truth":
         name, extra = "ground truth", {}
-        images = _ground_truth_images(records, args.manifest)
+        _, summary = evaluate.evaluate(layouts, reference="ground-truth")
     else:
         name, extra = f"base ({args.base})", {"base": args.base, "steps": args.steps, "guidance": args.guidance}
-        images = _sample_base(args, records, seeds)
-
-    _, summary = evaluate.evaluate_grounding(images, records)
+        base = evaluate.load_base_for(args.base, args.device)
+        print(f"sampling {len(layouts)} images from {base.path} on {base.device} "
+              f"({args.steps} steps, guidance {args.guidance})", file=sys.stderr, flush=True)
+        _, summary = evaluate.evaluate(layouts, reference="base", base=base, steps=args.steps, guidance=args.guidance)
     print(evaluate.format_summary({name: summary}))
-    layouts = "heldout" if args.manifest is None else str(args.manifest)
-    result = {**summary, "reference": args.reference, "layouts": layouts, **extra}
-    # strict JSON: NaN (no measurable object) becomes null
-    result = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}
-    print(json.dumps(result), flush=True)
+    _print_json({**summary, "reference": args.reference, "layouts": layouts.source, **extra})
     return 0
 
 
 def _evaluate_run(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import sample
-    from .base import load_base
-    from .checkpoint import load_adapter, resolve_checkpoint
     from .paths import repo_path
 
     run_dir = repo_path(args.run)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
-    config = json.loads((run_dir / "config.json").read_text())
     if args.checkpoint == "all":
         return _evaluate_all_checkpoints(args, run_dir)
-    step, path = resolve_checkpoint(run_dir, args.checkpoint)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = load_base(config["base_model"] if config["base_model"] == "shapes-tiny" else repo_path(config["base_model"]),
-                     device=device)
-    adapter = load_adapter(path, base)
-    records, seeds = _layouts(args.manifest, args.limit)
-    print(f"sampling {len(records)} layouts: base alone, then {run_dir.name} step {step} "
-          f"(scale {args.scale}, tau {args.tau})", file=sys.stderr, flush=True)
-    kw = dict(steps=args.steps, guidance=args.guidance)
-    rows = {"ground truth": evaluate.evaluate_grounding(_ground_truth_images(records, args.manifest), records)[1],
-            "base alone (scale 0)": evaluate.evaluate_grounding(sample.generate(base, records, seeds, **kw), records)[1]}
-    images = sample.generate(base, records, seeds, adapter=adapter, scale=args.scale, tau=args.tau, **kw)
-    rows[f"adapter step {step}"] = evaluate.evaluate_grounding(images, records)[1]
+    ckpt = evaluate.load_checkpoint(run_dir, args.checkpoint, device=args.device)
+    layouts = _layouts(args)
+    print(f"sampling {len(layouts)} layouts: base alone, then {ckpt.name} (scale {args.scale}, tau {args.tau})",
+          file=sys.stderr, flush=True)
+    table = evaluate.compare(layouts, ckpt.base, ckpt.adapter, scales=[args.scale], taus=[args.tau],
+                             steps=args.steps, guidance=args.guidance)
+    rows = {"ground truth": 0, "base alone (scale 0)": 1, f"adapter step {ckpt.step}": 2}
+    rows = {name: table.iloc[i][list(evaluate.SUMMARY_KEYS)].to_dict() for name, i in rows.items()}
     print(evaluate.format_summary(rows))
-    result = {**rows[f"adapter step {step}"], "run": str(run_dir), "step": step, "scale": args.scale, "tau": args.tau,
-              "base_success_rate": rows["base alone (scale 0)"]["success_rate"],
-              "ground_truth_success_rate": rows["ground truth"]["success_rate"]}
-    print(json.dumps(result), flush=True)
+    _print_json({**rows[f"adapter step {ckpt.step}"], "run": str(run_dir), "step": ckpt.step, "scale": args.scale,
+                 "tau": args.tau, "base_success_rate": rows["base alone (scale 0)"]["success_rate"],
+                 "ground_truth_success_rate": rows["ground truth"]["success_rate"]})
     return 0
+
+
+def _print_json(result: dict) -> None:
+    """The last line of stdout: strict JSON (NaN, when no object is measurable, becomes null)."""
+    def clean(v):
+        v = v.item() if hasattr(v, "item") else v
+        return None if isinstance(v, float) and math.isnan(v) else v
+    print(json.dumps({k: clean(v) for k, v in result.items()}), flush=True)
 
 
 def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
@@ -164,51 +155,15 @@ def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     rows = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
             for row in table.drop(columns="cached").to_dict("records")]
-    print(json.dumps({"run": str(run_dir), "n_layouts": n, "rows": rows}), flush=True)
+    _print_json({"run": str(run_dir), "n_layouts": n, "rows": rows})
     return 0
 
 
-def _layouts(manifest: Path | None, limit: int | None) -> tuple[list[Record], list[int]]:
-    """The records to evaluate and one sampling seed each (see the module docstring)."""
-    if manifest is None:
-        records = shapes.heldout_records(limit)
-        return records, list(range(len(records)))
-    records = read_manifest(manifest, require_image=False)[:limit]
-    if not records:
-        raise ValueError(f"{manifest}: no records")
-    return records, [r.seed if r.seed is not None else i for i, r in enumerate(records)]
-
-
-def _ground_truth_images(records: list[Record], manifest: Path | None) -> list[np.ndarray] | np.ndarray:
-    """Held-out layouts are rendered from their seeds. A manifest record's image file is its ground
-    truth; a record without an image is rendered from its Shapes seed."""
-    if manifest is None:
-        return shapes.heldout_images(records)
-    from PIL import Image
-
-    images = []
-    for i, r in enumerate(records):
-        if r.image is not None:
-            images.append(np.asarray(Image.open(resolve_image(manifest, r)).convert("RGB")))
-        elif r.seed is not None:
-            images.append(shapes.heldout_images([r])[0])
-        else:
-            raise ValueError(f"{manifest} record {i} (id {r.id!r}): no image and no seed, "
-                             "so there is no ground truth to measure")
-    return images
-
-
-def _sample_base(args: argparse.Namespace, records: list[Record], seeds: list[int]) -> np.ndarray:
-    import torch  # only the base reference needs torch and diffusers
-
-    from . import sample
-    from .base import load_base
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = load_base(args.base, device=device)
-    print(f"sampling {len(records)} images from {base.path} on {device} "
-          f"({args.steps} steps, guidance {args.guidance})", file=sys.stderr, flush=True)
-    return sample.generate(base, records, seeds, steps=args.steps, guidance=args.guidance)
+def _layouts(args: argparse.Namespace) -> evaluate.Layouts:
+    """The held-out layouts, or a manifest's, with one seed each (see the module docstring)."""
+    if args.manifest is None:
+        return evaluate.heldout_layouts(args.limit)
+    return evaluate.manifest_layouts(args.manifest, args.limit)
 
 
 if __name__ == "__main__":

@@ -142,12 +142,12 @@ def evaluate_grounding(
     return table, summary
 
 
-_SUMMARY_KEYS = ("success_rate", "miou", "color_presence", "n_objects", "n_images")
+SUMMARY_KEYS = ("success_rate", "miou", "color_presence", "n_objects", "n_images")
 
 
 def format_summary(rows: dict[str, dict]) -> str:
     """Named summaries as an aligned text table, one row each (e.g. ground truth / base / adapter)."""
-    keys = [k for k in _SUMMARY_KEYS if any(k in s for s in rows.values())]
+    keys = [k for k in SUMMARY_KEYS if any(k in s for s in rows.values())]
     header = ["", *keys]
     body = [[name, *(_fmt(s.get(k)) for k in keys)] for name, s in rows.items()]
     widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
@@ -261,7 +261,7 @@ def images_for(layouts: Layouts, *, reference: str = "adapter", base=None, adapt
     if reference == "adapter" and (base is None or isinstance(base, (str, Path))):
         raise ValueError("reference='adapter' needs the BaseModel the adapter is attached to as base=")
     from . import sample
-    base = _as_base(base)
+    base = load_base_for(base)
     return sample.generate(base, layouts.records, layouts.seeds, adapter=adapter if reference == "adapter" else None,
                            scale=scale, tau=tau, steps=steps, guidance=guidance)
 
@@ -279,7 +279,7 @@ def evaluate(layouts: Layouts, *, reference: str = "adapter", base=None, adapter
     return evaluate_grounding(images, layouts.records)
 
 
-COMPARE_COLUMNS = ["name", "reference", "scale", "tau", *_SUMMARY_KEYS]
+COMPARE_COLUMNS = ["name", "reference", "scale", "tau", *SUMMARY_KEYS]
 
 
 def compare(layouts: Layouts, base, adapter, *, scales=(0.0, 0.5, 1.0, 1.5), taus=(1.0,), steps: int = 25,
@@ -338,7 +338,7 @@ def load_checkpoint(run: str | Path | None = None, which: str | int = "latest", 
     step, path = resolve_checkpoint(run_dir, str(which))
     if base is None:
         name = config["base_model"]
-        base = _as_base(name if name == "shapes-tiny" else repo_path(name), device)
+        base = load_base_for(name if name == "shapes-tiny" else repo_path(name), device)
     return Checkpoint(base, load_adapter(path, base), run_dir, step, path)
 
 
@@ -353,7 +353,7 @@ def parse_checkpoint_spec(spec: str, run_dir: Path) -> tuple[Path, str]:
     return repo_path(run), which or "latest"
 
 
-def _as_base(base, device: str | None = None):
+def load_base_for(base, device: str | None = None):
     """A BaseModel from a BaseModel, a name/folder for load_base, or None (the shipped default)."""
     if base is not None and not isinstance(base, (str, Path)):
         return base
