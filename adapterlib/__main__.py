@@ -77,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _status(args: argparse.Namespace) -> int:
     from .monitor import format_status, run_status
-    from .paths import repo_path
+    from .train import resolve_run
 
-    status = run_status(repo_path(args.run), stalled_after_s=args.stalled_after)
+    status = run_status(resolve_run(args.run), stalled_after_s=args.stalled_after)
     print(format_status(status))
     if args.json:
         print(json.dumps(status), flush=True)
@@ -111,9 +111,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_run(args: argparse.Namespace) -> int:
-    from .paths import repo_path
+    from .train import resolve_run
 
-    run_dir = repo_path(args.run)
+    run_dir = resolve_run(args.run)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
     if args.checkpoint == "all":

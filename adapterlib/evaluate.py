@@ -329,9 +329,9 @@ def load_checkpoint(run: str | Path | None = None, which: str | int = "latest", 
 
     from .checkpoint import load_adapter, resolve_checkpoint
     from .paths import repo_path
-    from .train import find_latest_run
+    from .train import find_latest_run, resolve_run
 
-    run_dir = find_latest_run() if run in (None, "") else repo_path(run)
+    run_dir = find_latest_run() if run in (None, "") else resolve_run(run)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
     config = json.loads((run_dir / "config.json").read_text())
@@ -345,12 +345,12 @@ def load_checkpoint(run: str | Path | None = None, which: str | int = "latest", 
 def parse_checkpoint_spec(spec: str, run_dir: Path) -> tuple[Path, str]:
     """`"500"`, `"latest"`, `"final"` -> that checkpoint of `run_dir`; `"runs/other"` -> its latest;
     `"runs/other:500"` -> that step of another run."""
-    from .paths import repo_path
+    from .train import resolve_run
     spec = str(spec).strip()
     if spec.isdigit() or spec in ("latest", "final"):
         return Path(run_dir), spec
     run, _, which = spec.partition(":")
-    return repo_path(run), which or "latest"
+    return resolve_run(run), which or "latest"
 
 
 def load_base_for(base, device: str | None = None):

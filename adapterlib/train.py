@@ -43,6 +43,13 @@ def run_dir_of(run_name: str, runs_dir: Path | None = None) -> Path:
     return Path(runs_dir or RUNS) / run_name
 
 
+def resolve_run(name_or_path: str | Path) -> Path:
+    """A run folder from a run name ("default-...", looked up in runs/) or a path."""
+    if (RUNS / str(name_or_path) / "config.json").is_file():
+        return RUNS / str(name_or_path)
+    return repo_path(name_or_path)
+
+
 def resume_config(run_dir: Path, **changes) -> TrainConfig:
     """The saved config of a run with `changes`; refuses changes to anything but RESUME_FREE_FIELDS."""
     saved = json.loads((Path(run_dir) / "config.json").read_text())
