@@ -90,3 +90,41 @@ def build_tiny_sd_folder(folder: Path) -> Path:
 def tiny_sd_folder(tmp_path_factory) -> Path:
     """A tiny SD-architecture folder on disk, built once per test session."""
     return build_tiny_sd_folder(tmp_path_factory.mktemp("tiny-sd"))
+
+
+# --- the shipped base and adapters on it, shared by the adapter, checks, evaluation and slider tests
+
+@pytest.fixture(scope="session")
+def base():
+    from adapterlib.base import load_base
+    return load_base("shapes-tiny")
+
+
+@pytest.fixture(scope="session")
+def records():
+    from adapterlib import shapes
+    return shapes.heldout_records(3)
+
+
+@pytest.fixture
+def fresh_adapter(base):
+    """A just-built adapter (all gates exactly zero), detached after the test."""
+    from adapterlib.adapter import build_adapter
+    adapter = build_adapter(base)
+    yield adapter
+    adapter.detach()
+
+
+@pytest.fixture(scope="module")
+def open_adapter(base):
+    """An untrained adapter with every gate at 1.0, so that it visibly changes the images."""
+    import torch
+
+    from adapterlib.adapter import build_adapter
+    torch.manual_seed(0)
+    adapter = build_adapter(base)
+    with torch.no_grad():
+        for gate in adapter.gate_parameters().values():
+            gate.fill_(1.0)
+    yield adapter
+    adapter.detach()

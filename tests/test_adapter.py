@@ -18,21 +18,9 @@ from adapterlib.data import GroundedObject, Record
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def base():
-    return load_base("shapes-tiny")
-
-
-@pytest.fixture(scope="module")
-def records():
-    return shapes.heldout_records(3)
-
-
 @pytest.fixture
-def adapter(base):
-    adapter = build_adapter(base)
-    yield adapter
-    adapter.detach()
+def adapter(fresh_adapter):
+    return fresh_adapter
 
 
 def unet_inputs(base, records, seed=0):

@@ -9,21 +9,9 @@ from adapterlib.adapter import build_adapter
 from adapterlib.base import load_base, tiny_unet_config
 
 
-@pytest.fixture(scope="module")
-def base():
-    return load_base("shapes-tiny")
-
-
-@pytest.fixture(scope="module")
-def records():
-    return shapes.heldout_records(3)
-
-
 @pytest.fixture
-def adapter(base):
-    adapter = build_adapter(base)
-    yield adapter
-    adapter.detach()
+def adapter(fresh_adapter):
+    return fresh_adapter
 
 
 def failing(summary):

@@ -19,21 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 3   # enough to sample; the claims here hold at any step count
 
 
-@pytest.fixture(scope="module")
-def base():
-    return load_base("shapes-tiny")
-
-
-@pytest.fixture(scope="module")
-def adapter(base):
-    """An untrained adapter whose gates are open, so that it visibly changes the images."""
-    torch.manual_seed(0)
-    adapter = build_adapter(base)
-    with torch.no_grad():
-        for gate in adapter.gate_parameters().values():
-            gate.fill_(1.0)
-    yield adapter
-    adapter.detach()
+@pytest.fixture
+def adapter(open_adapter):
+    return open_adapter
 
 
 def test_ground_truth_on_heldout_layouts_succeeds_everywhere():

@@ -11,20 +11,9 @@ from adapterlib.slider import GateSlider, png_bytes
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def base():
-    return load_base("shapes-tiny")
-
-
-@pytest.fixture(scope="module")
-def adapter(base):
-    torch.manual_seed(0)
-    adapter = build_adapter(base)
-    with torch.no_grad():
-        for gate in adapter.gate_parameters().values():
-            gate.fill_(1.0)
-    yield adapter
-    adapter.detach()
+@pytest.fixture
+def adapter(open_adapter):
+    return open_adapter
 
 
 @pytest.fixture
