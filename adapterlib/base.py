@@ -107,6 +107,9 @@ class BaseModel:
 
 def resolve_base_path(name_or_path: str | Path) -> Path:
     if str(name_or_path) == DEFAULT_BASE:
+        if not (SHIPPED_BASE / "unet" / "config.json").is_file():
+            raise FileNotFoundError(f"the shipped base is missing from {SHIPPED_BASE}: reinstall the package, "
+                                    "or retrain it with notebooks/00_base_model.ipynb -p retrain True")
         return SHIPPED_BASE
     path = Path(name_or_path).expanduser()
     if not (path / "unet" / "config.json").is_file():

@@ -1,6 +1,6 @@
 """Training the tiny Shapes base model on captions only (placing objects is the adapter's job).
 
-Used by notebooks/00_base_model.ipynb and by scripts/gpu_checks.py. The recipe, and why:
+Used by notebooks/00_base_model.ipynb and by scripts/gpu_train_base.py. The recipe, and why:
 - v-prediction on a cosine schedule, loss weighted min(1 + SNR, gamma) in x0 terms: every noise level
   keeps at least weight 1, so the high-noise steps where colour is decided are not starved (the
   epsilon-loss trial in WORKBOOK.md learned shapes but ignored the caption);

@@ -1,7 +1,8 @@
 """Seeded sampling: DDIM with classifier-free guidance, with or without a spatial adapter.
 
 Each image's starting noise comes from its own seed, so an image does not depend on which batch it
-was generated in, and `generate(..., seeds=[7])` reproduces image 7 of any earlier call.
+was generated in (up to float rounding: a different batch size can change a pixel by one level), and
+`generate(..., seeds=[7])` reproduces image 7 of any earlier call.
 """
 from __future__ import annotations
 
