@@ -17,6 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from . import shapes
+from .paths import repo_path
 
 # loading a few-MB model needs no progress bars (they clutter notebooks and logs)
 diffusers.utils.logging.disable_progress_bar()
@@ -111,7 +112,7 @@ def resolve_base_path(name_or_path: str | Path) -> Path:
             raise FileNotFoundError(f"the shipped base is missing from {SHIPPED_BASE}: reinstall the package, "
                                     "or retrain it with notebooks/00_base_model.ipynb -p retrain True")
         return SHIPPED_BASE
-    path = Path(name_or_path).expanduser()
+    path = repo_path(name_or_path)      # relative paths are relative to the repository root
     if not (path / "unet" / "config.json").is_file():
         raise FileNotFoundError(f"base model {str(name_or_path)!r}: no unet/config.json under {path}. "
                                 f"Give {DEFAULT_BASE!r} or a diffusers-style Stable Diffusion folder "

@@ -328,7 +328,6 @@ def load_checkpoint(run: str | Path | None = None, which: str | int = "latest", 
     import json
 
     from .checkpoint import load_adapter, resolve_checkpoint
-    from .paths import repo_path
     from .train import find_latest_run, resolve_run
 
     run_dir = find_latest_run() if run in (None, "") else resolve_run(run)
@@ -337,8 +336,7 @@ def load_checkpoint(run: str | Path | None = None, which: str | int = "latest", 
     config = json.loads((run_dir / "config.json").read_text())
     step, path = resolve_checkpoint(run_dir, str(which))
     if base is None:
-        name = config["base_model"]
-        base = load_base_for(name if name == "shapes-tiny" else repo_path(name), device)
+        base = load_base_for(config["base_model"], device)
     return Checkpoint(base, load_adapter(path, base), run_dir, step, path)
 
 

@@ -34,8 +34,7 @@ def load_run_base(run_dir: Path, device: str | None = None):
     from .base import load_base
     config = json.loads((Path(run_dir) / "config.json").read_text())
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = config["base_model"]
-    return load_base(name if name == "shapes-tiny" else repo_path(name), device=device)
+    return load_base(config["base_model"], device=device)
 
 
 def cached_result(run_dir: Path, step: int, settings: dict) -> dict | None:

@@ -158,8 +158,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, runs_dir: Path | None = Non
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     compute_dtype, amp_dtype, use_scaler = precision_policy(device, cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
-    base = load_base(repo_path(cfg.base_model) if cfg.base_model != "shapes-tiny" else cfg.base_model,
-                     device=device, dtype=compute_dtype)
+    base = load_base(cfg.base_model, device=device, dtype=compute_dtype)
     adapter = build_adapter(base, attention=cfg.adapter_attention, norm=cfg.adapter_norm,
                             feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects)
     params = adapter.trainable_parameters()
