@@ -5,7 +5,11 @@
     python -m adapterlib evaluate --reference base --base /path/to/stable-diffusion --limit 20
     python -m adapterlib evaluate runs/<run> [--checkpoint latest|final|STEP] [--scale 1.0] [--tau 1.0]
     python -m adapterlib evaluate runs/<run> --checkpoint all   # grounding vs step (checkpoint tests)
-    python -m adapterlib status runs/<run> [--json]             # where a run stands
+    python -m adapterlib status <run> [--json]                  # where a run stands
+    python -m adapterlib train [--preset P] [--FIELD VALUE ...]   # train a new run (fields of TrainConfig)
+    python -m adapterlib train --resume <run> [--steps N ...]     # continue a run (only free fields may change)
+
+A run is a name under the runs root ($ADAPTERLIB_RUNS, default runs/) or a path.
 
 For a run, the table shows ground truth, the base alone and the adapter side by side on the same
 layouts and seeds; the JSON line is the adapter's (with the checkpoint's step).
@@ -21,21 +25,22 @@ manifest the seed is the record's "seed" field, or its index when it has none.
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 
-
 from . import evaluate
+from .config import FIELDS, PRESETS, TrainConfig
 from .data import ManifestError
+from .jsonio import dumps
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.command(args)
-    except (FileNotFoundError, ManifestError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ManifestError, ValueError, TypeError) as e:
         print(f"adapterlib {args.command_name}: error: {e}", file=sys.stderr)
         return 2
 
@@ -48,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                              description="Grounding success rate, mIoU and colour presence on the shipped "
                                          "held-out layouts; the last line of stdout is a JSON object.")
     ev.set_defaults(command=_evaluate, command_name="evaluate")
-    ev.add_argument("run", nargs="?", help="a run folder: evaluate its adapter (latest checkpoint by default)")
+    ev.add_argument("run", nargs="?", help="a run name or folder: evaluate its adapter (latest checkpoint by default)")
     ev.add_argument("--checkpoint", default="latest", help="latest | final | a step number | all (every checkpoint: grounding vs step, cached under checkpoint_test/)")
     ev.add_argument("--scale", type=float, default=1.0, help="injection scale over all gates (with a run)")
     ev.add_argument("--tau", type=float, default=1.0,
@@ -68,21 +73,70 @@ def _parser() -> argparse.ArgumentParser:
                              description="Status of a run folder, while it trains or after (the seed plan's "
                                          "monitor_training.sh). With --json the last line is a JSON object.")
     st.set_defaults(command=_status, command_name="status")
-    st.add_argument("run", help="a run folder, e.g. runs/<run_name>")
+    st.add_argument("run", help="a run name (under the runs root) or a run folder")
     st.add_argument("--json", action="store_true", help="also print the status as one JSON object on the last line")
     st.add_argument("--stalled-after", type=float, default=600.0, metavar="SECONDS",
                     help="call the run stalled when metrics.csv has not changed for this long (default 600)")
+
+    tr = commands.add_parser("train", help="train a spatial adapter headless (a new run, or --resume one)",
+                             description="Train a new run from a preset and field values, or resume one. Every "
+                                         "field of TrainConfig is a flag; the run folder is the same as the "
+                                         "notebooks'. Progress lines go to stderr at least every 30 s.")
+    tr.set_defaults(command=_train, command_name="train")
+    tr.add_argument("--preset", default=None, choices=list(PRESETS),
+                    help="the preset the fields start from (default: shapes)")
+    tr.add_argument("--resume", metavar="RUN", default=None,
+                    help="continue this run from its latest checkpoint; only steps, save_every, log_every, "
+                         "n_samples, device and mixed_precision may change")
+    tr.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                    help="seconds between progress lines on stderr (default 30)")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        kind = hints[f.name]
+        tr.add_argument(f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []),
+                        dest=f"field_{f.name}", default=None, metavar=kind.__name__.upper(),
+                        type=_parse_bool if kind is bool else kind, help=f"default: the preset's ({f.default!r} in shapes)")
     return parser
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: give true or false")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import make_config
+    from .train import resume_config, train
+
+    fields = {name: getattr(args, f"field_{name}") for name in FIELDS if name != "preset"}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if args.resume is not None:
+        if args.preset is not None:
+            raise ValueError("--preset with --resume: a resumed run keeps its preset")
+        if "run_name" in fields:
+            raise ValueError("--run_name with --resume: give the run to resume as --resume RUN")
+        cfg = resume_config(args.resume, **fields)
+    else:
+        cfg = make_config(args.preset or "", **fields)
+    run = train(cfg, resume=args.resume is not None, progress=False, progress_every_s=args.progress_every)
+    print(f"run folder: {run}")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
     from .monitor import format_status, run_status
-    from .train import resolve_run
+    from .runs import resolve_run
 
     status = run_status(resolve_run(args.run), stalled_after_s=args.stalled_after)
     print(format_status(status))
     if args.json:
-        print(json.dumps(status), flush=True)
+        print(dumps(status), flush=True)
     return 0
 
 
@@ -111,14 +165,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_run(args: argparse.Namespace) -> int:
-    from .train import resolve_run
+    from .checkpoint import load_checkpoint
+    from .runs import resolve_run
 
     run_dir = resolve_run(args.run)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
     if args.checkpoint == "all":
         return _evaluate_all_checkpoints(args, run_dir)
-    ckpt = evaluate.load_checkpoint(run_dir, args.checkpoint, device=args.device)
+    ckpt = load_checkpoint(run_dir, args.checkpoint, device=args.device)
     layouts = _layouts(args)
     print(f"sampling {len(layouts)} layouts: base alone, then {ckpt.name} (scale {args.scale}, tau {args.tau})",
           file=sys.stderr, flush=True)
@@ -135,10 +188,7 @@ def _evaluate_run(args: argparse.Namespace) -> int:
 
 def _print_json(result: dict) -> None:
     """The last line of stdout: strict JSON (NaN, when no object is measurable, becomes null)."""
-    def clean(v):
-        v = v.item() if hasattr(v, "item") else v
-        return None if isinstance(v, float) and math.isnan(v) else v
-    print(json.dumps({k: clean(v) for k, v in result.items()}), flush=True)
+    print(dumps(result), flush=True)
 
 
 def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
@@ -153,9 +203,7 @@ def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
     table = grounding_vs_step(run_dir, n, device=args.device, steps=args.steps, guidance=args.guidance,
                               scale=args.scale, tau=args.tau)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    rows = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-            for row in table.drop(columns="cached").to_dict("records")]
-    _print_json({"run": str(run_dir), "n_layouts": n, "rows": rows})
+    _print_json({"run": str(run_dir), "n_layouts": n, "rows": table.drop(columns="cached").to_dict("records")})
     return 0
 
 

@@ -20,9 +20,8 @@ Attention variants (`attention`):
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +54,60 @@ def fourier_embed(boxes: torch.Tensor, freqs: int) -> torch.Tensor:
 
 @dataclass
 class Grounding:
-    """What one UNet batch is grounded on; built by `SpatialAdapter.prepare`."""
-    phrases: torch.Tensor    # (B, N, D) phrase embeddings from the frozen text encoder
+    """What one UNet batch is grounded on: per sample, up to N objects (padded), each a phrase
+    embedding and a box. Built by `Grounding.from_records` from phrase embeddings computed elsewhere
+    (the frozen text encoder, or a cache of its outputs): the adapter never calls the text encoder."""
+    phrases: torch.Tensor    # (B, N, D) phrase embeddings (the text encoder's pooled EOS state)
     boxes: torch.Tensor      # (B, N, 4) xyxy in [0, 1]
     present: torch.Tensor    # (B, N) bool: a real object (False: padding)
     keep_text: torch.Tensor  # (B, N) bool: False where phrase dropout replaced the phrase by the null one
+
+    @classmethod
+    def from_records(cls, records: list[Record], phrase_embeddings: torch.Tensor, *, max_objects: int = MAX_OBJECTS,
+                     phrase_dropout: float = 0.0, generator: torch.Generator | None = None) -> "Grounding":
+        """`phrase_embeddings` (total, D): one row per object of `records`, in order. Padded to the
+        batch's largest object count; phrase dropout draws from `generator` (on the CPU)."""
+        counts = [len(r.objects) for r in records]
+        n = max(1, max(counts, default=0))
+        if n > max_objects:
+            raise ValueError(f"a record has {n} objects; this adapter takes at most {max_objects}")
+        if len(phrase_embeddings) != sum(counts):
+            raise ValueError(f"{len(phrase_embeddings)} phrase embeddings for {sum(counts)} objects")
+        B, device = len(records), phrase_embeddings.device
+        out = cls(phrases=torch.zeros(B, n, phrase_embeddings.shape[-1], device=device),
+                  boxes=torch.zeros(B, n, 4, device=device),
+                  present=torch.zeros(B, n, dtype=torch.bool, device=device),
+                  keep_text=torch.ones(B, n, dtype=torch.bool, device=device))
+        i = 0
+        for b, (r, k) in enumerate(zip(records, counts)):
+            out.phrases[b, :k] = phrase_embeddings[i:i + k].float()
+            out.boxes[b, :k] = torch.tensor([o.box for o in r.objects], device=device).reshape(k, 4)
+            out.present[b, :k] = True
+            i += k
+        if phrase_dropout > 0:
+            out.keep_text = torch.rand(B, n, generator=generator).to(device) >= phrase_dropout
+        return out
+
+    def repeat(self, times: int) -> "Grounding":
+        """The batch repeated `times` (e.g. twice for the unconditional and conditional halves of CFG)."""
+        return Grounding(*(t.repeat(times, *[1] * (t.dim() - 1)) for t in
+                           (self.phrases, self.boxes, self.present, self.keep_text)))
+
+
+@dataclass
+class Injection:
+    """What the gated layers act on during one forward of `AdaptedUNet` (None outside a forward)."""
+    tokens: torch.Tensor                 # (B, N, T) grounding tokens
+    present: torch.Tensor                # (B, N) bool
+    boxes: torch.Tensor                  # (B, N, 4)
+    scale: torch.Tensor                  # (B, 1, 1) injection scale per sample
+    sample_hw: tuple[int, int]           # the UNet input's spatial size (to place each block's tokens)
+    regions: dict = field(default_factory=dict)   # token count -> (B, L, N) region mask, built once per forward
+
+    def region(self, n_tokens: int) -> torch.Tensor:
+        if n_tokens not in self.regions:
+            self.regions[n_tokens] = region_mask(self.boxes, *token_grid(self.sample_hw, n_tokens))
+        return self.regions[n_tokens]
 
 
 class GroundingTokenizer(nn.Module):
@@ -171,8 +219,7 @@ class SpatialAdapter(nn.Module):
             for b in blocks.values())
         self.max_objects = max_objects
         self._handles: list = []
-        self._active = None          # (tokens, present, boxes, scale, region cache) while injecting
-        self._sample_hw = None
+        self.injection: Injection | None = None   # set by AdaptedUNet.forward for the length of one forward
 
     # --- which parameters train: the one place that decides it
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
@@ -191,7 +238,6 @@ class SpatialAdapter(nn.Module):
         if list(blocks) != self.block_names:
             raise ValueError("this UNet's transformer blocks differ from the ones the adapter was built for "
                              f"({len(blocks)} vs {len(self.block_names)}): build the adapter for this UNet")
-        self._handles.append(unet.register_forward_pre_hook(self._remember_size, with_kwargs=True))
         for layer, block in zip(self.layers, blocks.values()):
             self._handles.append(block.register_forward_hook(self._hook(layer)))
         return self
@@ -201,64 +247,18 @@ class SpatialAdapter(nn.Module):
             handle.remove()
         self._handles = []
 
-    def _remember_size(self, unet, args, kwargs):
-        sample = args[0] if args else kwargs["sample"]
-        self._sample_hw = tuple(sample.shape[-2:])
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
 
     def _hook(self, layer: GatedLayer):
         def hook(block, args, output):
-            if self._active is None:        # not injecting: the block's output passes unchanged
+            inj = self.injection
+            if inj is None:                 # not this adapter's forward: the block's output passes unchanged
                 return output
-            tokens, present, boxes, scale, regions = self._active
-            region = None
-            if layer.attention == "masked":
-                n_tokens = output.shape[1]
-                if n_tokens not in regions:
-                    regions[n_tokens] = region_mask(boxes, *token_grid(self._sample_hw, n_tokens))
-                region = regions[n_tokens]
-            return layer(output, tokens, present, region, scale)
+            region = inj.region(output.shape[1]) if layer.attention == "masked" else None
+            return layer(output, inj.tokens, inj.present, region, inj.scale)
         return hook
-
-    # --- grounding inputs
-    @torch.no_grad()
-    def prepare(self, base, records: list[Record], phrase_dropout: float = 0.0,
-                generator: torch.Generator | None = None) -> Grounding:
-        """Embed each record's phrases with the frozen text encoder; pad to the batch's largest count."""
-        n = max(1, max(len(r.objects) for r in records))
-        if n > self.max_objects:
-            raise ValueError(f"a record has {n} objects; this adapter takes at most {self.max_objects}")
-        phrases = [o.phrase for r in records for o in r.objects]
-        emb = base.encode_phrases(phrases).float()                             # (total, D)
-        B, device = len(records), base.device
-        out = Grounding(phrases=torch.zeros(B, n, emb.shape[-1], device=device),
-                        boxes=torch.zeros(B, n, 4, device=device),
-                        present=torch.zeros(B, n, dtype=torch.bool, device=device),
-                        keep_text=torch.ones(B, n, dtype=torch.bool, device=device))
-        i = 0
-        for b, r in enumerate(records):
-            k = len(r.objects)
-            out.phrases[b, :k] = emb[i:i + k]
-            out.boxes[b, :k] = torch.tensor([o.box for o in r.objects], device=device).reshape(k, 4)
-            out.present[b, :k] = True
-            i += k
-        if phrase_dropout > 0:
-            draw = torch.rand(B, n, generator=generator).to(device)
-            out.keep_text = draw >= phrase_dropout
-        return out
-
-    @contextlib.contextmanager
-    def injecting(self, grounding: Grounding, scale: float | torch.Tensor = 1.0):
-        """Within this block, UNet forwards are grounded on `grounding`, every gate times `scale`
-        (a float, or one value per sample: (B,) tensor)."""
-        if not self._handles:
-            raise RuntimeError("adapter is not attached to a UNet: call adapter.attach(unet) first")
-        tokens = self.tokenizer(grounding)
-        scale = torch.as_tensor(scale, dtype=torch.float32, device=tokens.device).reshape(-1, 1, 1)
-        self._active = (tokens, grounding.present, grounding.boxes, scale, {})
-        try:
-            yield self
-        finally:
-            self._active = None
 
     # --- gates, as the workbook watches them
     def gate_values(self) -> dict[str, dict[str, float]]:
@@ -274,6 +274,36 @@ class SpatialAdapter(nn.Module):
 
 def transformer_blocks(unet) -> dict[str, BasicTransformerBlock]:
     return {name: m for name, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)}
+
+
+class AdaptedUNet(nn.Module):
+    """The frozen UNet and its adapter as one module with a real forward: what training, sampling, the
+    checks and the benchmarks call (and what DDP/Accelerate wrap and torch.compile compiles).
+
+        model = AdaptedUNet(base.unet, adapter)
+        pred = model(noisy, t, context, grounding, scale)      # (B, C, h, w)
+
+    Only the adapter's parameters train; the UNet's are frozen. With `grounding=None` (or a scale of
+    exactly 0) the forward is the base UNet's, bit for bit."""
+
+    def __init__(self, unet, adapter: SpatialAdapter):
+        super().__init__()
+        self.unet, self.adapter = unet, adapter
+        if not adapter.attached:
+            adapter.attach(unet)
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                grounding: Grounding | None = None, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+        if grounding is None or (isinstance(scale, (int, float)) and scale == 0):
+            return self.unet(noisy, t, encoder_hidden_states=context).sample
+        tokens = self.adapter.tokenizer(grounding)
+        scale = torch.as_tensor(scale, dtype=torch.float32, device=tokens.device).reshape(-1, 1, 1)
+        self.adapter.injection = Injection(tokens, grounding.present, grounding.boxes, scale,
+                                           tuple(noisy.shape[-2:]))
+        try:
+            return self.unet(noisy, t, encoder_hidden_states=context).sample
+        finally:
+            self.adapter.injection = None
 
 
 def build_adapter(base, **options) -> SpatialAdapter:

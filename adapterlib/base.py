@@ -7,21 +7,16 @@ default runs unchanged on SD 1.x/2.x. The tiny model works in pixel space (no `v
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import diffusers
 import torch
-import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerFast
 
-from . import shapes
 from .paths import repo_path
 
-# loading a few-MB model needs no progress bars (they clutter notebooks and logs)
-diffusers.utils.logging.disable_progress_bar()
-transformers.utils.logging.disable_progress_bar()
 
 SHIPPED_BASE = Path(__file__).parent / "models" / "shapes-tiny"
 DEFAULT_BASE = "shapes-tiny"  # the name `load_base` resolves to the shipped folder
@@ -120,11 +115,34 @@ def resolve_base_path(name_or_path: str | Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """No download/loading progress bars while a few-MB model loads; the user's settings are restored."""
+    import diffusers
+    import transformers
+    libs = [diffusers.utils.logging, transformers.utils.logging]
+    was = [lib.is_progress_bar_enabled() for lib in libs]
+    for lib in libs:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in zip(libs, was):
+            if enabled:
+                lib.enable_progress_bar()
+
+
 def load_base(name_or_path: str | Path = DEFAULT_BASE, device: str | torch.device = "cpu",
               dtype: torch.dtype | None = None) -> BaseModel:
     """Load a frozen base from the shipped name or any diffusers-style SD folder (no hub access).
     `dtype` casts the frozen weights (bf16/fp16 on a GPU); None keeps them as saved (fp32)."""
     path = resolve_base_path(name_or_path)
+    with _quiet_loading():
+        base = _load_parts(path)
+    return base.freeze().to(device, dtype)
+
+
+def _load_parts(path: Path) -> BaseModel:
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae") if (path / "vae").is_dir() else None
     base = BaseModel(
         unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
@@ -133,51 +151,4 @@ def load_base(name_or_path: str | Path = DEFAULT_BASE, device: str | torch.devic
         # SD folders ship a PNDM/DDIM config; the DDPM view of the same betas is the training schedule
         scheduler=DDPMScheduler.from_config(DDPMScheduler.load_config(path, subfolder="scheduler")),
         vae=vae, path=str(path))
-    return base.freeze().to(device, dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# The tiny Shapes base: built from the real classes, trained by notebooks/00_base_model.ipynb
-
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
-WORDS = ["a", "an", "and", ",", "the", "with", *shapes.COLORS, *shapes.SHAPES]
-MAX_TOKENS = 32   # longest Shapes caption is 13 tokens
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the Shapes vocabulary, saved and loaded in Hugging Face format."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()      # also splits "," off its word
-    tok.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
-                                   pad_token="[PAD]", unk_token="[UNK]", model_max_length=MAX_TOKENS)
-
-
-def tiny_unet_config(resolution: int = shapes.RESOLUTION) -> dict:
-    """Pixel-space UNet: 32x32 (plain ResNet), 16x16 and 8x8 with cross-attention to the caption."""
-    return dict(sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=1,
-                block_out_channels=(32, 64, 96), norm_num_groups=16, cross_attention_dim=64,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                attention_head_dim=4)   # diffusers' legacy name: this is the number of heads
-
-
-def build_tiny_base(seed: int = 0) -> BaseModel:
-    """A freshly initialised (untrained) tiny base, the starting point of base training."""
-    tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=64,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id)  # pooled output = hidden state at this EOS id
-    # v-prediction on a cosine schedule: the loss keeps weight on the high-noise steps where colour
-    # and layout are decided (epsilon loss gives them almost none; see WORKBOOK.md)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                              prediction_type="v_prediction", clip_sample=False)
-    return BaseModel(unet=UNet2DConditionModel(**tiny_unet_config()), text_encoder=CLIPTextModel(text_config),
-                     tokenizer=tokenizer, scheduler=scheduler, vae=None, path="(untrained tiny base)")
+    return base

@@ -1,6 +1,6 @@
-"""Checkpoints: written atomically, found by step, loaded back into an adapter.
+"""Checkpoints: written atomically, loaded back into an adapter on its run's base.
 
-A checkpoint is a folder `runs/<run>/checkpoints/step_0002000/`:
+A checkpoint is a folder `<run>/checkpoints/step_0002000/` (layout and lookup: `runs.py`):
 - `adapter.safetensors`: the adapter weights (fp32), with the adapter's architecture in the metadata;
 - `state.pt`: optimizer, LR schedule, loss scaler, RNG states, data position, step, skipped steps;
 - `config.json`: the run's config.
@@ -12,22 +12,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .adapter import SpatialAdapter
-
-FILES = ("adapter.safetensors", "state.pt", "config.json")
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+from .adapter import SpatialAdapter, build_adapter
+from .base import BaseModel, load_base
+from .precision import resolve_device
+from .runs import checkpoint_dir, read_config, resolve_checkpoint, resolve_run
 
 
-def save_checkpoint(run_dir: Path, step: int, adapter: SpatialAdapter, state: dict, config: dict) -> Path:
-    final = checkpoint_dir(run_dir, step)
+def save_checkpoint(run: Path, step: int, adapter: SpatialAdapter, state: dict, config: dict) -> Path:
+    final = checkpoint_dir(run, step)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -45,43 +44,13 @@ def save_adapter(adapter: SpatialAdapter, path: Path) -> None:
     save_file(tensors, str(path), metadata={"adapter_config": json.dumps(adapter.config)})
 
 
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first."""
-    found = []
-    for d in (Path(run_dir) / "checkpoints").glob("step_*"):
-        if d.suffix != ".tmp" and all((d / f).is_file() for f in FILES):
-            found.append((int(d.name.split("_")[1]), d))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(run_dir: Path, which: str | int = "latest") -> tuple[int, Path]:
-    """`latest`, `final` or a step number -> (step, checkpoint folder)."""
-    run_dir = Path(run_dir)
-    if which == "final" and (run_dir / "final" / "adapter.safetensors").is_file():
-        return json.loads((run_dir / "final" / "info.json").read_text())["step"], run_dir / "final"
-    found = dict(list_checkpoints(run_dir))
-    if not found:
-        raise FileNotFoundError(f"run {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
-    step = max(found) if which in ("latest", "final") else int(which)
-    if step not in found:
-        raise FileNotFoundError(f"run {run_dir}: no checkpoint at step {step}; there are {sorted(found)}")
-    return step, found[step]
-
-
 def adapter_config(path: Path) -> dict:
-    from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         return json.loads(f.metadata()["adapter_config"])
 
 
-def load_adapter(checkpoint: Path, base) -> SpatialAdapter:
+def load_adapter(checkpoint: Path, base: BaseModel) -> SpatialAdapter:
     """Build the adapter a checkpoint folder (or .safetensors file) was saved from, on `base`, attached."""
-    from .adapter import build_adapter
     path = Path(checkpoint)
     path = path / "adapter.safetensors" if path.is_dir() else path
     config = adapter_config(path)
@@ -93,3 +62,44 @@ def load_adapter(checkpoint: Path, base) -> SpatialAdapter:
         raise ValueError(f"checkpoint {path} was trained on another base: {diff} differ")
     adapter.load_state_dict(load_file(str(path), device=str(base.device)))
     return adapter
+
+
+def load_run_base(run: Path, device: str | None = None) -> BaseModel:
+    """The base model a run was trained on (from its config.json), on `device` (default: auto)."""
+    return load_base(read_config(run)["base_model"], device=resolve_device(device))
+
+
+@dataclass
+class Checkpoint:
+    """An adapter loaded from a run's checkpoint, attached to the run's base."""
+    base: BaseModel
+    adapter: SpatialAdapter          # attached to base.unet
+    run_dir: Path
+    step: int
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.run_dir.name} step {self.step}"
+
+
+def load_checkpoint(run: str | Path | None = None, which: str | int = "latest", *, base: BaseModel | None = None,
+                    device: str | None = None) -> Checkpoint:
+    """The adapter of `run` (a run name or path; None or "": the run with the newest checkpoint) at
+    `which` (latest | final | a step), on the run's base model. Pass `base` (a BaseModel already
+    loaded for the same base) to attach a second checkpoint to the same model: only the adapter whose
+    forward runs acts."""
+    run_dir = resolve_run(run)
+    step, path = resolve_checkpoint(run_dir, str(which))
+    base = base if base is not None else load_run_base(run_dir, device)
+    return Checkpoint(base, load_adapter(path, base), run_dir, step, path)
+
+
+def parse_checkpoint_spec(spec: str, run: Path) -> tuple[Path, str]:
+    """`"500"`, `"latest"`, `"final"` -> that checkpoint of `run`; `"other-run"` or `"runs/other"` ->
+    its latest; `"other-run:500"` -> that step of another run."""
+    spec = str(spec).strip()
+    if spec.isdigit() or spec in ("latest", "final"):
+        return Path(run), spec
+    name, _, which = spec.partition(":")
+    return resolve_run(name), which or "latest"

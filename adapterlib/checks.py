@@ -13,45 +13,15 @@ says what to fix. `adapter.trainable_parameters()` is the only source of which p
 """
 from __future__ import annotations
 
-import contextlib
 import re
-from typing import NamedTuple
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .adapter import ATTENTIONS, SpatialAdapter
-
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
-
-
-# ----------------------------------------------------------------------------------------------
-# The precision policy: frozen base in the compute dtype, adapter in fp32, forward under autocast
-
-class Precision(NamedTuple):
-    compute_dtype: torch.dtype             # the frozen base's weights
-    autocast_dtype: torch.dtype | None     # None: no autocast (plain fp32)
-    needs_grad_scaler: bool                # fp16 gradients underflow without a loss scaler
-
-
-def precision_policy(device: str | torch.device, mixed_precision: str) -> Precision:
-    """How a device and a `mixed_precision` setting ("no", "bf16", "fp16") map onto dtypes.
-    The adapter's trainable weights are fp32 in every case: they are the master weights."""
-    if mixed_precision not in MIXED_PRECISIONS:
-        raise ValueError(f"mixed_precision {mixed_precision!r}: choose one of {MIXED_PRECISIONS}")
-    if torch.device(device).type != "cuda" or mixed_precision == "no":
-        return Precision(torch.float32, None, False)      # CPU: fp32 everything
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-    return Precision(dtype, dtype, mixed_precision == "fp16")
-
-
-def autocast_for(base) -> contextlib.AbstractContextManager:
-    """Autocast at the frozen base's dtype (the policy's autocast dtype), or nothing for an fp32 base."""
-    dtype = base.unet.dtype
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(base.device.type, dtype=dtype)
+from .adapter import ATTENTIONS, AdaptedUNet, SpatialAdapter
+from .precision import autocast, autocast_for, precision_policy
+from .sample import ground
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,19 +107,18 @@ def identity_at_init(base, adapter: SpatialAdapter, records, seed: int = 0) -> f
     """max |adapted - base| of the UNet output on random latents and timesteps, with the records'
     captions and boxes. Exactly 0.0 for a fresh adapter (every gate is 0)."""
     latents, t, context, _ = _unet_batch(base, records, torch.Generator().manual_seed(seed))
-    grounding = adapter.prepare(base, records)
+    grounding = ground(base, records, max_objects=adapter.max_objects)
+    model = AdaptedUNet(base.unet, adapter)
     with torch.no_grad(), autocast_for(base):
         plain = base.unet(latents, t, encoder_hidden_states=context).sample
-        with adapter.injecting(grounding):
-            adapted = base.unet(latents, t, encoder_hidden_states=context).sample
+        adapted = model(latents, t, context, grounding)
     return (adapted.float() - plain.float()).abs().max().item()
 
 
 def _adapter_loss(base, adapter: SpatialAdapter, records, seed: int = 0) -> torch.Tensor:
     """The training loss of one adapted forward (random x0: a check of the mechanics, not learning)."""
     latents, t, context, target = _unet_batch(base, records, torch.Generator().manual_seed(seed))
-    with adapter.injecting(adapter.prepare(base, records)):
-        pred = base.unet(latents, t, encoder_hidden_states=context).sample
+    pred = AdaptedUNet(base.unet, adapter)(latents, t, context, ground(base, records, max_objects=adapter.max_objects))
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -181,9 +150,7 @@ def mixed_precision_step_is_finite(base, adapter: SpatialAdapter, records, devic
     policy = precision_policy(device, mixed_precision)
     params = list(adapter.trainable_parameters().values())
     _clear_grads(adapter)
-    autocast = torch.autocast(torch.device(device).type, dtype=policy.autocast_dtype) \
-        if policy.autocast_dtype is not None else contextlib.nullcontext()
-    with autocast:
+    with autocast(device, policy.autocast_dtype):
         loss = _adapter_loss(base, adapter, records)
     if policy.needs_grad_scaler:
         scaler = torch.amp.GradScaler(torch.device(device).type)

@@ -1,11 +1,23 @@
-"""The one training config: a flat dataclass whose field names are the notebooks' papermill parameters."""
+"""The one training config: a flat dataclass whose field names are the notebooks' papermill parameters
+and the command line's flags.
+
+A config is a preset (`shapes`, the embedded default; `sd15`, the training plan's values for Stable
+Diffusion 1.5 on one GPU; `smoke`, a seconds-long run for tests) with overrides. Every field given
+(`-p NAME VALUE` to papermill, `--NAME VALUE` to `python -m adapterlib train`) reaches the config and
+the run's config.json; a name that is not a field is an error that lists the fields.
+
+On resume, the fields split once into two parts (`RESUME_FIXED`, `RESUME_FREE`): the fixed ones
+define the run (architecture, data, optimisation) and may not change; the free ones (length,
+logging, where it runs) may.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -18,9 +30,9 @@ class TrainConfig:
     data: str = "shapes"                 # a manifest (.jsonl) path, or "shapes": a generated Shapes set
     n_train: int = 20_000                # size of the generated Shapes set (data == "shapes")
     seed: int = 0
-    device: str = "auto"                 # "auto": cuda when available, else cpu
+    device: str = "auto"                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     mixed_precision: str = "bf16"        # bf16 | fp16 | no; CPU always runs fp32
-    # --- the seed plan's parameters
+    # --- the training plan's parameters (docs/training-plan.md)
     steps: int = 1500
     batch_size: int = 16
     lr: float = 1e-3
@@ -56,6 +68,10 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: choose one of {allowed}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device = {self.device!r}: choose auto, cpu, cuda or cuda:N")
+        if not self.lr > 0:
+            raise ValueError(f"lr = {self.lr} must be > 0")
         for name in ("steps", "batch_size", "save_every", "log_every", "max_objects"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
@@ -72,29 +88,94 @@ class TrainConfig:
         return cls(**json.loads(Path(path).read_text()))
 
 
-# Fields that change the adapter's architecture or the data it sees: resume refuses to change them.
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+# The resume policy, stated once: every field is in exactly one part (tests/test_config.py checks it).
+# Fixed: what the run *is* -- its identity, the base and the adapter's architecture, the data and its
+# order, the optimisation recipe. Changing one of these is a new run, under a new run_name.
+RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
+                "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
+                "warmup", "grad_clip", "adapter_attention", "adapter_norm", "adapter_feedforward", "max_objects")
+# Free: how long it runs, how often it logs and saves, and where (a run may move to another machine).
+RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision")
+# The subset of RESUME_FIXED that a checkpoint's adapter is built from.
 ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapter_feedforward", "max_objects")
-RESUME_FIXED_FIELDS = ARCHITECTURE_FIELDS + ("data", "n_train", "seed", "batch_size")
 
 PRESETS = {
     # the embedded default, sized for a 2-core CPU (see README for what it reaches and why these values)
     "shapes": {},
-    # the seed plan's values for Stable Diffusion 1.5 on one GPU
+    # the training plan's values for Stable Diffusion 1.5 on one GPU (docs/training-plan.md)
     "sd15": dict(steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
                  save_every=2000, gate_lr_scale=1.0, warmup=500, log_every=50, mixed_precision="bf16",
                  adapter_attention="self"),
+    # seconds on a CPU: what the tests and nbval run (chosen by the test harness, never a user default)
+    "smoke": dict(steps=40, batch_size=4, n_train=256, save_every=20, log_every=5, n_samples=4, warmup=10),
 }
 
+# The preset used when none is named. Unset for users ("shapes"); the test harness sets it to "smoke".
+DEFAULT_PRESET_ENV = "ADAPTERLIB_DEFAULT_PRESET"
 
-def make_config(preset: str = "shapes", **overrides) -> TrainConfig:
-    """A preset with overrides; unknown names are an error that lists the fields."""
+
+def default_preset() -> str:
+    return os.environ.get(DEFAULT_PRESET_ENV) or "shapes"
+
+
+def unknown_fields_error(names, own=()) -> ValueError:
+    own = f" and this notebook's own parameters {sorted(own)}" if own else ""
+    return ValueError(f"unknown parameter(s) {sorted(names)}: not config fields{own}. The config fields are "
+                      f"{list(FIELDS)}")
+
+
+def make_config(preset: str = "", **overrides) -> TrainConfig:
+    """A preset ("" or None: the default preset) with overrides; unknown names are an error that
+    lists the fields."""
+    preset = preset or default_preset()
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: choose one of {list(PRESETS)}")
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(overrides) - set(FIELDS)
     if unknown:
-        raise ValueError(f"unknown config field(s) {sorted(unknown)}; fields are "
-                         f"{[f.name for f in dataclasses.fields(TrainConfig)]}")
+        raise unknown_fields_error(unknown)
     return TrainConfig(**{**PRESETS[preset], **overrides, "preset": preset})
+
+
+def resume_changes(saved: dict, changes: dict, where) -> dict:
+    """The changes a resume may make to the saved config: those to RESUME_FREE fields. A change to a
+    RESUME_FIXED field is an error naming each one; unknown names are an error listing the fields."""
+    unknown = set(changes) - set(FIELDS)
+    if unknown:
+        raise unknown_fields_error(unknown)
+    refused = sorted(k for k, v in changes.items() if k in RESUME_FIXED and saved.get(k) != v)
+    if refused:
+        detail = ", ".join(f"{k} (saved {saved.get(k)!r}, asked {changes[k]!r})" for k in refused)
+        raise ValueError(f"resume of {where}: cannot change {detail}: these define the run (architecture, data, "
+                         f"optimisation); only {list(RESUME_FREE)} may change on resume. Start a new run_name instead")
+    return {k: v for k, v in changes.items() if saved.get(k) != v}
+
+
+class NotebookParameters:
+    """Collects a notebook's papermill parameters, whatever their names, for `config`.
+
+    Made in the cell *before* the parameters cell, it remembers which names exist; the config cell
+    then takes every name defined since (in the parameters cell, by papermill's injected cell, or
+    by hand) as a parameter. Names that are config fields become overrides; the notebook's own
+    parameters are returned as they are; any other name is an error."""
+
+    def __init__(self, namespace: dict):
+        self.namespace, self.before = namespace, set(namespace)
+
+    def given(self) -> dict:
+        """Every parameter defined since this object was made (IPython's _-names and modules excluded)."""
+        return {k: v for k, v in self.namespace.items()
+                if k not in self.before and not k.startswith("_") and isinstance(v, (str, int, float, bool, list, dict, type(None)))}
+
+    def split(self, own: tuple[str, ...]) -> tuple[dict, dict]:
+        """(the notebook's own parameters, config overrides); an unknown name is an error."""
+        given = self.given()
+        unknown = set(given) - set(own) - set(FIELDS)
+        if unknown:
+            raise unknown_fields_error(unknown, own)
+        return ({k: v for k, v in given.items() if k in own},
+                {k: v for k, v in given.items() if k in FIELDS and k not in own})
 
 
 def check_types(cfg) -> None:

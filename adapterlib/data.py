@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -137,6 +137,15 @@ def _parse_object(obj: Any, field: str, fail) -> GroundedObject:
     return GroundedObject(phrase=phrase, box=(x0, y0, x1, y1))
 
 
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
 def read_manifest(path: str | Path, require_image: bool = True) -> list[Record]:
     """Read and validate a manifest; raises ManifestError on the first bad line."""
     path = Path(path)
@@ -169,6 +178,18 @@ def write_manifest(path: str | Path, records: Iterable[Record]) -> Path:
         for record in records:
             f.write(json.dumps(record.to_json()) + "\n")
     return path
+
+
+def png_bytes(image) -> bytes:
+    """PNG bytes of an (H, W, 3) uint8 array or a PIL image (the one encoder of the project)."""
+    import io
+
+    from PIL import Image
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8), mode="RGB")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
 
 
 def resolve_image(manifest_path: str | Path, record: Record) -> Path:

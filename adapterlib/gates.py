@@ -1,6 +1,7 @@
-"""Reading the gates: the training phases the seed plan expects, found by stated rules, and the figures.
+"""Reading the gates: their statistics during training, and the training phases the training plan
+expects (docs/training-plan.md), found by stated rules. The figures are in `figures.py`.
 
-The seed plan's gate table (SD 1.5, batch 2, 25000 steps) is the reference:
+The training plan's gate table (SD 1.5, batch 2, 25000 steps) is the reference:
 
 | step       | gate mean   | phase               |
 |------------|-------------|---------------------|
@@ -16,17 +17,31 @@ its numbers, into the finding, so a table or figure says how it was found, not o
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .runs import read_metrics
+
 FINDING_COLUMNS = ["finding", "kind", "step", "start_step", "end_step", "value", "rule"]
 
-# the seed plan's expected gate mean, at ITS step counts: (first step, last step, low, high, label)
+# the training plan's expected gate mean, at ITS step counts: (first step, last step, low, high, label)
 SEED_BANDS = [(0, 1000, 0.0, 0.01, "~0 (zero init)"), (1000, 5000, 0.0, 0.10, "slow growth"),
               (5000, 15000, 0.10, 0.30, "sudden jump"), (15000, 25000, 0.30, 0.50, "stable")]
-SEED_LABEL = "seed plan (SD 1.5, batch 2)"
+SEED_LABEL = "training plan (SD 1.5, batch 2)"
+
+
+def gate_stats(adapter) -> dict:
+    """Gate mean/max of |tanh(raw)| (the effective gate at scale 1), the largest raw value, and each
+    layer's tanh(raw) as gate_<layer>_attn / gate_<layer>_ff (the columns of metrics.csv)."""
+    raw = {n: p.item() for n, p in adapter.gate_parameters().items()}
+    eff = [abs(math.tanh(v)) for v in raw.values()]
+    per_layer = {"gate_" + n.replace("layers.", "").replace(".gate_", "_"): math.tanh(v) for n, v in raw.items()}
+    return dict(gate_mean=sum(eff) / len(eff), gate_max=max(eff), gate_raw_max=max(abs(v) for v in raw.values()),
+                **per_layer)
 
 
 def gate_columns(metrics: pd.DataFrame) -> list[str]:
@@ -131,7 +146,7 @@ def detect_phases(metrics: pd.DataFrame, *, grounding: pd.DataFrame | None = Non
     if s_end < len(m):
         found.append(_finding("grown", "phase", int(steps[s_end]), int(steps[s_end]), last, float(mean[-1]),
                               f"gate_mean >= {slow_max:g} first at step {int(steps[s_end])}; last value "
-                              f"{mean[-1]:.3g} (the seed plan expects 0.3-0.5 once stable)"))
+                              f"{mean[-1]:.3g} (the training plan expects 0.3-0.5 once stable)"))
 
     # --- sudden convergence of the gate mean (and of grounding success)
     w = window or max(2, round(window_share * len(m)))
@@ -192,10 +207,6 @@ def detect_phases(metrics: pd.DataFrame, *, grounding: pd.DataFrame | None = Non
 def run_phases(run_dir, metrics: pd.DataFrame | None = None, grounding: pd.DataFrame | None = None,
                **rules) -> pd.DataFrame:
     """`detect_phases` on a run folder, with the planned steps and LR warmup from its config.json."""
-    import json
-    from pathlib import Path
-
-    from .monitor import read_metrics
     path = Path(run_dir) / "config.json"
     config = json.loads(path.read_text()) if path.is_file() else {}
     metrics = read_metrics(run_dir) if metrics is None else metrics
@@ -215,139 +226,3 @@ def describe(findings: pd.DataFrame) -> str:
 
 def alarms(findings: pd.DataFrame) -> pd.DataFrame:
     return findings[findings.kind == "alarm"]
-
-
-# ---------------------------------------------------------------------------------------------
-# figures
-
-_PHASE_COLORS = {"zero-init": "0.85", "slow growth": "#fde9c4", "grown": "#dcefd9"}
-
-
-def _axes(ax, figsize=(7, 3.4)):
-    import matplotlib.pyplot as plt
-    return plt.subplots(figsize=figsize)[1] if ax is None else ax
-
-
-def draw_seed_bands(ax, xmax: float) -> None:
-    """The seed plan's expected gate mean at its own step counts, clipped to [0, xmax]: a reference,
-    not rescaled to this run's length (the seed trains SD 1.5 at batch 2 for 25000 steps)."""
-    from matplotlib.patches import Rectangle
-    first = True
-    for x0, x1, lo, hi, text in SEED_BANDS:
-        if x0 >= xmax:
-            break
-        x1 = min(x1, xmax)
-        ax.add_patch(Rectangle((x0, lo), x1 - x0, max(hi - lo, 0.004), facecolor="none", edgecolor="tab:purple",
-                               hatch="///", alpha=0.35, linewidth=0.8, label=SEED_LABEL if first else None))
-        ax.text(x0 + 0.01 * xmax, hi, text, fontsize=6, color="tab:purple", va="bottom")
-        first = False
-
-
-def plot_gates(metrics: pd.DataFrame, findings: pd.DataFrame | None = None, ax=None, *, label: str = "gate mean",
-               seed_bands: bool = True, color=None):
-    """The gate mean over layers (|tanh(raw)|), the min-max band over layers, the seed plan's bands
-    and the detected phases, jumps and alarms."""
-    ax = _axes(ax)
-    if len(metrics) == 0:
-        ax.set_title("gates: no rows yet")
-        return ax
-    layers = metrics[gate_columns(metrics)].abs()
-    line, = ax.plot(metrics.step, metrics.gate_mean, label=label, color=color, lw=1.5)
-    if layers.shape[1]:
-        ax.fill_between(metrics.step, layers.min(axis=1), layers.max(axis=1), color=line.get_color(), alpha=0.2,
-                        label="min-max over layers")
-    xmax = float(metrics.step.max())
-    if seed_bands:
-        draw_seed_bands(ax, xmax)
-    if findings is not None:
-        annotate(ax, findings)
-    ax.set(xlabel="step", ylabel="|tanh(gate)|", xlim=(0, xmax), title="gates")
-    ax.set_ylim(bottom=0)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
-    return ax
-
-
-def annotate(ax, findings: pd.DataFrame) -> None:
-    """Phases as shaded spans, jumps and alarms as labelled vertical lines."""
-    for f in findings.itertuples():
-        if f.kind == "phase" and f.finding in _PHASE_COLORS:
-            ax.axvspan(f.start_step, f.end_step, color=_PHASE_COLORS[f.finding], alpha=0.5, zorder=0, lw=0,
-                       label=f"{f.finding} (steps {f.start_step}-{f.end_step})")
-        elif f.kind in ("jump", "alarm"):
-            color = "tab:green" if f.kind == "jump" else "tab:red"
-            ax.axvline(f.step, color=color, ls="--", lw=1)
-            ax.text(f.step, 0.5, f" {f.finding} @ {f.step}", transform=ax.get_xaxis_transform(), color=color,
-                    fontsize=7, rotation=90, va="center")
-
-
-def plot_gate_heatmap(metrics: pd.DataFrame, ax=None):
-    """tanh(raw gate) per layer (rows) against step (columns); the sign shows which way a gate points."""
-    import matplotlib.pyplot as plt
-    ax = _axes(ax, (7, 3.2))
-    columns = gate_columns(metrics)
-    if len(metrics) == 0 or not columns:
-        ax.set_title("gate heat map: no rows yet")
-        return ax
-    values = metrics[columns].to_numpy(float).T                         # (layers, rows)
-    limit = max(float(np.abs(values).max()), 1e-6)
-    steps = metrics.step.to_numpy(float)
-    edges = np.concatenate([[steps[0] - (steps[1] - steps[0] if len(steps) > 1 else 1) / 2],
-                            (steps[1:] + steps[:-1]) / 2, [steps[-1] + (steps[-1] - steps[-2] if len(steps) > 1 else 1) / 2]])
-    mesh = ax.pcolormesh(edges, np.arange(len(columns) + 1), values, cmap="RdBu_r", vmin=-limit, vmax=limit)
-    ax.set_yticks(np.arange(len(columns)) + 0.5, [c.removeprefix("gate_") for c in columns], fontsize=6)
-    ax.set(xlabel="step", title="tanh(gate) per layer")
-    plt.colorbar(mesh, ax=ax, label="tanh(raw gate)")
-    return ax
-
-
-def plot_loss(metrics: pd.DataFrame, ax=None, *, label: str = "", span: int = 10):
-    """The loss of each logged step (faint) and, smoothed, the exponential moving average over `span`
-    rows of loss_avg (the mean loss of each logging interval)."""
-    ax = _axes(ax)
-    if len(metrics):
-        line, = ax.plot(metrics.step, metrics.loss, alpha=0.25, lw=0.8)
-        ax.plot(metrics.step, metrics.loss_avg.ewm(span=span).mean(), color=line.get_color(),
-                label=f"{label} smoothed (EMA {span} rows of loss_avg)".strip())
-        ax.legend(fontsize=7)
-    ax.set(xlabel="step", ylabel="loss", yscale="log", title="loss (raw, smoothed)")
-    return ax
-
-
-def plot_runs(runs: dict[str, pd.DataFrame], axes=None):
-    """Several runs side by side: smoothed loss and gate mean (with its layer spread) per run."""
-    import matplotlib.pyplot as plt
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-    last = 1.0
-    for name, metrics in runs.items():
-        plot_loss(metrics, axes[0], label=name)
-        plot_gates(metrics, ax=axes[1], label=name, seed_bands=False)
-        last = max(last, float(metrics.step.max()) if len(metrics) else 0.0)
-    axes[1].set_xlim(0, last)                  # the longest run, not the last one drawn
-    return axes
-
-
-def plot_grounding(grounding: pd.DataFrame, findings: pd.DataFrame | None = None, ax=None):
-    """Grounding success rate and mIoU of the checkpoint tests against step."""
-    ax = _axes(ax)
-    if grounding is not None and len(grounding):
-        ax.plot(grounding.step, grounding.success_rate, "o-", label="success rate (IoU >= 0.5)")
-        ax.plot(grounding.step, grounding.miou, "s--", alpha=0.7, label="mIoU")
-        if findings is not None:
-            annotate(ax, findings[findings.finding == "sudden convergence (grounding success)"])
-        ax.legend(loc="lower right", fontsize=7)
-    else:
-        ax.set_title("no checkpoint tests yet")
-    ax.set(xlabel="step", ylabel="grounding", ylim=(0, 1), title="grounding of the checkpoint tests")
-    return ax
-
-
-def plot_gates_and_grounding(metrics: pd.DataFrame, grounding: pd.DataFrame, findings: pd.DataFrame | None = None):
-    """The gate curve and grounding success vs step side by side, on the same step axis."""
-    import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 3.6), sharex=True)
-    plot_gates(metrics, findings, left)
-    plot_grounding(grounding, findings, right)
-    right.set_xlim(left.get_xlim())
-    fig.tight_layout()
-    return fig

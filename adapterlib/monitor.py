@@ -1,45 +1,15 @@
 """Watching a run while it trains: a live loss/gate plot for the notebook (throttled so it never
-slows training) and the reading of a run folder's metrics."""
+slows training) and the status of a run folder (the training plan's monitor script), from its files."""
 from __future__ import annotations
 
-import io
+import json
 import time
 from pathlib import Path
 
-import pandas as pd
-
-
-def read_metrics(run_dir: str | Path) -> pd.DataFrame:
-    """metrics.csv of a run, also while it is being written (a half-written last line is dropped)."""
-    path = Path(run_dir) / "metrics.csv"
-    if not path.exists():
-        return pd.DataFrame()
-    text = path.read_text()
-    if not text.endswith("\n"):               # the writer is mid-line: keep the complete rows only
-        text = text[:text.rfind("\n") + 1]
-    if not text.strip():
-        return pd.DataFrame()
-    frame = pd.read_csv(io.StringIO(text), on_bad_lines="skip")
-    return frame.dropna(subset=["step"]).astype({"step": int})
-
-
-def plot_progress(metrics: pd.DataFrame, axes=None):
-    """Loss (raw and smoothed) and the gate (mean over layers, max) against step."""
-    import matplotlib.pyplot as plt
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(10, 3.2))
-    loss_ax, gate_ax = axes
-    loss_ax.clear(); gate_ax.clear()
-    if len(metrics):
-        loss_ax.plot(metrics.step, metrics.loss, alpha=0.3, label="loss")
-        loss_ax.plot(metrics.step, metrics.loss_avg.ewm(span=10).mean(), label="smoothed")
-        gate_ax.plot(metrics.step, metrics.gate_mean, label="gate mean |tanh|")
-        gate_ax.plot(metrics.step, metrics.gate_max, label="gate max", alpha=0.6)
-    loss_ax.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
-    gate_ax.set(xlabel="step", ylabel="tanh(gate)", title="gates")
-    for ax in axes:
-        ax.legend(loc="best", fontsize=8)
-    return axes[0].figure
+from .figures import plot_progress
+from .gates import run_phases
+from .jsonio import strict_json
+from .runs import effective_config, latest_checkpoint, read_metrics
 
 
 class LivePlot:
@@ -65,7 +35,7 @@ class LivePlot:
 
 
 # ---------------------------------------------------------------------------------------------
-# status of a run folder (the seed plan's monitor_training.sh), while it trains or after
+# status of a run folder (the training plan's monitor script), while it trains or after
 
 def run_status(run_dir: str | Path, *, stalled_after_s: float = 600.0, now: float | None = None) -> dict:
     """Where a run stands, from its folder alone (no access to the training process).
@@ -74,17 +44,11 @@ def run_status(run_dir: str | Path, *, stalled_after_s: float = 600.0, now: floa
     (train.log's last line says so: Ctrl-C, SIGTERM), "stalled" (no new metrics row for more than
     `stalled_after_s` seconds: crashed, killed or hung), else "running". Warnings: the alarms of
     `gates.detect_phases` (collapse, over-activation), non-finite steps skipped, a stalled run."""
-    import json
-    import math
-
-    from .checkpoint import latest_checkpoint
-    from .gates import run_phases
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() and not (run_dir / "metrics.csv").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json, no metrics.csv)")
     now = time.time() if now is None else now
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    config = effective_config(run_dir) if (run_dir / "config.json").is_file() else {}
     total = config.get("steps")
     metrics = read_metrics(run_dir)
     log_lines = (run_dir / "train.log").read_text().splitlines() if (run_dir / "train.log").is_file() else []
@@ -132,8 +96,7 @@ def run_status(run_dir: str | Path, *, stalled_after_s: float = 600.0, now: floa
         status["warnings"].append(f"stalled: no new metrics row for {age / 60:.0f} min (more than "
                                   f"{stalled_after_s / 60:.0f} min) and the run is not finished: it crashed, was "
                                   "killed or hangs; see the end of train.log (and the papermill notebook)")
-    # strict JSON: NaN becomes None
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in status.items()}
+    return strict_json(status)
 
 
 def format_status(status: dict) -> str:

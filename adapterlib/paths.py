@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RUNS = REPO_ROOT / "runs"         # run folders (ignored by git)
-FIGURES = REPO_ROOT / "figures"   # the figures the notebooks write
+FIGURES = REPO_ROOT / "figures"   # the figures the notebooks write (run folders: runs.runs_root())
 
 
 def repo_path(path: str | Path) -> Path:

@@ -3,18 +3,60 @@
 Each image's starting noise comes from its own seed, so an image does not depend on which batch it
 was generated in (up to float rounding: a different batch size can change a pixel by one level), and
 `generate(..., seeds=[7])` reproduces image 7 of any earlier call.
+
+The sampling settings (DDIM steps, guidance, injection scale, scheduled-sampling tau) live in one
+place, `Sampling`; every function that samples takes them as keyword arguments and builds one.
 """
 from __future__ import annotations
 
-import contextlib
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
+from .adapter import AdaptedUNet, Grounding, SpatialAdapter
 from .base import BaseModel
-from .checks import autocast_for
-from .data import Record
+from .data import MAX_OBJECTS, Record
+from .precision import autocast_for
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How images are sampled. `scale` multiplies every adapter gate; `tau` is GLIGEN's scheduled
+    sampling: grounding is on for the first `tau` share of the denoising steps (where layout is
+    decided), then off."""
+    steps: int = 25
+    guidance: float = 3.0
+    scale: float = 1.0
+    tau: float = 1.0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"sampling steps = {self.steps}: give at least 1 DDIM step")
+        if not 0 <= self.tau <= 1:
+            raise ValueError(f"tau = {self.tau} must be in [0, 1]")
+
+    @classmethod
+    def of(cls, sampling: "Sampling | None" = None, **settings) -> "Sampling":
+        """`sampling` (default: the defaults) with `settings` replaced; an unknown name is an error."""
+        unknown = set(settings) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown sampling setting(s) {sorted(unknown)}; they are {list(cls.__dataclass_fields__)}")
+        return replace(sampling or cls(), **settings)
+
+    def key(self) -> dict:
+        """The settings as a plain dict (what a cached result is keyed on)."""
+        return asdict(self)
+
+
+def ground(base: BaseModel, records: list[Record], *, max_objects: int = MAX_OBJECTS, phrase_dropout: float = 0.0,
+           generator: torch.Generator | None = None) -> Grounding:
+    """The grounding inputs of `records`, their phrases embedded by the base's frozen text encoder."""
+    with torch.no_grad():
+        embeddings = base.encode_phrases([o.phrase for r in records for o in r.objects])
+    return Grounding.from_records(records, embeddings, max_objects=max_objects, phrase_dropout=phrase_dropout,
+                                  generator=generator)
 
 
 def ddim_scheduler(base: BaseModel, steps: int) -> DDIMScheduler:
@@ -40,57 +82,35 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def generate(base: BaseModel, records: list[Record], seeds: list[int], *, adapter=None, scale: float = 1.0,
-             tau: float = 1.0, steps: int = 25, guidance: float = 3.0, batch_size: int = 64) -> np.ndarray:
-    """Images (N, H, W, 3) uint8 for each record's caption (and boxes, when an adapter is given).
-
-    `scale` multiplies every adapter gate; `tau` is GLIGEN's scheduled sampling: grounding is on for
-    the first `tau` share of the denoising steps (where layout is decided), then off."""
+def generate(base: BaseModel, records: list[Record], seeds: list[int], *, adapter: SpatialAdapter | None = None,
+             sampling: Sampling | None = None, batch_size: int = 64, **settings) -> np.ndarray:
+    """Images (N, H, W, 3) uint8 for each record's caption (and boxes, when an adapter is given),
+    sampled with `Sampling.of(sampling, **settings)` (e.g. `scale=0.5, steps=20`)."""
+    sampling = Sampling.of(sampling, **settings)
     if len(records) != len(seeds):
         raise ValueError(f"{len(records)} records but {len(seeds)} seeds: give one seed per record")
-    out = []
-    for start in range(0, len(records), batch_size):
-        out.append(_generate_batch(base, records[start:start + batch_size], seeds[start:start + batch_size],
-                                   adapter, scale, tau, steps, guidance))
+    model = AdaptedUNet(base.unet, adapter) if adapter is not None else None
+    out = [_generate_batch(base, model, records[i:i + batch_size], seeds[i:i + batch_size], sampling)
+           for i in range(0, len(records), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, base.resolution, base.resolution, 3), np.uint8)
 
 
-def _generate_batch(base, records, seeds, adapter, scale, tau, steps, guidance):
-    scheduler = ddim_scheduler(base, steps)
+def _generate_batch(base, model, records, seeds, s: Sampling):
+    scheduler = ddim_scheduler(base, s.steps)
     n = len(records)
     with autocast_for(base):
         context = base.encode_captions([""] * n + [r.caption for r in records])   # (2n, L, D): [uncond; cond]
-        grounding = adapter.prepare(base, records + records) if adapter is not None else None
+        grounding = ground(base, records, max_objects=model.adapter.max_objects).repeat(2) if model else None
     latents = initial_noise(base, seeds) * scheduler.init_noise_sigma
+    grounded_steps = round(s.tau * len(scheduler.timesteps))
     for i, t in enumerate(scheduler.timesteps):
-        grounded = adapter is not None and scale != 0 and i < round(tau * len(scheduler.timesteps))
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
-        with autocast_for(base), adapter.injecting(grounding, scale) if grounded else contextlib.nullcontext():
-            pred = base.unet(model_in, t, encoder_hidden_states=context).sample
+        with autocast_for(base):
+            if model is not None and s.scale != 0 and i < grounded_steps:
+                pred = model(model_in, t, context, grounding, s.scale)
+            else:
+                pred = base.unet(model_in, t, encoder_hidden_states=context).sample
         uncond, cond = pred.float().chunk(2)
-        latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+        latents = scheduler.step(uncond + s.guidance * (cond - uncond), t, latents).prev_sample
     with autocast_for(base):
         return to_uint8(base.from_latents(latents))
-
-
-def boxed_grid(images: np.ndarray, records: list[Record] | None = None, upscale: int = 4, ncols: int = 8):
-    """A PIL image: the samples side by side, enlarged, each requested box drawn in its colour."""
-    from PIL import Image, ImageDraw
-
-    from .evaluate import color_of
-    from .shapes import COLORS
-    n, h, w, _ = images.shape
-    ncols = min(ncols, n)
-    nrows = -(-n // ncols)
-    pad = 2
-    grid = Image.new("RGB", (ncols * (w * upscale + pad) + pad, nrows * (h * upscale + pad) + pad), (128, 128, 128))
-    draw = ImageDraw.Draw(grid)
-    for i, image in enumerate(images):
-        x, y = pad + (i % ncols) * (w * upscale + pad), pad + (i // ncols) * (h * upscale + pad)
-        grid.paste(Image.fromarray(image).resize((w * upscale, h * upscale), Image.NEAREST), (x, y))
-        for obj in (records[i].objects if records else ()):
-            x0, y0, x1, y1 = obj.box
-            color = COLORS.get(color_of(obj.phrase) or "", (0, 0, 0))
-            draw.rectangle([x + x0 * w * upscale, y + y0 * h * upscale, x + x1 * w * upscale - 1,
-                            y + y1 * h * upscale - 1], outline=tuple(int(c * 0.6) for c in color), width=1)
-    return grid

@@ -11,12 +11,14 @@ notebook runs under papermill and nbval, where no browser ever draws the widgets
 from __future__ import annotations
 
 import contextlib
-import io
 import time
 
 import ipywidgets as widgets
 
+from .data import png_bytes
 from .evaluate import Layouts
+from .figures import boxed_grid
+from .sample import generate
 
 DEFAULT_STEPS = 20   # DDIM steps: about 0.8 s an image for the shipped base on one CPU thread
 
@@ -25,16 +27,9 @@ def render_image(base, adapter, record, seed: int, *, scale: float, tau: float, 
                  guidance: float = 3.0, upscale: int = 8):
     """One sample of `record` at `seed` with the adapter at `scale` for the first `tau` of the steps,
     enlarged `upscale` times with the requested boxes drawn (a PIL image)."""
-    from .sample import boxed_grid, generate
     image = generate(base, [record], [int(seed)], adapter=adapter, scale=float(scale), tau=float(tau),
                      steps=steps, guidance=guidance)
     return boxed_grid(image, [record], upscale=upscale, ncols=1)
-
-
-def png_bytes(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class GateSlider:

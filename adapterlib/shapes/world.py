@@ -4,7 +4,7 @@ Every image is a pure function of an integer seed, so a data set is just a
 range of seeds and the ground-truth boxes are exact (the tight bounding box
 of the rendered pixels). Shapes are hard-edged, on a white background, in
 six well separated colours with at most one object per colour per image --
-which is what lets `evaluate.py` find each requested object by colour alone.
+which is what lets `detector.py` find each requested object by colour alone.
 
 Training seeds are < HELDOUT_SEED0; the held-out evaluation layouts use
 seeds from HELDOUT_SEED0 up and ship as `heldout.jsonl` next to this file.
@@ -12,15 +12,15 @@ seeds from HELDOUT_SEED0 up and ship as `heldout.jsonl` next to this file.
 
 from __future__ import annotations
 
-import io
+import re
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
-from .data import GroundedObject, Record, read_manifest, write_manifest
+from ..data import GroundedObject, Record, png_bytes, read_manifest, write_manifest
 
 RESOLUTION = 32
 BACKGROUND = (255, 255, 255)
@@ -33,6 +33,14 @@ COLORS = {
     "cyan": (30, 200, 220),
 }
 SHAPES = ("circle", "square", "triangle")
+
+
+def color_of(phrase: str) -> str | None:
+    """The palette colour named in a phrase ("a red circle" -> "red"), else None."""
+    for word in re.findall(r"[a-z]+", phrase.lower()):
+        if word in COLORS:
+            return word
+    return None
 
 HELDOUT_SEED0 = 10_000_000
 HELDOUT_PATH = Path(__file__).parent / "heldout.jsonl"
@@ -213,12 +221,6 @@ def render_batch(seeds: Sequence[int], max_objects: int = 3) -> tuple[np.ndarray
     return images, records
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
 def write_dataset(folder: str | Path, n: int, seed: int = 0, max_objects: int = 3) -> Path:
     """Write images/<seed:07d>.png and data.jsonl for seeds seed..seed+n-1; returns the manifest."""
     folder = Path(folder)
@@ -227,7 +229,7 @@ def write_dataset(folder: str | Path, n: int, seed: int = 0, max_objects: int = 
     out = []
     for image, record in zip(images, records):
         name = f"images/{record.seed:07d}.png"
-        (folder / name).write_bytes(_png_bytes(image))
+        (folder / name).write_bytes(png_bytes(image))
         out.append(Record(record.caption, record.objects, image=name, id=record.id, seed=record.seed))
     return write_manifest(folder / "data.jsonl", out)
 

@@ -1,9 +1,10 @@
-"""Training the tiny Shapes base model on captions only (placing objects is the adapter's job).
+"""The tiny Shapes base model: built from the real diffusers/transformers classes, trained on
+captions only (placing objects is the adapter's job).
 
 Used by notebooks/00_base_model.ipynb and by scripts/gpu_train_base.py. The recipe, and why:
 - v-prediction on a cosine schedule, loss weighted min(1 + SNR, gamma) in x0 terms: every noise level
-  keeps at least weight 1, so the high-noise steps where colour is decided are not starved (the
-  epsilon-loss trial in WORKBOOK.md learned shapes but ignored the caption);
+  keeps at least weight 1, so the high-noise steps where colour is decided are not starved (an
+  epsilon-loss trial learned shapes but ignored the caption: the model card, adapterlib/models/shapes-tiny/README.md);
 - the text encoder trains jointly (it is ours and tiny); 10% empty captions for guidance;
 - an EMA of the weights is what gets saved.
 """
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from . import shapes
-from .base import BaseModel, build_tiny_base
+from ..base import BaseModel
+from . import world as shapes
 
 
 @dataclass
@@ -106,3 +109,51 @@ def train_base(cfg: PretrainConfig, out_dir: str | Path, device: str = "cpu", lo
     (out_dir / "training.json").write_text(json.dumps(
         dict(config=asdict(cfg), device=device, train_seconds=time.perf_counter() - t_start, history=history), indent=1))
     return base.freeze()
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny Shapes base: built from the real classes, trained by notebooks/00_base_model.ipynb
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
+WORDS = ["a", "an", "and", ",", "the", "with", *shapes.COLORS, *shapes.SHAPES]
+MAX_TOKENS = 32   # longest Shapes caption is 13 tokens
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the Shapes vocabulary, saved and loaded in Hugging Face format."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()      # also splits "," off its word
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", vocab["[BOS]"]), ("[EOS]", vocab["[EOS]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]",
+                                   pad_token="[PAD]", unk_token="[UNK]", model_max_length=MAX_TOKENS)
+
+
+def tiny_unet_config(resolution: int = shapes.RESOLUTION) -> dict:
+    """Pixel-space UNet: 32x32 (plain ResNet), 16x16 and 8x8 with cross-attention to the caption."""
+    return dict(sample_size=resolution, in_channels=3, out_channels=3, layers_per_block=1,
+                block_out_channels=(32, 64, 96), norm_num_groups=16, cross_attention_dim=64,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=4)   # diffusers' legacy name: this is the number of heads
+
+
+def build_tiny_base(seed: int = 0) -> BaseModel:
+    """A freshly initialised (untrained) tiny base, the starting point of base training."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=64,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)  # pooled output = hidden state at this EOS id
+    # v-prediction on a cosine schedule: the loss keeps weight on the high-noise steps where colour
+    # and layout are decided (an epsilon loss gives them almost none: the tiny model then learns shapes
+    # but ignores the caption; the model card, adapterlib/models/shapes-tiny/README.md)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                              prediction_type="v_prediction", clip_sample=False)
+    return BaseModel(unet=UNet2DConditionModel(**tiny_unet_config()), text_encoder=CLIPTextModel(text_config),
+                     tokenizer=tokenizer, scheduler=scheduler, vae=None, path="(untrained tiny base)")

@@ -1,0 +1,57 @@
+"""The one seam between the generic path and the Shapes world.
+
+A run's `data` is a manifest path (any grounded data set in the manifest format) or "shapes" (the
+embedded default: a generated Shapes set). What the generic path needs from a world goes through here:
+- `training_manifest`: the manifest to train on (a Shapes set is written once under the runs root);
+- `sample_records`: the layouts a run samples at each checkpoint (held-out Shapes layouts, or the
+  first records of the run's manifest);
+- `heldout_records` / `ground_truth_images`: the shipped held-out layouts and their renders;
+- `measure`: the detector that scores grounding (today the Shapes colour detector).
+The Shapes world is imported here, inside these functions, and nowhere on the generic path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data import Record, read_manifest
+from .paths import repo_path
+
+SHAPES = "shapes"
+
+
+def training_manifest(data: str, n_train: int, root: Path) -> Path:
+    """The manifest of `data`: a path as given, or for "shapes" a set of `n_train` images written (once)
+    to `root/_datasets/shapes-<n_train>/`."""
+    if data != SHAPES:
+        return repo_path(data)
+    folder = Path(root) / "_datasets" / f"shapes-{n_train}"
+    if not (folder / "data.jsonl").is_file():
+        from .shapes import write_dataset
+        write_dataset(folder, n_train, seed=0)
+    return folder / "data.jsonl"
+
+
+def sample_records(data: str, manifest: Path, n: int) -> list[Record]:
+    """What a run samples at each checkpoint: the first n held-out layouts for Shapes, else the first n
+    records of its manifest (their boxes, drawn on the samples, show the grounding)."""
+    if n <= 0:
+        return []
+    return heldout_records(n) if data == SHAPES else read_manifest(manifest)[:n]
+
+
+def heldout_records(n: int | None = None) -> list[Record]:
+    """The shipped held-out Shapes layouts (the first n if given)."""
+    from .shapes import heldout_records as shipped
+    return shipped(n)
+
+
+def ground_truth_images(records: list[Record]):
+    """The renders (N, H, W, 3) uint8 of Shapes records, from their seeds."""
+    from .shapes import heldout_images
+    return heldout_images(records)
+
+
+def measure(images, records: list[Record]):
+    """Grounding of `images` against the requested boxes of `records`: (per-object table, summary)."""
+    from .shapes.detector import evaluate_grounding
+    return evaluate_grounding(images, records)
