@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="torch device for sampling (default: cuda if available, else cpu)")
 
     st = commands.add_parser("status", help="where a run stands: step, loss, gates, speed, ETA, warnings",
-                             description="Status of a run folder, while it trains or after (the seed plan's "
+                             description="Status of a run folder, while it trains or after (the training plan's "
                                          "monitor_training.sh). With --json the last line is a JSON object.")
     st.set_defaults(command=_status, command_name="status")
     st.add_argument("run", help="a run name (under the runs root) or a run folder")

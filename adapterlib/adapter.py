@@ -8,7 +8,7 @@ forward hook on a diffusers `BasicTransformerBlock` (tiny default, SD 1.x/2.x, S
 
 to the block's output. Gates start at exactly 0, so at step 0 the adapted model *is* the base model.
 Gates are bounded with tanh (as GLIGEN): the effective gate stays in (-1, 1) whatever the learning
-rate, and the raw values are always exposed, since a raw gate above 1.0 is the seed's
+rate, and the raw values are always exposed, since a raw gate above 1.0 is the training plan's
 over-activation signal (tanh(1) = 0.76: the gate is saturating).
 
 Attention variants (`attention`):

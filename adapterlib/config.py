@@ -48,7 +48,7 @@ class TrainConfig:
     warmup: int = 100
     grad_clip: float = 1.0
     adapter_attention: str = "masked"    # self | cross | masked
-    adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the seed's remedy for gate collapse)
+    adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
     adapter_feedforward: bool = True
     max_objects: int = 30
     log_every: int = 25
@@ -80,7 +80,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def to_text(self) -> str:
-        """Human-readable, one `name = value` a line (the seed's train_config.txt)."""
+        """Human-readable, one `name = value` a line (the training plan's train_config.txt)."""
         return "".join(f"{k} = {v!r}\n" for k, v in self.to_dict().items())
 
     @classmethod
@@ -176,6 +176,20 @@ class NotebookParameters:
             raise unknown_fields_error(unknown, own)
         return ({k: v for k, v in given.items() if k in own},
                 {k: v for k, v in given.items() if k in FIELDS and k not in own})
+
+    def config(self) -> "TrainConfig":
+        """The config of a notebook whose own parameter is `preset`: that preset ("" -> the default
+        preset) with every other given name as a field override."""
+        own, overrides = self.split(own=("preset",))
+        return make_config(own.get("preset", ""), **overrides)
+
+    def only(self, own: tuple[str, ...]) -> dict:
+        """For a notebook that builds no config: its own parameters; any other name is an error."""
+        given = self.given()
+        unknown = set(given) - set(own)
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {sorted(unknown)}: this notebook takes {sorted(own)}")
+        return given
 
 
 def check_types(cfg) -> None:

@@ -170,8 +170,8 @@ def _axes(ax, figsize=(7, 3.4)):
 
 
 def draw_seed_bands(ax, xmax: float) -> None:
-    """The seed plan's expected gate mean at its own step counts, clipped to [0, xmax]: a reference,
-    not rescaled to this run's length (the seed trains SD 1.5 at batch 2 for 25000 steps)."""
+    """The training plan's expected gate mean at its own step counts, clipped to [0, xmax]: a reference,
+    not rescaled to this run's length (the plan trains SD 1.5 at batch 2 for 25000 steps)."""
     first = True
     for x0, x1, lo, hi, text in SEED_BANDS:
         if x0 >= xmax:
@@ -185,7 +185,7 @@ def draw_seed_bands(ax, xmax: float) -> None:
 
 def plot_gates(metrics: pd.DataFrame, findings: pd.DataFrame | None = None, ax=None, *, label: str = "gate mean",
                seed_bands: bool = True, color=None):
-    """The gate mean over layers (|tanh(raw)|), the min-max band over layers, the seed plan's bands
+    """The gate mean over layers (|tanh(raw)|), the min-max band over layers, the training plan's bands
     and the detected phases, jumps and alarms."""
     ax = _axes(ax)
     if len(metrics) == 0:

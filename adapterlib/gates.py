@@ -187,7 +187,7 @@ def detect_phases(metrics: pd.DataFrame, *, grounding: pd.DataFrame | None = Non
             found.append(_finding("collapse", "alarm", int(steps[at]), int(steps[start]), last,
                                   float(gmax[start:].max()),
                                   f"gate_max < {eps:g} from step {int(steps[start])} to the last row ({last}), past "
-                                  f"the collapse threshold ({how}); seed remedy: RMSNorm (adapter_norm='rmsnorm')"))
+                                  f"the collapse threshold ({how}); the training plan's remedy: RMSNorm (adapter_norm='rmsnorm')"))
 
     # --- over-activation: a raw gate above over_max
     over = np.flatnonzero(m.gate_raw_max.to_numpy(float) > over_max)
@@ -196,7 +196,7 @@ def detect_phases(metrics: pd.DataFrame, *, grounding: pd.DataFrame | None = Non
                               int(steps[over[-1]]), float(m.gate_raw_max.iloc[over[0]]),
                               f"first row with gate_raw_max > {over_max:g} (raw gate, before tanh); "
                               f"{len(over)} rows above, max {m.gate_raw_max.max():.3g}; "
-                              "seed remedy: lower the learning rate"))
+                              "the training plan's remedy: lower the learning rate"))
     else:
         found.append(_finding("over-activation", "note", rule=f"no over-activation: gate_raw_max <= {over_max:g} "
                                                               f"on every row (max {m.gate_raw_max.max():.3g})"))

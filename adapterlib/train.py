@@ -45,7 +45,10 @@ def resume_config(run: str | Path, **changes) -> TrainConfig:
     fields that may change on resume; any other change is an error naming the field."""
     folder = run_dir(run)
     saved = effective_config(folder)
-    return TrainConfig(**{**saved, **resume_changes(saved, changes, folder)})
+    cfg = TrainConfig(**{**saved, **resume_changes(saved, changes, folder)})
+    if run_dir(cfg.run_name) != folder:      # a run given by a path outside the runs root keeps that path
+        cfg.run_name = str(folder)
+    return cfg
 
 
 def batch_indices(seed: int, n: int, start: int, size: int) -> list[int]:
@@ -82,7 +85,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     if resume and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"resume: {folder} is not a run folder (no config.json)")
     if resume and latest is not None:
-        saved = effective_config(folder)
+        saved = {**effective_config(folder), "run_name": cfg.run_name}     # the folder is the run's identity
         changes = resume_changes(saved, {k: getattr(cfg, k) for k in FIELDS}, folder)
         notes.append(f"resumed at step {latest[0]} of {cfg.steps}")
     else:

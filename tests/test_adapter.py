@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from adapterlib import checks, shapes
-from adapterlib.adapter import ATTENTIONS, GatedLayer, build_adapter, fourier_embed, region_mask
+from adapterlib.adapter import ATTENTIONS, AdaptedUNet, GatedLayer, build_adapter, fourier_embed, region_mask
 from adapterlib.base import load_base
 from adapterlib.config import TrainConfig
 from adapterlib.data import GroundedObject, Record
+from adapterlib.precision import precision_policy
+from adapterlib.sample import ground
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,8 +37,7 @@ def unet_inputs(base, records, seed=0):
 def unet_out(base, latents, t, context, adapter=None, grounding=None, scale=1.0):
     if adapter is None:
         return base.unet(latents, t, encoder_hidden_states=context).sample
-    with adapter.injecting(grounding, scale):
-        return base.unet(latents, t, encoder_hidden_states=context).sample
+    return AdaptedUNet(base.unet, adapter)(latents, t, context, grounding, scale)
 
 
 def open_gates(adapter, value=0.5):
@@ -67,7 +68,7 @@ def test_only_adapter_parameters_require_grad(base, adapter):
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16", "fp16"])
 def test_trainable_parameters_are_fp32_under_every_policy(mixed_precision):
-    policy = checks.precision_policy("cuda", mixed_precision)    # the GPU policy; its casts also run on CPU
+    policy = precision_policy("cuda", mixed_precision)    # the GPU policy; its casts also run on CPU
     base = load_base("shapes-tiny", dtype=policy.compute_dtype)
     adapter = build_adapter(base)
     try:
@@ -76,7 +77,7 @@ def test_trainable_parameters_are_fp32_under_every_policy(mixed_precision):
         assert checks.check_dtypes(base, adapter, policy.compute_dtype)[0]
     finally:
         adapter.detach()
-    assert checks.precision_policy("cpu", mixed_precision) == (torch.float32, None, False)
+    assert precision_policy("cpu", mixed_precision) == (torch.float32, None, False)
     assert policy.needs_grad_scaler == (mixed_precision == "fp16")
 
 
@@ -95,7 +96,7 @@ def test_attach_then_detach_gives_back_the_base_exactly(base, records):
 
     adapter = build_adapter(base)
     open_gates(adapter)
-    grounded = unet_out(base, latents, t, context, adapter, adapter.prepare(base, records))
+    grounded = unet_out(base, latents, t, context, adapter, ground(base, records))
     assert not torch.equal(grounded, before)                     # it was really attached
     adapter.detach()
 
@@ -103,15 +104,18 @@ def test_attach_then_detach_gives_back_the_base_exactly(base, records):
     assert all(torch.equal(p, weights[n]) for n, p in base.unet.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.unet.modules())
     assert torch.equal(unet_out(base, latents, t, context), before)
-    with pytest.raises(RuntimeError, match="not attached"):
-        with adapter.injecting(adapter.prepare(base, records)):
-            pass
+    # a detached adapter is never silently inert: its forward attaches it again, and it acts
+    try:
+        assert torch.equal(unet_out(base, latents, t, context, adapter, ground(base, records)), grounded)
+    finally:
+        adapter.detach()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.unet.modules())
 
 
 def test_scale_zero_equals_the_base(base, adapter, records):
     latents, t, context = unet_inputs(base, records)
     open_gates(adapter)
-    grounding = adapter.prepare(base, records)
+    grounding = ground(base, records)
     plain = unet_out(base, latents, t, context)
     assert torch.equal(unet_out(base, latents, t, context, adapter, grounding, scale=0.0), plain)
     assert not torch.equal(unet_out(base, latents, t, context, adapter, grounding, scale=1.0), plain)
@@ -121,12 +125,12 @@ def test_phrase_dropout_uses_the_null_embedding(base, adapter, records):
     with torch.no_grad():
         adapter.tokenizer.null_text.normal_()         # zero at init: make it distinguishable
         # what a null phrase gives: the MLP of [null phrase; Fourier(box)]
-        g = adapter.prepare(base, records)
+        g = ground(base, records)
         null = adapter.tokenizer.null_text.expand(*g.phrases.shape)
         box = fourier_embed(g.boxes, adapter.tokenizer.freqs)
         null_tokens = adapter.tokenizer.mlp(torch.cat([null, box], dim=-1))
-        dropped = adapter.tokenizer(adapter.prepare(base, records, phrase_dropout=1.0))
-        kept = adapter.tokenizer(adapter.prepare(base, records, phrase_dropout=0.0))
+        dropped = adapter.tokenizer(ground(base, records, phrase_dropout=1.0))
+        kept = adapter.tokenizer(ground(base, records, phrase_dropout=0.0))
     real = g.present                                            # padding slots are null either way
     assert torch.equal(dropped[real], null_tokens[real])
     assert not torch.isclose(kept[real], null_tokens[real]).all(dim=-1).any()

@@ -6,7 +6,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from adapterlib import sample, shapes
-from adapterlib.base import SHIPPED_BASE, build_tiny_base, load_base
+from adapterlib.base import SHIPPED_BASE, load_base
+from adapterlib.shapes.tiny_base import build_tiny_base
 from conftest import SD_RESOLUTION
 
 

@@ -6,7 +6,9 @@ import torch
 
 from adapterlib import checks, shapes
 from adapterlib.adapter import build_adapter
-from adapterlib.base import load_base, tiny_unet_config
+from adapterlib.base import load_base
+from adapterlib.precision import precision_policy
+from adapterlib.shapes.tiny_base import tiny_unet_config
 
 
 @pytest.fixture
@@ -59,12 +61,12 @@ def test_a_base_not_in_the_compute_dtype_fails_dtype(base, adapter):
 
 
 def test_precision_policy():
-    assert checks.precision_policy("cpu", "fp16") == (torch.float32, None, False)
-    assert checks.precision_policy("cuda", "no") == (torch.float32, None, False)
-    assert checks.precision_policy("cuda:0", "bf16") == (torch.bfloat16, torch.bfloat16, False)
-    assert checks.precision_policy("cuda", "fp16") == (torch.float16, torch.float16, True)
+    assert precision_policy("cpu", "fp16") == (torch.float32, None, False)
+    assert precision_policy("cuda", "no") == (torch.float32, None, False)
+    assert precision_policy("cuda:0", "bf16") == (torch.bfloat16, torch.bfloat16, False)
+    assert precision_policy("cuda", "fp16") == (torch.float16, torch.float16, True)
     with pytest.raises(ValueError, match="mixed_precision 'fp8'"):
-        checks.precision_policy("cuda", "fp8")
+        precision_policy("cuda", "fp8")
 
 
 def test_adapter_size_table_counts_what_build_adapter_builds(base):

@@ -3,11 +3,14 @@
 import numpy as np
 
 from adapterlib import evaluate, shapes
+from adapterlib.data import box_iou
+from adapterlib.shapes.detector import evaluate_grounding
+from adapterlib.shapes.world import color_of
 
 
 def test_detector_on_ground_truth_succeeds():
     records = shapes.heldout_records()
-    table, summary = evaluate.evaluate_grounding(shapes.heldout_images(records), records)
+    table, summary = evaluate_grounding(shapes.heldout_images(records), records)
     assert summary["success_rate"] >= 0.98 and summary["miou"] >= 0.95
     assert summary["n_images"] == 200 and summary["n_objects"] == len(table)
     assert all(type(summary[k]) is float for k in ("success_rate", "miou", "color_presence"))
@@ -16,7 +19,7 @@ def test_detector_on_ground_truth_succeeds():
 def test_detector_finds_nothing_on_blank_image():
     records = shapes.heldout_records(10)
     blank = np.full((10, shapes.RESOLUTION, shapes.RESOLUTION, 3), shapes.BACKGROUND, dtype=np.uint8)
-    _, summary = evaluate.evaluate_grounding(blank, records)
+    _, summary = evaluate_grounding(blank, records)
     assert summary["success_rate"] == 0.0 and summary["color_presence"] == 0.0 and summary["miou"] == 0.0
 
 
@@ -24,7 +27,7 @@ def test_detector_penalises_misplaced_object():
     layout = shapes.sample_layout(2)
     record = shapes.to_record(layout)
     shifted = np.roll(shapes.render(layout), 10, axis=1)  # 10 px to the right
-    table, summary = evaluate.evaluate_grounding([shifted], [record])
+    table, summary = evaluate_grounding([shifted], [record])
     assert (table["iou"] < 0.5).all() and summary["success_rate"] == 0.0
 
 
@@ -33,16 +36,16 @@ def test_color_tolerance_accepts_noisy_render():
     images = shapes.heldout_images(records).astype(np.float64)
     noise = np.random.default_rng(0).normal(0.0, 15.0, images.shape)
     noisy = np.clip(images + noise, 0, 255).round().astype(np.uint8)
-    _, summary = evaluate.evaluate_grounding(noisy, records)
+    _, summary = evaluate_grounding(noisy, records)
     assert summary["success_rate"] == 1.0
 
 
 def test_color_of_and_iou():
-    assert evaluate.color_of("A Red circle") == "red"
-    assert evaluate.color_of("reddish blob") is None
-    assert evaluate.box_iou((0, 0, 0.5, 0.5), (0, 0, 0.5, 0.5)) == 1.0
-    assert evaluate.box_iou((0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)) == 0.0
-    assert abs(evaluate.box_iou((0, 0, 0.5, 0.5), (0.25, 0, 0.75, 0.5)) - 1 / 3) < 1e-9
+    assert color_of("A Red circle") == "red"
+    assert color_of("reddish blob") is None
+    assert box_iou((0, 0, 0.5, 0.5), (0, 0, 0.5, 0.5)) == 1.0
+    assert box_iou((0, 0, 0.5, 0.5), (0.5, 0.5, 1, 1)) == 0.0
+    assert abs(box_iou((0, 0, 0.5, 0.5), (0.25, 0, 0.75, 0.5)) - 1 / 3) < 1e-9
 
 
 def test_format_summary_aligns_rows():

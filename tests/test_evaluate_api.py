@@ -12,8 +12,8 @@ from adapterlib import shapes
 from adapterlib.adapter import build_adapter
 from adapterlib.base import load_base
 from adapterlib.data import Record, write_manifest
-from adapterlib.evaluate import (compare, evaluate, heldout_layouts, images_for, manifest_layouts,
-                                 parse_checkpoint_spec)
+from adapterlib.checkpoint import parse_checkpoint_spec
+from adapterlib.evaluate import compare, evaluate, heldout_layouts, images_for, manifest_layouts
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3   # enough to sample; the claims here hold at any step count

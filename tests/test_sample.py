@@ -10,7 +10,7 @@ import pytest
 
 from adapterlib import shapes
 from adapterlib.__main__ import main
-from adapterlib.base import build_tiny_base
+from adapterlib.shapes.tiny_base import build_tiny_base
 from adapterlib.sample import generate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,8 +5,10 @@ import torch
 from adapterlib.adapter import build_adapter
 from adapterlib.base import load_base
 from adapterlib.evaluate import heldout_layouts
-from adapterlib.sample import boxed_grid, generate
-from adapterlib.slider import GateSlider, png_bytes
+from adapterlib.data import png_bytes
+from adapterlib.figures import boxed_grid
+from adapterlib.sample import generate
+from adapterlib.slider import GateSlider
 
 STEPS = 3
 

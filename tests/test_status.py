@@ -3,8 +3,8 @@ import json
 import os
 
 from adapterlib.__main__ import main
-from adapterlib.monitor import read_metrics, run_status
-from adapterlib.train import RunLog
+from adapterlib.monitor import run_status
+from adapterlib.runs import RunLog, read_metrics
 
 LAYERS = ["gate_0_attn", "gate_0_ff"]
 
