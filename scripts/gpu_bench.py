@@ -11,7 +11,7 @@ import json, os, time
 import torch
 from diffusers import UNet2DConditionModel
 
-from adapterlib.adapter import Grounding, SpatialAdapter
+from adapterlib.adapter import AdaptedUNet, Grounding, SpatialAdapter
 
 SMALL = os.environ.get("SMALL") == "1"
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,18 +68,19 @@ for bs in ([2] if SMALL else [2, 16]):
     for attention in ("self", "cross", "masked"):
         for ff in (True, False):
             adapter = SpatialAdapter(unet, ctx_dim, attention=attention, feedforward=ff).to(dev).attach(unet)
+            model = AdaptedUNet(unet, adapter)
             params = list(adapter.trainable_parameters().values())
             opt = torch.optim.AdamW(params, lr=1e-4, fused=dev == "cuda")
             for p in adapter.gate_parameters().values():
                 p.data.fill_(0.1)                   # open gates: every path computes and gets gradient
             def step():
-                with torch.autocast(dev, amp, enabled=dev == "cuda"), adapter.injecting(b[3], 1.0):
-                    out = unet(b[0], b[1], encoder_hidden_states=b[2]).sample
+                with torch.autocast(dev, amp, enabled=dev == "cuda"):
+                    out = model(b[0], b[1], b[2], b[3], 1.0)
                 torch.nn.functional.mse_loss(out.float(), b[0]).backward()
                 opt.step(); opt.zero_grad(set_to_none=True)
             if dev == "cuda": torch.cuda.reset_peak_memory_stats()
             record(f"adapterlib {attention}{' + FF' if ff else ''}", bs, timed(step, N), sum(p.numel() for p in params))
-            adapter.detach(); del adapter, opt
+            adapter.detach(); del model, adapter, opt
             if dev == "cuda": torch.cuda.empty_cache()
 
 if os.environ.get("OUT"):

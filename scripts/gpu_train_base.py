@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from adapterlib import evaluate, sample, shapes
+from adapterlib import sample, shapes
 from adapterlib.base import load_base
-from adapterlib.pretrain import PretrainConfig, train_base
+from adapterlib.shapes.detector import evaluate_grounding
+from adapterlib.shapes.tiny_base import PretrainConfig, train_base
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=300)
@@ -34,7 +35,7 @@ steps = int(args.budget_s / sec_per_step)
 print(f"probe: {sec_per_step*1000:.1f} ms/step at batch {args.batch_size} -> {steps} steps", flush=True)
 
 # 2) the real run
-cfg = PretrainConfig(steps=steps, batch_size=args.batch_size, n_images=args.n_images, warmup=min(500, steps // 10),
+cfg = PretrainConfig(steps=steps, batch_size=args.batch_size, n_images=args.n_images, warmup=max(1, min(500, steps // 10)),
                      log_every=max(1, steps // 25))
 base = train_base(cfg, out / "shapes-tiny", device=dev)
 
@@ -46,7 +47,7 @@ result = {}
 for guidance in (1.5, 3.0, 5.0):
     t0 = time.perf_counter()
     images = sample.generate(base, records, seeds, guidance=guidance, steps=25, batch_size=200)
-    _, summary = evaluate.evaluate_grounding(images, records)
+    _, summary = evaluate_grounding(images, records)
     summary["seconds"] = time.perf_counter() - t0
     result[f"guidance_{guidance}"] = summary
     print("guidance", guidance, json.dumps(summary), flush=True)
@@ -54,7 +55,7 @@ for guidance in (1.5, 3.0, 5.0):
         from PIL import Image
         grid = images[:64].reshape(8, 8, 32, 32, 3).transpose(0, 2, 1, 3, 4).reshape(256, 256, 3)
         Image.fromarray(grid).resize((512, 512), Image.NEAREST).save(out / "base_samples.png")
-_, gt = evaluate.evaluate_grounding(shapes.heldout_images(records), records)
+_, gt = evaluate_grounding(shapes.heldout_images(records), records)
 result["ground_truth"] = gt
 result.update(steps=steps, batch_size=args.batch_size, sec_per_step=sec_per_step,
               device=torch.cuda.get_device_name() if dev == "cuda" else "cpu")

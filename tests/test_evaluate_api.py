@@ -90,8 +90,13 @@ def test_adapter_reference_without_an_adapter_is_an_error(base):
         evaluate(heldout_layouts(2), reference="truth")
 
 
-def test_a_checkpoint_spec_names_a_step_of_this_run_or_another_run(tmp_path):
+def test_a_checkpoint_spec_names_a_step_of_this_run_or_another_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
+    other = tmp_path / "runs" / "other"                          # another run: a name under the runs root
+    other.mkdir(parents=True)
+    (other / "config.json").write_text("{}")
     assert parse_checkpoint_spec("500", tmp_path) == (tmp_path, "500")
     assert parse_checkpoint_spec("latest", tmp_path) == (tmp_path, "latest")
-    assert parse_checkpoint_spec("runs/other", tmp_path) == (REPO / "runs" / "other", "latest")
-    assert parse_checkpoint_spec("runs/other:40", tmp_path) == (REPO / "runs" / "other", "40")
+    assert parse_checkpoint_spec("other", tmp_path) == (other, "latest")
+    assert parse_checkpoint_spec("other:40", tmp_path) == (other, "40")
+    assert parse_checkpoint_spec(f"{other}:40", tmp_path) == (other, "40")   # or a path

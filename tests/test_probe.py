@@ -14,8 +14,9 @@ FAST = dict(n=3, steps=3)                                    # 3 layouts, 3 DDIM
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    return train(make_config("shapes", run_name="tiny", **TINY), runs_dir=runs, progress=False)   # checkpoints 4, 6
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTERLIB_RUNS", str(tmp_path_factory.mktemp("runs")))
+        return train(make_config("shapes", run_name="tiny", **TINY), progress=False)   # checkpoints 4, 6
 
 
 def test_probe_writes_grid_and_results_under_the_run(run_dir):

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One GPU call that checks the headless path on CUDA and measures it (results in $OUT/results.tgz):
+#   1. notebook 01's checks (dtypes, identity at init, gradient at step 0, mixed-precision step) on CUDA, bf16 and fp16;
+#   2. `python -m adapterlib train` of the default `shapes` preset on CUDA through AdaptedUNet's forward (timed),
+#      then `--resume` with more steps, then `evaluate` on the 200 held-out layouts;
+#   3. scripts/gpu_bench.py (our adapter at SD 1.5 size vs the frozen-UNet floor) and, when present,
+#      the peer bench (diffusers GLIGEN) copied to .gpu/gpu_peer_bench.py, in the same call.
+# On the device: carry .whl (diffusers) and .gpu; SMALL=1 makes every part tiny (a CPU rehearsal).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-check-out}
+R=$OUT/r; mkdir -p "$R"
+trap 'tar czf "$OUT/results.tgz" -C "$OUT" r' EXIT
+export ADAPTERLIB_RUNS=$R/runs PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+STEPS=${SMALL:+20}; STEPS=${STEPS:-1500}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"; } | tee "$R/env.txt"
+
+echo "== 1. checks on $DEV" | tee "$R/checks.txt"
+for mp in bf16 fp16; do
+  timeout 120 $PY - "$DEV" "$mp" <<'PYEOF' 2>&1 | tee -a "$R/checks.txt"
+import sys
+from adapterlib import checks, shapes
+from adapterlib.adapter import build_adapter
+from adapterlib.base import load_base
+from adapterlib.precision import precision_policy
+device, mp = sys.argv[1], sys.argv[2]
+policy = precision_policy(device, mp)
+base = load_base("shapes-tiny", device, dtype=policy.compute_dtype)
+adapter = build_adapter(base)
+print(mp, policy)
+print(checks.run_all(base, adapter, shapes.heldout_records(4), device, mp).to_string())
+PYEOF
+done
+
+echo "== 2. train the shapes preset on $DEV ($STEPS steps), resume, evaluate" | tee "$R/train.txt"
+start=$(date +%s.%N)
+timeout 300 $PY -m adapterlib train --run_name gpu-default --device "$DEV" --steps "$STEPS" --progress-every 10 2>&1 | tee -a "$R/train.txt"
+echo "train wall_s $(echo "$(date +%s.%N) - $start" | bc)" | tee -a "$R/train.txt"
+timeout 120 $PY -m adapterlib train --resume gpu-default --steps $((STEPS + 100)) --progress-every 10 2>&1 | tee -a "$R/train.txt"
+timeout 200 $PY -m adapterlib evaluate gpu-default --device "$DEV" ${SMALL:+--limit 4 --steps 2} 2>&1 | tee "$R/evaluate.txt"
+$PY -m adapterlib status gpu-default 2>&1 | tee "$R/status.txt"
+cp "$ADAPTERLIB_RUNS/gpu-default/metrics.csv" "$ADAPTERLIB_RUNS/gpu-default/train.log" "$ADAPTERLIB_RUNS/gpu-default/config.json" "$R/" 2>/dev/null
+rm -rf "$ADAPTERLIB_RUNS/_datasets"
+
+echo "== 3. benches"
+OUT=$R timeout 150 $PY scripts/gpu_bench.py 2>&1 | tee "$R/bench.txt"
+if [ -f .gpu/gpu_peer_bench.py ]; then OUT=$R timeout 200 $PY .gpu/gpu_peer_bench.py 2>&1 | tee "$R/peer_bench.txt"; fi

@@ -1,0 +1,192 @@
+"""The headless job does what it is told: every parameter reaches the config (papermill and the
+command line), one way to name and resume a run, progress in the terminal, the runs root."""
+import json
+import os
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from adapterlib.__main__ import main
+from adapterlib.config import FIELDS, PRESETS, RESUME_FIXED, RESUME_FREE, TrainConfig, make_config
+from adapterlib.paths import REPO_ROOT
+from adapterlib.runs import latest_checkpoint, read_config
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+PAPERMILL = [sys.executable, "-m", "papermill", "--kernel", "python3"]
+
+
+@pytest.fixture
+def runs_root(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(root))
+    return root
+
+
+def papermill(notebook, out, params, env=None):
+    """`papermill notebooks/<notebook> out -p NAME VALUE ...` as a user runs it; returns the process."""
+    args = [a for name, value in params.items() for a in ("-p", name, str(value))]
+    return subprocess.run(PAPERMILL + [str(NOTEBOOKS / notebook), str(out), *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+
+
+# ---------------------------------------------------------------------------------------------
+# the resume policy
+
+def test_resume_partition_is_disjoint_and_covers_every_field():
+    assert set(RESUME_FIXED).isdisjoint(RESUME_FREE)
+    assert set(RESUME_FIXED) | set(RESUME_FREE) == set(FIELDS)
+    assert len(RESUME_FIXED) + len(RESUME_FREE) == len(FIELDS)
+
+
+def test_presets_name_only_fields():
+    for name, values in PRESETS.items():
+        assert set(values) <= set(FIELDS), name
+        make_config(name)                                    # and each one is a valid config
+
+
+# ---------------------------------------------------------------------------------------------
+# papermill: every -p reaches config.json
+
+def test_papermill_fields_of_every_kind_reach_config_json(runs_root, tmp_path):
+    given = dict(preset="smoke", run_name="pm", steps=6, lr=0.0005, batch_size=3, adapter_attention="cross",
+                 adapter_feedforward=False, save_every=3, log_every=2, n_samples=0, caption_dropout=0.25)
+    done = papermill("02_train.ipynb", tmp_path / "out.ipynb", given)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = read_config(runs_root / "pm")
+    assert {k: saved[k] for k in given} == given              # a float, ints, a string choice, a bool
+    assert saved["n_train"] == PRESETS["smoke"]["n_train"]    # the rest from the preset
+    assert latest_checkpoint(runs_root / "pm")[0] == 6
+    # progress went to the terminal papermill ran in, not only into the notebook
+    assert "[train pm] step 6/6 (100%)" in done.stderr and "samples/s" in done.stderr and "ETA" in done.stderr
+
+
+def test_papermill_unknown_parameter_is_an_error_naming_it(runs_root, tmp_path):
+    done = papermill("02_train.ipynb", tmp_path / "out.ipynb", dict(preset="smoke", run_name="typo", learning_rate=0.1))
+    assert done.returncode != 0
+    assert "learning_rate" in done.stderr and "unknown parameter" in done.stderr
+    assert not (runs_root / "typo").exists()                 # refused before any work
+
+
+def test_papermill_sd15_preset_on_a_tiny_sd_folder(runs_root, tmp_path, tiny_sd_folder):
+    done = papermill("02_train.ipynb", tmp_path / "out.ipynb",
+                     dict(preset="sd15", base_model=tiny_sd_folder, run_name="sd", steps=2, n_train=16, n_samples=2))
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = read_config(runs_root / "sd")
+    sd15 = PRESETS["sd15"]
+    assert (saved["batch_size"], saved["save_every"], saved["lr"], saved["adapter_attention"]) == \
+        (sd15["batch_size"], sd15["save_every"], sd15["lr"], sd15["adapter_attention"]) == (2, 2000, 1e-4, "self")
+    assert saved["steps"] == 2 and saved["base_model"] == str(tiny_sd_folder)
+    assert (runs_root / "sd" / "final" / "adapter.safetensors").is_file()
+
+
+def _config_cells(notebook):
+    """The capture, parameters and config cells of a notebook, as code (the config cell calls params.config())."""
+    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    end = next(i for i, s in enumerate(code) if "params.config()" in s)
+    return code[:end + 1]
+
+
+@pytest.mark.parametrize("notebook", ["01_dtype_zero_init_check.ipynb", "02_train.ipynb"])
+def test_steps_alone_gives_the_shapes_preset(notebook, monkeypatch):
+    """The notebook's own cells, with the cell papermill injects for `-p steps 25000`, as a user runs
+    them (no test harness preset): the shapes preset with only steps changed."""
+    monkeypatch.delenv("ADAPTERLIB_DEFAULT_PRESET", raising=False)
+    cells = _config_cells(notebook)
+    params_at = 1                                            # capture cell, then the parameters cell
+    namespace = {}
+    for i, source in enumerate(cells):
+        exec(source.replace("print(", "(lambda *a, **k: None)("), namespace)
+        if i == params_at:
+            exec("steps = 25000", namespace)                 # papermill's injected-parameters cell
+    cfg = namespace["cfg"]
+    expected = make_config("shapes", steps=25000)
+    assert {k: v for k, v in cfg.to_dict().items() if k != "run_name"} == \
+        {k: v for k, v in expected.to_dict().items() if k != "run_name"}
+
+
+def test_resume_notebook_extends_a_run_and_refuses_a_fixed_field(runs_root, tmp_path):
+    assert main(["train", "--preset", "smoke", "--run_name", "nb3", "--steps", "4", "--save_every", "2",
+                 "--n_samples", "0"]) == 0
+    done = papermill("03_resume.ipynb", tmp_path / "out.ipynb", dict(run_name="nb3", steps=6))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert latest_checkpoint(runs_root / "nb3")[0] == 6
+    assert read_config(runs_root / "nb3")["steps"] == 4      # config.json keeps the original values
+    assert 'resume changes: {"steps": 6}' in (runs_root / "nb3" / "train.log").read_text()
+    refused = papermill("03_resume.ipynb", tmp_path / "out2.ipynb", dict(run_name="nb3", lr=0.1))
+    assert refused.returncode != 0 and "cannot change lr" in refused.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+def test_cli_train_and_resume_use_the_same_run_folder(runs_root, capsys):
+    assert main(["train", "--preset", "smoke", "--run_name", "cli", "--steps", "4", "--save_every", "2",
+                 "--lr", "0.002", "--adapter_feedforward", "false", "--n_samples", "0"]) == 0
+    saved = read_config(runs_root / "cli")
+    assert (saved["lr"], saved["adapter_feedforward"], saved["steps"], saved["preset"]) == (0.002, False, 4, "smoke")
+    assert main(["train", "--resume", "cli", "--steps", "6"]) == 0
+    assert latest_checkpoint(runs_root / "cli")[0] == 6
+    log = (runs_root / "cli" / "train.log").read_text()
+    assert 'resume changes: {"steps": 6}' in log and "resumed at step 4 of 6" in log
+    capsys.readouterr()
+    assert main(["train", "--resume", "cli", "--adapter_attention", "self"]) == 2
+    assert "cannot change adapter_attention" in capsys.readouterr().err
+    assert main(["train", "--preset", "smoke", "--run_name", "cli"]) == 2          # exists: resume it
+    assert "resume" in capsys.readouterr().err
+
+
+def test_cli_unknown_flag_and_bad_value_are_errors(runs_root):
+    for argv in (["--preset", "smoke", "--learning_rate", "0.1"], ["--preset", "smoke", "--lr", "fast"],
+                 ["--preset", "smoke", "--adapter_feedforward", "maybe"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["train", *argv])
+        assert stop.value.code == 2
+    assert not runs_root.exists()
+
+
+def test_cli_prints_progress_and_writes_nothing_to_repo_runs(runs_root):
+    before = sorted(p.name for p in (REPO_ROOT / "runs").iterdir())
+    done = subprocess.run([sys.executable, "-m", "adapterlib", "train", "--preset", "smoke", "--run_name", "p",
+                           "--steps", "3", "--n_samples", "0", "--progress-every", "0"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [l for l in done.stderr.splitlines() if l.startswith("[train p] step")]
+    assert [l.split()[3] for l in lines] == ["1/3", "2/3", "3/3"]
+    assert all("loss" in l and "gate" in l and "samples/s" in l and "ETA" in l for l in lines)
+    assert (runs_root / "p" / "final" / "adapter.safetensors").is_file()
+    assert sorted(p.name for p in (REPO_ROOT / "runs").iterdir()) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# a run killed before its first checkpoint
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(runs_root):
+    from adapterlib.train import train
+    killed = runs_root / "early"
+    killed.mkdir(parents=True)                    # what a run killed at step 3 of 10 (save_every 5) leaves
+    cfg = make_config("smoke", run_name="early", steps=4, save_every=2, n_samples=0)
+    (killed / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (killed / "metrics.csv").write_text("step,loss\n1,0.1\n")
+    (killed / "train.log").write_text("started at step 0 of 4 on cpu\n")
+    train(cfg, progress=False)
+    log = (killed / "train.log").read_text()
+    assert "has no complete checkpoint: starting again from step 0" in log
+    assert latest_checkpoint(killed)[0] == 4
+    # and through --resume too
+    other = runs_root / "early2"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**cfg.to_dict(), "run_name": "early2"}))
+    assert main(["train", "--resume", "early2"]) == 0
+    assert latest_checkpoint(other)[0] == 4
+
+
+def test_a_run_given_by_path_outside_the_runs_root_resumes_in_place(runs_root, tmp_path):
+    path = tmp_path / "elsewhere" / "mine"
+    assert main(["train", "--preset", "smoke", "--run_name", str(path), "--steps", "2", "--save_every", "2",
+                 "--n_samples", "0"]) == 0
+    assert main(["train", "--resume", str(path), "--steps", "4"]) == 0
+    assert latest_checkpoint(path)[0] == 4
+    assert sorted(p.name for p in runs_root.iterdir()) == ["_datasets"]      # the generated Shapes set only
