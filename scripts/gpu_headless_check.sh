@@ -9,7 +9,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check-out}
 R=$OUT/r; mkdir -p "$R"
-trap 'tar czf "$OUT/results.tgz" -C "$OUT" r' EXIT
+trap 'tar czf "$OUT/results.tgz" --exclude=checkpoints --exclude=final --exclude=_datasets -C "$OUT" r' EXIT
 export ADAPTERLIB_RUNS=$R/runs PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
@@ -34,9 +34,9 @@ PYEOF
 done
 
 echo "== 2. train the shapes preset on $DEV ($STEPS steps), resume, evaluate" | tee "$R/train.txt"
-start=$(date +%s.%N)
+start=$SECONDS
 timeout 300 $PY -m adapterlib train --run_name gpu-default --device "$DEV" --steps "$STEPS" --progress-every 10 2>&1 | tee -a "$R/train.txt"
-echo "train wall_s $(echo "$(date +%s.%N) - $start" | bc)" | tee -a "$R/train.txt"
+echo "train wall_s $((SECONDS - start)) (data set written, base loaded, $STEPS steps, checkpoints with samples)" | tee -a "$R/train.txt"
 timeout 120 $PY -m adapterlib train --resume gpu-default --steps $((STEPS + 100)) --progress-every 10 2>&1 | tee -a "$R/train.txt"
 timeout 200 $PY -m adapterlib evaluate gpu-default --device "$DEV" ${SMALL:+--limit 4 --steps 2} 2>&1 | tee "$R/evaluate.txt"
 $PY -m adapterlib status gpu-default 2>&1 | tee "$R/status.txt"
