@@ -219,6 +219,7 @@ class SpatialAdapter(nn.Module):
             for b in blocks.values())
         self.max_objects = max_objects
         self._handles: list = []
+        self._unet_id: int | None = None
         self.injection: Injection | None = None   # set by AdaptedUNet.forward for the length of one forward
 
     # --- which parameters train: the one place that decides it
@@ -240,7 +241,11 @@ class SpatialAdapter(nn.Module):
                              f"({len(blocks)} vs {len(self.block_names)}): build the adapter for this UNet")
         for layer, block in zip(self.layers, blocks.values()):
             self._handles.append(block.register_forward_hook(self._hook(layer)))
+        self._unet_id = id(unet)         # which UNet the hooks are on (not a submodule: never saved or moved)
         return self
+
+    def attached_to(self, unet) -> bool:
+        return self.attached and self._unet_id == id(unet)
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -291,6 +296,9 @@ class AdaptedUNet(nn.Module):
         self.unet, self.adapter = unet, adapter
         if not adapter.attached:
             adapter.attach(unet)
+        elif not adapter.attached_to(unet):
+            raise ValueError("this adapter is attached to another UNet (another loaded base), where its hooks "
+                             "act; detach() it first, or load the checkpoint on this base")
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 grounding: Grounding | None = None, scale: float | torch.Tensor = 1.0) -> torch.Tensor:

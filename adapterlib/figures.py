@@ -21,7 +21,7 @@ from .gates import SEED_BANDS, SEED_LABEL, gate_columns
 def show_grid(images, records=None, titles=None, boxes: bool = True, ncols: int = 8):
     """A Figure of (N, H, W, 3) uint8 images, `ncols` a row. Each image is titled by `titles[i]`, else
     its record's caption; with `boxes`, each record's requested boxes are drawn in their phrase's
-    colour (dashed black when the phrase names no Shapes colour)."""
+    colour (dashed, in a cycle colour, when the phrase names none: `box_color`)."""
     images = np.asarray(images)
     n = len(images)
     if records is not None and len(records) != n:

@@ -1,7 +1,7 @@
 """Run folders: where they live, how a run is named, and what a run writes while it trains.
 
 A run is named the same way everywhere (notebooks 02-05, the command line, the API): a plain name is
-a folder under the runs root, anything with a path separator (or an existing folder) is a path. The
+a folder under the runs root, anything with a path separator ("runs/x", "/data/x", "~/x") is a path. The
 runs root is `$ADAPTERLIB_RUNS` when set, else `runs/` of the repository.
 
 While a run trains it appends to `train.log` (human-readable, `tail -f`) and `metrics.csv` (one row

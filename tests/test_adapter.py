@@ -58,12 +58,31 @@ def test_adapter_is_identity_at_init(which, base, records, tiny_sd_folder):
         adapter.detach()
 
 
-def test_only_adapter_parameters_require_grad(base, adapter):
-    trainable = {id(p) for p in adapter.trainable_parameters().values()}
-    assert trainable == {id(p) for p in adapter.parameters()}
-    assert all(p.requires_grad for p in adapter.trainable_parameters().values())
-    frozen = [n for m in base.modules() for n, p in m.named_parameters() if p.requires_grad]
-    assert frozen == []
+def test_a_training_step_through_the_module_changes_only_the_adapter(base, adapter, records):
+    """One optimizer step on the loss of AdaptedUNet's forward, with every parameter the module holds
+    that requires grad: the base's weights stay bitwise equal, every adapter tensor that got gradient
+    changed, and what requires grad in the module is exactly `trainable_parameters()`."""
+    model = AdaptedUNet(base.unet, adapter)
+    open_gates(adapter)                                       # so everything behind the gates gets gradient
+    in_module = {id(p) for p in model.parameters() if p.requires_grad}
+    assert in_module == {id(p) for p in adapter.trainable_parameters().values()}
+    frozen_before = {n: p.detach().clone() for n, p in base.unet.named_parameters()}
+    adapter_before = {n: p.detach().clone() for n, p in adapter.trainable_parameters().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e3)   # no step rounds away
+    latents, t, context = unet_inputs(base, records)
+    pred = model(latents, t, context, ground(base, records))
+    pred.pow(2).mean().backward()
+    opt.step()
+    assert all(torch.equal(p, frozen_before[n]) for n, p in base.unet.named_parameters())
+    moved = [n for n, p in adapter.trainable_parameters().items() if not torch.equal(p, adapter_before[n])]
+    with_grad = [n for n, p in adapter.trainable_parameters().items() if p.grad is not None and p.grad.abs().sum() > 0]
+    assert with_grad and moved == with_grad
+
+
+def test_an_adapter_attached_to_another_unet_is_refused(base, adapter, tiny_sd_folder):
+    other = load_base("shapes-tiny")                          # a second copy of the same base
+    with pytest.raises(ValueError, match="attached to another UNet"):
+        AdaptedUNet(other.unet, adapter)
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16", "fp16"])

@@ -103,9 +103,21 @@ def test_too_few_rows_gives_notes_not_errors():
     assert found(detect_phases(pd.DataFrame()), "metrics", "note") is not None
 
 
-def test_figures_draw_on_tiny_and_full_runs():
+def test_figures_draw_the_gate_curve_the_phases_and_the_layers():
     import matplotlib
     matplotlib.use("Agg")
-    for frame in (metrics([5], [0.0]), metrics(STEPS, seed_like())):
-        plot_gates(frame, detect_phases(frame))
-        plot_gate_heatmap(frame)
+    frame = metrics(STEPS, seed_like(8000))
+    findings = detect_phases(frame, total_steps=25000)
+    ax = plot_gates(frame, findings)
+    mean_line = next(l for l in ax.get_lines() if l.get_label() == "gate mean")
+    assert np.allclose(mean_line.get_ydata(), frame.gate_mean) and np.array_equal(mean_line.get_xdata(), frame.step)
+    labels = [t.get_text() for t in ax.texts]
+    assert any("sudden convergence (gate mean)" in t for t in labels)          # the jump is marked
+    assert ax.get_xlim() == (0, 25000)
+    heat = plot_gate_heatmap(frame)
+    mesh = heat.collections[0]
+    assert mesh.get_array().reshape(4, len(frame)).shape == (4, len(frame))     # layers x rows
+    assert np.allclose(mesh.get_array().reshape(4, -1)[1], frame.gate_1_attn)   # signed tanh, per layer
+    # a run with one row draws without error and says so in its axes
+    tiny = metrics([5], [0.0])
+    assert plot_gates(tiny, detect_phases(tiny)).get_lines()

@@ -108,3 +108,19 @@ def test_checkpoint_loads_back_into_an_adapter_and_the_cli_evaluates_it(runs, ca
     assert main(["evaluate", str(run), "--limit", "2", "--steps", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["step"] == 4 and result["n_images"] == 2 and result["ground_truth_success_rate"] == 1.0
+
+
+def test_training_and_sampling_go_through_the_module_forward(runs, monkeypatch):
+    """Every training step (and every grounded sampling step) calls AdaptedUNet.forward: the work
+    DDP/Accelerate would synchronise and torch.compile would compile starts in that module."""
+    from adapterlib.adapter import AdaptedUNet
+    calls = []
+    original = AdaptedUNet.forward
+
+    def counting(self, noisy, t, context, grounding=None, scale=1.0):
+        calls.append(torch.is_grad_enabled())
+        return original(self, noisy, t, context, grounding, scale)
+    monkeypatch.setattr(AdaptedUNet, "forward", counting)
+    train(tiny("through-forward", steps=3, save_every=3, n_samples=1), progress=False)
+    assert calls[:3] == [True, True, True]                    # the 3 training steps, with gradients
+    assert len(calls) == 3 + 25 and not any(calls[3:])        # then the checkpoint's sample: 25 DDIM steps

@@ -40,6 +40,11 @@ class PretrainConfig:
     mixed_precision: str = "bf16"    # on CUDA; CPU always runs fp32
     log_every: int = 200
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "warmup", "n_images", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PretrainConfig.{name} = {getattr(self, name)} must be >= 1")
+
 
 def loss_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Weight on the v-loss so that the effective x0-space weight is min(1 + SNR, gamma)."""
