@@ -157,16 +157,18 @@ class NotebookParameters:
 
     Made in the cell *before* the parameters cell, it remembers which names exist; the config cell
     then takes every name defined since (in the parameters cell, by papermill's injected cell, or
-    by hand) as a parameter. Names that are config fields become overrides; the notebook's own
-    parameters are returned as they are; any other name is an error."""
+    by hand) and not None as a parameter. Names that are config fields become overrides; the
+    notebook's own parameters are returned as they are; any other name is an error. The parameters
+    cells list every field as None, so papermill knows each name and the preset decides the rest."""
 
     def __init__(self, namespace: dict):
         self.namespace, self.before = namespace, set(namespace)
 
     def given(self) -> dict:
-        """Every parameter defined since this object was made (IPython's _-names and modules excluded)."""
+        """Every parameter defined since this object was made and not None (None: "not given", so a
+        parameters cell can list every field; IPython's _-names, modules and functions excluded)."""
         return {k: v for k, v in self.namespace.items()
-                if k not in self.before and not k.startswith("_") and isinstance(v, (str, int, float, bool, list, dict, type(None)))}
+                if k not in self.before and not k.startswith("_") and isinstance(v, (str, int, float, bool, list, dict))}
 
     def split(self, own: tuple[str, ...]) -> tuple[dict, dict]:
         """(the notebook's own parameters, config overrides); an unknown name is an error."""

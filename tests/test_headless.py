@@ -58,6 +58,7 @@ def test_papermill_fields_of_every_kind_reach_config_json(runs_root, tmp_path):
     assert {k: saved[k] for k in given} == given              # a float, ints, a string choice, a bool
     assert saved["n_train"] == PRESETS["smoke"]["n_train"]    # the rest from the preset
     assert latest_checkpoint(runs_root / "pm")[0] == 6
+    assert "Passed unknown parameter" not in done.stderr        # papermill knows every field from the cell
     # progress went to the terminal papermill ran in, not only into the notebook
     assert "[train pm] step 6/6 (100%)" in done.stderr and "samples/s" in done.stderr and "ETA" in done.stderr
 
@@ -79,6 +80,20 @@ def test_papermill_sd15_preset_on_a_tiny_sd_folder(runs_root, tmp_path, tiny_sd_
         (sd15["batch_size"], sd15["save_every"], sd15["lr"], sd15["adapter_attention"]) == (2, 2000, 1e-4, "self")
     assert saved["steps"] == 2 and saved["base_model"] == str(tiny_sd_folder)
     assert (runs_root / "sd" / "final" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize("notebook, own, names", [
+    ("01_dtype_zero_init_check.ipynb", "preset", {"preset", *FIELDS}), ("02_train.ipynb", "preset", {"preset", *FIELDS}),
+    ("03_resume.ipynb", "run_name", {"run_name", *RESUME_FREE})])
+def test_parameters_cells_list_every_field_they_take(notebook, own, names):
+    """papermill learns a notebook's parameters from its parameters cell: each field is there (as None,
+    "from the preset"), so `papermill --help-notebook` lists it and `-p` never warns."""
+    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assigned = {}
+    exec(cell.source, {}, assigned)
+    assert set(assigned) == names
+    assert {k for k, v in assigned.items() if v is not None} == {own}      # every field: "not given"
 
 
 def _config_cells(notebook):
