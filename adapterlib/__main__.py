@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="the preset the fields start from (default: shapes)")
     tr.add_argument("--resume", metavar="RUN", default=None,
                     help="continue this run from its latest checkpoint; only steps, save_every, log_every, "
-                         "n_samples, device and mixed_precision may change")
+                         "n_samples, device, mixed_precision, keep_last and max_nonfinite_steps may change")
     tr.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                     help="seconds between progress lines on stderr (default 30)")
     hints = typing.get_type_hints(TrainConfig)

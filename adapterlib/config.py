@@ -20,6 +20,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data import MAX_OBJECTS
+
 
 @dataclass
 class TrainConfig:
@@ -53,6 +55,10 @@ class TrainConfig:
     max_objects: int = 30
     log_every: int = 25
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
+    # --- reliability
+    on_bad_record: str = "error"         # error | skip: a manifest record that fails its checks (skip: counted, logged)
+    keep_last: int = 0                   # keep only the newest N checkpoints (0: keep all; the newest valid one always stays)
+    max_nonfinite_steps: int = 10        # this many non-finite losses in a row stop the run (precision / lr are off)
 
     def __post_init__(self):
         check_types(self)
@@ -63,16 +69,24 @@ class TrainConfig:
                 raise ValueError(f"{name} = {getattr(self, name)} must be in [0, 1]")
         if not 0 <= self.scale_min <= self.scale_max:
             raise ValueError(f"need 0 <= scale_min <= scale_max, got {self.scale_min} and {self.scale_max}")
+        if not self.scale_max > 0:
+            raise ValueError("scale_max = 0: every gate would be multiplied by 0 and the adapter would never learn")
         choices = dict(adapter_attention=("self", "cross", "masked"), adapter_norm=("layernorm", "rmsnorm"),
-                       mixed_precision=("bf16", "fp16", "no"))
+                       mixed_precision=("bf16", "fp16", "no"), on_bad_record=("error", "skip"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: choose one of {allowed}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device = {self.device!r}: choose auto, cpu, cuda or cuda:N")
-        if not self.lr > 0:
-            raise ValueError(f"lr = {self.lr} must be > 0")
-        for name in ("steps", "batch_size", "save_every", "log_every", "max_objects"):
+        for name in ("lr", "grad_clip", "gate_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be > 0")
+        for name in ("warmup", "weight_decay", "n_samples", "seed", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
+        if not 1 <= self.max_objects <= MAX_OBJECTS:
+            raise ValueError(f"max_objects = {self.max_objects}: must be in [1, {MAX_OBJECTS}] (the manifest's object limit)")
+        for name in ("steps", "batch_size", "save_every", "log_every", "n_train", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
 
@@ -95,9 +109,12 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # order, the optimisation recipe. Changing one of these is a new run, under a new run_name.
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
-                "warmup", "grad_clip", "adapter_attention", "adapter_norm", "adapter_feedforward", "max_objects")
-# Free: how long it runs, how often it logs and saves, and where (a run may move to another machine).
-RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision")
+                "warmup", "grad_clip", "adapter_attention", "adapter_norm", "adapter_feedforward", "max_objects",
+                "on_bad_record")
+# Free: how long it runs, how often it logs and saves, where (a run may move to another machine), and its
+# safety nets.
+RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
+               "max_nonfinite_steps")
 # The subset of RESUME_FIXED that a checkpoint's adapter is built from.
 ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapter_feedforward", "max_objects")
 

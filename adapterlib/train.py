@@ -110,7 +110,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     opt = torch.optim.AdamW([
         {"params": [p for n, p in params.items() if n not in gates], "weight_decay": cfg.weight_decay},
         {"params": list(gates.values()), "weight_decay": 0.0, "lr": cfg.lr * cfg.gate_lr_scale}], lr=cfg.lr)
-    warm = lambda s: min(1.0, (s + 1) / cfg.warmup)                       # then constant
+    warm = lambda s: min(1.0, (s + 1) / max(1, cfg.warmup))               # then constant
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [warm, warm])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     manifest = datasets.training_manifest(cfg.data, cfg.n_train, runs_root())
