@@ -112,7 +112,33 @@ def resolve_base_path(name_or_path: str | Path) -> Path:
         raise FileNotFoundError(f"base model {str(name_or_path)!r}: no unet/config.json under {path}. "
                                 f"Give {DEFAULT_BASE!r} or a diffusers-style Stable Diffusion folder "
                                 "(unet/, text_encoder/, tokenizer/, scheduler/, vae/).")
+    check_base_folder(path)
     return path
+
+
+# the parts a base folder must have, each named by a file that must exist in it
+REQUIRED_PARTS = {"unet": "config.json", "text_encoder": "config.json", "tokenizer": None,
+                  "scheduler": "scheduler_config.json"}
+
+
+def check_base_folder(path: Path) -> None:
+    """A clear error, before anything loads, for a base folder that lacks a part or whose UNet the
+    adapter cannot attach to (no cross-attention transformer blocks), or a latent UNet without its VAE."""
+    missing = [f"{part}/{file or ''}" for part, file in REQUIRED_PARTS.items()
+               if not ((path / part / file).is_file() if file else (path / part).is_dir())]
+    if missing:
+        raise FileNotFoundError(f"base model folder {path} lacks {', '.join(missing)}: a diffusers-style Stable "
+                                "Diffusion folder has unet/, text_encoder/, tokenizer/, scheduler/ (and vae/)")
+    import json
+    unet = json.loads((path / "unet" / "config.json").read_text())
+    blocks = list(unet.get("down_block_types", [])) + list(unet.get("up_block_types", []))
+    mid = unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") or ""     # diffusers' default; null: no mid block
+    if not any("CrossAttn" in b for b in blocks + [mid]):
+        raise ValueError(f"base model {path}: its UNet has no cross-attention transformer blocks "
+                         f"({blocks}), so a spatial adapter has nothing to attach to")
+    if unet.get("in_channels") == 4 and not (path / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"base model {path}: a latent UNet (4 input channels) needs its VAE, and there is "
+                                "no vae/config.json")
 
 
 @contextlib.contextmanager

@@ -1,20 +1,29 @@
-"""Checkpoints: written atomically, loaded back into an adapter on its run's base.
+"""Checkpoints: written so that a crash, a full disk or bit rot never costs more than the steps since
+the last good one, loaded without ever running code, and loaded back into an adapter on its run's base.
 
 A checkpoint is a folder `<run>/checkpoints/step_0002000/` (layout and lookup: `runs.py`):
 - `adapter.safetensors`: the adapter weights (fp32), with the adapter's architecture in the metadata;
-- `state.pt`: optimizer, LR schedule, loss scaler, RNG states, data position, step, skipped steps;
-- `config.json`: the run's config.
-It is written to `step_XXXXXXX.tmp/` and renamed when complete, so a crash mid-write leaves no
-half-written checkpoint under a real name (and the next save clears the leftover).
+- `state.pt`: optimizer, LR schedule, loss scaler, RNG states, data position, step, skipped steps, as
+  plain tensors and numbers: it loads with `torch.load(weights_only=True)`, which refuses anything that
+  could run code (there is no fallback to full pickle loading);
+- `config.json`: the run's config;
+- `checksums.json`: the SHA-256 of each file above, checked before a checkpoint is used.
+It is written to `step_XXXXXXX.tmp/`, every file and the folder fsynced, then renamed, so a crash
+mid-write leaves no half-written checkpoint under a real name (the next save clears the leftover); a
+write that fails (a full disk) removes the partial folder and says which checkpoint is still good.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -22,21 +31,137 @@ from safetensors.torch import load_file, save_file
 from .adapter import SpatialAdapter, build_adapter
 from .base import BaseModel, load_base
 from .precision import resolve_device
-from .runs import checkpoint_dir, read_config, resolve_checkpoint, resolve_run
+from .runs import CHECKPOINT_FILES, checkpoint_dir, list_checkpoints, read_config, resolve_checkpoint, resolve_run
+
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written, or must not be used: says which and what is still good."""
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG states as plain data (numpy's holds an ndarray, which weights-only loading refuses)
+
+def rng_state(train_state: torch.Tensor) -> dict:
+    """The training generator's state (as of the last completed step) and the global RNGs, now."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return dict(train=train_state, torch=torch.get_rng_state(), python=random.getstate(),
+                numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), cached_gaussian=float(cached)))
+
+
+def set_rng_state(generator: torch.Generator, rng: dict) -> None:
+    generator.set_state(rng["train"])
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(run: Path, step: int, adapter: SpatialAdapter, state: dict, config: dict) -> Path:
+    """Write the checkpoint of `step` atomically: a temporary folder, fsynced, with checksums, renamed.
+    A failed write (a full disk, a lost mount) removes the partial folder and raises CheckpointError."""
     final = checkpoint_dir(run, step)
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(adapter, tmp / "adapter.safetensors")
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    if final.exists():                       # re-saving the same step (interrupt right after a save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_adapter(adapter, tmp / "adapter.safetensors")
+        torch.save(state, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        sums = {name: sha256(tmp / name) for name in CHECKPOINT_FILES}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+        for name in (*CHECKPOINT_FILES, CHECKSUMS):
+            _fsync(tmp / name)
+        _fsync(tmp)
+        if final.exists():                   # re-saving the same step (interrupt right after a save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(final.parent)                 # the rename itself is durable
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        good = [s for s, _ in list_checkpoints(run) if s != step]
+        still = f"the checkpoint of step {good[-1]} is intact: resume from it" if good else "there is no earlier checkpoint"
+        raise CheckpointError(f"could not write the checkpoint of step {step} to {final} ({e}); {still} once the "
+                              "cause (disk space, the mount) is fixed") from e
     return final
+
+
+def prune_checkpoints(run: Path, keep_last: int) -> list[int]:
+    """Delete all but the newest `keep_last` valid checkpoints (0: keep all). The newest valid one always
+    stays, and an invalid one never counts towards the ones kept. Returns the steps deleted."""
+    if keep_last <= 0:
+        return []
+    found = list_checkpoints(run)
+    valid = [(s, p) for s, p in found if verify_checkpoint(p) is None]
+    keep = {s for s, _ in valid[-keep_last:]}
+    deleted = [s for s, p in found if s not in keep and s < max(keep, default=0)]
+    for s, p in found:
+        if s in deleted:
+            shutil.rmtree(p)
+    return deleted
+
+
+# ---------------------------------------------------------------------------------------------
+# reading: verify, then load without running code
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if every file matches checksums.json, else what is wrong (missing file, damaged file)."""
+    path = Path(path)
+    sums_path = path / CHECKSUMS
+    if not sums_path.is_file():
+        return f"{CHECKSUMS} is missing"
+    try:
+        sums = json.loads(sums_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return f"{CHECKSUMS} is damaged"
+    for name in CHECKPOINT_FILES:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if sums.get(name) != sha256(path / name):
+            return f"{name} does not match its checksum (damaged on disk)"
+    return None
+
+
+def latest_valid_checkpoint(run: Path) -> tuple[tuple[int, Path] | None, list[str]]:
+    """The newest checkpoint whose files match their checksums, and a note for each newer one skipped."""
+    notes = []
+    for step, path in reversed(list_checkpoints(run)):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return (step, path), notes
+        notes.append(f"checkpoint {path.name} is invalid ({problem}): skipped for an earlier one")
+    return None, notes
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint's state.pt, loaded as plain data only: anything else is refused, and nothing runs."""
+    try:
+        return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refused {Path(path) / 'state.pt'}: it holds objects other than tensors and plain "
+                              "numbers (loading it could run code). A checkpoint written by adapterlib never does; "
+                              "do not use this file") from e
 
 
 def save_adapter(adapter: SpatialAdapter, path: Path) -> None:

@@ -11,12 +11,10 @@ uninterrupted one (on CPU; GPU kernels are not bitwise deterministic).
 from __future__ import annotations
 
 import json
-import random
 import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -35,6 +33,10 @@ from .sample import generate, ground
 
 class Interrupted(KeyboardInterrupt):
     """Raised by SIGTERM (or `stop_at_step`) inside the loop, so it checkpoints like Ctrl-C does."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """`max_nonfinite_steps` non-finite losses in a row: the run stops, its last checkpoint untouched."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,21 +78,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     `progress_every_s` seconds either way. `on_log(run_dir)` is called at each logging interval (the
     notebook's live plot); `stop_at_step` simulates an interrupt there."""
     folder = run_dir(cfg.run_name)
-    latest = latest_checkpoint(folder)
     notes = []
-    if latest is not None and not resume:
+    if latest_checkpoint(folder) is not None and not resume:
+        latest = latest_checkpoint(folder)
         raise FileExistsError(f"run {folder} already exists with a checkpoint at step {latest[0]}: resume it "
                               "(notebooks/03_resume.ipynb, `python -m adapterlib train --resume NAME`) or choose "
                               "another run_name")
     if resume and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"resume: {folder} is not a run folder (no config.json)")
+    latest, skipped_notes = checkpoint.latest_valid_checkpoint(folder) if resume else (None, [])
+    notes += skipped_notes
+    state = checkpoint.load_state(latest[1]) if latest is not None else None   # plain data only, before any work
     if resume and latest is not None:
         saved = {**effective_config(folder), "run_name": cfg.run_name}     # the folder is the run's identity
         changes = resume_changes(saved, {k: getattr(cfg, k) for k in FIELDS}, folder)
         notes.append(f"resumed at step {latest[0]} of {cfg.steps}")
     else:
         if (folder / "config.json").is_file():        # killed before its first checkpoint
-            notes.append(f"run {folder.name} has no complete checkpoint: starting again from step 0")
+            notes.append(f"run {folder.name} has no {'valid' if skipped_notes else 'complete'} checkpoint: "
+                         "starting again from step 0")
         resume, changes = False, {}
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -120,15 +126,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     step, skipped = 0, 0
     if resume:
         step, path = latest
-        state = torch.load(path / "state.pt", weights_only=False)
         adapter.load_state_dict(load_file(str(path / "adapter.safetensors"), device=str(device)))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        gen.set_state(state["rng"]["train"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
+        checkpoint.set_rng_state(gen, state["rng"])
         skipped = state["skipped"]
     log = RunLog(folder, list(gate_stats(adapter))[3:], step if resume else None)
     bar = Progress(folder.name, step, cfg.steps, every_s=progress_every_s, bar=progress)
@@ -142,10 +144,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
 
     def save(at_step, rng_state):
         state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
-                     rng=dict(train=rng_state, torch=torch.get_rng_state(), python=random.getstate(),
-                              numpy=np.random.get_state()),
-                     step=at_step, samples_seen=at_step * cfg.batch_size, skipped=skipped)
-        path = checkpoint.save_checkpoint(folder, at_step, adapter, state, cfg.to_dict())
+                     rng=checkpoint.rng_state(rng_state), step=at_step, samples_seen=at_step * cfg.batch_size,
+                     skipped=skipped)
+        try:
+            path = checkpoint.save_checkpoint(folder, at_step, adapter, state, cfg.to_dict())
+        except checkpoint.CheckpointError as e:
+            log.text(f"checkpoint failed: {e}")
+            bar.say(f"checkpoint failed: {e}")
+            raise
+        for gone in checkpoint.prune_checkpoints(folder, cfg.keep_last):
+            log.text(f"checkpoint step {gone} deleted (keep_last {cfg.keep_last})")
         if eval_records:
             images = generate(base, eval_records, list(range(len(eval_records))), adapter=adapter, batch_size=32)
             (folder / "samples").mkdir(exist_ok=True)
@@ -158,6 +166,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     old_handler = _install_sigterm(on_sigterm)
     t_start = t_window = time.perf_counter()
     window_steps, loss_steps, loss_sum, last_saved = 0, 0, torch.zeros((), device=device), step
+    nonfinite_in_a_row = 0
     rng_done = gen.get_state()                 # RNG state after the last completed step: what a checkpoint holds
     prediction = base.scheduler.config.prediction_type
     try:
@@ -188,11 +197,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             # --- update: skip non-finite steps instead of poisoning the weights
             opt.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
-                skipped += 1
+                skipped, nonfinite_in_a_row = skipped + 1, nonfinite_in_a_row + 1
                 log.text(f"step {step + 1}: non-finite loss {loss.item()}, step skipped ({skipped} so far)")
+                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                    message = (f"{nonfinite_in_a_row} non-finite losses in a row, the last at step {step + 1}: the "
+                               f"numbers overflow. Check mixed_precision ({cfg.mixed_precision!r}: fp16 needs the loss "
+                               f"scaler; try bf16 or no) and lower lr ({cfg.lr:g}); the last checkpoint (step "
+                               f"{last_saved}) is untouched")
+                    log.text(f"stopped: {message}")
+                    bar.say(f"stopped: {message}")
+                    raise NonFiniteLoss(message)
                 sched.step()
                 step, rng_done = step + 1, gen.get_state()
                 continue
+            nonfinite_in_a_row = 0
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)

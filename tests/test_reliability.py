@@ -1,0 +1,167 @@
+"""Reliability: checkpoints that cannot run code, survive damage and full disks, retention, a run
+that stops on repeated non-finite losses, config values and base folders refused before any work."""
+import errno
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapterlib import checkpoint
+from adapterlib.__main__ import main
+from adapterlib.base import load_base
+from adapterlib.config import make_config
+from adapterlib.runs import list_checkpoints, read_metrics
+from adapterlib.train import NonFiniteLoss, resume_config, train
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
+    return tmp_path
+
+
+def small(name, **kw):
+    return make_config("smoke", run_name=name, **{**dict(steps=6, batch_size=2, n_train=16, save_every=2,
+                                                         log_every=1, n_samples=0, warmup=2), **kw})
+
+
+class RunsCode:
+    """A pickle payload: unpickling it runs os.system (what a crafted state.pt would do)."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_state_that_would_run_code_is_refused_and_nothing_runs(runs, tmp_path):
+    run = train(small("crafted", steps=2), progress=False)
+    (step, path), = list_checkpoints(run)
+    marker = tmp_path / "ran"
+    torch.save({"optimizer": RunsCode(marker)}, path / "state.pt")
+    sums = {n: checkpoint.sha256(path / n) for n in ("adapter.safetensors", "state.pt", "config.json")}
+    (path / "checksums.json").write_text(json.dumps(sums))          # its checksums match: only loading can refuse it
+    with pytest.raises(checkpoint.CheckpointError, match="could run code"):
+        train(resume_config("crafted", steps=4), resume=True, progress=False)
+    assert not marker.exists(), "the crafted pickle ran"
+    torch.load(path / "state.pt", weights_only=False)              # the payload is real: a full pickle load runs it
+    assert marker.exists()
+
+
+def test_checkpoint_state_loads_as_plain_data(runs):
+    run = train(small("plain", steps=2), progress=False)
+    state = torch.load(list_checkpoints(run)[-1][1] / "state.pt", weights_only=True)
+    assert state["step"] == 2 and set(state["rng"]) == {"train", "torch", "python", "numpy"}
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_for_the_previous_one(runs):
+    run = train(small("rot", steps=4), progress=False)
+    latest = list_checkpoints(run)[-1][1]
+    data = bytearray((latest / "adapter.safetensors").read_bytes())
+    data[-5] ^= 0xFF                                                # one flipped byte: bit rot
+    (latest / "adapter.safetensors").write_bytes(bytes(data))
+    assert "does not match its checksum" in checkpoint.verify_checkpoint(latest)
+    train(resume_config("rot", steps=6), resume=True, progress=False)
+    log = (run / "train.log").read_text()
+    assert "step_0000004 is invalid" in log and "resumed at step 2 of 6" in log
+    assert list_checkpoints(run)[-1][0] == 6 and checkpoint.verify_checkpoint(list_checkpoints(run)[-1][1]) is None
+    metrics = read_metrics(run)
+    assert metrics.step.tolist() == [1, 2, 3, 4, 5, 6]               # steps 3-4 redone, each once
+
+
+def test_resume_matches_the_uninterrupted_run_after_skipping_a_damaged_checkpoint(runs):
+    whole = train(small("whole2", steps=6), progress=False)
+    train(small("damaged", steps=4), progress=False)
+    (list_checkpoints(runs / "damaged")[-1][1] / "state.pt").write_bytes(b"garbage")
+    train(resume_config("damaged", steps=6), resume=True, progress=False)
+    a, b = load_file(str(whole / "final" / "adapter.safetensors")), load_file(str(runs / "damaged" / "final" / "adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_last_keeps_the_newest_checkpoints(runs):
+    run = train(small("keep", steps=8, keep_last=2), progress=False)
+    assert [s for s, _ in list_checkpoints(run)] == [6, 8]
+    assert "checkpoint step 2 deleted (keep_last 2)" in (run / "train.log").read_text()
+
+
+def test_keep_last_never_deletes_the_newest_valid_checkpoint(runs):
+    run = train(small("keepvalid", steps=4), progress=False)
+    newest = list_checkpoints(run)[-1][1]
+    (newest / "config.json").write_text("{}")                       # the newest is now invalid
+    assert checkpoint.prune_checkpoints(run, 1) == []               # step 2 is the newest valid one: kept
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]
+
+
+def test_a_full_disk_during_a_save_is_a_clear_error_and_the_previous_checkpoint_resumes(runs, monkeypatch):
+    real_save = torch.save
+    def full_disk(obj, path, *a, **k):
+        if "step_0000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match="step 2 is intact"):
+        train(small("full", steps=6), progress=False)
+    run = runs / "full"
+    assert [s for s, _ in list_checkpoints(run)] == [2] and not list((run / "checkpoints").glob("*.tmp"))
+    assert checkpoint.verify_checkpoint(list_checkpoints(run)[0][1]) is None
+    monkeypatch.setattr(torch, "save", real_save)                  # space freed
+    train(resume_config("full"), resume=True, progress=False)
+    assert list_checkpoints(run)[-1][0] == 6
+
+
+def test_repeated_non_finite_losses_stop_the_run_naming_the_step(runs, monkeypatch):
+    from adapterlib.adapter import AdaptedUNet
+    original = AdaptedUNet.forward
+    calls = []
+    def overflowing(self, *args, **kw):
+        out = original(self, *args, **kw)
+        calls.append(1)
+        return out * float("nan") if torch.is_grad_enabled() and len(calls) > 2 else out
+    monkeypatch.setattr(AdaptedUNet, "forward", overflowing)
+    with pytest.raises(NonFiniteLoss, match=r"3 non-finite losses in a row, the last at step 5.*mixed_precision.*lr"):
+        train(small("nan", steps=8, max_nonfinite_steps=3), progress=False)
+    run = runs / "nan"
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    assert checkpoint.verify_checkpoint(list_checkpoints(run)[0][1]) is None
+    assert "stopped: 3 non-finite losses in a row" in (run / "train.log").read_text()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", 0.0, "lr = 0.0 must be > 0"), ("lr", -1e-4, "must be > 0"), ("warmup", -1, "warmup = -1 must be >= 0"),
+    ("grad_clip", 0.0, "grad_clip = 0.0 must be > 0"), ("gate_lr_scale", 0.0, "must be > 0"),
+    ("weight_decay", -0.1, "must be >= 0"), ("scale_min", -0.5, "scale_min"), ("scale_max", 0.0, "never learn"),
+    ("max_objects", 31, "max_objects = 31"), ("on_bad_record", "ignore", "choose one of"),
+    ("keep_last", -1, "must be >= 0"), ("max_nonfinite_steps", 0, "must be >= 1"), ("n_train", 0, "must be >= 1"),
+    ("phrase_dropout", 1.5, "must be in [0, 1]"), ("device", "gpu", "choose auto, cpu, cuda"),
+])
+def test_config_values_out_of_range_are_errors_before_any_work(field, value, message, runs, capsys):
+    kw = {field: value, **({"scale_min": 0.0} if field == "scale_max" else {})}
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        make_config("smoke", **kw)
+    flag = str(value).lower() if isinstance(value, bool) else str(value)
+    assert main(["train", "--preset", "smoke", "--run_name", "bad", f"--{field}", flag,
+                 *(["--scale_min", "0"] if field == "scale_max" else [])]) == 2
+    assert not (runs / "bad").exists()
+
+
+@pytest.mark.parametrize("part", ["text_encoder", "tokenizer", "scheduler", "vae"])
+def test_a_base_folder_missing_a_part_is_a_clear_error(part, tiny_sd_folder, tmp_path):
+    broken = tmp_path / "sd"
+    shutil.copytree(tiny_sd_folder, broken)
+    shutil.rmtree(broken / part)
+    with pytest.raises(FileNotFoundError, match=f"{part}/"):
+        load_base(broken)
+
+
+def test_a_base_the_adapter_cannot_attach_to_is_a_clear_error(tiny_sd_folder, tmp_path):
+    flat = tmp_path / "flat"
+    shutil.copytree(tiny_sd_folder, flat)
+    config = json.loads((flat / "unet" / "config.json").read_text())
+    config.update(down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"],
+                  mid_block_type=None)
+    (flat / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="nothing to attach to"):
+        load_base(flat)
