@@ -13,8 +13,12 @@ file, line, record id and field instead of silently training on bad data.
 
 from __future__ import annotations
 
+import codecs
 import json
+import logging
 import math
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -22,6 +26,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 MAX_OBJECTS = 30
+
+_log = logging.getLogger(__name__)
 
 _RECORD_KEYS = ("image", "caption", "objects", "id", "seed")
 _OBJECT_KEYS = ("phrase", "box")
@@ -146,27 +152,103 @@ def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def read_manifest(path: str | Path, require_image: bool = True) -> list[Record]:
-    """Read and validate a manifest; raises ManifestError on the first bad line."""
+ON_BAD_RECORD = ("error", "skip")
+_FIRST_REASONS = 3  # how many reasons a "no valid records" / "bad images" error shows
+
+
+def _check_policy(on_bad_record: str) -> None:
+    if on_bad_record not in ON_BAD_RECORD:
+        raise ValueError(f"on_bad_record must be one of {list(ON_BAD_RECORD)}, got {on_bad_record!r}")
+
+
+def _first_reasons(reasons: Sequence[str]) -> str:
+    shown = "".join(f"\n  {r}" for r in reasons[:_FIRST_REASONS])
+    more = len(reasons) - _FIRST_REASONS
+    return shown + (f"\n  ... and {more} more" if more > 0 else "")
+
+
+def _no_valid_records(path: Path, reasons: Sequence[str]) -> ManifestError:
+    return ManifestError(f"{path}: no valid records ({len(reasons)} skipped under on_bad_record='skip'); "
+                         f"first reasons:{_first_reasons(reasons)}")
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why the image file at `path` cannot be used without decoding it (None when it is a file)."""
+    if path.is_file():
+        return None
+    if path.exists():
+        return f"is not a file (looked for {path})"
+    return f"does not exist (looked for {path})"
+
+
+def _read_manifest(path: str | Path, require_image: bool,
+                   on_bad_record: str) -> tuple[list[Record], list[int], list[str]]:
+    """(records, their 1-based line numbers, reasons for the skipped lines)."""
+    _check_policy(on_bad_record)
     path = Path(path)
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not data.startswith(codecs.BOM_UTF8):
+        raise ManifestError(f"{path}: the file is UTF-16 encoded (it starts with a UTF-16 byte-order mark); "
+                            f"save it as UTF-8")
+    if data.startswith(codecs.BOM_UTF8):  # written by some Windows editors; harmless
+        data = data[len(codecs.BOM_UTF8):]
+    records, lines, reasons = [], [], []
+    # bytes.splitlines breaks at \n, \r\n and \r, as text mode did, so line numbers are what an editor shows.
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        where = f"{path} line {lineno}"
+        try:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ManifestError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                    f"of the line); save the manifest as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path} line {lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ManifestError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             record = Record.from_json(obj, where, require_image)
-            if require_image and not resolve_image(path, record).is_file():
-                rid = f" (id {record.id!r})" if record.id is not None else ""
-                raise ManifestError(
-                    f"{where}{rid}: image {record.image!r} does not exist "
-                    f"(looked for {resolve_image(path, record)})"
-                )
-            records.append(record)
+            if require_image:
+                problem = _image_problem(resolve_image(path, record))
+                if problem is not None:
+                    rid = f" (id {record.id!r})" if record.id is not None else ""
+                    raise ManifestError(f"{where}{rid}: image {record.image!r} {problem}")
+        except ManifestError as e:
+            if on_bad_record == "error":
+                raise
+            reasons.append(str(e))
+            continue
+        records.append(record)
+        lines.append(lineno)
+    if not records:
+        if reasons:
+            raise _no_valid_records(path, reasons)
+        raise ManifestError(f"{path}: no records (the file is {'empty' if not data else 'only blank lines'})")
+    return records, lines, reasons
+
+
+def read_manifest_report(path: str | Path, require_image: bool = True,
+                         on_bad_record: str = "error") -> tuple[list[Record], list[str]]:
+    """Read and validate a manifest: (records, reasons for the skipped lines).
+
+    on_bad_record="error" raises ManifestError on the first bad line (the reasons are then always empty);
+    "skip" leaves a bad line out and records why: one full message per skipped line, naming the file,
+    line, record id and field. A manifest with no valid record is a ManifestError under both policies.
+    With `require_image`, every record needs an image and the image file must exist (it is not decoded
+    here: `ManifestImages` does that)."""
+    records, _, reasons = _read_manifest(path, require_image, on_bad_record)
+    return records, reasons
+
+
+def read_manifest(path: str | Path, require_image: bool = True, on_bad_record: str = "error") -> list[Record]:
+    """Read and validate a manifest; raises ManifestError on the first bad line (on_bad_record="error"),
+    or leaves bad lines out and logs how many (on_bad_record="skip"; `read_manifest_report` returns the
+    reasons)."""
+    records, reasons = read_manifest_report(path, require_image, on_bad_record)
+    if reasons:
+        _log.warning("%s: skipped %d bad record(s) (on_bad_record='skip'):%s", path, len(reasons),
+                     _first_reasons(reasons))
     return records
 
 
@@ -192,6 +274,30 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
+def _decode_problem(path: Path) -> str | None:
+    """Why the image at `path` cannot be trained on (None when it decodes to a nonzero size)."""
+    from PIL import Image
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"does not exist (looked for {path})"
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+        return f"cannot be read ({type(e).__name__}: {e})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"is not a file (looked for {path})"
+    if st.st_size == 0:
+        return f"is empty (0 bytes at {path})"
+    try:
+        with Image.open(path) as im:
+            im.load()  # full decode: a truncated or corrupt file fails here, not mid-training
+            size = im.size
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad files
+        return f"does not decode ({type(e).__name__}: {e})"
+    if size[0] <= 0 or size[1] <= 0:
+        return f"has zero size ({size[0]}x{size[1]})"
+    return None
+
+
 def resolve_image(manifest_path: str | Path, record: Record) -> Path:
     """The image file of a record: its path is relative to the manifest's folder."""
     if record.image is None:
@@ -203,12 +309,41 @@ class ManifestImages:
     """A manifest's records with their images, loaded on demand and resized to the model's resolution.
 
     Boxes are normalised, so resizing (without cropping) keeps every box valid; non-square images are
-    stretched, which the boxes follow exactly."""
+    stretched, which the boxes follow exactly.
 
-    def __init__(self, manifest: str | Path, resolution: int):
+    Construction checks every image once, before any training: it exists, is a non-empty file, decodes
+    and has a nonzero size. A bad record (in the manifest or its image) is a ManifestError naming the
+    manifest, line and record id (on_bad_record="error": after the pass, with the count of bad images),
+    or is left out (on_bad_record="skip"): `skipped` holds every reason, from the reader and from the
+    image pass; `lines` holds the manifest line of each kept record."""
+
+    def __init__(self, manifest: str | Path, resolution: int, on_bad_record: str = "error",
+                 progress: bool = True):
         self.manifest = Path(manifest)
-        self.records = read_manifest(self.manifest)
         self.resolution = resolution
+        records, lines, self.skipped = _read_manifest(self.manifest, True, on_bad_record)
+        keep, bad = [], []
+        from tqdm import tqdm
+        for i in tqdm(range(len(records)), desc="verify images", unit="img", disable=not progress,
+                      file=sys.stderr, mininterval=0.5):
+            problem = _decode_problem(resolve_image(self.manifest, records[i]))
+            if problem is None:
+                keep.append(i)
+                continue
+            rid = f" (id {records[i].id!r})" if records[i].id is not None else ""
+            bad.append(f"{self.manifest} line {lines[i]}{rid}: image {records[i].image!r} {problem}")
+        if bad and on_bad_record == "error":
+            more = (f"\n{len(bad)} of {len(records)} images are bad; the others:{_first_reasons(bad[1:])}\n"
+                    f"(on_bad_record='skip' leaves them out)") if len(bad) > 1 else ""
+            raise ManifestError(bad[0] + more)
+        self.skipped += bad
+        if not keep:
+            raise _no_valid_records(self.manifest, self.skipped)
+        self.records = [records[i] for i in keep]
+        self.lines = [lines[i] for i in keep]
+        if self.skipped:
+            _log.warning("%s: skipped %d bad record(s) of %d (on_bad_record='skip'):%s", self.manifest,
+                         len(self.skipped), len(self.skipped) + len(keep), _first_reasons(self.skipped))
 
     def __len__(self) -> int:
         return len(self.records)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import Record, read_manifest
+from .data import Record
 from .paths import repo_path
 
 SHAPES = "shapes"
@@ -31,12 +31,12 @@ def training_manifest(data: str, n_train: int, root: Path) -> Path:
     return folder / "data.jsonl"
 
 
-def sample_records(data: str, manifest: Path, n: int) -> list[Record]:
+def sample_records(data: str, records: list[Record], n: int) -> list[Record]:
     """What a run samples at each checkpoint: the first n held-out layouts for Shapes, else the first n
-    records of its manifest (their boxes, drawn on the samples, show the grounding)."""
+    of its (verified) training records (their boxes, drawn on the samples, show the grounding)."""
     if n <= 0:
         return []
-    return heldout_records(n) if data == SHAPES else read_manifest(manifest)[:n]
+    return heldout_records(n) if data == SHAPES else list(records[:n])
 
 
 def heldout_records(n: int | None = None) -> list[Record]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from .figures import plot_progress
 from .gates import run_phases
 from .jsonio import strict_json
-from .runs import effective_config, latest_checkpoint, read_metrics
+from .runs import DATA_REPORT, effective_config, latest_checkpoint, read_metrics
 
 
 class LivePlot:
@@ -89,6 +89,13 @@ def run_status(run_dir: str | Path, *, stalled_after_s: float = 600.0, now: floa
                 status["eta_s"] = float((total - step) * config["batch_size"] / recent)
     findings = run_phases(run_dir, metrics)
     status["warnings"] = [f"{f.finding} at step {f.step}: {f.rule}" for f in findings.itertuples() if f.kind == "alarm"]
+    report = run_dir / DATA_REPORT
+    data = json.loads(report.read_text()) if report.is_file() else {}
+    status["skipped_records"] = data.get("skipped", 0)
+    if status["skipped_records"]:
+        first = data.get("first_reasons") or ["?"]
+        status["warnings"].append(f"{data['skipped']} bad training record(s) skipped (on_bad_record='skip'), "
+                                  f"first: {first[0]}; all reasons in {DATA_REPORT}")
     if status["skipped"]:
         status["warnings"].append(f"{status['skipped']} step(s) skipped for a non-finite loss (grep train.log "
                                   "for 'non-finite'; check the dtype configuration)")

@@ -70,6 +70,7 @@ def read_config(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
+DATA_REPORT = "data_report.json"    # what the training data pass found: records kept, skipped, first reasons
 CHANGES = "resume changes: "        # the train.log line that records a resume's changes (JSON follows)
 
 

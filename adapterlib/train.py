@@ -27,8 +27,9 @@ from .data import ManifestImages
 from .figures import boxed_grid
 from .gates import gate_stats
 from .precision import precision_policy, resolve_device
+from .jsonio import write_json
 from .progress import Progress
-from .runs import CHANGES, RunLog, effective_config, latest_checkpoint, read_config, run_dir, runs_root
+from .runs import CHANGES, DATA_REPORT, RunLog, effective_config, latest_checkpoint, read_config, run_dir, runs_root
 from .sample import generate, ground
 
 class Interrupted(KeyboardInterrupt):
@@ -120,8 +121,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [warm, warm])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     manifest = datasets.training_manifest(cfg.data, cfg.n_train, runs_root())
-    data = ManifestImages(manifest, base.resolution)
-    eval_records = datasets.sample_records(cfg.data, manifest, cfg.n_samples)
+    data = ManifestImages(manifest, base.resolution, on_bad_record=cfg.on_bad_record, progress=progress)
+    write_json(folder / DATA_REPORT, dict(manifest=str(manifest), records=len(data), skipped=len(data.skipped),
+                                          on_bad_record=cfg.on_bad_record, first_reasons=data.skipped[:10]))
+    if data.skipped:
+        notes.append(f"{len(data.skipped)} bad record(s) skipped (on_bad_record='skip'; first: {data.skipped[0]}; "
+                     f"all in {DATA_REPORT})")
+    eval_records = datasets.sample_records(cfg.data, data.records, cfg.n_samples)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, skipped = 0, 0
     if resume:

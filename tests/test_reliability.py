@@ -165,3 +165,31 @@ def test_a_base_the_adapter_cannot_attach_to_is_a_clear_error(tiny_sd_folder, tm
     (flat / "unet" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="nothing to attach to"):
         load_base(flat)
+
+
+def _manifest_with_a_bad_image(folder):
+    from adapterlib.shapes import write_dataset
+    manifest = write_dataset(folder, 12)
+    lines = manifest.read_text().splitlines()
+    bad = json.loads(lines[4])
+    (folder / bad["image"]).write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")     # line 5: a corrupt PNG
+    return manifest, bad["id"]
+
+
+def test_a_corrupt_image_stops_a_run_before_training_naming_line_and_id(runs, tmp_path):
+    manifest, rid = _manifest_with_a_bad_image(tmp_path / "data")
+    with pytest.raises(Exception, match=rf"line 5 \(id '{rid}'\): image .* does not decode"):
+        train(small("corrupt", data=str(manifest)), progress=False)
+    assert not (runs / "corrupt" / "metrics.csv").exists() or read_metrics(runs / "corrupt").empty
+    assert list_checkpoints(runs / "corrupt") == []
+
+
+def test_skip_policy_trains_without_the_bad_record_and_says_so(runs, tmp_path, capsys):
+    manifest, rid = _manifest_with_a_bad_image(tmp_path / "data")
+    run = train(small("skipping", data=str(manifest), on_bad_record="skip", steps=2), progress=False)
+    report = json.loads((run / "data_report.json").read_text())
+    assert (report["records"], report["skipped"]) == (11, 1) and rid in report["first_reasons"][0]
+    assert "1 bad record(s) skipped" in (run / "train.log").read_text()
+    assert main(["status", str(run), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status["skipped_records"] == 1 and any("bad training record" in w for w in status["warnings"])
