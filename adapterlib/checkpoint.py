@@ -107,6 +107,21 @@ def save_checkpoint(run: Path, step: int, adapter: SpatialAdapter, state: dict, 
     return final
 
 
+def save_final(run: Path, adapter: SpatialAdapter, info: dict) -> Path:
+    """`<run>/final/` (adapter.safetensors + info.json), written as a whole: built in final.tmp/ and
+    swapped in, so the weights and their step always belong together."""
+    final, tmp = Path(run) / "final", Path(run) / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_adapter(adapter, tmp / "adapter.safetensors")
+    (tmp / "info.json").write_text(json.dumps(info))
+    for name in ("adapter.safetensors", "info.json"):
+        _fsync(tmp / name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
 def prune_checkpoints(run: Path, keep_last: int) -> list[int]:
     """Delete all but the newest `keep_last` valid checkpoints (0: keep all). The newest valid one always
     stays, and an invalid one never counts towards the ones kept. Returns the steps deleted."""

@@ -17,6 +17,7 @@ import codecs
 import json
 import logging
 import math
+import os
 import stat
 import sys
 from dataclasses import dataclass
@@ -253,12 +254,17 @@ def read_manifest(path: str | Path, require_image: bool = True, on_bad_record: s
 
 
 def write_manifest(path: str | Path, records: Iterable[Record]) -> Path:
-    """Write records one per line (parent folders are created)."""
+    """Write records one per line (parent folders are created), through a temporary file renamed at the
+    end: a manifest that exists is complete (a killed writer leaves none)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record.to_json()) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return path
 
 

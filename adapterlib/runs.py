@@ -51,15 +51,31 @@ def resolve_run(name_or_path: str | Path | None = None) -> Path:
     return path
 
 
-def find_latest_run(root: Path | None = None) -> Path:
-    """The run under `root` (default: the runs root) whose newest complete checkpoint is the most recent."""
+def find_latest_run(root: Path | None = None, *, finished_first: bool = False) -> Path:
+    """The run under `root` (default: the runs root) whose newest complete checkpoint is the most recent.
+
+    `finished_first` (what the analysis notebooks use for run_name ""): a finished run (final/info.json
+    at its planned steps) wins over any unfinished one; among finished runs the one trained the most
+    steps, the newest of equally long ones. So a short test run trained after the default run is not
+    taken for it; unfinished runs count only when no run is finished."""
     root = Path(root or runs_root())
     runs = [run for run in root.iterdir() if run.is_dir()] if root.is_dir() else []
-    candidates = [(path.stat().st_mtime, run) for run in runs for _, path in list_checkpoints(run)[-1:]]
+    candidates = [(_finished_rank(run) if finished_first else (), path.stat().st_mtime, run)
+                  for run in runs for _, path in list_checkpoints(run)[-1:]]
     if not candidates:
         raise FileNotFoundError(f"no run under {root} has a complete checkpoint (train one with "
                                 "notebooks/02_train.ipynb or `python -m adapterlib train`)")
-    return max(candidates)[1]
+    return max(candidates)[-1]
+
+
+def _finished_rank(run: Path) -> tuple[bool, int]:
+    """(finished, final step) of a run: (False, 0) while it is not finished."""
+    info = run / "final" / "info.json"
+    if not (info.is_file() and (run / "final" / "adapter.safetensors").is_file()):
+        return False, 0
+    step = json.loads(info.read_text())["step"]
+    planned = effective_config(run).get("steps") if (run / "config.json").is_file() else None
+    return (planned is None or step >= planned), step
 
 
 def read_config(run: Path) -> dict:
@@ -144,10 +160,13 @@ class RunLog:
         self._write_rows(rows)
 
     def _write_rows(self, rows):
-        with self.csv_path.open("w", newline="") as f:
+        """Rewrite metrics.csv through a temporary file: a kill here never loses the logged history."""
+        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, self.columns)
             writer.writeheader()
             writer.writerows(rows)
+        os.replace(tmp, self.csv_path)
 
     def text(self, line: str) -> None:
         with self.log_path.open("a") as f:

@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                          "starting again from step 0")
         resume, changes = False, {}
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        write_json(folder / "config.json", cfg.to_dict())          # atomically: a kill never leaves half a config
         (folder / "config.txt").write_text(cfg.to_text())
         notes.append(f"started at step 0 of {cfg.steps}")
 
@@ -262,10 +262,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     # --- the final adapter
     if step > last_saved:
         save(step, rng_done)
-    final = folder / "final"
-    final.mkdir(exist_ok=True)
-    checkpoint.save_adapter(adapter, final / "adapter.safetensors")
-    (final / "info.json").write_text(json.dumps({"step": step, "skipped": skipped}))
+    final = checkpoint.save_final(folder, adapter, dict(step=step, skipped=skipped))
     log.text(f"finished: {step} steps, final adapter in final/adapter.safetensors")
     bar.say(f"finished: {step} steps in {time.perf_counter() - t_start:.0f} s; final adapter in {final}")
     adapter.detach()

@@ -193,3 +193,35 @@ def test_skip_policy_trains_without_the_bad_record_and_says_so(runs, tmp_path, c
     assert main(["status", str(run), "--json"]) == 0
     status = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert status["skipped_records"] == 1 and any("bad training record" in w for w in status["warnings"])
+
+
+def test_a_kill_while_resume_rewrites_metrics_never_loses_the_history(runs, monkeypatch):
+    """RunLog rewrites metrics.csv on resume; a crash in the middle leaves the old file whole."""
+    import csv
+
+    from adapterlib.runs import RunLog
+    run = train(small("history", steps=4), progress=False)
+    before = (run / "metrics.csv").read_text()
+    def crash(self, rows):
+        raise KeyboardInterrupt("killed mid-rewrite")
+    monkeypatch.setattr(csv.DictWriter, "writerows", crash)
+    with pytest.raises(KeyboardInterrupt):
+        RunLog(run, [], resume_step=2)
+    assert (run / "metrics.csv").read_text() == before
+
+
+def test_a_manifest_writer_killed_midway_leaves_no_manifest(tmp_path, monkeypatch):
+    from adapterlib.data import GroundedObject, Record, write_manifest
+    def records():
+        yield Record("a red circle", (GroundedObject("red circle", (0.1, 0.1, 0.5, 0.5)),), image="a.png")
+        raise KeyboardInterrupt("killed mid-write")
+    with pytest.raises(KeyboardInterrupt):
+        write_manifest(tmp_path / "data.jsonl", records())
+    assert not (tmp_path / "data.jsonl").exists()        # a manifest that exists is complete
+
+
+def test_final_is_written_as_a_whole(runs):
+    run = train(small("final", steps=2), progress=False)
+    train(resume_config("final", steps=4), resume=True, progress=False)
+    assert json.loads((run / "final" / "info.json").read_text())["step"] == 4
+    assert not (run / "final.tmp").exists() and not list(run.glob("*.tmp"))
