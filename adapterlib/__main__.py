@@ -8,6 +8,8 @@
     python -m adapterlib status <run> [--json]                  # where a run stands
     python -m adapterlib train [--preset P] [--FIELD VALUE ...]   # train a new run (fields of TrainConfig)
     python -m adapterlib train --resume <run> [--steps N ...]     # continue a run (only free fields may change)
+    python -m adapterlib import coco --instances FILE --images DIR [--captions FILE] [--map FILE] --out DIR
+    python -m adapterlib import odvg --jsonl FILE --images DIR --out DIR   # -> DIR/data.jsonl (a manifest)
 
 A run is a name under the runs root ($ADAPTERLIB_RUNS, default runs/) or a path.
 
@@ -98,7 +100,70 @@ def _parser() -> argparse.ArgumentParser:
         tr.add_argument(f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []),
                         dest=f"field_{f.name}", default=None, metavar=kind.__name__.upper(),
                         type=_parse_bool if kind is bool else kind, help=f"default: the preset's ({f.default!r} in shapes)")
+    _import_parser(commands)
     return parser
+
+
+def _import_parser(commands) -> None:
+    from .data import MAX_OBJECTS
+
+    im = commands.add_parser("import", help="import COCO or ODVG into a manifest (OUT/data.jsonl)",
+                             description="Write OUT/data.jsonl in the manifest format from a COCO or ODVG data set "
+                                         "(image paths relative to OUT; nothing is copied). Prints a summary table "
+                                         "and, as the last line, a JSON object.")
+    kinds = im.add_subparsers(required=True, metavar="FORMAT")
+
+    def common(p):
+        p.add_argument("--images", type=Path, required=True, help="the folder the source's file names are in")
+        p.add_argument("--out", type=Path, required=True, help="the folder to write data.jsonl to")
+        p.add_argument("--max-objects", type=int, default=MAX_OBJECTS, metavar="N",
+                       help=f"the object limit (TrainConfig.max_objects; default {MAX_OBJECTS}): beyond it the "
+                            f"largest boxes are kept")
+        p.add_argument("--skip-bad", action="store_true",
+                       help="skip a malformed source record (counted) instead of stopping with an error")
+        p.add_argument("--drop-empty", action="store_true",
+                       help="leave out images with no kept object (default: keep them, with no objects)")
+        p.add_argument("--no-check-sizes", dest="check_sizes", action="store_false",
+                       help="do not compare each image's size (its header) with the record's width and height")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/data.jsonl")
+
+    coco = kinds.add_parser("coco", help="COCO instances (+ captions) JSON",
+                            description="COCO instances -> manifest: phrases are category names, boxes xywh "
+                                        "pixels -> normalised xyxy; crowd, degenerate and outside boxes dropped "
+                                        "(counted), partial ones clipped.")
+    coco.set_defaults(command=_import, command_name="import coco")
+    coco.add_argument("--instances", type=Path, required=True, help="instances_*.json")
+    coco.add_argument("--captions", type=Path, default=None, help="captions_*.json (default: empty captions)")
+    coco.add_argument("--caption-mode", choices=["first", "all"], default="first",
+                      help="first: one record per image with its first caption (default); all: one record per "
+                           "(image, caption) pair")
+    coco.add_argument("--map", type=Path, default=None, metavar="FILE",
+                      help='a JSON object {"category name": "phrase"} renaming categories (an unknown name is an error)')
+    coco.add_argument("--keep-crowd", action="store_true", help="keep crowd boxes (iscrowd=1; default: dropped)")
+    common(coco)
+
+    odvg = kinds.add_parser("odvg", help="ODVG JSON Lines (grounding or detection records)",
+                            description="ODVG -> manifest: a grounding line gives its caption and a phrase per "
+                                        "region box; a detection line an empty caption and its categories. "
+                                        "Boxes are pixel xyxy.")
+    odvg.set_defaults(command=_import, command_name="import odvg")
+    odvg.add_argument("--jsonl", type=Path, required=True, help="the ODVG file, one JSON record a line")
+    common(odvg)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from . import importers
+
+    shared = dict(max_objects=args.max_objects, drop_empty=args.drop_empty, skip_bad=args.skip_bad,
+                  check_sizes=args.check_sizes, overwrite=args.overwrite)
+    if args.command_name == "import coco":
+        summary = importers.import_coco(args.instances, args.images, args.out, captions=args.captions,
+                                        caption_mode=args.caption_mode, name_map=args.map,
+                                        keep_crowd=args.keep_crowd, **shared)
+    else:
+        summary = importers.import_odvg(args.jsonl, args.images, args.out, **shared)
+    importers.report(summary, _print_json)
+    return 0
 
 
 def _parse_bool(text: str) -> bool:

@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import MAX_OBJECTS
+from .data import MAX_OBJECTS, check_max_objects
 
 
 @dataclass
@@ -52,7 +52,7 @@ class TrainConfig:
     adapter_attention: str = "masked"    # self | cross | masked
     adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
     adapter_feedforward: bool = True
-    max_objects: int = 30
+    max_objects: int = MAX_OBJECTS       # the object limit: the manifest reader's, the adapter's (data.MAX_OBJECTS)
     log_every: int = 25
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
     # --- reliability
@@ -84,8 +84,7 @@ class TrainConfig:
         for name in ("warmup", "weight_decay", "n_samples", "seed", "keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
-        if not 1 <= self.max_objects <= MAX_OBJECTS:
-            raise ValueError(f"max_objects = {self.max_objects}: must be in [1, {MAX_OBJECTS}] (the manifest's object limit)")
+        check_max_objects(self.max_objects)
         for name in ("steps", "batch_size", "save_every", "log_every", "n_train", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")

@@ -26,7 +26,18 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+# The object limit: objects per record that the manifest reader, the importers and the adapter take. It is
+# one setting, `TrainConfig.max_objects` (training passes it to `ManifestImages`; `python -m adapterlib
+# import` takes it as --max-objects); MAX_OBJECTS is its default (GLIGEN's 30) and its ceiling.
 MAX_OBJECTS = 30
+
+
+def check_max_objects(max_objects: int) -> int:
+    """`max_objects` if it is a valid object limit (an int in [1, MAX_OBJECTS]), else a ValueError."""
+    if isinstance(max_objects, bool) or not isinstance(max_objects, int) or not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects = {max_objects}: must be in [1, {MAX_OBJECTS}] (the object limit's ceiling, "
+                         f"data.MAX_OBJECTS)")
+    return max_objects
 
 _log = logging.getLogger(__name__)
 
@@ -69,8 +80,9 @@ class Record:
         return out
 
     @classmethod
-    def from_json(cls, obj: Any, where: str, require_image: bool) -> "Record":
-        """Validate a decoded JSON value; errors start with `where` (file and line)."""
+    def from_json(cls, obj: Any, where: str, require_image: bool, max_objects: int = MAX_OBJECTS) -> "Record":
+        """Validate a decoded JSON value; errors start with `where` (file and line). A record may hold at
+        most `max_objects` objects (the object limit, see MAX_OBJECTS)."""
         if not isinstance(obj, dict):
             raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         # Name the record in every later message so it can be found in big files.
@@ -110,8 +122,10 @@ class Record:
         raw_objects = obj["objects"]
         if not isinstance(raw_objects, list):
             raise fail("objects", f"must be a list, got {type(raw_objects).__name__}")
-        if len(raw_objects) > MAX_OBJECTS:
-            raise fail("objects", f"has {len(raw_objects)} entries, more than MAX_OBJECTS={MAX_OBJECTS}")
+        if len(raw_objects) > max_objects:
+            raise fail("objects", f"has {len(raw_objects)} entries, more than the object limit max_objects="
+                                  f"{max_objects} (default data.MAX_OBJECTS={MAX_OBJECTS}; in training "
+                                  f"TrainConfig.max_objects)")
         objects = tuple(_parse_object(o, f"objects[{i}]", fail) for i, o in enumerate(raw_objects))
 
         return cls(caption=caption, objects=objects, image=image, id=rid, seed=seed)
@@ -182,10 +196,11 @@ def _image_problem(path: Path) -> str | None:
     return f"does not exist (looked for {path})"
 
 
-def _read_manifest(path: str | Path, require_image: bool,
-                   on_bad_record: str) -> tuple[list[Record], list[int], list[str]]:
+def _read_manifest(path: str | Path, require_image: bool, on_bad_record: str,
+                   max_objects: int = MAX_OBJECTS) -> tuple[list[Record], list[int], list[str]]:
     """(records, their 1-based line numbers, reasons for the skipped lines)."""
     _check_policy(on_bad_record)
+    check_max_objects(max_objects)
     path = Path(path)
     data = path.read_bytes()
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not data.startswith(codecs.BOM_UTF8):
@@ -209,7 +224,7 @@ def _read_manifest(path: str | Path, require_image: bool,
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ManifestError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            record = Record.from_json(obj, where, require_image)
+            record = Record.from_json(obj, where, require_image, max_objects)
             if require_image:
                 problem = _image_problem(resolve_image(path, record))
                 if problem is not None:
@@ -229,24 +244,25 @@ def _read_manifest(path: str | Path, require_image: bool,
     return records, lines, reasons
 
 
-def read_manifest_report(path: str | Path, require_image: bool = True,
-                         on_bad_record: str = "error") -> tuple[list[Record], list[str]]:
+def read_manifest_report(path: str | Path, require_image: bool = True, on_bad_record: str = "error",
+                         max_objects: int = MAX_OBJECTS) -> tuple[list[Record], list[str]]:
     """Read and validate a manifest: (records, reasons for the skipped lines).
 
     on_bad_record="error" raises ManifestError on the first bad line (the reasons are then always empty);
     "skip" leaves a bad line out and records why: one full message per skipped line, naming the file,
     line, record id and field. A manifest with no valid record is a ManifestError under both policies.
     With `require_image`, every record needs an image and the image file must exist (it is not decoded
-    here: `ManifestImages` does that)."""
-    records, _, reasons = _read_manifest(path, require_image, on_bad_record)
+    here: `ManifestImages` does that). A record with more than `max_objects` objects is a bad record."""
+    records, _, reasons = _read_manifest(path, require_image, on_bad_record, max_objects)
     return records, reasons
 
 
-def read_manifest(path: str | Path, require_image: bool = True, on_bad_record: str = "error") -> list[Record]:
+def read_manifest(path: str | Path, require_image: bool = True, on_bad_record: str = "error",
+                  max_objects: int = MAX_OBJECTS) -> list[Record]:
     """Read and validate a manifest; raises ManifestError on the first bad line (on_bad_record="error"),
     or leaves bad lines out and logs how many (on_bad_record="skip"; `read_manifest_report` returns the
     reasons)."""
-    records, reasons = read_manifest_report(path, require_image, on_bad_record)
+    records, reasons = read_manifest_report(path, require_image, on_bad_record, max_objects)
     if reasons:
         _log.warning("%s: skipped %d bad record(s) (on_bad_record='skip'):%s", path, len(reasons),
                      _first_reasons(reasons))
@@ -321,13 +337,16 @@ class ManifestImages:
     and has a nonzero size. A bad record (in the manifest or its image) is a ManifestError naming the
     manifest, line and record id (on_bad_record="error": after the pass, with the count of bad images),
     or is left out (on_bad_record="skip"): `skipped` holds every reason, from the reader and from the
-    image pass; `lines` holds the manifest line of each kept record."""
+    image pass; `lines` holds the manifest line of each kept record. `max_objects` is the object limit
+    (training passes `TrainConfig.max_objects`): a record with more objects is a bad record here, before
+    any training, not an error in the middle of it."""
 
     def __init__(self, manifest: str | Path, resolution: int, on_bad_record: str = "error",
-                 progress: bool = True):
+                 progress: bool = True, max_objects: int = MAX_OBJECTS):
         self.manifest = Path(manifest)
         self.resolution = resolution
-        records, lines, self.skipped = _read_manifest(self.manifest, True, on_bad_record)
+        self.max_objects = max_objects
+        records, lines, self.skipped = _read_manifest(self.manifest, True, on_bad_record, max_objects)
         keep, bad = [], []
         from tqdm import tqdm
         for i in tqdm(range(len(records)), desc="verify images", unit="img", disable=not progress,

@@ -121,7 +121,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [warm, warm])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     manifest = datasets.training_manifest(cfg.data, cfg.n_train, runs_root())
-    data = ManifestImages(manifest, base.resolution, on_bad_record=cfg.on_bad_record, progress=progress)
+    data = ManifestImages(manifest, base.resolution, on_bad_record=cfg.on_bad_record, progress=progress,
+                          max_objects=cfg.max_objects)
     write_json(folder / DATA_REPORT, dict(manifest=str(manifest), records=len(data), skipped=len(data.skipped),
                                           on_bad_record=cfg.on_bad_record, first_reasons=data.skipped[:10]))
     if data.skipped:
