@@ -24,3 +24,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
+
+# Not part of `make test`: installs a browser. The notebooks in a real JupyterLab under headless Chromium
+# (Debian's chromium and chromium-driver; no browser is downloaded by a Python package): notebook 05's
+# slider moved and checked against render(), notebook 02's progress bar and live plot while it trains;
+# screenshots to docs/. Stops every process it started; non-zero exit with a message on any failure.
+.PHONY: browser-check
+browser-check: $(VENV)/.installed
+	@test -x /usr/bin/chromium && test -x /usr/bin/chromedriver || { \
+	  echo "installing chromium and chromium-driver (Debian packages)"; \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium chromium-driver; }
+	$(PY) -m pip install -q -e ".[browser]"
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/browser_check.py

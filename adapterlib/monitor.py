@@ -13,25 +13,49 @@ from .runs import DATA_REPORT, effective_config, latest_checkpoint, read_metrics
 
 
 class LivePlot:
-    """`on_log` callback for `train`: redraws in place at most every `every_s` seconds."""
+    """`on_log` callback for `train`: redraws the loss/gate plot in place from metrics.csv, at most every
+    `every_s` seconds, and always at the first and the final logged step (so a short run shows its
+    end, and a long run's plot ends at its final state). `png(run_dir)` is the image it shows."""
 
-    def __init__(self, every_s: float = 15.0):
+    def __init__(self, every_s: float = 3.0, dpi: int = 80):
         import matplotlib.pyplot as plt
-        self.every_s, self.last = every_s, 0.0
-        self.figure, self.axes = plt.subplots(1, 2, figsize=(10, 3.2))
+        self.every_s, self.dpi, self.last = every_s, dpi, None
+        self.figure, self.axes = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
         plt.close(self.figure)                 # shown through the display handle only
         self.handle = None
 
+    def png(self, run_dir) -> bytes:
+        """The plot of the run's metrics.csv as it is now (PNG bytes), titled with its step."""
+        import io
+        metrics = read_metrics(run_dir)
+        plot_progress(metrics, self.axes)
+        step = int(metrics.step.iloc[-1]) if len(metrics) else 0
+        total = _planned_steps(run_dir)
+        self.figure.suptitle(f"{Path(run_dir).name}: step {step}" + (f" of {total}" if total else ""), fontsize=10)
+        buffer = io.BytesIO()
+        self.figure.savefig(buffer, format="png", dpi=self.dpi)
+        return buffer.getvalue()
+
     def __call__(self, run_dir) -> None:
-        if time.monotonic() - self.last < self.every_s:
+        from IPython.display import Image, display
+        if self.last is not None and time.monotonic() - self.last < self.every_s and not _at_end(run_dir):
             return
-        from IPython.display import display
         self.last = time.monotonic()
-        plot_progress(read_metrics(run_dir), self.axes)
+        image = Image(data=self.png(run_dir), format="png")
         if self.handle is None:
-            self.handle = display(self.figure, display_id=True)
+            self.handle = display(image, display_id=True)
         else:
-            self.handle.update(self.figure)
+            self.handle.update(image)
+
+
+def _planned_steps(run_dir) -> int | None:
+    return effective_config(Path(run_dir)).get("steps") if (Path(run_dir) / "config.json").is_file() else None
+
+
+def _at_end(run_dir) -> bool:
+    """The last metrics row is the run's planned last step (train always logs it)."""
+    total, metrics = _planned_steps(run_dir), read_metrics(run_dir)
+    return bool(total) and len(metrics) > 0 and int(metrics.step.iloc[-1]) >= total
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ What the widgets do is one plain function of their values, `slider.render(scale,
 -> PIL image (boxes drawn, enlarged); the widgets only call it on change. So the behaviour is tested
 headless by setting `.value` on a control and reading `slider.image.value` (PNG bytes), and the
 notebook runs under papermill and nbval, where no browser ever draws the widgets.
+
+In a browser the image is shown at its own pixel size (never stretched to the cell width, so the
+controls and the image fit on one screen and the enlarged pixels stay sharp), and the status line says
+"rendering ..." while a new image is computed (1-2 s).
 """
 from __future__ import annotations
 
@@ -52,8 +56,8 @@ class GateSlider:
         self.seed = widgets.IntText(value=layouts.seeds[0], description="seed")
         self.tau = widgets.FloatSlider(value=tau, min=0.0, max=1.0, step=0.05, description="tau",
                                        continuous_update=False)
-        self.image = widgets.Image(format="png")
-        self.status = widgets.Label()
+        self.image = widgets.Image(format="png", layout=widgets.Layout(object_fit="contain"))
+        self.status = widgets.Label(layout=widgets.Layout(min_height="1.6em"))
         self._holding = False
         for control in self.controls:
             control.observe(self._on_change, names="value")
@@ -74,12 +78,16 @@ class GateSlider:
                             steps=self.steps, guidance=self.guidance, upscale=self.upscale)
 
     def update(self) -> None:
-        """Render the current values into the image widget."""
-        start = time.perf_counter()
-        self.image.value = png_bytes(self.render(**self.values()))
+        """Render the current values into the image widget (the status line says so meanwhile)."""
         v = self.values()
-        self.status.value = (f"scale {v['scale']:.2f}, tau {v['tau']:.2f}, seed {v['seed']}: "
-                             f"{time.perf_counter() - start:.2f} s ({self.steps} DDIM steps)")
+        what = f"scale {v['scale']:.2f}, tau {v['tau']:.2f}, layout {v['layout']}, seed {v['seed']}"
+        self.status.value = f"\u23f3 rendering {what} ..."        # sent to the browser before the work starts
+        start = time.perf_counter()
+        image = self.render(**v)
+        self.image.value = png_bytes(image)
+        # the image's own pixel size: a flex box would otherwise stretch it to the cell width (and blur it)
+        self.image.layout.width, self.image.layout.height = f"{image.width}px", f"{image.height}px"
+        self.status.value = f"{what}: {time.perf_counter() - start:.2f} s ({self.steps} DDIM steps)"
 
     def _on_change(self, change) -> None:
         if self._holding:

@@ -59,3 +59,77 @@ def test_choosing_a_layout_starts_at_its_evaluation_seed(slider):
 def test_the_slider_displays_without_a_browser(slider):
     bundle = slider._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle and "text/plain" in bundle
+
+
+def test_the_image_is_shown_at_its_own_pixel_size(slider):
+    image = slider.render(**slider.values())
+    assert (slider.image.layout.width, slider.image.layout.height) == (f"{image.width}px", f"{image.height}px")
+
+
+def test_the_status_line_says_rendering_while_a_new_image_is_computed(slider):
+    seen = []
+    slider.status.observe(lambda change: seen.append(change["new"]), names="value")
+    slider.scale.value = 0.75
+    assert seen[0].startswith("\u23f3 rendering scale 0.75") and "rendering" not in seen[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# the live plot of notebook 02 and the run notebook 05 picks (fake run folders: no training)
+
+def _fake_run(root, name, *, steps, logged, final=None, checkpoint=None):
+    import json
+    from adapterlib.runs import CHECKPOINT_FILES, METRIC_COLUMNS, checkpoint_dir
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"steps": steps}))
+    rows = [",".join(str(s if c == "step" else 0.5) for c in METRIC_COLUMNS) for s in logged]
+    (run / "metrics.csv").write_text("\n".join([",".join(METRIC_COLUMNS), *rows]) + "\n")
+    if checkpoint is not None:
+        folder = checkpoint_dir(run, checkpoint)
+        folder.mkdir(parents=True)
+        for f in CHECKPOINT_FILES:
+            (folder / f).write_text("x")
+    if final is not None:
+        (run / "final").mkdir()
+        (run / "final" / "adapter.safetensors").write_text("x")
+        (run / "final" / "info.json").write_text(json.dumps({"step": final}))
+    return run
+
+
+def test_the_live_plot_always_draws_the_first_and_the_final_step(tmp_path, monkeypatch):
+    import IPython.display
+    from adapterlib.monitor import LivePlot
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj, display_id=False: shown.append(obj) or _Handle(shown))
+    run = _fake_run(tmp_path, "r", steps=20, logged=[5])
+    plot = LivePlot(every_s=3600)
+    plot(run)
+    _fake_run(tmp_path, "r2", steps=20, logged=[5, 10])
+    plot(tmp_path / "r2")                                    # within every_s, not the end: not drawn
+    assert len(shown) == 1
+    _fake_run(tmp_path, "done", steps=20, logged=[5, 10, 15, 20])
+    plot(tmp_path / "done")                                  # the final step: drawn whatever the interval
+    assert len(shown) == 2 and shown[-1].data == LivePlot().png(tmp_path / "done")
+
+
+class _Handle:
+    def __init__(self, shown):
+        self.shown = shown
+
+    def update(self, obj):
+        self.shown.append(obj)
+
+
+def test_notebook_05_picks_the_longest_finished_run_not_a_newer_short_one(tmp_path):
+    import os
+    import time
+    from adapterlib.runs import find_latest_run
+    default = _fake_run(tmp_path, "default", steps=1500, logged=[1500], final=1500, checkpoint=1500)
+    short = _fake_run(tmp_path, "test-2-steps", steps=2, logged=[2], final=2, checkpoint=2)
+    unfinished = _fake_run(tmp_path, "half", steps=3000, logged=[250], checkpoint=250)
+    now = time.time()
+    for age, run in enumerate([unfinished, short, default]):   # the unfinished run is the newest
+        for _, path in [(0, p) for p in (run / "checkpoints").iterdir()]:
+            os.utime(path, (now - age * 60, now - age * 60))
+    assert find_latest_run(tmp_path) == unfinished                       # resume: the newest checkpoint
+    assert find_latest_run(tmp_path, finished_first=True) == default     # analysis: the longest finished run
