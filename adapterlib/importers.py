@@ -236,6 +236,16 @@ def _finish(path: Path, records: list[Record], summary: ImportSummary) -> Import
 # ---------------------------------------------------------------------------------------------
 # COCO
 
+def _start(kind: str, images: Path, out, overwrite: bool, max_objects: int, skip_bad: bool):
+    """What both importers check and set up first: the limit, the images folder, the output manifest."""
+    check_max_objects(max_objects)
+    if not images.is_dir():
+        raise FileNotFoundError(f"--images {images}: not a folder")
+    manifest = _manifest_path(Path(out), overwrite)
+    summary = ImportSummary(kind, str(manifest), max_objects)
+    return manifest, summary, _Policy(skip_bad, summary)
+
+
 def import_coco(instances: str | Path, images: str | Path, out: str | Path, *, captions: str | Path | None = None,
                 caption_mode: str = "first", name_map: str | Path | None = None, max_objects: int = MAX_OBJECTS,
                 keep_crowd: bool = False, drop_empty: bool = False, skip_bad: bool = False,
@@ -244,15 +254,10 @@ def import_coco(instances: str | Path, images: str | Path, out: str | Path, *, c
     JSON object {category name: phrase}); boxes go from xywh pixels to normalised xyxy; the module
     docstring lists what is dropped and counted. Record ids are "coco-<image id>" ("-<k>" appended for
     the k-th caption with caption_mode="all")."""
-    check_max_objects(max_objects)
     if caption_mode not in CAPTION_MODES:
         raise ValueError(f"caption_mode = {caption_mode!r}: choose one of {CAPTION_MODES}")
-    instances, images, out = Path(instances), Path(images), Path(out)
-    if not images.is_dir():
-        raise FileNotFoundError(f"--images {images}: not a folder")
-    manifest = _manifest_path(out, overwrite)
-    summary = ImportSummary("coco", str(manifest), max_objects)
-    policy = _Policy(skip_bad, summary)
+    instances, images = Path(instances), Path(images)
+    manifest, summary, policy = _start("coco", images, out, overwrite, max_objects, skip_bad)
     doc = _load_json(instances, "instances")
 
     # categories: id -> phrase
@@ -384,13 +389,8 @@ def import_odvg(jsonl: str | Path, images: str | Path, out: str | Path, *, max_o
     per region box (phrase: the region's "phrase", else the caption's `tokens_positive` spans); a
     "detection" line becomes a record with an empty caption and one object per instance (phrase: its
     "category"). Boxes are pixel xyxy. Record ids are "odvg-<line>"."""
-    check_max_objects(max_objects)
-    jsonl, images, out = Path(jsonl), Path(images), Path(out)
-    if not images.is_dir():
-        raise FileNotFoundError(f"--images {images}: not a folder")
-    manifest = _manifest_path(out, overwrite)
-    summary = ImportSummary("odvg", str(manifest), max_objects)
-    policy = _Policy(skip_bad, summary)
+    jsonl, images = Path(jsonl), Path(images)
+    manifest, summary, policy = _start("odvg", images, out, overwrite, max_objects, skip_bad)
     lines = jsonl.read_bytes().splitlines()
     if lines and lines[0].startswith(b"\xef\xbb\xbf"):
         lines[0] = lines[0][3:]
