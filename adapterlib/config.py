@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import MAX_OBJECTS, check_max_objects
+from .data import CROPS, MAX_OBJECTS, check_max_objects
 
 
 @dataclass
@@ -53,6 +53,9 @@ class TrainConfig:
     adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
     adapter_feedforward: bool = True
     max_objects: int = MAX_OBJECTS       # the object limit: the manifest reader's, the adapter's (data.MAX_OBJECTS)
+    crop: str = "none"                   # none (stretch to a square) | center | random (per sample, per epoch):
+                                         # shorter side to the resolution, square crop, boxes clipped (data.transform_sample)
+    flip: bool = False                   # horizontal flip with probability 0.5, boxes flipped; phrases left as they are
     log_every: int = 25
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
     # --- reliability
@@ -72,7 +75,7 @@ class TrainConfig:
         if not self.scale_max > 0:
             raise ValueError("scale_max = 0: every gate would be multiplied by 0 and the adapter would never learn")
         choices = dict(adapter_attention=("self", "cross", "masked"), adapter_norm=("layernorm", "rmsnorm"),
-                       mixed_precision=("bf16", "fp16", "no"), on_bad_record=("error", "skip"))
+                       mixed_precision=("bf16", "fp16", "no"), on_bad_record=("error", "skip"), crop=CROPS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: choose one of {allowed}")
@@ -109,7 +112,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
                 "warmup", "grad_clip", "adapter_attention", "adapter_norm", "adapter_feedforward", "max_objects",
-                "on_bad_record")
+                "on_bad_record", "crop", "flip")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), and its
 # safety nets.
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
@@ -156,10 +159,12 @@ def make_config(preset: str = "", **overrides) -> TrainConfig:
 
 def resume_changes(saved: dict, changes: dict, where) -> dict:
     """The changes a resume may make to the saved config: those to RESUME_FREE fields. A change to a
-    RESUME_FIXED field is an error naming each one; unknown names are an error listing the fields."""
+    RESUME_FIXED field is an error naming each one; unknown names are an error listing the fields. A field
+    missing from `saved` (a run saved before the field existed, e.g. crop / flip) has its default value."""
     unknown = set(changes) - set(FIELDS)
     if unknown:
         raise unknown_fields_error(unknown)
+    saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in saved}, **saved}
     refused = sorted(k for k, v in changes.items() if k in RESUME_FIXED and saved.get(k) != v)
     if refused:
         detail = ", ".join(f"{k} (saved {saved.get(k)!r}, asked {changes[k]!r})" for k in refused)

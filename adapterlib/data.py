@@ -14,10 +14,12 @@ file, line, record id and field instead of silently training on bad data.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import stat
 import sys
 from dataclasses import dataclass
@@ -327,11 +329,110 @@ def resolve_image(manifest_path: str | Path, record: Record) -> Path:
     return Path(manifest_path).parent / record.image
 
 
+# --- the crop / flip policy (TrainConfig.crop, TrainConfig.flip)
+
+CROPS = ("none", "center", "random")
+# An object whose box keeps less than this share of its area inside the crop is dropped (counted), as is one
+# cropped away entirely: a sliver at the edge would teach the adapter a box that no longer shows the object.
+MIN_KEPT_AREA = 0.2
+_SIDE_WORD = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def check_crop(crop: str) -> str:
+    """`crop` if it is a crop policy (one of CROPS), else a ValueError."""
+    if crop not in CROPS:
+        raise ValueError(f"crop = {crop!r}: choose one of {CROPS}")
+    return crop
+
+
+def names_a_side(text: str) -> bool:
+    """Whether `text` has the word "left" or "right" (a phrase a horizontal flip makes wrong)."""
+    return _SIDE_WORD.search(text) is not None
+
+
+def sample_rng(seed: int, position: int, n: int) -> np.random.Generator:
+    """The crop / flip randomness of the sample at `position` of the data stream (n records a epoch): a
+    numpy Generator seeded with (seed, epoch, record slot), a pure function of (seed, position) that never
+    touches the training Generator -- so a resumed run draws the same crops, and a run without crop or flip
+    draws nothing."""
+    return np.random.default_rng([int(seed), int(position) // n, int(position) % n])
+
+
+@dataclass(frozen=True)
+class TransformReport:
+    """What `transform_sample` did to one sample: objects dropped by the crop, whether it was flipped, and
+    the kept objects whose phrase names a side ("left"/"right") in a flipped sample (left unchanged)."""
+    dropped: int = 0
+    flipped: bool = False
+    side_words: int = 0
+
+
+def transform_sample(image, record: Record, resolution: int, crop: str = "none", flip: bool = False,
+                     rng: np.random.Generator | None = None) -> tuple[np.ndarray, Record, TransformReport]:
+    """One training sample at `resolution`: ((R, R, 3) uint8 image, record with the boxes transformed the
+    same way, TransformReport). `image` is a PIL image.
+
+    crop="none" is the original behaviour: the image is resized (stretched, bicubic) to a square; the
+    normalised boxes are unchanged and the record is returned as it is. "center" / "random": the shorter
+    side is resized to `resolution` (bicubic, aspect kept), then a square is cropped at the centre or at a
+    random offset (from `rng`); each box goes to pixels, is shifted by the crop, normalised and clipped to
+    [0, 1]. An object whose clipped box has zero area, or keeps less than MIN_KEPT_AREA of its area, is
+    dropped and counted. flip=True flips the image horizontally with probability 0.5 (from `rng`; the coin
+    is drawn first, then the crop offset), boxes with it (x0' = 1 - x1, x1' = 1 - x0). Phrases and the
+    caption are left unchanged: a phrase that names a side ("left cup") is not rewritten, it is counted in
+    `side_words` (swapping words would also rewrite "right" in other senses)."""
+    from PIL import Image
+    check_crop(crop)
+    if (crop == "random" or flip) and rng is None:
+        raise ValueError("transform_sample: crop='random' and flip need an rng (see sample_rng)")
+    do_flip = bool(flip and rng.random() < 0.5)
+    image = image.convert("RGB")
+    R = resolution
+    objects, dropped = record.objects, 0
+    if crop == "none":
+        if image.size != (R, R):
+            image = image.resize((R, R), Image.BICUBIC)
+    else:
+        w, h = image.size
+        s = R / min(w, h)
+        nw, nh = (R, max(R, round(h * s))) if w <= h else (max(R, round(w * s)), R)
+        if (nw, nh) != (w, h):
+            image = image.resize((nw, nh), Image.BICUBIC)
+        if crop == "center":
+            ox, oy = (nw - R) // 2, (nh - R) // 2
+        else:
+            ox, oy = int(rng.integers(0, nw - R + 1)), int(rng.integers(0, nh - R + 1))
+        if (nw, nh) != (R, R):
+            image = image.crop((ox, oy, ox + R, oy + R))
+        kept = []
+        for o in objects:
+            x0, y0, x1, y1 = o.box
+            full = ((x0 * nw - ox) / R, (y0 * nh - oy) / R, (x1 * nw - ox) / R, (y1 * nh - oy) / R)
+            box = tuple(min(1.0, max(0.0, v)) for v in full)
+            area = (box[2] - box[0]) * (box[3] - box[1])
+            if box[2] <= box[0] or box[3] <= box[1] or area < MIN_KEPT_AREA * (full[2] - full[0]) * (full[3] - full[1]):
+                dropped += 1
+                continue
+            kept.append(GroundedObject(o.phrase, box))
+        objects = tuple(kept)
+    side_words = 0
+    if do_flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        objects = tuple(GroundedObject(o.phrase, (1.0 - o.box[2], o.box[1], 1.0 - o.box[0], o.box[3]))
+                        for o in objects)
+        side_words = sum(names_a_side(o.phrase) for o in objects)
+    if objects is not record.objects:
+        record = dataclasses.replace(record, objects=objects)
+    return np.asarray(image), record, TransformReport(dropped, do_flip, side_words)
+
+
 class ManifestImages:
     """A manifest's records with their images, loaded on demand and resized to the model's resolution.
 
-    Boxes are normalised, so resizing (without cropping) keeps every box valid; non-square images are
-    stretched, which the boxes follow exactly.
+    Boxes are normalised, so resizing (crop="none") keeps every box valid; non-square images are
+    stretched, which the boxes follow exactly. crop="center" / "random" and flip transform the image and
+    its boxes together (`transform_sample`); the randomness is a pure function of (seed, the sample's
+    position in the data stream). Objects cropped away are dropped and counted in `dropped_by_crop`.
 
     Construction checks every image once, before any training: it exists, is a non-empty file, decodes
     and has a nonzero size. A bad record (in the manifest or its image) is a ManifestError naming the
@@ -342,10 +443,17 @@ class ManifestImages:
     any training, not an error in the middle of it."""
 
     def __init__(self, manifest: str | Path, resolution: int, on_bad_record: str = "error",
-                 progress: bool = True, max_objects: int = MAX_OBJECTS):
+                 progress: bool = True, max_objects: int = MAX_OBJECTS, crop: str = "none", flip: bool = False,
+                 seed: int = 0):
         self.manifest = Path(manifest)
         self.resolution = resolution
         self.max_objects = max_objects
+        self.crop, self.flip, self.seed = check_crop(crop), bool(flip), int(seed)
+        # what the crop / flip policy did in the loads of this instance (a report's numbers; a resumed run
+        # counts from its resume on)
+        self.dropped_by_crop = 0      # objects cropped away or below MIN_KEPT_AREA of their area
+        self.flipped = 0              # samples flipped
+        self.side_words_flipped = 0   # kept objects whose phrase names a side ("left"/"right") in a flipped sample
         records, lines, self.skipped = _read_manifest(self.manifest, True, on_bad_record, max_objects)
         keep, bad = [], []
         from tqdm import tqdm
@@ -373,15 +481,28 @@ class ManifestImages:
     def __len__(self) -> int:
         return len(self.records)
 
-    def load(self, indices) -> tuple[np.ndarray, list[Record]]:
-        """(B, H, W, 3) uint8 images and their records."""
+    def load(self, indices, positions=None) -> tuple[np.ndarray, list[Record]]:
+        """(B, H, W, 3) uint8 images and their records, both transformed by the crop / flip policy
+        (`transform_sample`; crop="none" without flip: resized, the records as they are).
+
+        `positions`: each sample's position in the data stream (training passes step * batch_size + i);
+        the crop offset and flip coin of a sample come from (seed, position) only (`sample_rng`). Without
+        positions, a sample's position is its index (epoch 0)."""
         from PIL import Image
-        records = [self.records[int(i)] for i in indices]
-        images = []
-        for r in records:
-            with Image.open(resolve_image(self.manifest, r)) as im:
-                im = im.convert("RGB")
-                if im.size != (self.resolution, self.resolution):
-                    im = im.resize((self.resolution, self.resolution), Image.BICUBIC)
-                images.append(np.asarray(im))
+        indices = [int(i) for i in indices]
+        positions = indices if positions is None else [int(p) for p in positions]
+        if len(positions) != len(indices):
+            raise ValueError(f"{len(indices)} indices but {len(positions)} positions")
+        random = self.crop == "random" or self.flip
+        images, records = [], []
+        for i, pos in zip(indices, positions):
+            rng = sample_rng(self.seed, pos, len(self.records)) if random else None
+            with Image.open(resolve_image(self.manifest, self.records[i])) as im:
+                image, record, report = transform_sample(im, self.records[i], self.resolution, self.crop,
+                                                         self.flip, rng)
+            self.dropped_by_crop += report.dropped
+            self.flipped += report.flipped
+            self.side_words_flipped += report.side_words
+            images.append(image)
+            records.append(record)
         return np.stack(images), records

@@ -122,7 +122,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     manifest = datasets.training_manifest(cfg.data, cfg.n_train, runs_root())
     data = ManifestImages(manifest, base.resolution, on_bad_record=cfg.on_bad_record, progress=progress,
-                          max_objects=cfg.max_objects)
+                          max_objects=cfg.max_objects, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed)
     write_json(folder / DATA_REPORT, dict(manifest=str(manifest), records=len(data), skipped=len(data.skipped),
                                           on_bad_record=cfg.on_bad_record, first_reasons=data.skipped[:10]))
     if data.skipped:
@@ -182,7 +182,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                 raise Interrupted(f"stop_at_step {stop_at_step}")
             # --- batch: images, captions (caption dropout), grounding (phrase dropout)
             idx = batch_indices(cfg.seed, len(data), step * cfg.batch_size, cfg.batch_size)
-            images, records = data.load(idx)
+            # crop / flip randomness: a function of (seed, position), never of `gen` (data.sample_rng)
+            images, records = data.load(idx, positions=range(step * cfg.batch_size, (step + 1) * cfg.batch_size))
             x0 = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
             drop = torch.rand(len(records), generator=gen) < cfg.caption_dropout
             captions = ["" if d else r.caption for d, r in zip(drop.tolist(), records)]
@@ -264,6 +265,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     if step > last_saved:
         save(step, rng_done)
     final = checkpoint.save_final(folder, adapter, dict(step=step, skipped=skipped))
+    if cfg.crop != "none" or cfg.flip:
+        log.text(f"crop {cfg.crop!r}, flip {cfg.flip}: {data.dropped_by_crop} object(s) cropped away, "
+                 f"{data.flipped} sample(s) flipped, {data.side_words_flipped} flipped phrase(s) naming a side "
+                 "(left as written) since this process started")
     log.text(f"finished: {step} steps, final adapter in final/adapter.safetensors")
     bar.say(f"finished: {step} steps in {time.perf_counter() - t_start:.0f} s; final adapter in {final}")
     adapter.detach()
