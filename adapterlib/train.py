@@ -266,6 +266,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
         save(step, rng_done)
     final = checkpoint.save_final(folder, adapter, dict(step=step, skipped=skipped))
     if cfg.crop != "none" or cfg.flip:
+        report = json.loads((folder / DATA_REPORT).read_text())
+        write_json(folder / DATA_REPORT, {**report, "cropped_away": data.dropped_by_crop, "flipped": data.flipped,
+                                          "side_words_flipped": data.side_words_flipped})
         log.text(f"crop {cfg.crop!r}, flip {cfg.flip}: {data.dropped_by_crop} object(s) cropped away, "
                  f"{data.flipped} sample(s) flipped, {data.side_words_flipped} flipped phrase(s) naming a side "
                  "(left as written) since this process started")

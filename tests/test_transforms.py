@@ -179,6 +179,9 @@ def test_a_smoke_run_trains_with_random_crop_and_flip(runs):
                    progress=False)
     assert (folder / "final" / "adapter.safetensors").is_file()
     assert json.loads((folder / "config.json").read_text())["crop"] == "random"
+    report = json.loads((folder / "data_report.json").read_text())
+    assert report["flipped"] > 0 and {"cropped_away", "side_words_flipped"} <= set(report)   # 8 samples, p = 0.5
+    assert "sample(s) flipped" in (folder / "train.log").read_text()
 
 
 def test_resume_with_random_crop_matches_uninterrupted_run(runs, tmp_path):
