@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,15 +300,10 @@ def png_bytes(image) -> bytes:
 def _decode_problem(path: Path) -> str | None:
     """Why the image at `path` cannot be trained on (None when it decodes to a nonzero size)."""
     from PIL import Image
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return f"does not exist (looked for {path})"
-    except (OSError, ValueError) as e:  # ValueError: a NUL in the name
-        return f"cannot be read ({type(e).__name__}: {e})"
-    if not stat.S_ISREG(st.st_mode):
-        return f"is not a file (looked for {path})"
-    if st.st_size == 0:
+    problem = _image_problem(path)          # exists, is a file: the reader's own check, once more as decoded
+    if problem is not None:
+        return problem
+    if path.stat().st_size == 0:
         return f"is empty (0 bytes at {path})"
     try:
         with Image.open(path) as im:

@@ -26,11 +26,12 @@ class LivePlot:
 
     def png(self, run_dir) -> bytes:
         """The plot of the run's metrics.csv as it is now (PNG bytes), titled with its step."""
+        return self._png(run_dir, read_metrics(run_dir), _planned_steps(run_dir))
+
+    def _png(self, run_dir, metrics, total) -> bytes:
         import io
-        metrics = read_metrics(run_dir)
         plot_progress(metrics, self.axes)
         step = int(metrics.step.iloc[-1]) if len(metrics) else 0
-        total = _planned_steps(run_dir)
         self.figure.suptitle(f"{Path(run_dir).name}: step {step}" + (f" of {total}" if total else ""), fontsize=10)
         buffer = io.BytesIO()
         self.figure.savefig(buffer, format="png", dpi=self.dpi)
@@ -38,10 +39,13 @@ class LivePlot:
 
     def __call__(self, run_dir) -> None:
         from IPython.display import Image, display
-        if self.last is not None and time.monotonic() - self.last < self.every_s and not _at_end(run_dir):
+        throttled = self.last is not None and time.monotonic() - self.last < self.every_s
+        metrics, total = read_metrics(run_dir), _planned_steps(run_dir)   # read once: the end test and the plot
+        at_end = bool(total) and len(metrics) > 0 and int(metrics.step.iloc[-1]) >= total
+        if throttled and not at_end:
             return
         self.last = time.monotonic()
-        image = Image(data=self.png(run_dir), format="png")
+        image = Image(data=self._png(run_dir, metrics, total), format="png")
         if self.handle is None:
             self.handle = display(image, display_id=True)
         else:
@@ -50,12 +54,6 @@ class LivePlot:
 
 def _planned_steps(run_dir) -> int | None:
     return effective_config(Path(run_dir)).get("steps") if (Path(run_dir) / "config.json").is_file() else None
-
-
-def _at_end(run_dir) -> bool:
-    """The last metrics row is the run's planned last step (train always logs it)."""
-    total, metrics = _planned_steps(run_dir), read_metrics(run_dir)
-    return bool(total) and len(metrics) > 0 and int(metrics.step.iloc[-1]) >= total
 
 
 # ---------------------------------------------------------------------------------------------

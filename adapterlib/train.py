@@ -80,9 +80,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     notebook's live plot); `stop_at_step` simulates an interrupt there."""
     folder = run_dir(cfg.run_name)
     notes = []
-    if latest_checkpoint(folder) is not None and not resume:
-        latest = latest_checkpoint(folder)
-        raise FileExistsError(f"run {folder} already exists with a checkpoint at step {latest[0]}: resume it "
+    existing = latest_checkpoint(folder)
+    if existing is not None and not resume:
+        raise FileExistsError(f"run {folder} already exists with a checkpoint at step {existing[0]}: resume it "
                               "(notebooks/03_resume.ipynb, `python -m adapterlib train --resume NAME`) or choose "
                               "another run_name")
     if resume and not (folder / "config.json").is_file():
