@@ -33,7 +33,7 @@ import typing
 from pathlib import Path
 
 from . import evaluate
-from .config import FIELDS, PRESETS, TrainConfig
+from .config import FIELDS, PRESETS, RESUME_FREE, TrainConfig
 from .data import ManifestError
 from .jsonio import dumps
 
@@ -88,20 +88,43 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", default=None, choices=list(PRESETS),
                     help="the preset the fields start from (default: shapes)")
     tr.add_argument("--resume", metavar="RUN", default=None,
-                    help="continue this run from its latest checkpoint; only steps, save_every, log_every, "
-                         "n_samples, device, mixed_precision, keep_last and max_nonfinite_steps may change")
+                    help="continue this run from its latest checkpoint; only " + ", ".join(RESUME_FREE) + " may change")
     tr.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
                     help="seconds between progress lines on stderr (default 30)")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "preset":
-            continue
-        kind = hints[f.name]
-        tr.add_argument(f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []),
-                        dest=f"field_{f.name}", default=None, metavar=kind.__name__.upper(),
-                        type=_parse_bool if kind is bool else kind, help=f"default: the preset's ({f.default!r} in shapes)")
+    _field_flags(tr)
+    ca = commands.add_parser("cache", help="encode a data set once (VAE latents, captions, phrases) for training",
+                             description="Build (or check and complete) the encoding cache a training run with the "
+                                         "same fields would use: VAE latent moments, caption and phrase embeddings, "
+                                         "the empty caption, in safetensors shards under RUNS/_cache/. Training "
+                                         "builds it on first use too; this command does it ahead, with a progress "
+                                         "bar, and --verify re-checks every shard's SHA-256.")
+    ca.set_defaults(command=_cache, command_name="cache")
+    ca.add_argument("--preset", default=None, choices=list(PRESETS), help="the preset the fields start from")
+    ca.add_argument("--base", dest="field_base_model", default=None, metavar="FOLDER",
+                    help="the base model (same as --base_model)")
+    ca.add_argument("--verify", action="store_true", help="check every shard's checksum; rebuild the damaged ones")
+    _field_flags(ca, only=("base_model", "data", "n_train", "device", "mixed_precision", "crop", "max_objects",
+                           "on_bad_record"))
     _import_parser(commands)
     return parser
+
+
+def _field_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """A `--FIELD VALUE` flag (also `--FIELD-NAME`) for each TrainConfig field (or those in `only`)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "preset" or (only is not None and f.name not in only):
+            continue
+        kind = hints[f.name]
+        parser.add_argument(f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []),
+                            dest=f"field_{f.name}", default=None, metavar=kind.__name__.upper(),
+                            type=_parse_bool if kind is bool else kind,
+                            help=f"default: the preset's ({f.default!r} in shapes)")
+
+
+def _given_fields(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, f"field_{name}") for name in FIELDS
+            if getattr(args, f"field_{name}", None) is not None}
 
 
 def _import_parser(commands) -> None:
@@ -179,8 +202,7 @@ def _train(args: argparse.Namespace) -> int:
     from .config import make_config
     from .train import resume_config, train
 
-    fields = {name: getattr(args, f"field_{name}") for name in FIELDS if name != "preset"}
-    fields = {k: v for k, v in fields.items() if v is not None}
+    fields = _given_fields(args)
     if args.resume is not None:
         if args.preset is not None:
             raise ValueError("--preset with --resume: a resumed run keeps its preset")
@@ -191,6 +213,32 @@ def _train(args: argparse.Namespace) -> int:
         cfg = make_config(args.preset or "", **fields)
     run = train(cfg, resume=args.resume is not None, progress=False, progress_every_s=args.progress_every)
     print(f"run folder: {run}")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    import json
+
+    from . import datasets
+    from .base import load_base
+    from .config import make_config
+    from .encodings import build_cache
+    from .precision import precision_policy, resolve_device
+    from .runs import runs_root
+
+    cfg = make_config(args.preset or "", **_given_fields(args))
+    device = resolve_device(cfg.device)
+    compute_dtype = precision_policy(device, cfg.mixed_precision)[0]
+    base = load_base(cfg.base_model, device=device, dtype=compute_dtype)
+    manifest = datasets.training_manifest(cfg.data, cfg.n_train, runs_root())
+    folder = build_cache(base, manifest, runs_root(), crop=cfg.crop, dtype=str(compute_dtype).removeprefix("torch."),
+                         max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record, verify=args.verify)
+    meta = json.loads((folder / "meta.json").read_text())
+    size = sum(s["bytes"] for s in meta["shards"])
+    print(f"cache {folder}: {meta['records']} records, {meta['images']} images ({meta['latent']}), "
+          f"{meta['captions']} captions, {meta['phrases']} phrases, {len(meta['shards'])} files, {size / 2**20:.1f} MiB")
+    _print_json(dict(folder=str(folder), records=meta["records"], images=meta["images"], captions=meta["captions"],
+                     phrases=meta["phrases"], bytes=size, skipped=len(meta["skipped"])))
     return 0
 
 

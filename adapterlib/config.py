@@ -56,6 +56,9 @@ class TrainConfig:
     crop: str = "none"                   # none (stretch to a square) | center | random (per sample, per epoch):
                                          # shorter side to the resolution, square crop, boxes clipped (data.transform_sample)
     flip: bool = False                   # horizontal flip with probability 0.5, boxes flipped; phrases left as they are
+    cache: bool = True                   # encode images (VAE moments), captions and phrases once, to disk
+                                         # (runs/_cache/; encodings.py); crop="random" is never cached
+    num_workers: int = 2                 # DataLoader workers decoding images when they are read every step
     log_every: int = 25
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
     # --- reliability
@@ -84,7 +87,7 @@ class TrainConfig:
         for name in ("lr", "grad_clip", "gate_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be > 0")
-        for name in ("warmup", "weight_decay", "n_samples", "seed", "keep_last"):
+        for name in ("warmup", "weight_decay", "n_samples", "seed", "keep_last", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
         check_max_objects(self.max_objects)
@@ -113,10 +116,10 @@ RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
                 "warmup", "grad_clip", "adapter_attention", "adapter_norm", "adapter_feedforward", "max_objects",
                 "on_bad_record", "crop", "flip")
-# Free: how long it runs, how often it logs and saves, where (a run may move to another machine), and its
-# safety nets.
+# Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
+# inputs are read (cache, workers), and its safety nets.
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
-               "max_nonfinite_steps")
+               "max_nonfinite_steps", "cache", "num_workers")
 # The subset of RESUME_FIXED that a checkpoint's adapter is built from.
 ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapter_feedforward", "max_objects")
 

@@ -19,18 +19,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from . import checkpoint, datasets
-from .adapter import AdaptedUNet, build_adapter
+from . import checkpoint, datasets, encodings
+from .adapter import AdaptedUNet, Grounding, build_adapter
 from .base import load_base
 from .config import FIELDS, TrainConfig, resume_changes
-from .data import ManifestImages
+from .encodings import batch_indices  # noqa: F401  (the data order; tests read it here)
 from .figures import boxed_grid
 from .gates import gate_stats
 from .precision import precision_policy, resolve_device
 from .jsonio import write_json
 from .progress import Progress
 from .runs import CHANGES, DATA_REPORT, RunLog, effective_config, latest_checkpoint, read_config, run_dir, runs_root
-from .sample import generate, ground
+from .sample import generate
 
 class Interrupted(KeyboardInterrupt):
     """Raised by SIGTERM (or `stop_at_step`) inside the loop, so it checkpoints like Ctrl-C does."""
@@ -52,17 +52,6 @@ def resume_config(run: str | Path, **changes) -> TrainConfig:
     if run_dir(cfg.run_name) != folder:      # a run given by a path outside the runs root keeps that path
         cfg.run_name = str(folder)
     return cfg
-
-
-def batch_indices(seed: int, n: int, start: int, size: int) -> list[int]:
-    """Indices of samples start .. start+size-1 in an endless sequence of seeded epoch permutations."""
-    out, cache = [], {}
-    for pos in range(start, start + size):
-        epoch = pos // n
-        if epoch not in cache:
-            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(cache[epoch][pos % n]))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,14 +110,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [warm, warm])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     manifest = datasets.training_manifest(cfg.data, cfg.n_train, runs_root())
-    data = ManifestImages(manifest, base.resolution, on_bad_record=cfg.on_bad_record, progress=progress,
-                          max_objects=cfg.max_objects, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed)
-    write_json(folder / DATA_REPORT, dict(manifest=str(manifest), records=len(data), skipped=len(data.skipped),
-                                          on_bad_record=cfg.on_bad_record, first_reasons=data.skipped[:10]))
-    if data.skipped:
-        notes.append(f"{len(data.skipped)} bad record(s) skipped (on_bad_record='skip'; first: {data.skipped[0]}; "
+    source, source_note = encodings.training_source(
+        base, manifest, runs_root(), cache=cfg.cache, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed,
+        max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record, compute_dtype=compute_dtype, progress=progress)
+    notes.append(source_note)
+    write_json(folder / DATA_REPORT, dict(manifest=str(manifest), records=len(source), skipped=len(source.skipped),
+                                          on_bad_record=cfg.on_bad_record, first_reasons=source.skipped[:10],
+                                          inputs=source_note))
+    if source.skipped:
+        notes.append(f"{len(source.skipped)} bad record(s) skipped (on_bad_record='skip'; first: {source.skipped[0]}; "
                      f"all in {DATA_REPORT})")
-    eval_records = datasets.sample_records(cfg.data, data.records, cfg.n_samples)
+    eval_records = datasets.sample_records(cfg.data, source.records, cfg.n_samples)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, skipped = 0, 0
     if resume:
@@ -176,25 +168,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     nonfinite_in_a_row = 0
     rng_done = gen.get_state()                 # RNG state after the last completed step: what a checkpoint holds
     prediction = base.scheduler.config.prediction_type
+    batches = encodings.step_batches(source, seed=cfg.seed, batch_size=cfg.batch_size, start=step, stop=cfg.steps,
+                                     workers=cfg.num_workers)
     try:
         while step < cfg.steps:
             if stop_at_step is not None and step == stop_at_step:
                 raise Interrupted(f"stop_at_step {stop_at_step}")
-            # --- batch: images, captions (caption dropout), grounding (phrase dropout)
-            idx = batch_indices(cfg.seed, len(data), step * cfg.batch_size, cfg.batch_size)
-            # crop / flip randomness: a function of (seed, position), never of `gen` (data.sample_rng)
-            images, records = data.load(idx, positions=range(step * cfg.batch_size, (step + 1) * cfg.batch_size))
-            x0 = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-            drop = torch.rand(len(records), generator=gen) < cfg.caption_dropout
-            captions = ["" if d else r.caption for d, r in zip(drop.tolist(), records)]
-            with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-                latents = base.to_latents(x0.to(compute_dtype)).float()
-                context = base.encode_captions(captions)
-                grounding = ground(base, records, max_objects=cfg.max_objects, phrase_dropout=cfg.phrase_dropout,
-                                   generator=gen)
+            # --- batch: latents, captions (caption dropout), grounding (phrase dropout), from the cache or the images
+            batch = next(batches)
+            drop = torch.rand(len(batch.records), generator=gen) < cfg.caption_dropout
+            context, phrase_embeddings = encodings.text_inputs(base, batch, drop, device, compute_dtype, amp_dtype)
+            grounding = Grounding.from_records(batch.records, phrase_embeddings, max_objects=cfg.max_objects,
+                                               phrase_dropout=cfg.phrase_dropout, generator=gen)
+            latents = encodings.sample_latents(base, batch, gen, device, compute_dtype, amp_dtype)
             noise = torch.randn(latents.shape, generator=gen).to(device)
-            t = torch.randint(0, base.scheduler.config.num_train_timesteps, (len(records),), generator=gen).to(device)
-            scale = (cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(len(records), generator=gen)).to(device)
+            t = torch.randint(0, base.scheduler.config.num_train_timesteps, (len(batch.records),), generator=gen).to(device)
+            scale = (cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(len(batch.records), generator=gen)).to(device)
             noisy = base.scheduler.add_noise(latents, noise, t)
             target = {"epsilon": noise, "v_prediction": base.scheduler.get_velocity(latents, noise, t),
                       "sample": latents}[prediction]
@@ -267,10 +256,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     final = checkpoint.save_final(folder, adapter, dict(step=step, skipped=skipped))
     if cfg.crop != "none" or cfg.flip:
         report = json.loads((folder / DATA_REPORT).read_text())
-        write_json(folder / DATA_REPORT, {**report, "cropped_away": data.dropped_by_crop, "flipped": data.flipped,
-                                          "side_words_flipped": data.side_words_flipped})
-        log.text(f"crop {cfg.crop!r}, flip {cfg.flip}: {data.dropped_by_crop} object(s) cropped away, "
-                 f"{data.flipped} sample(s) flipped, {data.side_words_flipped} flipped phrase(s) naming a side "
+        write_json(folder / DATA_REPORT, {**report, "cropped_away": source.dropped_by_crop, "flipped": source.flipped,
+                                          "side_words_flipped": source.side_words_flipped})
+        log.text(f"crop {cfg.crop!r}, flip {cfg.flip}: {source.dropped_by_crop} object(s) cropped away, "
+                 f"{source.flipped} sample(s) flipped, {source.side_words_flipped} flipped phrase(s) naming a side "
                  "(left as written) since this process started")
     log.text(f"finished: {step} steps, final adapter in final/adapter.safetensors")
     bar.say(f"finished: {step} steps in {time.perf_counter() - t_start:.0f} s; final adapter in {final}")
