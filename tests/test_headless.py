@@ -204,4 +204,4 @@ def test_a_run_given_by_path_outside_the_runs_root_resumes_in_place(runs_root, t
                  "--n_samples", "0"]) == 0
     assert main(["train", "--resume", str(path), "--steps", "4"]) == 0
     assert latest_checkpoint(path)[0] == 4
-    assert sorted(p.name for p in runs_root.iterdir()) == ["_datasets"]      # the generated Shapes set only
+    assert sorted(p.name for p in runs_root.iterdir()) == ["_cache", "_datasets"]   # shared: the Shapes set, its encodings
