@@ -17,6 +17,7 @@ import pandas as pd
 
 from . import datasets
 from .data import Record, read_manifest, resolve_image
+from .paths import repo_path
 
 SUMMARY_KEYS = ("success_rate", "miou", "color_presence", "n_objects", "n_images")
 REFERENCES = ("adapter", "base", "ground-truth")
@@ -105,6 +106,14 @@ def manifest_layouts(path: str | Path, n: int | None = None) -> Layouts:
     if not records:
         raise ValueError(f"{path}: no records")
     return Layouts(records, [r.seed if r.seed is not None else i for i, r in enumerate(records)], path)
+
+
+def run_layouts(run: str | Path, n: int | None = None) -> Layouts:
+    """The layouts a run is judged on: the held-out Shapes layouts for a run trained on Shapes, else the
+    first n records of the run's own manifest (its boxes, its captions, its images as ground truth)."""
+    from .runs import effective_config, resolve_run
+    data = effective_config(resolve_run(run))["data"]
+    return heldout_layouts(n) if data == datasets.SHAPES else manifest_layouts(repo_path(data), n)
 
 
 def images_for(layouts: Layouts, *, reference: str = "adapter", base=None, adapter=None, **sampling):

@@ -1,8 +1,9 @@
 """The checkpoint test (the training plan's checkpoint test script): fixed samples, gate statistics and the
 grounding summary of one checkpoint, and grounding success against step over all of a run's checkpoints.
 
-Layouts and seeds are fixed: held-out layout i with seed i (as everywhere in the project), so two
-checkpoints are compared on the same layouts and the same starting noise. Each test is saved under
+Layouts and seeds are fixed: held-out layout i with seed i (as everywhere in the project) for a Shapes run,
+the first records of its manifest for any other, so two checkpoints are compared on the same layouts and
+the same starting noise. Each test is saved under
 the run, `runs/<run>/checkpoint_test/step_XXXXXXX/` (grid.png: the samples with the requested boxes
 drawn; results.json: the numbers), and is reused when asked again with the same settings.
 """
@@ -16,6 +17,7 @@ import pandas as pd
 
 from . import datasets
 from .checkpoint import load_adapter, load_run_base
+from .evaluate import run_layouts
 from .figures import boxed_grid
 from .gates import gate_stats
 from .jsonio import write_json
@@ -40,8 +42,9 @@ def cached_result(run_dir: Path, step: int, settings: dict) -> dict | None:
 
 def probe_checkpoint(run_dir: str | Path, which: str | int = "latest", n: int = 10, *, base=None,
                      device: str | None = None, force: bool = False, **sampling) -> dict:
-    """Test one checkpoint (`latest`, `final`, a step, or 0: the base alone): n samples at held-out layouts 0..n-1 with
-    seeds 0..n-1, their grid with the requested boxes, the gate statistics and the grounding summary.
+    """Test one checkpoint (`latest`, `final`, a step, or 0: the base alone): n samples at the run's first n
+    layouts (`evaluate.run_layouts`: held-out Shapes layouts 0..n-1 with seeds 0..n-1, or the first records
+    of the run's manifest with their seeds), their grid with the requested boxes, the gate statistics and the grounding summary.
     Writes grid.png and results.json under checkpoint_test/step_XXXXXXX/ and returns the results.
     Sampling settings (steps, guidance, scale, tau) as keywords; a cached test is reused only for the same ones."""
     run_dir = resolve_run(run_dir)
@@ -51,10 +54,10 @@ def probe_checkpoint(run_dir: str | Path, which: str | int = "latest", n: int = 
     settings = dict(n=n, **sampling.key())
     if not force and (saved := cached_result(run_dir, step, settings)) is not None:
         return saved
-    records = datasets.heldout_records(n)
-    if len(records) < n:
-        raise ValueError(f"n={n}: there are only {len(records)} held-out layouts")
-    seeds = list(range(n))
+    layouts = run_layouts(run_dir, n)
+    if len(layouts) < n:
+        raise ValueError(f"n={n}: {run_dir.name} has only {len(layouts)} layouts ({layouts.source})")
+    records, seeds = layouts.records, layouts.seeds
     base = base if base is not None else load_run_base(run_dir, device)
     if path is None:
         images = generate(base, records, seeds, sampling=sampling)

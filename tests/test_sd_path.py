@@ -1,0 +1,89 @@
+"""Stable Diffusion end to end, as a user runs it: a COCO-format fixture through the importer, then notebooks
+02 (train), 03 (resume), 04 (gate analysis) and 05 (grid) through papermill on a tiny SD-architecture folder
+(UNet, VAE, CLIP text encoder and tokenizer built from configs: tests/conftest.py). Nothing here touches
+the Shapes world: the checkpoint samples, the checkpoint test and notebook 05 use the run's own records."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from PIL import Image, ImageDraw
+
+from adapterlib.__main__ import main
+from adapterlib.checkpoint import verify_checkpoint
+from adapterlib.runs import list_checkpoints
+
+from test_headless import papermill
+
+
+def _coco(root: Path, n: int = 8) -> Path:
+    """n pictures of a dog (red) and a cat (blue) as rectangles, with COCO instances and captions files."""
+    (root / "images").mkdir(parents=True)
+    images, anns = [], []
+    for i in range(n):
+        w, h = 48 + 4 * i, 40
+        im = Image.new("RGB", (w, h), "white")
+        draw = ImageDraw.Draw(im)
+        dog, cat = [2 + i, 4, 20, 20], [24, 10 + i % 3, 18, 16]
+        for box, colour in ((dog, "red"), (cat, "blue")):
+            draw.rectangle([box[0], box[1], box[0] + box[2] - 1, box[1] + box[3] - 1], fill=colour)
+        im.save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        anns += [{"id": 10 * i + k, "image_id": i + 1, "category_id": k, "bbox": box, "iscrowd": 0,
+                  "area": box[2] * box[3]} for k, box in ((1, dog), (2, cat))]
+    (root / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}]}))
+    (root / "captions.json").write_text(json.dumps(
+        {"annotations": [{"id": 100 + i, "image_id": i + 1, "caption": f"a dog and a cat, picture {i}"} for i in range(n)]}))
+    return root
+
+
+def _outputs(notebook: Path) -> str:
+    nb = nbformat.read(notebook, 4)
+    return "\n".join(o.get("text", "") + json.dumps(o.get("data", {}).get("text/plain", ""))
+                     for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_coco_import_then_notebooks_02_to_05_on_a_tiny_sd(tmp_path, monkeypatch, tiny_sd_folder, capsys):
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
+    coco = _coco(tmp_path / "coco")
+    assert main(["import", "coco", "--instances", str(coco / "instances.json"), "--images", str(coco / "images"),
+                 "--captions", str(coco / "captions.json"), "--out", str(tmp_path / "data")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["records"] == 8 and summary["objects"] == 16
+    manifest = tmp_path / "data" / "data.jsonl"
+    env = {"ADAPTERLIB_RUNS": str(runs)}
+
+    # 02: the training plan's preset on the SD folder, a few steps
+    done = papermill("02_train.ipynb", tmp_path / "02.ipynb", dict(
+        preset="sd15", base_model=tiny_sd_folder, data=manifest, steps=4, save_every=2, log_every=1, n_samples=2,
+        batch_size=2, crop="center", run_name="sd"), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = runs / "sd"
+    config = json.loads((run / "config.json").read_text())
+    assert (config["preset"], config["base_model"], config["data"], config["steps"], config["crop"]) == \
+        ("sd15", str(tiny_sd_folder), str(manifest), 4, "center")
+    assert "encodings cached" in json.loads((run / "data_report.json").read_text())["inputs"]
+    assert (run / "samples" / "step_0000004.png").is_file()       # checkpoint samples: the run's first records
+
+    # 03: resume to 6 steps
+    done = papermill("03_resume.ipynb", tmp_path / "03.ipynb", dict(run_name="sd", steps=6), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4, 6]
+    assert verify_checkpoint(list_checkpoints(run)[-1][1]) is None     # every file matches its checksum
+
+    # 04: gate analysis with the checkpoint test on the run's own layouts
+    done = papermill("04_gate_analysis.ipynb", tmp_path / "04.ipynb", dict(run_name="sd", n_probe=2), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((run / "checkpoint_test" / "step_0000006" / "results.json").read_text())
+    assert result["layouts"] == [r["id"] for r in map(json.loads, manifest.read_text().splitlines()[:2])]
+
+    # 05: the gate-effect grid on the run's own layouts
+    done = papermill("05_gate_effect_grid.ipynb", tmp_path / "05.ipynb", dict(
+        run_name="sd", n_layouts=2, n_eval=2, steps=3, scales="0,1", taus="1.0"), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = _outputs(tmp_path / "05.ipynb")
+    assert "a dog and a cat, picture 0" in text
