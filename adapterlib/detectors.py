@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +32,7 @@ ZERO_SHOT_TYPES = ("owlvit", "owlv2")     # config.json model_type values ZeroSh
 EXPECTED_FILES = "config.json, model.safetensors, preprocessor_config.json and tokenizer files"
 
 
-class Detector:
+class Detector(ABC):
     """Finds one best box per phrase. Subclasses implement `detect`; a detector that cannot look for
     some phrases says so in `measurable` (those objects are left out of the summary, with a warning);
     one that finds objects by colour sets `reports_color` and `color_of` (the table's color column,
@@ -40,9 +41,9 @@ class Detector:
     name = "detector"
     reports_color = False
 
+    @abstractmethod
     def detect(self, image: np.ndarray, phrases: list[str]) -> list[Detection]:
         """For an (H, W, 3) uint8 image: (best box or None, score) for each phrase, in order."""
-        raise NotImplementedError
 
     def measurable(self, phrase: str) -> bool:
         return True
@@ -54,9 +55,10 @@ class Detector:
 def score_grounding(images: np.ndarray | Sequence[np.ndarray], records: Sequence[Record], detector: Detector,
                     iou_threshold: float = 0.5) -> tuple[pd.DataFrame, dict]:
     """One row per requested object (TABLE_COLUMNS) and a summary over the measurable objects:
-    success_rate and miou (means), ap50 (`average_precision_at`), color_presence (the found rate for a
-    colour detector, else None), n_objects (measurable), n_images. The detector is asked once per image
-    for each distinct measurable phrase; objects sharing a phrase share its detection."""
+    success_rate and miou (means), ap50 (`average_precision_at` the same IoU threshold, 0.5 unless
+    given), color_presence (the found rate for a colour detector, else None), n_objects (measurable),
+    n_images. The detector is asked once per image for each distinct measurable phrase; objects
+    sharing a phrase share its detection."""
     if len(images) != len(records):
         raise ValueError(f"{len(images)} images but {len(records)} records")
     rows = []
