@@ -5,6 +5,7 @@
     python -m adapterlib evaluate --reference base --base /path/to/stable-diffusion --limit 20
     python -m adapterlib evaluate runs/<run> [--checkpoint latest|final|STEP] [--scale 1.0] [--tau 1.0]
     python -m adapterlib evaluate runs/<run> --checkpoint all   # grounding vs step (checkpoint tests)
+    python -m adapterlib evaluate runs/<run> --layouts data.jsonl --detector /path/to/owlv2   # real images
     python -m adapterlib status <run> [--json]                  # where a run stands
     python -m adapterlib train [--preset P] [--FIELD VALUE ...]   # train a new run (fields of TrainConfig)
     python -m adapterlib train --resume <run> [--steps N ...]     # continue a run (only free fields may change)
@@ -17,7 +18,8 @@ For a run, the table shows ground truth, the base alone and the adapter side by 
 layouts and seeds; the JSON line is the adapter's (with the checkpoint's step).
 
 `evaluate` prints a short table, then, as the LAST line of stdout, one JSON object
-({"success_rate", "miou", "color_presence", "n_objects", "n_images", "reference", ...}) for scripts.
+({"success_rate", "miou", "ap50", "color_presence", "n_objects", "n_images", "reference", "detector", ...})
+for scripts.
 Progress and warnings go to stderr.
 
 Seeds: held-out layout i is always sampled with seed i (its index in heldout.jsonl), everywhere in
@@ -67,8 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N layouts (default: all)")
     ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     ev.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
-    ev.add_argument("--manifest", type=Path, default=None,
+    ev.add_argument("--manifest", "--layouts", dest="manifest", type=Path, default=None,
                     help="evaluate on the layouts of this manifest (JSON Lines) instead of the held-out set")
+    ev.add_argument("--detector", default="color",
+                    help="'color' (the Shapes colour detector, default) or a folder with a local OWL-ViT / OWLv2 "
+                         "model (transformers format)")
     ev.add_argument("--device", default=None, help="torch device for sampling (default: cuda if available, else cpu)")
 
     st = commands.add_parser("status", help="where a run stands: step, loss, gates, speed, ETA, warnings",
@@ -254,6 +259,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .datasets import load_detector
+
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: give a positive number of layouts")
     if args.run is not None:
@@ -263,38 +270,44 @@ def _evaluate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     layouts = _layouts(args)
+    detector = load_detector(args.detector, args.device)
     if args.reference == "ground-truth":
         name, extra = "ground truth", {}
-        _, summary = evaluate.evaluate(layouts, reference="ground-truth")
+        _, summary = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
     else:
         name, extra = f"base ({args.base})", {"base": args.base, "steps": args.steps, "guidance": args.guidance}
         base = evaluate.load_base_for(args.base, args.device)
         print(f"sampling {len(layouts)} images from {base.path} on {base.device} "
               f"({args.steps} steps, guidance {args.guidance})", file=sys.stderr, flush=True)
-        _, summary = evaluate.evaluate(layouts, reference="base", base=base, steps=args.steps, guidance=args.guidance)
+        _, summary = evaluate.evaluate(layouts, reference="base", base=base, detector=detector, steps=args.steps,
+                                       guidance=args.guidance)
     print(evaluate.format_summary({name: summary}))
-    _print_json({**summary, "reference": args.reference, "layouts": layouts.source, **extra})
+    _print_json({**summary, "reference": args.reference, "layouts": layouts.source, "detector": args.detector,
+                 **extra})
     return 0
 
 
 def _evaluate_run(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
+    from .datasets import load_detector
     from .runs import resolve_run
 
     run_dir = resolve_run(args.run)
     if args.checkpoint == "all":
         return _evaluate_all_checkpoints(args, run_dir)
-    ckpt = load_checkpoint(run_dir, args.checkpoint, device=args.device)
     layouts = _layouts(args)
+    detector = load_detector(args.detector, args.device)
+    ckpt = load_checkpoint(run_dir, args.checkpoint, device=args.device)
     print(f"sampling {len(layouts)} layouts: base alone, then {ckpt.name} (scale {args.scale}, tau {args.tau})",
           file=sys.stderr, flush=True)
     table = evaluate.compare(layouts, ckpt.base, ckpt.adapter, scales=[args.scale], taus=[args.tau],
-                             steps=args.steps, guidance=args.guidance)
+                             steps=args.steps, guidance=args.guidance, detector=detector)
     rows = {"ground truth": 0, "base alone (scale 0)": 1, f"adapter step {ckpt.step}": 2}
     rows = {name: table.iloc[i][list(evaluate.SUMMARY_KEYS)].to_dict() for name, i in rows.items()}
     print(evaluate.format_summary(rows))
     _print_json({**rows[f"adapter step {ckpt.step}"], "run": str(run_dir), "step": ckpt.step, "scale": args.scale,
-                 "tau": args.tau, "base_success_rate": rows["base alone (scale 0)"]["success_rate"],
+                 "tau": args.tau, "detector": args.detector,
+                 "base_success_rate": rows["base alone (scale 0)"]["success_rate"],
                  "ground_truth_success_rate": rows["ground truth"]["success_rate"]})
     return 0
 
@@ -311,6 +324,8 @@ def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
 
     if args.manifest is not None:
         raise ValueError("--checkpoint all tests the held-out layouts; --manifest is not supported with it")
+    if args.detector != "color":
+        raise ValueError("--checkpoint all measures with the colour detector; --detector is not supported with it")
     n = args.limit or 10
     print(f"checkpoint tests of {run_dir.name}: {n} held-out layouts per checkpoint", file=sys.stderr, flush=True)
     table = grounding_vs_step(run_dir, n, device=args.device, steps=args.steps, guidance=args.guidance,

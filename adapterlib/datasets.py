@@ -6,7 +6,8 @@ embedded default: a generated Shapes set). What the generic path needs from a wo
 - `sample_records`: the layouts a run samples at each checkpoint (held-out Shapes layouts, or the
   first records of the run's manifest);
 - `heldout_records` / `ground_truth_images`: the shipped held-out layouts and their renders;
-- `measure`: the detector that scores grounding (today the Shapes colour detector).
+- `load_detector` / `measure`: the detector that scores grounding ("color": the Shapes colour detector,
+  the default; or a local zero-shot detection model folder) and its per-object table and summary.
 The Shapes world is imported here, inside these functions, and nowhere on the generic path.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import Record
+from .detectors import Detector, ZeroShotDetector, score_grounding
 from .paths import repo_path
 
 SHAPES = "shapes"
@@ -51,7 +53,18 @@ def ground_truth_images(records: list[Record]):
     return heldout_images(records)
 
 
-def measure(images, records: list[Record]):
-    """Grounding of `images` against the requested boxes of `records`: (per-object table, summary)."""
-    from .shapes.detector import evaluate_grounding
-    return evaluate_grounding(images, records)
+def load_detector(spec: str | Path | Detector = "color", device: str | None = None) -> Detector:
+    """A detector: "color" (the Shapes colour detector), a folder with a local OWL-ViT / OWLv2 model
+    (`detectors.ZeroShotDetector`, on `device`), or a Detector, returned as it is."""
+    if isinstance(spec, Detector):
+        return spec
+    if str(spec) == "color":
+        from .shapes.detector import ColorDetector
+        return ColorDetector()
+    return ZeroShotDetector(spec, device=device)
+
+
+def measure(images, records: list[Record], detector: str | Path | Detector = "color"):
+    """Grounding of `images` against the requested boxes of `records` by `detector` (a spec for
+    `load_detector`): (per-object table, summary)."""
+    return score_grounding(images, records, load_detector(detector))

@@ -3,8 +3,9 @@ the base alone, or the base with an adapter), and their grounding summary, side 
 
 Held-out layout i is always sampled with seed i, everywhere in the project, so the base and every
 adapter are compared on the same starting noise. A manifest record uses its "seed" field, or its
-index when it has none. The detector that scores an image comes from `datasets.measure` (today the
-Shapes colour detector: success = the found box overlaps the requested one with IoU >= 0.5).
+index when it has none. The detector that scores an image is `detector` (`datasets.load_detector`:
+"color", the Shapes colour detector, by default; or a local zero-shot detection model folder):
+success = the found box overlaps the requested one with IoU >= 0.5, AP@0.5 over the set.
 Sampling settings are `sample.Sampling`'s, given as keyword arguments (steps, guidance, scale, tau).
 """
 from __future__ import annotations
@@ -17,9 +18,10 @@ import pandas as pd
 
 from . import datasets
 from .data import Record, read_manifest, resolve_image
+from .detectors import Detector
 from .paths import repo_path
 
-SUMMARY_KEYS = ("success_rate", "miou", "color_presence", "n_objects", "n_images")
+SUMMARY_KEYS = ("success_rate", "miou", "ap50", "color_presence", "n_objects", "n_images")
 REFERENCES = ("adapter", "base", "ground-truth")
 
 
@@ -135,36 +137,40 @@ def images_for(layouts: Layouts, *, reference: str = "adapter", base=None, adapt
 
 
 def evaluate(layouts: Layouts, *, reference: str = "adapter", base=None, adapter=None,
-             **sampling) -> tuple[pd.DataFrame, dict]:
+             detector: str | Path | Detector = "color", **sampling) -> tuple[pd.DataFrame, dict]:
     """Grounding of one thing (the ground truth, the base alone, or an adapter) on `layouts`: the
     per-object table and the summary. `base` is a loaded BaseModel, or for reference='base' also a
     name or folder (None: the shipped shapes-tiny). At scale 0 the adapter never runs, so its images
-    are exactly the base's."""
+    are exactly the base's. `detector`: a Detector or a spec for `datasets.load_detector` (loaded
+    first, so a bad folder is an error before any sampling)."""
+    detector = datasets.load_detector(detector)
     images = images_for(layouts, reference=reference, base=base, adapter=adapter, **sampling)
-    return datasets.measure(images, layouts.records)
+    return datasets.measure(images, layouts.records, detector)
 
 
 COMPARE_COLUMNS = ["name", "reference", "scale", "tau", *SUMMARY_KEYS]
 
 
 def compare(layouts: Layouts, base, adapter, *, scales=(0.0, 0.5, 1.0, 1.5), taus=(1.0,), progress: bool = False,
-            **sampling) -> pd.DataFrame:
+            detector: str | Path | Detector = "color", **sampling) -> pd.DataFrame:
     """One row per thing measured, in this order: the ground truth, the base alone, then the adapter at
     each tau and each scale (a success-vs-scale curve per tau). The base and ground-truth rows have
     NaN scale and tau. An adapter at scale 0 is the base alone (same images): that row reuses the
-    base's numbers rather than sampling again."""
+    base's numbers rather than sampling again. `detector` (loaded once) measures every row."""
     scales, taus = [float(s) for s in scales], [float(t) for t in taus]
+    detector = datasets.load_detector(detector)
     nan = float("nan")
     rows = [dict(name="ground truth", reference="ground-truth", scale=nan, tau=nan,
-                 **evaluate(layouts, reference="ground-truth")[1])]
-    base_summary = evaluate(layouts, reference="base", base=base, **sampling)[1]
+                 **evaluate(layouts, reference="ground-truth", detector=detector)[1])]
+    base_summary = evaluate(layouts, reference="base", base=base, detector=detector, **sampling)[1]
     rows.append(dict(name="base alone", reference="base", scale=nan, tau=nan, **base_summary))
     for tau in taus:
         for scale in scales:
             if progress:
                 print(f"adapter at scale {scale:g}, tau {tau:g}", flush=True)
             summary = base_summary if scale == 0 else evaluate(
-                layouts, reference="adapter", base=base, adapter=adapter, **{**sampling, "scale": scale, "tau": tau})[1]
+                layouts, reference="adapter", base=base, adapter=adapter, detector=detector,
+                **{**sampling, "scale": scale, "tau": tau})[1]
             rows.append(dict(name=f"adapter scale {scale:g} tau {tau:g}", reference="adapter", scale=scale,
                              tau=tau, **summary))
     return pd.DataFrame(rows, columns=COMPARE_COLUMNS)

@@ -8,9 +8,9 @@ from pathlib import Path
 import adapterlib
 
 PACKAGE = Path(adapterlib.__file__).parent
-# the generic path: base loading, the adapter, training, sampling, checkpoints, the evaluation core
-GENERIC = ["base", "adapter", "train", "sample", "checkpoint", "evaluate", "config", "runs", "precision", "data",
-           "progress", "figures", "gates", "jsonio", "paths"]
+# the generic path: base loading, the adapter, training, sampling, checkpoints, the evaluation core and its detectors
+GENERIC = ["base", "adapter", "train", "sample", "checkpoint", "evaluate", "detectors", "config", "runs", "precision",
+           "data", "progress", "figures", "gates", "jsonio", "paths"]
 
 
 def module_name(path: Path) -> str:

@@ -4,27 +4,26 @@ A miniature of GLIGEN's YOLO-AP evaluation for the Shapes world. Because every S
 at most once per image, a "detector" only has to find the largest blob of the phrase's colour: each
 pixel takes the nearest palette colour (if close enough, and closer than the background), blobs are
 4-connected components, and a requested object counts as a success when the found box overlaps the
-requested box with IoU >= 0.5.
+requested box with IoU >= 0.5. `ColorDetector` is this detector behind the `adapterlib.detectors`
+interface, so its table and summary come from the scoring shared with every detector.
 
 Images are uint8 RGB numpy arrays, (N, H, W, 3) or a list of (H, W, 3).
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ..data import Record, box_iou
+from ..data import Record
+from ..detectors import Box, Detection, Detector, score_grounding
 from .world import BACKGROUND, COLORS, color_of
 
 COLOR_TOLERANCE = 90  # max RGB euclidean distance from a palette colour
 MIN_BLOB_PIXELS = 4   # smaller blobs are speckle, not an object
-
-Box = tuple[float, float, float, float]
 
 _NAMES = list(COLORS)
 _PALETTE = np.array(list(COLORS.values()), dtype=np.float32)  # (C, 3)
@@ -68,55 +67,38 @@ def detect(image: np.ndarray, color: str) -> tuple[Box | None, int]:
     return _largest_blob(classify_pixels(image), color)
 
 
+class ColorDetector(Detector):
+    """The colour detector behind the `Detector` interface: a phrase is looked for by its palette
+    colour (phrases naming none cannot be measured); the score is the blob's share of the image's
+    pixels (speckle and fragments are small)."""
+
+    name = "color"
+    reports_color = True
+
+    def detect(self, image: np.ndarray, phrases: list[str]) -> list[Detection]:
+        labels = classify_pixels(image)
+        detections = []
+        for phrase in phrases:
+            color = color_of(phrase)
+            box, size = _largest_blob(labels, color) if color is not None else (None, 0)
+            detections.append((box, size / labels.size))
+        return detections
+
+    def measurable(self, phrase: str) -> bool:
+        return color_of(phrase) is not None
+
+    def color_of(self, phrase: str) -> str | None:
+        return color_of(phrase)
+
+
 def evaluate_grounding(
     images: np.ndarray | Sequence[np.ndarray],
     records: Sequence[Record],
     iou_threshold: float = 0.5,
 ) -> tuple[pd.DataFrame, dict]:
-    """Per-object grounding results and a summary over the measurable objects.
-
-    One row per requested object. Objects whose phrase names no palette colour
-    cannot be measured: they get measurable=False, NaN metrics, and are left
-    out of the summary (with a warning).
-    Summary: success_rate, miou, color_presence (means over measurable objects),
-    n_objects (measurable), n_images.
+    """Per-object grounding results and a summary over the measurable objects, by the colour detector
+    (`detectors.score_grounding`). Objects whose phrase names no palette colour cannot be measured:
+    they get measurable=False, NaN metrics, and are left out of the summary (with a warning).
+    Summary: success_rate, miou, ap50, color_presence, n_objects (measurable), n_images.
     """
-    if len(images) != len(records):
-        raise ValueError(f"{len(images)} images but {len(records)} records")
-    rows = []
-    for i, (image, record) in enumerate(zip(images, records)):
-        labels = classify_pixels(image)
-        for phrase, box in ((o.phrase, o.box) for o in record.objects):
-            color = color_of(phrase)
-            row = {"record": i, "id": record.id, "phrase": phrase, "color": color,
-                   "box": tuple(box), "found_box": None, "measurable": color is not None}
-            if color is None:
-                row.update(iou=np.nan, found=False, success=False, color_present=False)
-            else:
-                found_box, _ = _largest_blob(labels, color)
-                iou = box_iou(box, found_box) if found_box is not None else 0.0
-                # Presence is the same test as "found": the largest blob of the colour.
-                row.update(found_box=found_box, iou=iou, found=found_box is not None,
-                           success=iou >= iou_threshold, color_present=found_box is not None)
-            rows.append(row)
-
-    columns = ["record", "id", "phrase", "color", "box", "found_box", "iou",
-               "found", "success", "color_present", "measurable"]
-    table = pd.DataFrame(rows, columns=columns)
-    skipped = int((~table["measurable"]).sum()) if len(table) else 0
-    if skipped:
-        warnings.warn(f"{skipped} object(s) name no palette colour and were not measured")
-
-    measured = table[table["measurable"]] if len(table) else table
-    n = len(measured)
-    nan = float("nan")
-    summary = {
-        "success_rate": float(measured["success"].mean()) if n else nan,
-        "miou": float(measured["iou"].mean()) if n else nan,
-        "color_presence": float(measured["color_present"].mean()) if n else nan,
-        "n_objects": int(n),
-        "n_images": int(len(records)),
-    }
-    return table, summary
-
-
+    return score_grounding(images, records, ColorDetector(), iou_threshold)
