@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     ev.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
     ev.add_argument("--manifest", "--layouts", dest="manifest", type=Path, default=None,
-                    help="evaluate on the layouts of this manifest (JSON Lines) instead of the held-out set")
+                    help="evaluate on the layouts of this manifest (JSON Lines); default: a run's own layouts (held-out for a Shapes run, else its manifest), else the held-out set")
     ev.add_argument("--detector", default="color",
                     help="'color' (the Shapes colour detector, default) or a folder with a local OWL-ViT / OWLv2 "
                          "model (transformers format)")
@@ -295,7 +295,7 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     run_dir = resolve_run(args.run)
     if args.checkpoint == "all":
         return _evaluate_all_checkpoints(args, run_dir)
-    layouts = _layouts(args)
+    layouts = _layouts(args, run_dir)
     detector = load_detector(args.detector, args.device)
     ckpt = load_checkpoint(run_dir, args.checkpoint, device=args.device)
     print(f"sampling {len(layouts)} layouts: base alone, then {ckpt.name} (scale {args.scale}, tau {args.tau})",
@@ -319,15 +319,15 @@ def _print_json(result: dict) -> None:
 
 def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
     """The checkpoint test of every checkpoint (probe.grounding_vs_step; cached tests are reused):
-    held-out layouts 0..N-1 (--limit, default 10) with seeds 0..N-1."""
+    the run's first N layouts (--limit, default 10; `evaluate.run_layouts`), the same for every checkpoint."""
     from .probe import grounding_vs_step
 
     if args.manifest is not None:
-        raise ValueError("--checkpoint all tests the held-out layouts; --manifest is not supported with it")
+        raise ValueError("--checkpoint all tests the run's own layouts; --manifest is not supported with it")
     if args.detector != "color":
         raise ValueError("--checkpoint all measures with the colour detector; --detector is not supported with it")
     n = args.limit or 10
-    print(f"checkpoint tests of {run_dir.name}: {n} held-out layouts per checkpoint", file=sys.stderr, flush=True)
+    print(f"checkpoint tests of {run_dir.name}: its first {n} layouts per checkpoint", file=sys.stderr, flush=True)
     table = grounding_vs_step(run_dir, n, device=args.device, steps=args.steps, guidance=args.guidance,
                               scale=args.scale, tau=args.tau)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -335,11 +335,12 @@ def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
     return 0
 
 
-def _layouts(args: argparse.Namespace) -> evaluate.Layouts:
-    """The held-out layouts, or a manifest's, with one seed each (see the module docstring)."""
-    if args.manifest is None:
-        return evaluate.heldout_layouts(args.limit)
-    return evaluate.manifest_layouts(args.manifest, args.limit)
+def _layouts(args: argparse.Namespace, run_dir: Path | None = None) -> evaluate.Layouts:
+    """A manifest's layouts if given, else the run's (held-out for a Shapes run, else its manifest's), else the
+    held-out layouts; one seed each (see the module docstring)."""
+    if args.manifest is not None:
+        return evaluate.manifest_layouts(args.manifest, args.limit)
+    return evaluate.run_layouts(run_dir, args.limit) if run_dir is not None else evaluate.heldout_layouts(args.limit)
 
 
 if __name__ == "__main__":
