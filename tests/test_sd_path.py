@@ -15,6 +15,7 @@ from adapterlib.__main__ import main
 from adapterlib.checkpoint import verify_checkpoint
 from adapterlib.runs import list_checkpoints
 
+from test_detectors import build_tiny_owl_folder
 from test_headless import papermill
 
 
@@ -81,9 +82,10 @@ def test_coco_import_then_notebooks_02_to_05_on_a_tiny_sd(tmp_path, monkeypatch,
     result = json.loads((run / "checkpoint_test" / "step_0000006" / "results.json").read_text())
     assert result["layouts"] == [r["id"] for r in map(json.loads, manifest.read_text().splitlines()[:2])]
 
-    # 05: the gate-effect grid on the run's own layouts
+    # 05: the gate-effect grid on the run's own layouts, measured by a zero-shot detector (tiny OWL-ViT)
+    detector = build_tiny_owl_folder(tmp_path / "owl")
     done = papermill("05_gate_effect_grid.ipynb", tmp_path / "05.ipynb", dict(
-        run_name="sd", n_layouts=2, n_eval=2, steps=3, scales="0,1", taus="1.0"), env)
+        run_name="sd", n_layouts=2, n_eval=2, steps=3, scales="0,1", taus="1.0", detector=detector), env)
     assert done.returncode == 0, done.stderr[-3000:]
     text = _outputs(tmp_path / "05.ipynb")
-    assert "a dog and a cat, picture 0" in text
+    assert "a dog and a cat, picture 0" in text and "ap50" in text
