@@ -106,7 +106,9 @@ class Shard:
         return BatchPart(start=self.rows.start, size=self.batch, objects=max(1, int(objects)))
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model DDP averages the gradients of (over its trainable parameters: the adapter's)."""
+        """The model DDP averages the gradients of (its trainable parameters: the adapter's). No
+        find_unused_parameters: every adapter parameter takes part in every forward (checked for the three
+        attention variants, with and without the feed-forward: DDP stops with an error otherwise)."""
         if self.world == 1:
             return model
         from torch.nn.parallel import DistributedDataParallel
