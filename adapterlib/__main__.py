@@ -9,6 +9,7 @@
     python -m adapterlib status <run> [--json]                  # where a run stands
     python -m adapterlib train [--preset P] [--FIELD VALUE ...]   # train a new run (fields of TrainConfig)
     python -m adapterlib train --resume <run> [--steps N ...]     # continue a run (only free fields may change)
+    accelerate launch --num_processes 8 -m adapterlib train ...   # on 8 GPUs: batch_size is the global batch
     python -m adapterlib import coco --instances FILE --images DIR [--captions FILE] [--map FILE] --out DIR
     python -m adapterlib import odvg --jsonl FILE --images DIR --out DIR   # -> DIR/data.jsonl (a manifest)
 

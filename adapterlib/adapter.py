@@ -52,6 +52,17 @@ def fourier_embed(boxes: torch.Tensor, freqs: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
+@dataclass(frozen=True)
+class BatchPart:
+    """Records that are rows `start`.. of a global batch of `size` records whose largest has `objects`
+    objects (training on several processes: each holds a part of the batch, `distributed.Shard.part`).
+    Phrase dropout is then drawn for the whole batch and this part's rows kept, so the parts together draw
+    exactly what the whole batch draws on one process."""
+    start: int
+    size: int
+    objects: int
+
+
 @dataclass
 class Grounding:
     """What one UNet batch is grounded on: per sample, up to N objects (padded), each a phrase
@@ -64,9 +75,11 @@ class Grounding:
 
     @classmethod
     def from_records(cls, records: list[Record], phrase_embeddings: torch.Tensor, *, max_objects: int = MAX_OBJECTS,
-                     phrase_dropout: float = 0.0, generator: torch.Generator | None = None) -> "Grounding":
+                     phrase_dropout: float = 0.0, generator: torch.Generator | None = None,
+                     part: BatchPart | None = None) -> "Grounding":
         """`phrase_embeddings` (total, D): one row per object of `records`, in order. Padded to the
-        batch's largest object count; phrase dropout draws from `generator` (on the CPU)."""
+        batch's largest object count; phrase dropout draws from `generator` (on the CPU), for the whole
+        global batch when the records are a `part` of one."""
         counts = [len(r.objects) for r in records]
         n = max(1, max(counts, default=0))
         if n > max_objects:
@@ -85,7 +98,11 @@ class Grounding:
             out.present[b, :k] = True
             i += k
         if phrase_dropout > 0:
-            out.keep_text = torch.rand(B, n, generator=generator).to(device) >= phrase_dropout
+            if part is None:
+                draw = torch.rand(B, n, generator=generator)
+            else:
+                draw = torch.rand(part.size, part.objects, generator=generator)[part.start:part.start + B, :n]
+            out.keep_text = draw.to(device) >= phrase_dropout
         return out
 
     def repeat(self, times: int) -> "Grounding":

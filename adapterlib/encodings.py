@@ -191,7 +191,6 @@ def _build(base, manifest, folder, key, parts, crop, dtype, max_objects, on_bad_
         write(name, {"hidden": torch.cat(hidden)})
     bar.close()
     # --- the records as trained on (the crop applied to their boxes), and their phrases
-    dropped = 0
     for i, r in enumerate(data.records):
         if crop != "none":
             _, (r,) = data.load([i])
@@ -199,8 +198,9 @@ def _build(base, manifest, folder, key, parts, crop, dtype, max_objects, on_bad_
             phrase_rows.setdefault(o.phrase, len(phrase_rows))
         out_records.append(dict(r.to_json(), _image_row=image_rows[str(resolve_image(manifest, data.records[i]))],
                                 _caption_row=caption_rows[r.caption],
-                                _phrase_rows=[phrase_rows[o.phrase] for o in r.objects]))
-    dropped = data.dropped_by_crop
+                                _phrase_rows=[phrase_rows[o.phrase] for o in r.objects],
+                                _cropped_away=len(data.records[i].objects) - len(r.objects)))
+    dropped = sum(r["_cropped_away"] for r in out_records)
     phrases = list(phrase_rows)
     if wanted("phrases.safetensors"):
         with torch.no_grad():
@@ -285,14 +285,14 @@ class CachedSource:
         self.records, self._rows = [], []
         for line in (self.folder / "records.jsonl").read_text().splitlines():
             obj = json.loads(line)
-            rows = (obj.pop("_image_row"), obj.pop("_caption_row"), obj.pop("_phrase_rows"))
+            rows = (obj.pop("_image_row"), obj.pop("_caption_row"), obj.pop("_phrase_rows"), obj.pop("_cropped_away"))
             self.records.append(Record(id=obj.get("id"), image=obj.get("image"), caption=obj.get("caption", ""),
                                        objects=tuple(GroundedObject(o["phrase"], tuple(o["box"]))
                                                      for o in obj.get("objects", [])), seed=obj.get("seed")))
             self._rows.append(rows)
         self.skipped = list(self.meta.get("skipped", []))
-        self.flipped = self.side_words_flipped = 0
-        self.dropped_by_crop = int(self.meta.get("dropped_by_crop", 0))
+        # what the crop / flip policy did in the batches read through this instance, as ManifestImages counts
+        self.dropped_by_crop = self.flipped = self.side_words_flipped = 0
         self._files = {}
         with safe_open(str(self.folder / "phrases.safetensors"), framework="pt") as f:
             self.phrase_table = f.get_tensor("phrases")
@@ -315,6 +315,7 @@ class CachedSource:
 
     def batch(self, indices: list[int], positions: list[int]) -> Batch:
         records = [self.records[i] for i in indices]
+        self.dropped_by_crop += sum(self._rows[i][3] for i in indices)
         images = self._rows_of("images", [self._rows[i][0] for i in indices])
         captions = self._rows_of("captions", [self._rows[i][1] for i in indices])["hidden"]
         rows = [p for i in indices for p in self._rows[i][2]]
@@ -403,11 +404,17 @@ def batch_indices(seed: int, n: int, start: int, size: int) -> list[int]:
     return out
 
 
-class _StepBatches(torch.utils.data.Dataset):
-    """Item k: the batch of step `start + k` (a pure function of seed and step: exact resume)."""
+def _all(rows):
+    return rows
 
-    def __init__(self, source, seed: int, batch_size: int, start: int, stop: int):
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item k: the batch of step `start + k` (a pure function of seed and step: exact resume); `take` keeps
+    this process's rows of the global batch (`distributed.Shard.take`; one process: all)."""
+
+    def __init__(self, source, seed: int, batch_size: int, start: int, stop: int, take=_all):
         self.source, self.seed, self.batch_size, self.start, self.stop = source, seed, batch_size, start, stop
+        self.take = take
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -415,17 +422,18 @@ class _StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> Batch:
         first = (self.start + k) * self.batch_size
         indices = batch_indices(self.seed, len(self.source), first, self.batch_size)
-        return self.source.batch(indices, list(range(first, first + self.batch_size)))
+        return self.source.batch(self.take(indices), self.take(list(range(first, first + self.batch_size))))
 
 
 def _as_is(batch):
     return batch
 
 
-def step_batches(source, *, seed: int, batch_size: int, start: int, stop: int, workers: int = 0):
-    """The batches of steps start .. stop-1, in order. Images are decoded by `workers` DataLoader worker
-    processes (0: in this process); a cache is read here (memory-mapped rows, no decoding)."""
-    steps = _StepBatches(source, seed, batch_size, start, stop)
+def step_batches(source, *, seed: int, batch_size: int, start: int, stop: int, workers: int = 0, take=_all):
+    """The batches of steps start .. stop-1, in order (`batch_size` is the global batch; `take` keeps this
+    process's rows). Images are decoded by `workers` DataLoader worker processes (0: in this process); a
+    cache is read here (memory-mapped rows, no decoding)."""
+    steps = _StepBatches(source, seed, batch_size, start, stop, take)
     if workers <= 0 or isinstance(source, CachedSource):
         yield from (steps[k] for k in range(len(steps)))
         return
@@ -447,9 +455,12 @@ def text_inputs(base, batch: Batch, drop: torch.Tensor, device, compute_dtype, a
         return base.encode_captions(captions), base.encode_phrases([o.phrase for r in batch.records for o in r.objects])
 
 
-def sample_latents(base, batch: Batch, generator: torch.Generator, device, compute_dtype, amp_dtype) -> torch.Tensor:
+def sample_latents(base, batch: Batch, generator: torch.Generator, device, compute_dtype, amp_dtype,
+                   draw=None) -> torch.Tensor:
     """What the UNet denoises, (B, C, h, w) fp32: a pixel base's image in [-1, 1], or a sample of the VAE's
-    latent distribution (cached moments, or the VAE run now) drawn from `generator`, times its scaling."""
+    latent distribution (cached moments, or the VAE run now) drawn from `generator`, times its scaling.
+    `draw(shape)` gives the standard normal draws (several processes: this process's rows of the global
+    batch's draws); default: `torch.randn(shape, generator=generator)`."""
     if batch.mean is None:
         x0 = batch.pixels.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
         if base.vae is None:
@@ -459,5 +470,5 @@ def sample_latents(base, batch: Batch, generator: torch.Generator, device, compu
         mean, std = dist.mean, dist.std
     else:
         mean, std = batch.mean, batch.std
-    eps = torch.randn(mean.shape, generator=generator).to(device)
+    eps = (draw(mean.shape) if draw is not None else torch.randn(mean.shape, generator=generator)).to(device)
     return (mean.to(device).float() + std.to(device).float() * eps) * base.vae.config.scaling_factor

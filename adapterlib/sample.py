@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from .adapter import AdaptedUNet, Grounding, SpatialAdapter
+from .adapter import AdaptedUNet, BatchPart, Grounding, SpatialAdapter
 from .base import BaseModel
 from .data import MAX_OBJECTS, Record
 from .precision import autocast_for
@@ -51,12 +51,13 @@ class Sampling:
 
 
 def ground(base: BaseModel, records: list[Record], *, max_objects: int = MAX_OBJECTS, phrase_dropout: float = 0.0,
-           generator: torch.Generator | None = None) -> Grounding:
-    """The grounding inputs of `records`, their phrases embedded by the base's frozen text encoder."""
+           generator: torch.Generator | None = None, part: BatchPart | None = None) -> Grounding:
+    """The grounding inputs of `records`, their phrases embedded by the base's frozen text encoder
+    (`part`: where they sit in a global batch split over processes, see `Grounding.from_records`)."""
     with torch.no_grad():
         embeddings = base.encode_phrases([o.phrase for r in records for o in r.objects])
     return Grounding.from_records(records, embeddings, max_objects=max_objects, phrase_dropout=phrase_dropout,
-                                  generator=generator)
+                                  generator=generator, part=part)
 
 
 def ddim_scheduler(base: BaseModel, steps: int) -> DDIMScheduler:

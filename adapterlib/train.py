@@ -11,7 +11,6 @@ uninterrupted one (on CPU; GPU kernels are not bitwise deterministic).
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -19,14 +18,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from . import checkpoint, datasets, encodings
+from . import checkpoint, datasets, distributed, encodings
 from .adapter import AdaptedUNet, Grounding, build_adapter
 from .base import load_base
 from .config import FIELDS, TrainConfig, resume_changes
 from .encodings import batch_indices  # noqa: F401  (the data order; tests read it here)
 from .figures import boxed_grid
 from .gates import gate_stats
-from .precision import precision_policy, resolve_device
+from .precision import precision_policy
 from .jsonio import write_json
 from .progress import Progress
 from .runs import CHANGES, DATA_REPORT, RunLog, effective_config, latest_checkpoint, read_config, run_dir, runs_root
@@ -66,7 +65,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     fields that may change on resume, and the changes are written to train.log.
     `progress`: a progress bar (a widget in a notebook); lines go to the terminal every
     `progress_every_s` seconds either way. `on_log(run_dir)` is called at each logging interval (the
-    notebook's live plot); `stop_at_step` simulates an interrupt there."""
+    notebook's live plot); `stop_at_step` simulates an interrupt there.
+
+    Started by `accelerate launch` (or `launch`) with several processes, `batch_size` is the global batch,
+    split over them; rank 0 writes the run folder (adapterlib/distributed.py)."""
+    shard, cfg = distributed.setup(cfg)
     folder = run_dir(cfg.run_name)
     notes = []
     existing = latest_checkpoint(folder)
@@ -88,19 +91,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             notes.append(f"run {folder.name} has no {'valid' if skipped_notes else 'complete'} checkpoint: "
                          "starting again from step 0")
         resume, changes = False, {}
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "config.json", cfg.to_dict())          # atomically: a kill never leaves half a config
-        (folder / "config.txt").write_text(cfg.to_text())
+        shard.wait()                                   # every process has read the folder before rank 0 writes
+        if shard.main:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / "config.json", cfg.to_dict())      # atomically: a kill never leaves half a config
+            (folder / "config.txt").write_text(cfg.to_text())
         notes.append(f"started at step 0 of {cfg.steps}")
+    if shard.world > 1:
+        notes.append(shard.describe())
+    if state is not None and state.get("processes", 1) != shard.world:
+        notes.append(f"the checkpoint was written by {state.get('processes', 1)} process(es), this run has "
+                     f"{shard.world}: the same global batch and random numbers, float rounding differs")
 
     # --- model: frozen base in the compute dtype, fp32 adapter (master weights), one module with a forward
-    device = resolve_device(cfg.device)
+    device = shard.device
     compute_dtype, amp_dtype, use_scaler = precision_policy(device, cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
     base = load_base(cfg.base_model, device=device, dtype=compute_dtype)
     adapter = build_adapter(base, attention=cfg.adapter_attention, norm=cfg.adapter_norm,
                             feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects)
-    model = AdaptedUNet(base.unet, adapter)
+    model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
     params = adapter.trainable_parameters()
     gates = adapter.gate_parameters()
     opt = torch.optim.AdamW([
@@ -109,14 +119,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     warm = lambda s: min(1.0, (s + 1) / max(1, cfg.warmup))               # then constant
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [warm, warm])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    manifest = datasets.training_manifest(cfg.data, cfg.n_train, runs_root())
-    source, source_note = encodings.training_source(
-        base, manifest, runs_root(), cache=cfg.cache, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed,
-        max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record, compute_dtype=compute_dtype, progress=progress)
+    with shard.main_first():                                  # rank 0 writes a generated set (and its cache) once
+        manifest = datasets.training_manifest(cfg.data, cfg.n_train, runs_root())
+        source, source_note = encodings.training_source(
+            base, manifest, runs_root(), cache=cfg.cache, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed,
+            max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record, compute_dtype=compute_dtype,
+            progress=progress and shard.main)
     notes.append(source_note)
-    write_json(folder / DATA_REPORT, dict(manifest=str(manifest), records=len(source), skipped=len(source.skipped),
-                                          on_bad_record=cfg.on_bad_record, first_reasons=source.skipped[:10],
-                                          inputs=source_note))
+    if shard.main:
+        write_json(folder / DATA_REPORT, dict(manifest=str(manifest), records=len(source), skipped=len(source.skipped),
+                                              on_bad_record=cfg.on_bad_record, first_reasons=source.skipped[:10],
+                                              inputs=source_note))
     if source.skipped:
         notes.append(f"{len(source.skipped)} bad record(s) skipped (on_bad_record='skip'; first: {source.skipped[0]}; "
                      f"all in {DATA_REPORT})")
@@ -131,8 +144,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(gen, state["rng"])
         skipped = state["skipped"]
-    log = RunLog(folder, list(gate_stats(adapter))[3:], step if resume else None)
-    bar = Progress(folder.name, step, cfg.steps, every_s=progress_every_s, bar=progress)
+    log = RunLog(folder, list(gate_stats(adapter))[3:], step if resume else None) if shard.main else distributed.SILENT
+    bar = Progress(folder.name, step, cfg.steps, every_s=progress_every_s, bar=progress) if shard.main else distributed.SILENT
     if changes:
         log.text(CHANGES + json.dumps({k: v for k, v in changes.items()}))
         notes.append("with changes " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
@@ -141,10 +154,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     log.text(summary)
     bar.say(f"{summary}; run folder {folder}")
 
+    @shard.main_only                            # rank 0 writes, the other processes wait for it
     def save(at_step, rng_state):
         state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
                      rng=checkpoint.rng_state(rng_state), step=at_step, samples_seen=at_step * cfg.batch_size,
-                     skipped=skipped)
+                     skipped=skipped, processes=shard.world)
         try:
             path = checkpoint.save_checkpoint(folder, at_step, adapter, state, cfg.to_dict())
         except checkpoint.CheckpointError as e:
@@ -159,31 +173,36 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             boxed_grid(images, eval_records).save(folder / "samples" / f"step_{at_step:07d}.png")
         log.text(f"checkpoint {path.relative_to(folder)}")
 
-    # --- SIGTERM (a killed papermill job, a scheduler) checkpoints like Ctrl-C
+    # --- SIGTERM (a killed papermill job, a scheduler) checkpoints like Ctrl-C (several processes: after the step)
     def on_sigterm(signum, frame):
         raise Interrupted(f"signal {signum}")
-    old_handler = _install_sigterm(on_sigterm)
+    restore_signals = shard.handle_signals(on_sigterm)
     t_start = t_window = time.perf_counter()
     window_steps, loss_steps, loss_sum, last_saved = 0, 0, torch.zeros((), device=device), step
     nonfinite_in_a_row = 0
     rng_done = gen.get_state()                 # RNG state after the last completed step: what a checkpoint holds
     prediction = base.scheduler.config.prediction_type
     batches = encodings.step_batches(source, seed=cfg.seed, batch_size=cfg.batch_size, start=step, stop=cfg.steps,
-                                     workers=cfg.num_workers)
+                                     workers=cfg.num_workers, take=shard.take)
     try:
         while step < cfg.steps:
             if stop_at_step is not None and step == stop_at_step:
                 raise Interrupted(f"stop_at_step {stop_at_step}")
+            if shard.stopping:
+                raise Interrupted(f"a signal to one of the {shard.world} processes")
             # --- batch: latents, captions (caption dropout), grounding (phrase dropout), from the cache or the images
+            # (several processes: each draws for the whole global batch and takes its rows, `shard.take`)
             batch = next(batches)
-            drop = torch.rand(len(batch.records), generator=gen) < cfg.caption_dropout
+            drop = shard.take(torch.rand(cfg.batch_size, generator=gen)) < cfg.caption_dropout
             context, phrase_embeddings = encodings.text_inputs(base, batch, drop, device, compute_dtype, amp_dtype)
             grounding = Grounding.from_records(batch.records, phrase_embeddings, max_objects=cfg.max_objects,
-                                               phrase_dropout=cfg.phrase_dropout, generator=gen)
-            latents = encodings.sample_latents(base, batch, gen, device, compute_dtype, amp_dtype)
-            noise = torch.randn(latents.shape, generator=gen).to(device)
-            t = torch.randint(0, base.scheduler.config.num_train_timesteps, (len(batch.records),), generator=gen).to(device)
-            scale = (cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(len(batch.records), generator=gen)).to(device)
+                                               phrase_dropout=cfg.phrase_dropout, generator=gen,
+                                               part=shard.part(batch.records))
+            latents = encodings.sample_latents(base, batch, gen, device, compute_dtype, amp_dtype,
+                                               draw=lambda shape: shard.take(torch.randn((cfg.batch_size, *shape[1:]), generator=gen)))
+            noise = shard.take(torch.randn((cfg.batch_size, *latents.shape[1:]), generator=gen)).to(device)
+            t = shard.take(torch.randint(0, base.scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)).to(device)
+            scale = shard.take(cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(cfg.batch_size, generator=gen)).to(device)
             noisy = base.scheduler.add_noise(latents, noise, t)
             target = {"epsilon": noise, "v_prediction": base.scheduler.get_velocity(latents, noise, t),
                       "sample": latents}[prediction]
@@ -191,11 +210,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
                 pred = model(noisy.to(compute_dtype), t, context, grounding, scale)
             loss = F.mse_loss(pred.float(), target)
+            batch_loss = shard.mean(loss.detach())       # the global batch's: every process decides alike
             # --- update: skip non-finite steps instead of poisoning the weights
             opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
+            if not torch.isfinite(batch_loss):
                 skipped, nonfinite_in_a_row = skipped + 1, nonfinite_in_a_row + 1
-                log.text(f"step {step + 1}: non-finite loss {loss.item()}, step skipped ({skipped} so far)")
+                log.text(f"step {step + 1}: non-finite loss {batch_loss.item()}, step skipped ({skipped} so far)")
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                     message = (f"{nonfinite_in_a_row} non-finite losses in a row, the last at step {step + 1}: the "
                                f"numbers overflow. Check mixed_precision ({cfg.mixed_precision!r}: fp16 needs the loss "
@@ -215,7 +235,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             scaler.update()
             sched.step()
             step, rng_done = step + 1, gen.get_state()   # the step is complete only now
-            loss_sum += loss.detach()                     # read back at log intervals only: no host sync per step
+            loss_sum += batch_loss                        # read back at log intervals only: no host sync per step
             loss_steps, window_steps = loss_steps + 1, window_steps + 1
             bar.tick(step)
             # --- log, progress line, checkpoint
@@ -228,13 +248,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                 if due:
                     bar.line(loss_avg, stats["gate_mean"], samples_per_s, cfg.batch_size)
             if logging:
-                row = dict(step=step, loss=loss.item(), loss_avg=loss_avg, lr=sched.get_last_lr()[0],
+                row = dict(step=step, loss=batch_loss.item(), loss_avg=loss_avg, lr=sched.get_last_lr()[0],
                            grad_norm=grad_norm.item(), samples_per_s=samples_per_s, wall_s=now - t_start,
                            skipped=skipped, **stats)
                 log.row(row)
                 loss_sum, loss_steps = torch.zeros((), device=device), 0
                 window_steps, t_window = 0, time.perf_counter()
-                if on_log is not None:
+                if on_log is not None and shard.main:
                     on_log(folder)
             if step % cfg.save_every == 0:
                 save(step, rng_done)
@@ -247,28 +267,36 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
         bar.say(f"interrupted at step {step}; checkpoint saved")
         raise
     finally:
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        restore_signals()
         bar.close()
     # --- the final adapter
     if step > last_saved:
         save(step, rng_done)
-    final = checkpoint.save_final(folder, adapter, dict(step=step, skipped=skipped))
+    final = shard.main_only(checkpoint.save_final)(folder, adapter, dict(step=step, skipped=skipped))
     if cfg.crop != "none" or cfg.flip:
-        report = json.loads((folder / DATA_REPORT).read_text())
-        write_json(folder / DATA_REPORT, {**report, "cropped_away": source.dropped_by_crop, "flipped": source.flipped,
-                                          "side_words_flipped": source.side_words_flipped})
-        log.text(f"crop {cfg.crop!r}, flip {cfg.flip}: {source.dropped_by_crop} object(s) cropped away, "
-                 f"{source.flipped} sample(s) flipped, {source.side_words_flipped} flipped phrase(s) naming a side "
-                 "(left as written) since this process started")
+        counts = dict(cropped_away=shard.total(source.dropped_by_crop), flipped=shard.total(source.flipped),
+                      side_words_flipped=shard.total(source.side_words_flipped))
+        if shard.main:
+            write_json(folder / DATA_REPORT, {**json.loads((folder / DATA_REPORT).read_text()), **counts})
+        log.text(f"crop {cfg.crop!r}, flip {cfg.flip}: {counts['cropped_away']} object(s) cropped away, "
+                 f"{counts['flipped']} sample(s) flipped, {counts['side_words_flipped']} flipped phrase(s) naming a "
+                 "side (left as written) since this process started")
     log.text(f"finished: {step} steps, final adapter in final/adapter.safetensors")
     bar.say(f"finished: {step} steps in {time.perf_counter() - t_start:.0f} s; final adapter in {final}")
     adapter.detach()
     return folder
 
 
-def _install_sigterm(handler):
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:          # not the main thread: leave signals alone
-        return None
+def launch(cfg: TrainConfig, num_processes: int, *, resume: bool = False, **launcher_options) -> Path:
+    """Train `cfg` on `num_processes` processes from a notebook (`accelerate.notebook_launcher`: GPUs, or
+    CPU processes where there is no GPU); returns the run folder. `batch_size` is the global batch.
+    `launcher_options` go to notebook_launcher (e.g. `use_port="29501"` when another run holds 29500)."""
+    from accelerate import notebook_launcher
+
+    distributed.check_batch(cfg.batch_size, num_processes)
+    notebook_launcher(_train_process, (cfg.to_dict(), resume), num_processes=num_processes, **launcher_options)
+    return run_dir(cfg.run_name)
+
+
+def _train_process(config: dict, resume: bool) -> None:
+    train(TrainConfig(**config), resume=resume, progress=False)
