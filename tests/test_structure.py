@@ -10,7 +10,7 @@ import adapterlib
 PACKAGE = Path(adapterlib.__file__).parent
 # the generic path: base loading, the adapter, training, sampling, checkpoints, the evaluation core
 GENERIC = ["base", "adapter", "train", "sample", "checkpoint", "evaluate", "config", "runs", "precision", "data",
-           "progress", "figures", "gates", "jsonio", "paths"]
+           "progress", "figures", "gates", "jsonio", "paths", "buckets"]
 
 
 def module_name(path: Path) -> str:
