@@ -5,7 +5,8 @@ embedded default: a generated Shapes set). What the generic path needs from a wo
 - `training_manifest`: the manifest to train on (a Shapes set is written once under the runs root);
 - `sample_records`: the layouts a run samples at each checkpoint (held-out Shapes layouts, or the
   first records of the run's manifest);
-- `heldout_records` / `ground_truth_images`: the shipped held-out layouts and their renders;
+- `heldout_records` / `ground_truth_images`: the shipped held-out layouts (version 1, or version 2:
+  stratified by object count and overlap, for `buckets.bucket_report`) and their renders;
 - `load_detector` / `measure`: the detector that scores grounding ("color": the Shapes colour detector,
   the default; or a local zero-shot detection model folder) and its per-object table and summary.
 The Shapes world is imported here, inside these functions, and nowhere on the generic path.
@@ -41,14 +42,16 @@ def sample_records(data: str, records: list[Record], n: int) -> list[Record]:
     return heldout_records(n) if data == SHAPES else list(records[:n])
 
 
-def heldout_records(n: int | None = None) -> list[Record]:
-    """The shipped held-out Shapes layouts (the first n if given)."""
+def heldout_records(n: int | None = None, version: int = 1) -> list[Record]:
+    """The shipped held-out Shapes layouts (the first n if given): version 1 (200 layouts of the default
+    world) or 2 (220 layouts, 20 in each bucket of object count 1-6 and overlap; the first 11 hold one of
+    each bucket)."""
     from .shapes import heldout_records as shipped
-    return shipped(n)
+    return shipped(n, version)
 
 
 def ground_truth_images(records: list[Record]):
-    """The renders (N, H, W, 3) uint8 of Shapes records, from their seeds."""
+    """The renders (N, H, W, 3) uint8 of Shapes records, from their seeds (each in its seed's world)."""
     from .shapes import heldout_images
     return heldout_images(records)
 

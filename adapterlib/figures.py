@@ -1,5 +1,5 @@
 """Every figure of the project: image grids with the requested boxes drawn on top, the sample grid a
-run writes at each checkpoint, loss and gate curves, grounding curves.
+run writes at each checkpoint, loss and gate curves, grounding curves, success by bucket.
 
 A box is drawn in the colour its phrase names when the phrase names one ("red circle" -> red; any
 CSS colour name), else in a fixed cycle of colours, so Shapes and real phrases draw alike."""
@@ -137,6 +137,38 @@ def plot_grounding_vs_scale(table, metrics=("success_rate", "miou")):
     axes[0, 0].legend(fontsize=7)
     n = int(table.n_images.iloc[0])
     fig.suptitle(f"grounding on {n} layouts", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_buckets(report: pd.DataFrame, measured: str = "adapter"):
+    """Grounding success by bucket from `buckets.bucket_report`: one panel for layouts whose requested
+    boxes stay apart, one for layouts where two intersect; per object count, grouped bars of the ceiling
+    (ground truth), the base alone (when the report has it) and `measured`, with its ratio to the ceiling
+    written above its bar."""
+    bars = [("ceiling_success_rate", "ground truth (ceiling)", "0.75"), ("base_success_rate", "base alone", "#9ecae1"),
+            ("success_rate", measured, "#d62728")]
+    bars = [b for b in bars if report[b[0]].notna().any()]
+    counts = sorted(report["objects"].unique())
+    width = 0.8 / len(bars)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
+    for ax, overlap in zip(axes, (False, True)):
+        rows = report[report["overlap"] == overlap].sort_values("objects")
+        for i, (column, label, color) in enumerate(bars):
+            x = rows["objects"].to_numpy(float) + (i - (len(bars) - 1) / 2) * width
+            ax.bar(x, rows[column].fillna(0.0), width, label=label, color=color)
+            if column == "success_rate":
+                for xi, height, ratio in zip(x, rows[column], rows["ratio"]):
+                    if pd.notna(ratio):
+                        ax.text(xi, height + 0.02, f"{ratio:.2f}", ha="center", fontsize=6)
+        ax.set_xticks(counts)
+        ax.set(xlabel="objects in the layout", ylim=(0, 1.12),
+               title="boxes overlap" if overlap else "boxes apart")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("success rate (IoU >= 0.5)")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"success by bucket ({int(report['n_layouts'].sum())} layouts; number: {measured} / ceiling)",
+                 fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -1,13 +1,30 @@
 """The synthetic "Shapes" world: coloured circles, squares and triangles.
 
-Every image is a pure function of an integer seed, so a data set is just a
-range of seeds and the ground-truth boxes are exact (the tight bounding box
-of the rendered pixels). Shapes are hard-edged, on a white background, in
-six well separated colours with at most one object per colour per image --
-which is what lets `detector.py` find each requested object by colour alone.
+Every image is a pure function of an integer seed and the world's options
+(`WorldOptions`), so a data set is just a range of seeds and the ground-truth
+boxes are exact (the tight bounding box of each object's full pixels).
+Shapes are hard-edged, on a white background, in six well separated colours
+with at most one object per colour per image -- which is what lets
+`detector.py` find each requested object by colour alone.
 
-Training seeds are < HELDOUT_SEED0; the held-out evaluation layouts use
-seeds from HELDOUT_SEED0 up and ship as `heldout.jsonl` next to this file.
+The default options are the original world: 1 to 3 objects of side 1/4 to 1/2
+of the image, one pixel of background between any two boxes. A harder world
+lets boxes overlap (`overlap`), holds up to six objects (one per colour) and
+draws sizes from a wider range (`side`).
+
+Depth rule, learnable from the layout alone: where objects overlap, the object
+whose requested box has the smaller area is in front (larger objects are
+painted first); of two equal areas, the one listed later (later in the
+caption) is in front. A requested box is always the object's full box, not
+its visible part, so an object hidden in part can fail the detector even in
+ground truth: that is the ceiling of its layout.
+
+Seeds: training sets use seeds < HELDOUT_SEED0; the held-out layouts (v1,
+default options) use seeds from HELDOUT_SEED0 up and ship as `heldout.jsonl`;
+the held-out layouts v2 (HELDOUT_V2_OPTIONS, stratified by object count and
+overlap) use seeds from HELDOUT_V2_SEED0 up and ship as `heldout_v2.jsonl`.
+A seed from HELDOUT_V2_SEED0 up is rendered with HELDOUT_V2_OPTIONS, any other
+with the default options (`options_for_seed`).
 """
 
 from __future__ import annotations
@@ -20,6 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..buckets import bucket_of
 from ..data import GroundedObject, Record, png_bytes, read_manifest, write_manifest
 
 RESOLUTION = 32
@@ -46,7 +64,62 @@ HELDOUT_SEED0 = 10_000_000
 HELDOUT_PATH = Path(__file__).parent / "heldout.jsonl"
 
 _PLACEMENT_TRIES = 100
-_GAP = 1  # px of background kept between boxes, so blobs never touch
+_GAP = 1  # px of background kept between boxes that do not overlap, so their blobs never touch
+_MIN_SHARED = 2  # px, in each direction, that an overlapping box shares with the box it overlaps
+_MAX_IOU = 0.5  # at most this IoU between two boxes, so no object hides behind one of its own size
+MIN_SIDE_PX = 4  # the smallest object side in pixels (a side-4 triangle has 8 px, a detectable blob)
+
+
+@dataclass(frozen=True)
+class WorldOptions:
+    """How layouts are drawn; the defaults are the original world.
+
+    max_objects / min_objects: objects drawn per image (uniformly; at most len(COLORS), one per
+    colour); an object that finds no place after 100 tries is dropped, so a crowded layout can have
+    fewer than min_objects. overlap: the probability that an object after the first is placed
+    overlapping an earlier one (sharing at least 2 px each way, IoU <= 1/2); otherwise it keeps a
+    pixel of background to every earlier box. side: the range of object sides, as fractions of the
+    image side (rounded to pixels, at least MIN_SIDE_PX)."""
+    max_objects: int = 3
+    min_objects: int = 1
+    overlap: float = 0.0
+    side: tuple[float, float] = (0.25, 0.5)
+
+    def __post_init__(self):
+        for name in ("max_objects", "min_objects"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= len(COLORS):
+                raise ValueError(f"WorldOptions.{name} = {value!r}: must be an int in [1, {len(COLORS)}] "
+                                 "(one object per colour)")
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"WorldOptions.min_objects = {self.min_objects} is above max_objects = "
+                             f"{self.max_objects}")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise ValueError(f"WorldOptions.overlap = {self.overlap!r}: must be a probability in [0, 1]")
+        side = tuple(self.side)
+        if len(side) != 2 or not all(isinstance(v, (int, float)) for v in side) or not 0.0 < side[0] <= side[1] <= 1.0:
+            raise ValueError(f"WorldOptions.side = {self.side!r}: must be (lo, hi) with 0 < lo <= hi <= 1, "
+                             "fractions of the image side")
+        object.__setattr__(self, "side", (float(side[0]), float(side[1])))  # hashable, compares equal
+
+    def sides_px(self, resolution: int) -> tuple[int, int]:
+        """The object side range (lo, hi) in pixels at `resolution`."""
+        lo, hi = round(self.side[0] * resolution), round(self.side[1] * resolution)
+        if lo < MIN_SIDE_PX:
+            raise ValueError(f"WorldOptions.side = {self.side!r} gives {lo} px sides at resolution {resolution}: "
+                             f"the smallest side is {MIN_SIDE_PX} px")
+        return lo, hi
+
+
+def world_options(max_objects: int | None = None, options: WorldOptions | None = None) -> WorldOptions:
+    """The options of a call that takes either the old `max_objects` or `options` (neither: defaults)."""
+    if options is not None:
+        if max_objects is not None:
+            raise ValueError("give max_objects inside options (WorldOptions(max_objects=...)), not both")
+        if not isinstance(options, WorldOptions):
+            raise TypeError(f"options must be a WorldOptions, not {type(options).__name__}")
+        return options
+    return WorldOptions() if max_objects is None else WorldOptions(max_objects=max_objects)
 
 
 @dataclass(frozen=True)
@@ -67,31 +140,56 @@ class Layout:
     objects: tuple[ShapeObject, ...]
 
 
-def sample_layout(seed: int, max_objects: int = 3, resolution: int = RESOLUTION) -> Layout:
-    """The layout of one image, deterministic in (seed, max_objects, resolution)."""
+def sample_layout(seed: int, max_objects: int | None = None, resolution: int = RESOLUTION,
+                  options: WorldOptions | None = None) -> Layout:
+    """The layout of one image, deterministic in (seed, options, resolution); `max_objects` alone is
+    WorldOptions(max_objects=max_objects)."""
+    opts = world_options(max_objects, options)
+    m = opts.max_objects
     rng = np.random.default_rng(seed)
     # Draw all randomness up front in a few array calls: per-call overhead,
-    # not arithmetic, dominates when rendering 100k layouts.
-    n = int(rng.integers(1, max_objects + 1))
+    # not arithmetic, dominates when rendering 100k layouts. New draws go after
+    # the original ones, so the default options give the original layouts.
+    n = int(rng.integers(opts.min_objects, m + 1))
     colors = rng.permutation(len(COLORS))[:n]
-    shape_ids = rng.integers(len(SHAPES), size=max_objects)
-    lo, hi = round(8 * resolution / 32), round(16 * resolution / 32)
-    sides = rng.integers(lo, hi + 1, size=max_objects)
-    u = rng.random((max_objects, _PLACEMENT_TRIES, 2))       # (M, T, 2) candidate positions in [0, 1)
+    shape_ids = rng.integers(len(SHAPES), size=m)
+    lo, hi = opts.sides_px(resolution)
+    sides = rng.integers(lo, hi + 1, size=m)
+    u = rng.random((m, _PLACEMENT_TRIES, 2))                 # (M, T, 2) candidate positions in [0, 1)
+    overlapping = rng.random(m) < opts.overlap               # (M,) placed to overlap an earlier box
     names = list(COLORS)
 
     objects: list[ShapeObject] = []
     for j, c in enumerate(colors):
         side = int(sides[j])
         xy = (u[j] * (resolution - side + 1)).astype(np.int64)  # (T, 2) top-left corners
-        ok = np.ones(_PLACEMENT_TRIES, dtype=bool)               # (T,)
-        for o in objects:
-            ok &= ~_too_close(xy[:, 0], xy[:, 1], xy[:, 0] + side, xy[:, 1] + side, o.box)
+        x0s, y0s = xy[:, 0], xy[:, 1]
+        ok = _placeable(x0s, y0s, x0s + side, y0s + side, [o.box for o in objects],
+                        overlap=bool(overlapping[j]) and bool(objects))
         if not ok.any():
             continue  # a failed placement drops this object: fewer objects, same seed
         x0, y0 = (int(v) for v in xy[ok.argmax()])  # first accepted candidate
         objects.append(ShapeObject(names[int(c)], SHAPES[int(shape_ids[j])], (x0, y0, x0 + side, y0 + side)))
     return Layout(seed=int(seed), resolution=resolution, objects=tuple(objects))
+
+
+def _placeable(x0, y0, x1, y1, boxes: list[tuple[int, int, int, int]], overlap: bool) -> np.ndarray:
+    """Which candidate boxes (arrays (T,)) may join `boxes`: apart from all of them, or (overlap) sharing
+    at least _MIN_SHARED px each way with one of them and IoU <= _MAX_IOU with every one."""
+    ok = np.ones(x0.shape, dtype=bool)                                   # (T,)
+    if not overlap:
+        for box in boxes:
+            ok &= ~_too_close(x0, y0, x1, y1, box)
+        return ok
+    shares = np.zeros(x0.shape, dtype=bool)                              # (T,)
+    for bx0, by0, bx1, by1 in boxes:
+        iw = np.minimum(x1, bx1) - np.maximum(x0, bx0)                   # (T,) shared width, < 0 when apart
+        ih = np.minimum(y1, by1) - np.maximum(y0, by0)
+        shares |= (iw >= _MIN_SHARED) & (ih >= _MIN_SHARED)
+        inter = np.maximum(iw, 0) * np.maximum(ih, 0)
+        union = (x1 - x0) * (y1 - y0) + (bx1 - bx0) * (by1 - by0) - inter
+        ok &= inter <= _MAX_IOU * union
+    return ok & shares
 
 
 def _too_close(x0, y0, x1, y1, box: tuple[int, int, int, int]):
@@ -145,12 +243,18 @@ def _masks(boxes: np.ndarray, shape_ids: np.ndarray, color_ids: np.ndarray, reso
     return inside & shape_mask & (color_ids[..., None, None] > 0)
 
 
-def _paint(masks: np.ndarray, color_ids: np.ndarray) -> np.ndarray:
-    """Images (N, H, W, 3) uint8 from masks (N, K, H, W) and colour ids (N, K)."""
-    # Boxes never overlap, so max over K picks the one object covering a pixel (or 0).
-    ids = color_ids.astype(np.uint8)[..., None, None]          # (N, K, 1, 1)
-    index = np.where(masks, ids, np.uint8(0)).max(axis=1)     # (N, H, W) palette index
-    return np.take(_PALETTE, index, axis=0)                   # (N, H, W, 3)
+def _paint(masks: np.ndarray, color_ids: np.ndarray, tight: np.ndarray) -> np.ndarray:
+    """Images (N, H, W, 3) uint8 from masks (N, K, H, W), colour ids (N, K) and tight boxes (N, K, 4),
+    by the depth rule: larger boxes are painted first; of equal areas, the earlier object first."""
+    n, k = color_ids.shape
+    area = (tight[..., 2] - tight[..., 0]) * (tight[..., 3] - tight[..., 1])              # (N, K)
+    order = np.lexsort((np.broadcast_to(np.arange(k), (n, k)), -area), axis=-1)       # (N, K) paint order
+    layer = np.argsort(order, axis=-1).astype(np.uint8) + 1                            # (N, K) 1 = painted first
+    # The front object at a pixel is the covering one painted last (0: none covers it).
+    front = np.where(masks, layer[..., None, None], np.uint8(0)).max(axis=1)          # (N, H, W)
+    by_layer = np.concatenate([np.zeros((n, 1), np.int64), np.take_along_axis(color_ids, order, -1)], -1)
+    index = np.take_along_axis(by_layer, front.reshape(n, -1).astype(np.int64), -1)   # (N, H*W) palette index
+    return np.take(_PALETTE, index.reshape(front.shape), axis=0)                      # (N, H, W, 3)
 
 
 def _tight_boxes(masks: np.ndarray) -> np.ndarray:
@@ -172,7 +276,8 @@ def _render_many(layouts: Sequence[Layout]) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"layouts mix resolutions {sorted(resolutions)}")
     packed = _pack(layouts)
     masks = _masks(*packed, resolution=resolutions.pop())
-    return _paint(masks, packed[2]), _tight_boxes(masks)
+    tight = _tight_boxes(masks)  # each object's full box, whatever covers it
+    return _paint(masks, packed[2], tight), tight
 
 
 def render(layout: Layout) -> np.ndarray:
@@ -208,24 +313,28 @@ def to_record(layout: Layout, image: str | None = None) -> Record:
 _CHUNK = 2048
 
 
-def render_batch(seeds: Sequence[int], max_objects: int = 3) -> tuple[np.ndarray, list[Record]]:
-    """Images (N, H, W, 3) uint8 and records (no image path) for many seeds, in memory."""
+def render_batch(seeds: Sequence[int], max_objects: int | None = None,
+                 options: WorldOptions | None = None) -> tuple[np.ndarray, list[Record]]:
+    """Images (N, H, W, 3) uint8 and records (no image path) for many seeds, in memory (`max_objects`
+    alone is WorldOptions(max_objects=max_objects))."""
+    opts = world_options(max_objects, options)
     seeds = [int(s) for s in seeds]
     images = np.empty((len(seeds), RESOLUTION, RESOLUTION, 3), dtype=np.uint8)  # (N, H, W, 3)
     records: list[Record] = []
     for start in range(0, len(seeds), _CHUNK):
-        layouts = [sample_layout(s, max_objects) for s in seeds[start:start + _CHUNK]]
+        layouts = [sample_layout(s, options=opts) for s in seeds[start:start + _CHUNK]]
         chunk, tight = _render_many(layouts)
         images[start:start + len(layouts)] = chunk
         records.extend(_record(l, t, None, None) for l, t in zip(layouts, tight))
     return images, records
 
 
-def write_dataset(folder: str | Path, n: int, seed: int = 0, max_objects: int = 3) -> Path:
+def write_dataset(folder: str | Path, n: int, seed: int = 0, max_objects: int | None = None,
+                  options: WorldOptions | None = None) -> Path:
     """Write images/<seed:07d>.png and data.jsonl for seeds seed..seed+n-1; returns the manifest."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    images, records = render_batch(range(seed, seed + n), max_objects)
+    images, records = render_batch(range(seed, seed + n), max_objects, options)
     out = []
     for image, record in zip(images, records):
         name = f"images/{record.seed:07d}.png"
@@ -236,6 +345,21 @@ def write_dataset(folder: str | Path, n: int, seed: int = 0, max_objects: int = 
 
 # --- held-out evaluation layouts ---------------------------------------------
 
+HELDOUT_V2_SEED0 = 20_000_000
+HELDOUT_V2_PATH = Path(__file__).parent / "heldout_v2.jsonl"
+# The world of held-out v2: up to six objects, each after the first placed over an earlier one with
+# probability 0.3, sides 6 to 16 px (3/16 to 1/2 of the image; the default world: 8 to 16 px).
+HELDOUT_V2_OPTIONS = WorldOptions(max_objects=6, overlap=0.3, side=(0.1875, 0.5))
+HELDOUT_V2_PER_BUCKET = 20
+# (objects, overlap) of every v2 bucket: one object cannot overlap, so 11 buckets.
+HELDOUT_V2_BUCKETS = tuple((k, o) for k in range(1, 7) for o in (False, True) if k > 1 or not o)
+
+
+def options_for_seed(seed: int) -> WorldOptions:
+    """The world a held-out seed is rendered in: HELDOUT_V2_OPTIONS from HELDOUT_V2_SEED0 up, else the default."""
+    return HELDOUT_V2_OPTIONS if seed >= HELDOUT_V2_SEED0 else WorldOptions()
+
+
 def write_heldout(n: int = 200, path: str | Path = HELDOUT_PATH) -> Path:
     """(Re)generate the shipped held-out file: seeds HELDOUT_SEED0.., ids heldout-000.."""
     layouts = [sample_layout(HELDOUT_SEED0 + i) for i in range(n)]
@@ -244,20 +368,55 @@ def write_heldout(n: int = 200, path: str | Path = HELDOUT_PATH) -> Path:
     return write_manifest(path, records)
 
 
-def heldout_records(n: int | None = None) -> list[Record]:
-    """The shipped held-out records (first n if given)."""
-    records = read_manifest(HELDOUT_PATH, require_image=False)
+def write_heldout_v2(per_bucket: int = HELDOUT_V2_PER_BUCKET, path: str | Path = HELDOUT_V2_PATH) -> Path:
+    """(Re)generate the shipped held-out v2 file: the first `per_bucket` layouts of each bucket (object
+    count, whether two requested boxes intersect) among seeds HELDOUT_V2_SEED0, +1, ... drawn with
+    HELDOUT_V2_OPTIONS. Records interleave the buckets (the first 11 records hold one of each), with ids
+    like "v2-3obj-overlap-0007" / "v2-3obj-apart-0007"."""
+    found: dict[tuple[int, bool], list[Record]] = {b: [] for b in HELDOUT_V2_BUCKETS}
+    open_counts = {k for k, _ in HELDOUT_V2_BUCKETS}  # object counts with a bucket still to fill
+    seed = HELDOUT_V2_SEED0
+    while open_counts:
+        # The bucket needs the rendered (tight) boxes; render only the layouts of an open count.
+        layouts = [layout for layout in (sample_layout(s, options=HELDOUT_V2_OPTIONS) for s in range(seed, seed + _CHUNK))
+                   if len(layout.objects) in open_counts]
+        tight = _render_many(layouts)[1] if layouts else []
+        for layout, boxes in zip(layouts, tight):
+            r = _record(layout, boxes, None, None)
+            bucket = found[bucket_of(r)]
+            if len(bucket) < per_bucket:
+                bucket.append(r)
+        open_counts = {k for (k, _), v in found.items() if len(v) < per_bucket}
+        seed += _CHUNK
+    out = [Record(r.caption, r.objects, id=f"v2-{k}obj-{'overlap' if o else 'apart'}-{i:04d}", seed=r.seed)
+           for i in range(per_bucket) for (k, o) in HELDOUT_V2_BUCKETS for r in [found[k, o][i]]]
+    return write_manifest(path, out)
+
+
+def heldout_records(n: int | None = None, version: int = 1) -> list[Record]:
+    """The shipped held-out records (first n if given): version 1 (heldout.jsonl, the default world) or
+    2 (heldout_v2.jsonl, stratified by object count and overlap)."""
+    if version not in (1, 2):
+        raise ValueError(f"version={version!r}: the held-out layouts are version 1 or 2")
+    records = read_manifest(HELDOUT_PATH if version == 1 else HELDOUT_V2_PATH, require_image=False)
     return records if n is None else records[:n]
 
 
-def heldout_images(records: Sequence[Record], max_objects: int = 3) -> np.ndarray:
-    """Ground-truth renders (N, H, W, 3) uint8 of records, from their seeds."""
+def heldout_images(records: Sequence[Record], max_objects: int | None = None,
+                   options: WorldOptions | None = None) -> np.ndarray:
+    """Ground-truth renders (N, H, W, 3) uint8 of records, from their seeds, in the world of the options
+    given, else each seed's own (`options_for_seed`: v1 and v2 held-out records may be mixed)."""
     if any(r.seed is None for r in records):
         raise ValueError("heldout_images needs records with a seed")
-    images, rendered = render_batch([r.seed for r in records], max_objects)
-    # Guard against the shipped file and the sampler drifting apart.
-    for r, g in zip(records, rendered):
-        if r.objects != g.objects:
-            raise ValueError(f"record {r.id!r} does not match the layout of seed {r.seed}; "
-                             "regenerate with write_heldout()")
+    given = None if options is None and max_objects is None else world_options(max_objects, options)
+    worlds = [given or options_for_seed(r.seed) for r in records]
+    images = np.empty((len(records), RESOLUTION, RESOLUTION, 3), dtype=np.uint8)  # (N, H, W, 3)
+    for world in set(worlds):
+        index = [i for i, w in enumerate(worlds) if w == world]
+        images[index], rendered = render_batch([records[i].seed for i in index], options=world)
+        # Guard against the shipped file and the sampler drifting apart.
+        for i, g in zip(index, rendered):
+            if records[i].objects != g.objects:
+                raise ValueError(f"record {records[i].id!r} does not match the layout of seed {records[i].seed}; "
+                                 "regenerate with write_heldout() / write_heldout_v2()")
     return images
