@@ -59,6 +59,7 @@ class TrainConfig:
     cache: bool = True                   # encode images (VAE moments), captions and phrases once, to disk
                                          # (runs/_cache/; encodings.py); crop="random" is never cached
     num_workers: int = 2                 # DataLoader workers decoding images when they are read every step
+    compile: bool = False                # torch.compile the adapted UNet (a GPU speed option; minutes to compile)
     log_every: int = 25
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
     # --- reliability
@@ -119,7 +120,7 @@ RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
-               "max_nonfinite_steps", "cache", "num_workers")
+               "max_nonfinite_steps", "cache", "num_workers", "compile")
 # The subset of RESUME_FIXED that a checkpoint's adapter is built from.
 ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapter_feedforward", "max_objects")
 

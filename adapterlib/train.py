@@ -35,6 +35,15 @@ class Interrupted(KeyboardInterrupt):
     """Raised by SIGTERM (or `stop_at_step`) inside the loop, so it checkpoints like Ctrl-C does."""
 
 
+# Devices where a step never waits for the host: the loss's finiteness is checked on the device (the fused
+# AdamW skips a non-finite step itself, through `found_inf`), and counted and read at log intervals.
+SYNC_FREE_DEVICES = ("cuda",)
+
+
+class OutOfMemory(RuntimeError):
+    """The device ran out of memory in a step: the message says what to lower; the last checkpoint is intact."""
+
+
 class NonFiniteLoss(RuntimeError):
     """`max_nonfinite_steps` non-finite losses in a row: the run stops, its last checkpoint untouched."""
 
@@ -113,9 +122,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
     params = adapter.trainable_parameters()
     gates = adapter.gate_parameters()
+    sync_free = device.type in SYNC_FREE_DEVICES
     opt = torch.optim.AdamW([
         {"params": [p for n, p in params.items() if n not in gates], "weight_decay": cfg.weight_decay},
-        {"params": list(gates.values()), "weight_decay": 0.0, "lr": cfg.lr * cfg.gate_lr_scale}], lr=cfg.lr)
+        {"params": list(gates.values()), "weight_decay": 0.0, "lr": cfg.lr * cfg.gate_lr_scale}], lr=cfg.lr,
+        fused=sync_free)
+    if cfg.compile:
+        model = torch.compile(model)
     warm = lambda s: min(1.0, (s + 1) / max(1, cfg.warmup))               # then constant
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [warm, warm])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
@@ -178,8 +191,29 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
         raise Interrupted(f"signal {signum}")
     restore_signals = shard.handle_signals(on_sigterm)
     t_start = t_window = time.perf_counter()
-    window_steps, loss_steps, loss_sum, last_saved = 0, 0, torch.zeros((), device=device), step
+    window_steps, last_saved = 0, step
+    loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device)   # finite steps since the log
     nonfinite_in_a_row = 0
+    counted = NonFiniteCount(device) if sync_free else None
+    skipped_before = skipped
+
+    def stop_nonfinite(in_a_row: int, at_step: int):
+        message = (f"{in_a_row} non-finite losses in a row, the last at step {at_step}: the numbers overflow. Check "
+                   f"mixed_precision ({cfg.mixed_precision!r}: fp16 needs the loss scaler; try bf16 or no) and lower lr "
+                   f"({cfg.lr:g}); the last checkpoint (step {last_saved}) is untouched")
+        log.text(f"stopped: {message}")
+        bar.say(f"stopped: {message}")
+        raise NonFiniteLoss(message)
+
+    def read_nonfinite(at_step: int) -> None:
+        """The device-side counts (sync-free devices): the skipped total, a note, the stop rule."""
+        nonlocal skipped
+        total, new, longest = counted.read()
+        skipped = skipped_before + total
+        if new:
+            log.text(f"steps up to {at_step}: {new} non-finite loss(es), steps skipped ({skipped} so far)")
+        if longest >= cfg.max_nonfinite_steps:
+            stop_nonfinite(longest, at_step)
     rng_done = gen.get_state()                 # RNG state after the last completed step: what a checkpoint holds
     prediction = base.scheduler.config.prediction_type
     batches = encodings.step_batches(source, seed=cfg.seed, batch_size=cfg.batch_size, start=step, stop=cfg.steps,
@@ -213,17 +247,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             batch_loss = shard.mean(loss.detach())       # the global batch's: every process decides alike
             # --- update: skip non-finite steps instead of poisoning the weights
             opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(batch_loss):
+            if not sync_free and not torch.isfinite(batch_loss):
                 skipped, nonfinite_in_a_row = skipped + 1, nonfinite_in_a_row + 1
                 log.text(f"step {step + 1}: non-finite loss {batch_loss.item()}, step skipped ({skipped} so far)")
                 if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    message = (f"{nonfinite_in_a_row} non-finite losses in a row, the last at step {step + 1}: the "
-                               f"numbers overflow. Check mixed_precision ({cfg.mixed_precision!r}: fp16 needs the loss "
-                               f"scaler; try bf16 or no) and lower lr ({cfg.lr:g}); the last checkpoint (step "
-                               f"{last_saved}) is untouched")
-                    log.text(f"stopped: {message}")
-                    bar.say(f"stopped: {message}")
-                    raise NonFiniteLoss(message)
+                    stop_nonfinite(nonfinite_in_a_row, step + 1)
                 sched.step()
                 step, rng_done = step + 1, gen.get_state()
                 continue
@@ -231,19 +259,28 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
+            good = torch.isfinite(batch_loss)
+            if sync_free:                              # checked on the device; the fused AdamW skips a bad step
+                if not use_scaler:                     # (the loss scaler hands it its own found_inf)
+                    opt.found_inf = (~good).float()
+                counted.add(~good)
             scaler.step(opt)
+            opt.__dict__.pop("found_inf", None)
             scaler.update()
             sched.step()
             step, rng_done = step + 1, gen.get_state()   # the step is complete only now
-            loss_sum += batch_loss                        # read back at log intervals only: no host sync per step
-            loss_steps, window_steps = loss_steps + 1, window_steps + 1
+            loss_sum += torch.where(good, batch_loss, 0.0)   # read back at log intervals only: no host sync per step
+            loss_count += good
+            window_steps += 1
             bar.tick(step)
             # --- log, progress line, checkpoint
             logging, due = step % cfg.log_every == 0 or step == cfg.steps, bar.due()
+            if sync_free and (logging or due or step % cfg.save_every == 0):
+                read_nonfinite(step)
             if logging or due:
                 now = time.perf_counter()
                 stats = gate_stats(adapter)
-                loss_avg = loss_sum.item() / loss_steps
+                loss_avg = loss_sum.item() / max(1.0, loss_count.item())
                 samples_per_s = window_steps * cfg.batch_size / max(now - t_window, 1e-9)
                 if due:
                     bar.line(loss_avg, stats["gate_mean"], samples_per_s, cfg.batch_size)
@@ -252,13 +289,22 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                            grad_norm=grad_norm.item(), samples_per_s=samples_per_s, wall_s=now - t_start,
                            skipped=skipped, **stats)
                 log.row(row)
-                loss_sum, loss_steps = torch.zeros((), device=device), 0
+                loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device)
                 window_steps, t_window = 0, time.perf_counter()
                 if on_log is not None and shard.main:
                     on_log(folder)
             if step % cfg.save_every == 0:
                 save(step, rng_done)
                 last_saved, window_steps, t_window = step, 0, time.perf_counter()   # samples/s: training only
+    except torch.OutOfMemoryError as e:
+        per = cfg.batch_size // shard.world
+        message = (f"out of {device.type} memory at step {step + 1} (batch {per} per process at {base.resolution} px, "
+                   f"mixed_precision {cfg.mixed_precision!r}): lower batch_size, keep mixed_precision bf16/fp16 on a "
+                   f"GPU, train at a lower resolution (a base with a smaller sample_size), or spread the batch over "
+                   f"more GPUs (accelerate launch); the last checkpoint (step {last_saved}) is untouched")
+        log.text(f"stopped: {message}")
+        bar.say(f"stopped: {message}")
+        raise OutOfMemory(message) from e
     except KeyboardInterrupt as stop:           # Ctrl-C, a kernel interrupt, SIGTERM, stop_at_step
         if step > last_saved:
             save(step, rng_done)
@@ -300,3 +346,25 @@ def launch(cfg: TrainConfig, num_processes: int, *, resume: bool = False, **laun
 
 def _train_process(config: dict, resume: bool) -> None:
     train(TrainConfig(**config), resume=resume, progress=False)
+
+
+class NonFiniteCount:
+    """Non-finite losses counted on the device, so a step never waits for the host: the total, those since the
+    last read, and the longest run in a row since the last read (a run still going carries over)."""
+
+    def __init__(self, device):
+        zero = lambda: torch.zeros((), dtype=torch.int64, device=device)
+        self.total, self.new, self.run, self.longest = zero(), zero(), zero(), zero()
+
+    def add(self, bad: torch.Tensor) -> None:
+        bad = bad.long()
+        self.total += bad
+        self.new += bad
+        self.run = (self.run + 1) * bad
+        self.longest = torch.maximum(self.longest, self.run)
+
+    def read(self) -> tuple[int, int, int]:
+        total, new, longest = (int(v) for v in torch.stack([self.total, self.new, self.longest]).tolist())
+        self.new.zero_()
+        self.longest.copy_(self.run)
+        return total, new, longest

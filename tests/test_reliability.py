@@ -225,3 +225,72 @@ def test_final_is_written_as_a_whole(runs):
     train(resume_config("final", steps=4), resume=True, progress=False)
     assert json.loads((run / "final" / "info.json").read_text())["step"] == 4
     assert not (run / "final.tmp").exists() and not list(run.glob("*.tmp"))
+
+
+# --- the sync-free step (the GPU path: the fused AdamW skips a non-finite step on the device, the counts are
+# read at log intervals), run here on the CPU
+
+@pytest.fixture
+def sync_free(monkeypatch):
+    import adapterlib.train as train_module
+    monkeypatch.setattr(train_module, "SYNC_FREE_DEVICES", ("cuda", "cpu"))
+
+
+def _nan_at(monkeypatch, steps):
+    """AdaptedUNet's training forwards at these 1-based steps give NaN."""
+    from adapterlib.adapter import AdaptedUNet
+    original = AdaptedUNet.forward
+    calls = []
+    def forward(self, *args, **kw):
+        out = original(self, *args, **kw)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            return out * float("nan") if len(calls) in steps else out
+        return out
+    monkeypatch.setattr(AdaptedUNet, "forward", forward)
+    return calls
+
+
+def test_sync_free_step_skips_a_non_finite_step_like_the_host_check(runs, monkeypatch, sync_free):
+    calls = _nan_at(monkeypatch, {3})
+    train(small("free", steps=6, log_every=3), progress=False)
+    monkeypatch.setattr("adapterlib.train.SYNC_FREE_DEVICES", ("cuda",))
+    calls.clear()
+    train(small("host", steps=6, log_every=3), progress=False)
+    free, host = (load_file(str(runs / n / "final" / "adapter.safetensors")) for n in ("free", "host"))
+    for k in free:                               # fused vs for-each AdamW: the same update up to rounding
+        torch.testing.assert_close(free[k], host[k], atol=1e-6, rtol=0)
+    assert "1 non-finite loss(es), steps skipped (1 so far)" in (runs / "free" / "train.log").read_text()
+    assert read_metrics(runs / "free").skipped.iloc[-1] == 1 == read_metrics(runs / "host").skipped.iloc[-1]
+    assert not read_metrics(runs / "free").loss_avg.isna().any()
+
+
+def test_sync_free_step_stops_on_repeated_non_finite_losses(runs, monkeypatch, sync_free):
+    _nan_at(monkeypatch, {3, 4, 5, 6, 7, 8})
+    with pytest.raises(NonFiniteLoss, match=r"3 non-finite losses in a row.*mixed_precision.*lr"):
+        train(small("nanfree", steps=8, max_nonfinite_steps=3, log_every=1), progress=False)
+    run = runs / "nanfree"
+    # step 4 (skipped, weights as after step 2) was still saved: a sync-free step learns of NaN only at reads
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]
+    assert all(checkpoint.verify_checkpoint(path) is None for _, path in list_checkpoints(run))
+    two, four = (load_file(str(path / "adapter.safetensors")) for _, path in list_checkpoints(run))
+    assert all(torch.equal(two[k], four[k]) for k in two)
+
+
+def test_out_of_memory_says_what_to_lower_and_keeps_the_checkpoint(runs, monkeypatch):
+    from adapterlib.adapter import AdaptedUNet
+    from adapterlib.train import OutOfMemory
+    original = AdaptedUNet.forward
+    calls = []
+    def forward(self, *args, **kw):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kw)
+    monkeypatch.setattr(AdaptedUNet, "forward", forward)
+    with pytest.raises(OutOfMemory, match=r"out of cpu memory at step 3 \(batch 2 per process.*lower batch_size"):
+        train(small("oom", steps=6), progress=False)
+    run = runs / "oom"
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    assert "stopped: out of cpu memory" in (run / "train.log").read_text()
