@@ -70,8 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N layouts (default: all)")
     ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     ev.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
-    ev.add_argument("--manifest", "--layouts", dest="manifest", type=Path, default=None,
-                    help="evaluate on the layouts of this manifest (JSON Lines); default: a run's own layouts (held-out for a Shapes run, else its manifest), else the held-out set")
+    ev.add_argument("--layouts", "--manifest", dest="layouts", default=None, metavar="v1|v2|MANIFEST",
+                    help="the layouts: v1 (the 200 shipped held-out layouts), v2 (220 held-out layouts by object count "
+                         "1-6 x overlap) or a manifest (JSON Lines) path; default: a run's own layouts (held-out v1 "
+                         "for a Shapes run, else its manifest), else v1")
     ev.add_argument("--detector", default="color",
                     help="'color' (the Shapes colour detector, default) or a folder with a local OWL-ViT / OWLv2 "
                          "model (transformers format)")
@@ -260,6 +262,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .buckets import bucket_report, bucket_rows, format_buckets
     from .datasets import load_detector
 
     if args.limit is not None and args.limit < 1:
@@ -272,23 +275,26 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
     layouts = _layouts(args)
     detector = load_detector(args.detector, args.device)
+    ceiling, _ = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
     if args.reference == "ground-truth":
-        name, extra = "ground truth", {}
-        _, summary = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
+        name, extra, (table, summary) = "ground truth", {}, (ceiling, _)
     else:
         name, extra = f"base ({args.base})", {"base": args.base, "steps": args.steps, "guidance": args.guidance}
         base = evaluate.load_base_for(args.base, args.device)
         print(f"sampling {len(layouts)} images from {base.path} on {base.device} "
               f"({args.steps} steps, guidance {args.guidance})", file=sys.stderr, flush=True)
-        _, summary = evaluate.evaluate(layouts, reference="base", base=base, detector=detector, steps=args.steps,
-                                       guidance=args.guidance)
+        table, summary = evaluate.evaluate(layouts, reference="base", base=base, detector=detector, steps=args.steps,
+                                           guidance=args.guidance)
     print(evaluate.format_summary({name: summary}))
+    report = bucket_report(layouts.records, table, ceiling=ceiling)
+    print(f"\nby bucket (objects x overlap; the ceiling is the ground truth's):\n{format_buckets(report, measured=name)}")
     _print_json({**summary, "reference": args.reference, "layouts": layouts.source, "detector": args.detector,
-                 **extra})
+                 **extra, "buckets": bucket_rows(report)})
     return 0
 
 
 def _evaluate_run(args: argparse.Namespace) -> int:
+    from .buckets import bucket_report, bucket_rows, format_buckets
     from .checkpoint import load_checkpoint
     from .datasets import load_detector
     from .runs import resolve_run
@@ -301,15 +307,19 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(run_dir, args.checkpoint, device=args.device)
     print(f"sampling {len(layouts)} layouts: base alone, then {ckpt.name} (scale {args.scale}, tau {args.tau})",
           file=sys.stderr, flush=True)
-    table = evaluate.compare(layouts, ckpt.base, ckpt.adapter, scales=[args.scale], taus=[args.tau],
-                             steps=args.steps, guidance=args.guidance, detector=detector)
-    rows = {"ground truth": 0, "base alone (scale 0)": 1, f"adapter step {ckpt.step}": 2}
-    rows = {name: table.iloc[i][list(evaluate.SUMMARY_KEYS)].to_dict() for name, i in rows.items()}
-    print(evaluate.format_summary(rows))
-    _print_json({**rows[f"adapter step {ckpt.step}"], "run": str(run_dir), "step": ckpt.step, "scale": args.scale,
-                 "tau": args.tau, "detector": args.detector,
-                 "base_success_rate": rows["base alone (scale 0)"]["success_rate"],
-                 "ground_truth_success_rate": rows["ground truth"]["success_rate"]})
+    sampling = dict(steps=args.steps, guidance=args.guidance)
+    ceiling, truth = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
+    base_table, base_alone = evaluate.evaluate(layouts, reference="base", base=ckpt.base, detector=detector, **sampling)
+    table, adapter = evaluate.evaluate(layouts, reference="adapter", base=ckpt.base, adapter=ckpt.adapter,
+                                       detector=detector, scale=args.scale, tau=args.tau, **sampling)
+    print(evaluate.format_summary({"ground truth": truth, "base alone (scale 0)": base_alone,
+                                   f"adapter step {ckpt.step}": adapter}))
+    report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
+    print(f"\nby bucket (objects x overlap; ratio = adapter / ceiling):\n{format_buckets(report)}")
+    _print_json({**adapter, "run": str(run_dir), "step": ckpt.step, "scale": args.scale, "tau": args.tau,
+                 "layouts": layouts.source, "detector": args.detector,
+                 "base_success_rate": base_alone["success_rate"], "ground_truth_success_rate": truth["success_rate"],
+                 "buckets": bucket_rows(report)})
     return 0
 
 
@@ -323,8 +333,8 @@ def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
     the run's first N layouts (--limit, default 10; `evaluate.run_layouts`), the same for every checkpoint."""
     from .probe import grounding_vs_step
 
-    if args.manifest is not None:
-        raise ValueError("--checkpoint all tests the run's own layouts; --manifest is not supported with it")
+    if args.layouts is not None:
+        raise ValueError("--checkpoint all tests the run's own layouts; --layouts is not supported with it")
     if args.detector != "color":
         raise ValueError("--checkpoint all measures with the colour detector; --detector is not supported with it")
     n = args.limit or 10
@@ -336,11 +346,16 @@ def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
     return 0
 
 
+HELDOUT_SETS = {"v1": 1, "heldout": 1, "v2": 2, "heldout-v2": 2}
+
+
 def _layouts(args: argparse.Namespace, run_dir: Path | None = None) -> evaluate.Layouts:
-    """A manifest's layouts if given, else the run's (held-out for a Shapes run, else its manifest's), else the
-    held-out layouts; one seed each (see the module docstring)."""
-    if args.manifest is not None:
-        return evaluate.manifest_layouts(args.manifest, args.limit)
+    """The layouts asked for (a held-out set or a manifest), else the run's (held-out for a Shapes run, else its
+    manifest's), else held-out v1; one seed each (see the module docstring)."""
+    if args.layouts in HELDOUT_SETS:
+        return evaluate.heldout_layouts(args.limit, HELDOUT_SETS[args.layouts])
+    if args.layouts is not None:
+        return evaluate.manifest_layouts(args.layouts, args.limit)
     return evaluate.run_layouts(run_dir, args.limit) if run_dir is not None else evaluate.heldout_layouts(args.limit)
 
 

@@ -54,6 +54,7 @@ class Layouts:
     records: list[Record]
     seeds: list[int]
     manifest: Path | None = None
+    version: int = 1              # which shipped held-out set (manifest None): 1, or 2 (by object count x overlap)
 
     def __post_init__(self):
         if len(self.records) != len(self.seeds):
@@ -66,11 +67,13 @@ class Layouts:
         """`layouts[:4]`: the first four layouts, with their seeds."""
         if not isinstance(index, slice):
             raise TypeError("index Layouts with a slice (layouts[:4]); read single items from .records/.seeds")
-        return Layouts(self.records[index], self.seeds[index], self.manifest)
+        return Layouts(self.records[index], self.seeds[index], self.manifest, self.version)
 
     @property
     def source(self) -> str:
-        return "heldout" if self.manifest is None else str(self.manifest)
+        if self.manifest is not None:
+            return str(self.manifest)
+        return "heldout" if self.version == 1 else f"heldout-v{self.version}"
 
     def ground_truth_images(self) -> list[np.ndarray] | np.ndarray:
         """Held-out layouts are rendered from their seeds. A manifest record's image file is its
@@ -90,12 +93,14 @@ class Layouts:
         return images
 
 
-def heldout_layouts(n: int | None = None) -> Layouts:
-    """The shipped held-out layouts (the first n if given); layout i is sampled with seed i."""
+def heldout_layouts(n: int | None = None, version: int = 1) -> Layouts:
+    """The shipped held-out layouts (the first n if given): version 1 (200 layouts of the default world) or 2
+    (220, stratified by object count 1-6 and overlap; the first 11 hold one of each bucket); layout i is
+    sampled with seed i."""
     if n is not None and n < 1:
         raise ValueError(f"n={n}: give a positive number of layouts (or None for all)")
-    records = datasets.heldout_records(n)
-    return Layouts(records, list(range(len(records))))
+    records = datasets.heldout_records(n, version)
+    return Layouts(records, list(range(len(records))), version=version)
 
 
 def manifest_layouts(path: str | Path, n: int | None = None) -> Layouts:
