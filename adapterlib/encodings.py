@@ -150,7 +150,7 @@ def _build(base, manifest, folder, key, parts, crop, dtype, max_objects, on_bad_
         return damaged is None or name in damaged or not (folder / name).is_file()
 
     def write(name, tensors):
-        tmp = folder / f".{name}.tmp"
+        tmp = folder / f".{name}.{os.getpid()}.tmp"       # two builders of one cache never share a file
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, folder / name)
 
@@ -210,7 +210,7 @@ def _build(base, manifest, folder, key, parts, crop, dtype, max_objects, on_bad_
         write("phrases.safetensors", {"phrases": torch.cat(emb) if emb else torch.zeros(0, dim, dtype=store),
                                       "empty_caption": empty})
     shards.append(dict(file="phrases.safetensors", kind="phrases", start=0, stop=len(phrases)))
-    tmp = folder / ".records.jsonl.tmp"
+    tmp = folder / f".records.jsonl.{os.getpid()}.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in out_records))
     os.replace(tmp, folder / "records.jsonl")
     shards.append(dict(file="records.jsonl", kind="records", start=0, stop=len(out_records)))
