@@ -159,36 +159,28 @@ def _build(base, manifest, folder, key, parts, crop, dtype, max_objects, on_bad_
     say(f"encoding {len(data)} records ({n_images} images, {n_captions} captions) into {folder}")
     bar = tqdm(total=n_images + n_captions, desc="cache", unit="item", disable=not progress, file=sys.stderr,
                mininterval=0.5)
-    # --- images: the VAE's latent moments (or the pixels of a pixel-space base)
-    for start in range(0, n_images, SHARD_ROWS):
-        name = f"images-{start // SHARD_ROWS:05d}.safetensors"
-        stop = min(n_images, start + SHARD_ROWS)
-        shards.append(dict(file=name, kind="images", start=start, stop=stop))
-        if not wanted(name):
-            bar.update(stop - start)
-            continue
-        chunks = {}
-        for b in range(start, stop, ENCODE_BATCH):
-            images, _ = data.load(first_of_image[b:min(stop, b + ENCODE_BATCH)])
-            for k, v in _encode_images(base, images, store).items():
-                chunks.setdefault(k, []).append(v)
-            bar.update(len(images))
-        write(name, {k: torch.cat(v) for k, v in chunks.items()})
-    # --- captions
+
+    def encode_shards(kind: str, n: int, encode) -> None:
+        """The shards of `n` rows of `kind`, each from `encode(lo, hi)` (a dict of tensors), unless intact."""
+        for start in range(0, n, SHARD_ROWS):
+            name, stop = f"{kind}-{start // SHARD_ROWS:05d}.safetensors", min(n, start + SHARD_ROWS)
+            shards.append(dict(file=name, kind=kind, start=start, stop=stop))
+            if not wanted(name):
+                bar.update(stop - start)
+                continue
+            chunks = {}
+            for lo in range(start, stop, ENCODE_BATCH):
+                hi = min(stop, lo + ENCODE_BATCH)
+                with torch.no_grad():
+                    for k, v in encode(lo, hi).items():
+                        chunks.setdefault(k, []).append(v)
+                bar.update(hi - lo)
+            write(name, {k: torch.cat(v) for k, v in chunks.items()})
+
+    # the VAE's latent moments (or a pixel-space base's pixels), then the captions' hidden states
+    encode_shards("images", n_images, lambda lo, hi: _encode_images(base, data.load(first_of_image[lo:hi])[0], store))
     captions = list(caption_rows)
-    for start in range(0, n_captions, SHARD_ROWS):
-        name = f"captions-{start // SHARD_ROWS:05d}.safetensors"
-        stop = min(n_captions, start + SHARD_ROWS)
-        shards.append(dict(file=name, kind="captions", start=start, stop=stop))
-        if not wanted(name):
-            bar.update(stop - start)
-            continue
-        hidden = []
-        for b in range(start, stop, ENCODE_BATCH):
-            with torch.no_grad():
-                hidden.append(base.encode_captions(captions[b:min(stop, b + ENCODE_BATCH)]).to(store))
-            bar.update(min(stop, b + ENCODE_BATCH) - b)
-        write(name, {"hidden": torch.cat(hidden)})
+    encode_shards("captions", n_captions, lambda lo, hi: {"hidden": base.encode_captions(captions[lo:hi]).to(store)})
     bar.close()
     # --- the records as trained on (the crop applied to their boxes), and their phrases
     for i, r in enumerate(data.records):
