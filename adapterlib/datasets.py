@@ -20,26 +20,33 @@ from .detectors import Detector, ZeroShotDetector, score_grounding
 from .paths import repo_path
 
 SHAPES = "shapes"
+# the generated Shapes worlds a run's `data` may name, with the held-out set each is judged on: "shapes" (the
+# default world: 1-3 objects, apart) and "shapes-v2" (1-6 objects, 30% placed over another, smaller in front)
+SHAPES_WORLDS = {"shapes": 1, "shapes-v2": 2}
+
+
+def is_shapes(data: str) -> bool:
+    return data in SHAPES_WORLDS
 
 
 def training_manifest(data: str, n_train: int, root: Path) -> Path:
-    """The manifest of `data`: a path as given, or for "shapes" a set of `n_train` images written (once)
-    to `root/_datasets/shapes-<n_train>/`."""
-    if data != SHAPES:
+    """The manifest of `data`: a path as given, or for a Shapes world a set of `n_train` images written (once)
+    to `root/_datasets/<world>-<n_train>/`."""
+    if not is_shapes(data):
         return repo_path(data)
-    folder = Path(root) / "_datasets" / f"shapes-{n_train}"
+    folder = Path(root) / "_datasets" / f"{data}-{n_train}"
     if not (folder / "data.jsonl").is_file():
-        from .shapes import write_dataset
-        write_dataset(folder, n_train, seed=0)
+        from .shapes import HELDOUT_V2_OPTIONS, write_dataset
+        write_dataset(folder, n_train, seed=0, options=None if SHAPES_WORLDS[data] == 1 else HELDOUT_V2_OPTIONS)
     return folder / "data.jsonl"
 
 
 def sample_records(data: str, records: list[Record], n: int) -> list[Record]:
-    """What a run samples at each checkpoint: the first n held-out layouts for Shapes, else the first n
-    of its (verified) training records (their boxes, drawn on the samples, show the grounding)."""
+    """What a run samples at each checkpoint: the first n held-out layouts of its Shapes world, else the first
+    n of its (verified) training records (their boxes, drawn on the samples, show the grounding)."""
     if n <= 0:
         return []
-    return heldout_records(n) if data == SHAPES else list(records[:n])
+    return heldout_records(n, SHAPES_WORLDS[data]) if is_shapes(data) else list(records[:n])
 
 
 def heldout_records(n: int | None = None, version: int = 1) -> list[Record]:

@@ -116,11 +116,13 @@ def manifest_layouts(path: str | Path, n: int | None = None) -> Layouts:
 
 
 def run_layouts(run: str | Path, n: int | None = None) -> Layouts:
-    """The layouts a run is judged on: the held-out Shapes layouts for a run trained on Shapes, else the
+    """The layouts a run is judged on: the held-out layouts of its Shapes world (v1 or v2), else the
     first n records of the run's own manifest (its boxes, its captions, its images as ground truth)."""
     from .runs import effective_config, resolve_run
     data = effective_config(resolve_run(run))["data"]
-    return heldout_layouts(n) if data == datasets.SHAPES else manifest_layouts(repo_path(data), n)
+    if datasets.is_shapes(data):
+        return heldout_layouts(n, datasets.SHAPES_WORLDS[data])
+    return manifest_layouts(repo_path(data), n)
 
 
 def images_for(layouts: Layouts, *, reference: str = "adapter", base=None, adapter=None, **sampling):

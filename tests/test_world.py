@@ -245,3 +245,20 @@ def test_bucket_report_of_the_ground_truth_on_heldout_v2_and_its_figure():
     assert apart.get_legend_handles_labels()[1] == ["ground truth (ceiling)", "ground truth"]
     ceiling_bars = overlap.containers[0]
     assert [bar.get_height() for bar in ceiling_bars] == list(report[report.overlap].ceiling_success_rate)
+
+
+def test_a_run_can_train_on_the_harder_world_and_is_judged_on_its_held_out_set(tmp_path, monkeypatch):
+    from adapterlib import datasets, evaluate
+    from adapterlib.config import make_config
+    from adapterlib.data import read_manifest
+    from adapterlib.train import train
+    manifest = datasets.training_manifest("shapes-v2", 64, tmp_path)
+    assert manifest.parent.name == "shapes-v2-64"
+    records = read_manifest(manifest)
+    assert max(len(r.objects) for r in records) > 3                      # the v2 world, not the default one
+    assert datasets.sample_records("shapes-v2", records, 3) == datasets.heldout_records(3, version=2)
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
+    run = train(make_config("smoke", run_name="v2", data="shapes-v2", n_train=32, steps=2, save_every=2,
+                            n_samples=0), progress=False)
+    layouts = evaluate.run_layouts(run, 11)
+    assert layouts.source == "heldout-v2" and layouts.records == datasets.heldout_records(11, version=2)
