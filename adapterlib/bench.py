@@ -122,7 +122,9 @@ def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch
         from diffusers import UNet2DConditionModel
         with torch.device(device):
             unet = UNet2DConditionModel(**sd15_unet_config())
-        unet = unet.to(dtype=compute_dtype).requires_grad_(False).eval()
+        if compute_dtype != torch.float32:
+            unet = unet.to(dtype=compute_dtype)
+        unet = unet.requires_grad_(False).eval()
         base, text_dim, context_len = None, 768, 77
     cfg = unet.config
     gen = torch.Generator().manual_seed(seed)
@@ -349,6 +351,10 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     headline numbers (`ours_samples_per_s` is the default variant, masked+FF, eager).
     `extra`: {name: make(workload) -> step()}: more rows, each step one training step on
     `workload.batch` samples, timed in the same rounds."""
+    if rounds < 1 or steps_per_round < 1 or warmup < 0:
+        raise ValueError(f"rounds {rounds}, steps_per_round {steps_per_round}, warmup {warmup}: need >= 1, >= 1, >= 0")
+    if with_train_step and size != "tiny":
+        raise ValueError(f"the train_step row needs a loaded base with its text encoder (size 'tiny'), not size {size!r}")
     w = make_workload(size, device, batch, objects, seed)
     variants = tuple(dict.fromkeys(variants))
     if DEFAULT_VARIANT not in variants:
