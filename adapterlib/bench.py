@@ -420,3 +420,44 @@ def format_table(result: dict) -> str:
                      f"{num(r['peak_mib'], '9.0f')} {num(r['step_mib'], '9.0f')} {num(r['x_floor'], '8.2f')} "
                      f"{num(r['x_peer'], '7.2f')} {r['trainable_params']:>10,}  {r['note']}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the issue's targets, read off a result
+
+PLAN_STEPS, PLAN_BATCH = 25_000, 2        # the training plan's SD 1.5 run (docs/training-plan.md)
+
+
+def projected_minutes(samples_per_s: float, steps: int = PLAN_STEPS, batch: int = PLAN_BATCH) -> float:
+    """Minutes of training steps for `steps` x `batch` samples at `samples_per_s` (data loading, encoders
+    and checkpoints not included; samples/s measured at another batch size is taken as it is)."""
+    return steps * batch / samples_per_s / 60
+
+
+def targets(result: dict) -> list[dict]:
+    """The throughput targets that apply to `result`, each with the measured value and whether it is met:
+    on the CPU with the shipped base, ours >= 1.5x the peer; on CUDA at SD 1.5 size (batch 16), ours
+    >= 150 samples/s, >= 1.4x the compiled peer (needs `compile`) and within 15% of the floor. "ours" is
+    the default variant, its faster of eager and compiled. Always: the plan's run projected in minutes."""
+    rows = {r["name"]: r for r in result["rows"]}
+    ours_name = result["ours_variant"]
+    candidates = [rows[n] for n in (ours_name, ours_name + " compiled") if n in rows and rows[n]["samples_per_s"]]
+    ours = max(candidates, key=lambda r: r["samples_per_s"])
+    speed = ours["samples_per_s"]
+    out = []
+
+    def add(target, value, threshold, note=""):
+        out.append(dict(target=target, measured=value, met=None if value is None else value >= threshold,
+                        note=note or ours["name"]))
+    if result["size"] == "tiny" and result["device"] == "cpu":
+        add("CPU, shipped base: ours >= 1.5x the peer", speed / result["peer_samples_per_s"], 1.5)
+    if result["size"] == "sd15" and result["device"].startswith("cuda"):
+        at = "" if result["batch"] == 16 else f" (measured at batch {result['batch']}, the target is at 16)"
+        add("SD 1.5 on CUDA: ours >= 150 samples/s", speed, 150, ours["name"] + at)
+        peer = result["peer_compiled_samples_per_s"]
+        add("SD 1.5 on CUDA: ours >= 1.4x the compiled peer", speed / peer if peer else None, 1.4,
+            ours["name"] if peer else "needs compile=True (and a peer that compiles)")
+        add("SD 1.5 on CUDA: ours within 15% of the floor", speed / result["floor_samples_per_s"], 0.85, ours["name"])
+    out.append(dict(target=f"{PLAN_STEPS:,} steps x batch {PLAN_BATCH}: projected minutes", met=None,
+                    measured=projected_minutes(speed), note=f"{ours['name']} at {speed:.1f} samples/s, steps only"))
+    return out
