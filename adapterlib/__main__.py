@@ -284,7 +284,7 @@ def _layouts(args: argparse.Namespace) -> evaluate.Layouts:
 def _bench_parser(commands) -> None:
     from .bench import SIZES
 
-    be = commands.add_parser("bench", help="training-step throughput: ours, diffusers' GLIGEN, the frozen-UNet floor",
+    be = commands.add_parser("bench", help="training-step throughput: ours, diffusers' GLIGEN, the frozen UNet",
                              description="Times a full adapter training step (forward, backward, AdamW) for every "
                                          "adapter variant, diffusers' GLIGEN on the same base and the frozen UNet "
                                          "alone, in one process, interleaved rounds (adapterlib/bench.py). Prints "
@@ -298,9 +298,12 @@ def _bench_parser(commands) -> None:
                     help="grounding slots a sample (default: tiny 3, all present; sd15 30, ~30%% present)")
     be.add_argument("--rounds", type=int, default=5, help="interleaved rounds; a row's number is the median (default 5)")
     be.add_argument("--steps", type=int, default=10, help="steps of each row in a round (default 10)")
+    be.add_argument("--warmup", type=int, default=2, help="untimed steps of each row first (default 2)")
     be.add_argument("--variants", default=None, metavar="LIST",
-                    help="our variants, e.g. masked+ff,self+ff (default: masked, self, cross, each with and without FF)")
-    be.add_argument("--compile", action="store_true", help="also every row torch.compile'd (n/a with the reason if it fails)")
+                    help="our variants, e.g. masked+ff,self (default: masked, self, cross, with and without FF; "
+                         "masked+ff, the config's default, is always measured)")
+    be.add_argument("--compile", action="store_true",
+                    help="also every row torch.compile'd (n/a with the reason when it fails)")
     be.add_argument("--train-step", action="store_true",
                     help="also the training loop's per-step work with the text encoder (size tiny)")
 
@@ -309,8 +312,9 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import VARIANTS, format_table, parse_variants, run_bench
 
     result = run_bench(args.size, device=args.device, batch=args.batch, objects=args.objects, rounds=args.rounds,
-                       steps_per_round=args.steps, compile=args.compile, with_train_step=args.train_step,
-                       variants=VARIANTS if args.variants is None else parse_variants(args.variants))
+                       steps_per_round=args.steps, warmup=args.warmup, compile=args.compile,
+                       variants=VARIANTS if args.variants is None else parse_variants(args.variants),
+                       with_train_step=args.train_step)
     print(f"{result['size']} on {result['device_name']} ({result['threads']} threads), torch {result['torch']}, "
           f"batch {result['batch']}, {result['objects']} slots ({result['objects_present']} objects in the batch), "
           f"median of {result['rounds']} rounds x {result['steps_per_round']} steps")

@@ -15,7 +15,8 @@ Every row is one full training step on the same batch, the same frozen weights a
 - `train_step` (optional): what `adapterlib.train` does per step once a batch is in memory: captions and
   phrases through the text encoder, images to latents, noise, the default variant's step, gradient
   clipping, LR schedule;
-- `extra` rows: any named step callables the caller adds (e.g. a step fed from cached encodings).
+- `extra` rows: the caller's own, `extra={name: make}` with `make(workload)` returning the row's step
+  callable (e.g. a step fed from cached encodings), timed in the same rounds.
 Forward, backward to the trainable parameters, and an AdamW step (fused on CUDA). On CUDA the frozen
 weights are bf16 and the trainable ones fp32 under bf16 autocast (the training default); on the CPU all
 fp32. Gates are opened to 0.1 in both adapters (the cost is the same at 0; open, every gradient is non-zero).
@@ -37,11 +38,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
+import diffusers
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from torch import nn
 
 from .adapter import ATTENTIONS, AdaptedUNet, Grounding, SpatialAdapter
+from .base import load_base
 from .config import TrainConfig
 from .precision import autocast, precision_policy, resolve_device
 
@@ -115,11 +119,9 @@ def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch
     compute_dtype, amp, _ = precision_policy(device, "bf16")
     torch.manual_seed(seed)
     if size == "tiny":
-        from .base import load_base
         base = load_base("shapes-tiny", device, dtype=compute_dtype)
         unet, text_dim, context_len = base.unet, base.text_encoder.config.hidden_size, base.tokenizer.model_max_length
     else:
-        from diffusers import UNet2DConditionModel
         with torch.device(device):
             unet = UNet2DConditionModel(**sd15_unet_config())
         if compute_dtype != torch.float32:
@@ -188,15 +190,14 @@ def gligen_peer(unet: nn.Module) -> nn.Module:
     """diffusers' GLIGEN on `unet`'s config (`attention_type="gated"`) with `unet`'s weights loaded: a weight
     of `unet` the gated model has no place for, or a gated-model weight other than fuser / position_net
     left unloaded, is an error. Frozen weights in `unet`'s dtype, the trainable ones fp32, on its device."""
-    from diffusers import UNet2DConditionModel
-
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     with torch.device(unet.device):
         peer = UNet2DConditionModel(**{**config, "attention_type": "gated"})
     missing, unexpected = peer.load_state_dict(unet.state_dict(), strict=False)
     unloaded = [k for k in missing if not is_peer_trainable(k)]
     if unexpected or unloaded:
-        raise ValueError(f"the gated UNet does not match the base: unexpected {unexpected[:5]}, unloaded {unloaded[:5]}")
+        raise ValueError(f"the gated UNet does not match the base: unexpected {unexpected[:5]}, "
+                         f"unloaded {unloaded[:5]}")
     for name, p in peer.named_parameters():
         trainable = is_peer_trainable(name)
         p.requires_grad_(trainable)
@@ -321,7 +322,8 @@ def measure(steps: Mapping[str, Callable[[], object]], device: torch.device, *, 
         except Exception as e:   # noqa: BLE001 -- a compiled row that cannot compile is reported, not fatal
             if name not in fallible:
                 raise
-            out[name]["note"] = f"n/a: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            out[name]["note"] = f"n/a: {type(e).__name__}: {first_line}"
     for r in range(rounds if live else 0):
         for name in live[r % len(live):] + live[:r % len(live)]:       # the starting row rotates
             fn, row = steps[name], out[name]
@@ -354,12 +356,17 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     if rounds < 1 or steps_per_round < 1 or warmup < 0:
         raise ValueError(f"rounds {rounds}, steps_per_round {steps_per_round}, warmup {warmup}: need >= 1, >= 1, >= 0")
     if with_train_step and size != "tiny":
-        raise ValueError(f"the train_step row needs a loaded base with its text encoder (size 'tiny'), not size {size!r}")
-    w = make_workload(size, device, batch, objects, seed)
+        raise ValueError(f"the train_step row needs a loaded base with its text encoder (size 'tiny'), "
+                         f"not size {size!r}")
     variants = tuple(dict.fromkeys(variants))
     if DEFAULT_VARIANT not in variants:
         variants = (DEFAULT_VARIANT, *variants)
     modes = (False, True) if compile else (False,)
+    taken = {name + tag for name in ("floor", "peer", *(variant_name(*v) for v in variants))
+             for tag in ("", " compiled")} | {"train_step"}
+    if set(extra or {}) & taken:
+        raise ValueError(f"extra rows {sorted(set(extra) & taken)}: those names are taken")
+    w = make_workload(size, device, batch, objects, seed)
     rows: dict[str, Step] = {}
     peer = gligen_peer(w.unet)
     for compiled in modes:
@@ -370,8 +377,6 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     if with_train_step:
         rows["train_step"] = train_step(w)
     for name, make in (extra or {}).items():
-        if name in rows:
-            raise ValueError(f"extra row {name!r}: that name is taken")
         rows[name] = Step(name, make(w), {})
     timed = measure({n: s.run for n, s in rows.items()}, w.device, rounds=rounds, steps_per_round=steps_per_round,
                     warmup=warmup, fallible=[n for n, s in rows.items() if s.compiled])
@@ -396,26 +401,23 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
         peer_compiled_samples_per_s=by_name.get("peer compiled"), ours_variant=ours, size=size, batch=batch,
         objects=w.grounding.present.shape[1], objects_present=int(w.grounding.present.sum()),
         device=str(w.device), device_name=torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else "cpu",
-        threads=torch.get_num_threads(), torch=torch.__version__, diffusers=_diffusers_version(),
-        dtype=str(w.unet.dtype).replace("torch.", ""), autocast=None if w.amp is None else str(w.amp).replace("torch.", ""),
+        threads=torch.get_num_threads(), torch=torch.__version__, diffusers=diffusers.__version__,
+        dtype=str(w.unet.dtype).removeprefix("torch."),
+        autocast=None if w.amp is None else str(w.amp).removeprefix("torch."),
         rounds=rounds, steps_per_round=steps_per_round, compile=compile,
         memory="cuda max_memory_allocated (peak_mib: all resident; step_mib: above the row's start)"
         if w.device.type == "cuda" else None,
         rows=table)
 
 
-def _diffusers_version() -> str:
-    import diffusers
-    return diffusers.__version__
-
-
 def format_table(result: dict) -> str:
     """The rows as a fixed-width text table."""
-    num = lambda v, f: "n/a" if v is None else format(v, f)
+    num = lambda v, f: format("n/a", ">" + f.split(".")[0]) if v is None else format(v, f)
     lines = [f"{'row':<24} {'samples/s':>10} {'ms/step':>9} {'peak MiB':>9} {'step MiB':>9} {'x floor':>8} "
              f"{'x peer':>7} {'trainable':>10}  note"]
     for r in result["rows"]:
-        lines.append(f"{r['name']:<24} {num(r['samples_per_s'], '10.1f')} "
+        speed = r["samples_per_s"]
+        lines.append(f"{r['name']:<24} {num(speed, '10.1f' if speed is None or speed >= 1 else '10.3g')} "
                      f"{num(None if r['s_per_step'] is None else 1000 * r['s_per_step'], '9.1f')} "
                      f"{num(r['peak_mib'], '9.0f')} {num(r['step_mib'], '9.0f')} {num(r['x_floor'], '8.2f')} "
                      f"{num(r['x_peer'], '7.2f')} {r['trainable_params']:>10,}  {r['note']}")

@@ -32,7 +32,8 @@ def grads_reaching(params: dict, run) -> set[str]:
 
 
 def test_cli_last_line_is_json_with_every_row_positive(capsys):
-    assert main(["bench", "--size", "tiny", "--device", "cpu", "--batch", "2", "--rounds", "1", "--steps", "1"]) == 0
+    args = ["--size", "tiny", "--device", "cpu", "--batch", "2", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+    assert main(["bench", *args]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     for key in ("ours_samples_per_s", "peer_samples_per_s", "floor_samples_per_s", "ours_x_peer", "ours_x_floor"):
@@ -144,6 +145,8 @@ def test_bad_settings_are_refused_before_any_work():
         bench.run_bench("sd15", with_train_step=True)
     with pytest.raises(ValueError, match="size 'xl'"):
         bench.make_workload("xl")
+    with pytest.raises(ValueError, match=r"extra rows \['peer'\]"):
+        bench.run_bench("sd15", extra={"peer": lambda w: w})
     with pytest.raises(ValueError, match="variant 'dense'"):
         bench.parse_variants("masked+ff,dense")
     assert bench.parse_variants("masked+FF, self") == (("masked", True), ("self", False))
