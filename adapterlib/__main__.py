@@ -12,6 +12,7 @@
     accelerate launch --num_processes 8 -m adapterlib train ...   # on 8 GPUs: batch_size is the global batch
     python -m adapterlib import coco --instances FILE --images DIR [--captions FILE] [--map FILE] --out DIR
     python -m adapterlib import odvg --jsonl FILE --images DIR --out DIR   # -> DIR/data.jsonl (a manifest)
+    python -m adapterlib bench [--size tiny|sd15] [--device auto] [--batch 16] [--rounds 5] [--compile]  # samples/s
 
 A run is a name under the runs root ($ADAPTERLIB_RUNS, default runs/) or a path.
 
@@ -114,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     _field_flags(ca, only=("base_model", "data", "n_train", "device", "mixed_precision", "crop", "max_objects",
                            "on_bad_record"))
     _import_parser(commands)
+    _bench_parser(commands)
     return parser
 
 
@@ -357,6 +359,48 @@ def _layouts(args: argparse.Namespace, run_dir: Path | None = None) -> evaluate.
     if args.layouts is not None:
         return evaluate.manifest_layouts(args.layouts, args.limit)
     return evaluate.run_layouts(run_dir, args.limit) if run_dir is not None else evaluate.heldout_layouts(args.limit)
+
+
+def _bench_parser(commands) -> None:
+    from .bench import SIZES
+
+    be = commands.add_parser("bench", help="training-step throughput: ours, diffusers' GLIGEN, the frozen UNet",
+                             description="Times a full adapter training step (forward, backward, AdamW) for every "
+                                         "adapter variant, diffusers' GLIGEN on the same base and the frozen UNet "
+                                         "alone, in one process, interleaved rounds (adapterlib/bench.py). Prints "
+                                         "a table and, as the last line, a JSON object.")
+    be.set_defaults(command=_bench, command_name="bench")
+    be.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
+    be.add_argument("--size", choices=SIZES, default="tiny",
+                    help="tiny: the shipped base, 32x32 pixels; sd15: a random-weight SD 1.5-size UNet, 64x64 latents")
+    be.add_argument("--batch", type=int, default=16, help="samples a step (default 16)")
+    be.add_argument("--objects", type=int, default=None,
+                    help="grounding slots a sample (default: tiny 3, all present; sd15 30, ~30%% present)")
+    be.add_argument("--rounds", type=int, default=5, help="interleaved rounds; a row's number is the median (default 5)")
+    be.add_argument("--steps", type=int, default=10, help="steps of each row in a round (default 10)")
+    be.add_argument("--warmup", type=int, default=2, help="untimed steps of each row first (default 2)")
+    be.add_argument("--variants", default=None, metavar="LIST",
+                    help="our variants, e.g. masked+ff,self (default: masked, self, cross, with and without FF; "
+                         "masked+ff, the config's default, is always measured)")
+    be.add_argument("--compile", action="store_true",
+                    help="also every row torch.compile'd (n/a with the reason when it fails)")
+    be.add_argument("--train-step", action="store_true",
+                    help="also the training loop's per-step work with the text encoder (size tiny)")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import VARIANTS, format_table, parse_variants, run_bench
+
+    result = run_bench(args.size, device=args.device, batch=args.batch, objects=args.objects, rounds=args.rounds,
+                       steps_per_round=args.steps, warmup=args.warmup, compile=args.compile,
+                       variants=VARIANTS if args.variants is None else parse_variants(args.variants),
+                       with_train_step=args.train_step)
+    print(f"{result['size']} on {result['device_name']} ({result['threads']} threads), torch {result['torch']}, "
+          f"batch {result['batch']}, {result['objects']} slots ({result['objects_present']} objects in the batch), "
+          f"median of {result['rounds']} rounds x {result['steps_per_round']} steps")
+    print(format_table(result))
+    _print_json(result)
+    return 0
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ class GatedLayer(nn.Module):
                                 nn.Linear(4 * dim, dim)) if feedforward else None
         self.gate_ff = zero_gate() if feedforward else None
 
-    def _attend(self, q_in, kv_in, allowed):                  # allowed: (B, Lq, Lk) bool
+    def _attend(self, q_in, kv_in, allowed):                  # allowed: (B, Lq or 1, Lk) bool
         B, Lq, C = q_in.shape
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, L, C/h)
         out = F.scaled_dot_product_attention(split(self.q(q_in)), split(self.k(kv_in)), split(self.v(kv_in)),
@@ -177,7 +177,7 @@ class GatedLayer(nn.Module):
         if self.attention == "self":
             h = self.norm(torch.cat([x, objects], dim=1))                      # (B, L + N, C)
             keys = torch.cat([present.new_ones(B, L), present], dim=1)            # (B, L + N)
-            allowed = keys[:, None, :].expand(-1, keys.shape[1], -1)
+            allowed = keys[:, None, :]                     # (B, 1, L + N): the same keys for every query, broadcast
             delta = self._attend(h, h, allowed)[:, :L]
         else:
             kv = torch.cat([self.nothing.expand(B, 1, -1).to(objects.dtype), objects], dim=1)  # (B, 1 + N, C)

@@ -320,3 +320,27 @@ def plot_gates_and_grounding(metrics: pd.DataFrame, grounding: pd.DataFrame, fin
     right.set_xlim(left.get_xlim())
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# throughput (adapterlib.bench)
+
+def plot_throughput(result: dict, ax=None):
+    """Samples/s of every bench row as bars (floor grey, peer orange, ours blue, other rows green),
+    the floor and the peer as dashed lines, each bar labelled with its ratio to the peer."""
+    rows = result["rows"][::-1]                                       # the first row on top
+    ax = _axes(ax, figsize=(7, 0.35 * len(rows) + 1.2))
+    kind = lambda name: next((c for k, c in (("floor", "0.6"), ("peer", "tab:orange"), ("ours", "tab:blue"))
+                              if name.startswith(k)), "tab:green")
+    speeds = [r["samples_per_s"] or 0 for r in rows]
+    ax.barh([r["name"] for r in rows], speeds, color=[kind(r["name"]) for r in rows])
+    for y, r in enumerate(rows):
+        text = "n/a" if r["samples_per_s"] is None else f" {r['x_peer']:.2f}x peer" if r["x_peer"] else ""
+        ax.text(speeds[y], y, text, va="center", fontsize=7)
+    for name, style in (("floor", "0.4"), ("peer", "tab:orange")):
+        ax.axvline(result[f"{name}_samples_per_s"], color=style, linestyle="--", linewidth=0.8)
+    ax.set_xlabel("training samples / s (median over rounds)")
+    ax.set_title(f"{result['size']} on {result['device_name']}, batch {result['batch']}, {result['objects']} slots",
+                 fontsize=9)
+    ax.set_xlim(0, max(speeds) * 1.25)
+    return ax

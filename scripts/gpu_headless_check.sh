@@ -3,9 +3,9 @@
 #   1. notebook 01's checks (dtypes, identity at init, gradient at step 0, mixed-precision step) on CUDA, bf16 and fp16;
 #   2. `python -m adapterlib train` of the default `shapes` preset on CUDA through AdaptedUNet's forward (timed),
 #      then `--resume` with more steps, then `evaluate` on the 200 held-out layouts;
-#   3. scripts/gpu_bench.py (our adapter at SD 1.5 size vs the frozen-UNet floor) and, when present,
-#      the peer bench (diffusers GLIGEN) copied to .gpu/gpu_peer_bench.py, in the same call.
-# On the device: carry .whl (diffusers) and .gpu; SMALL=1 makes every part tiny (a CPU rehearsal).
+#   3. `python -m adapterlib bench` at SD 1.5 size: every adapter variant, diffusers' GLIGEN (the peer) and the
+#      frozen-UNet floor in one process, eager; then the default variant, the peer and the floor torch.compile'd.
+# On the device: carry .whl (diffusers); SMALL=1 makes every part tiny (a CPU rehearsal, no compile).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check-out}
 R=$OUT/r; mkdir -p "$R"
@@ -43,6 +43,7 @@ $PY -m adapterlib status gpu-default 2>&1 | tee "$R/status.txt"
 cp "$ADAPTERLIB_RUNS/gpu-default/metrics.csv" "$ADAPTERLIB_RUNS/gpu-default/train.log" "$ADAPTERLIB_RUNS/gpu-default/config.json" "$R/" 2>/dev/null
 rm -rf "$ADAPTERLIB_RUNS/_datasets"
 
-echo "== 3. benches"
-OUT=$R timeout 150 $PY scripts/gpu_bench.py 2>&1 | tee "$R/bench.txt"
-if [ -f .gpu/gpu_peer_bench.py ]; then OUT=$R timeout 200 $PY .gpu/gpu_peer_bench.py 2>&1 | tee "$R/peer_bench.txt"; fi
+echo "== 3. bench: ours vs diffusers' GLIGEN vs the frozen-UNet floor (SD 1.5 size, batch 16)"
+BENCH="-m adapterlib bench --device $DEV --size sd15 --batch 16 --rounds 3 ${SMALL:+--size tiny --batch 2 --rounds 1 --steps 1}"
+timeout 240 $PY $BENCH 2>&1 | tee "$R/bench.txt"
+if [ -z "${SMALL:-}" ]; then timeout 420 $PY $BENCH --variants masked+ff --compile 2>&1 | tee "$R/bench_compile.txt"; fi

@@ -1,0 +1,152 @@
+"""The throughput bench measures what it says: the peer is diffusers' own GLIGEN on the base's weights,
+our rows go through AdaptedUNet and train only the adapter, the CLI's last line is the JSON scripts read.
+No timing is asserted: only that every number is there and positive."""
+import json
+import math
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock, GatedSelfAttentionDense
+
+from adapterlib import bench
+from adapterlib.__main__ import main
+from adapterlib.adapter import AdaptedUNet
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return bench.make_workload("tiny", "cpu", batch=2, objects=3)
+
+
+def grads_reaching(params: dict, run) -> set[str]:
+    """The names in `params` whose .grad is written during `run()` (read before the optimizer clears it)."""
+    seen = set()
+    handles = [p.register_post_accumulate_grad_hook(lambda p, n=n: seen.add(n)) for n, p in params.items()]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_cli_last_line_is_json_with_every_row_positive(capsys):
+    args = ["--size", "tiny", "--device", "cpu", "--batch", "2", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+    assert main(["bench", *args]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    for key in ("ours_samples_per_s", "peer_samples_per_s", "floor_samples_per_s", "ours_x_peer", "ours_x_floor"):
+        assert result[key] > 0 and math.isfinite(result[key]), key
+    assert result["ours_variant"] == "ours masked+FF"          # the config's default adapter
+    assert (result["batch"], result["objects"], result["device_name"]) == (2, 3, "cpu")
+    assert result["torch"] == torch.__version__
+    names = [r["name"] for r in result["rows"]]
+    assert names[:2] == ["floor", "peer"]
+    assert set(names[2:]) == {bench.variant_name(a, ff) for a, ff in bench.VARIANTS}
+    for row in result["rows"]:
+        assert row["samples_per_s"] > 0 and row["s_per_step"] > 0 and len(row["round_s"]) == 1, row
+        assert row["peak_mib"] is None                          # the CPU reports no peak memory
+    by_name = {r["name"]: r for r in result["rows"]}
+    assert by_name["ours masked+FF"]["samples_per_s"] == result["ours_samples_per_s"]
+    assert by_name["floor"]["trainable_params"] == 0 and by_name["peer"]["trainable_params"] > 0
+    assert any(line.startswith("peer ") for line in lines)      # the table is printed before the JSON
+
+
+def test_the_peer_is_diffusers_gated_gligen_on_the_base_weights(workload):
+    step = bench.peer_step(workload)
+    peer = step.model
+    assert type(peer) is UNet2DConditionModel and peer.config.attention_type == "gated"
+    blocks = [m for m in peer.modules() if isinstance(m, BasicTransformerBlock)]
+    assert blocks and all(isinstance(b.fuser, GatedSelfAttentionDense) for b in blocks)
+    names = {n for n, _ in peer.named_parameters()}
+    trained = {n for n in names if n.startswith("position_net.") or ".fuser." in n}
+    assert trained and set(step.trainable) == trained             # exactly fuser + position_net
+    base = workload.unet.state_dict()
+    assert set(base) == names - trained                          # every other weight is a base weight ...
+    for key, value in base.items():                              # ... loaded as it is
+        assert torch.equal(peer.state_dict()[key], value), key
+    # one step: the gradient reaches every trained parameter (grounded through cross_attention_kwargs)
+    assert grads_reaching(step.trainable, step.run) == trained
+    assert not any(p.requires_grad for n, p in peer.named_parameters() if n not in trained)
+
+
+def test_the_peer_refuses_a_base_weight_it_has_no_place_for():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=4)
+    assert bench.gligen_peer(unet).config.attention_type == "gated"
+    unet.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
+    with pytest.raises(ValueError, match="unexpected.*extra"):
+        bench.gligen_peer(unet)
+
+
+@pytest.mark.parametrize("attention,feedforward", [("masked", True), ("self", False)])
+def test_our_rows_go_through_adapted_unet_and_train_only_the_adapter(workload, monkeypatch, attention, feedforward):
+    step = bench.adapter_step(workload, attention, feedforward)
+    assert isinstance(step.model, AdaptedUNet) and step.model.unet is workload.unet
+    adapter = step.model.adapter
+    assert step.trainable == adapter.trainable_parameters()
+    calls = []
+    forward = AdaptedUNet.forward
+    monkeypatch.setattr(AdaptedUNet, "forward", lambda self, *a, **k: calls.append(a) or forward(self, *a, **k))
+    before = {n: p.detach().clone() for n, p in step.trainable.items()}
+    assert grads_reaching(step.trainable, step.run) == set(step.trainable)   # every adapter parameter gets a gradient
+    assert len(calls) == 1 and calls[0][3] is workload.grounding           # (noisy, t, context, grounding, scale)
+    assert not any(p.requires_grad for p in workload.unet.parameters())    # the base gets none
+    assert any(not torch.equal(before[n], p) for n, p in step.trainable.items())   # and AdamW stepped
+
+
+def test_the_floor_trains_nothing_and_differentiates_to_the_input(workload):
+    step = bench.floor_step(workload)
+    inputs = []
+    handle = workload.unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
+    try:
+        step.run()
+    finally:
+        handle.remove()
+    assert step.trainable == {} and step.model is workload.unet
+    assert inputs[0] is not workload.noisy and inputs[0].grad.abs().sum() > 0   # a copy of the batch, differentiated
+    assert all(p.grad is None for p in workload.unet.parameters())
+
+
+def test_a_failing_fallible_row_is_reported_and_the_others_measured():
+    def broken():
+        raise RuntimeError("no compiler here\nsecond line")
+    out = bench.measure({"ok": lambda: None, "compiled": broken}, torch.device("cpu"), rounds=2, steps_per_round=1,
+                        warmup=1, fallible=["compiled"])
+    assert out["compiled"]["note"] == "n/a: RuntimeError: no compiler here" and out["compiled"]["seconds"] == []
+    assert len(out["ok"]["seconds"]) == 2 and out["ok"]["note"] == ""
+    with pytest.raises(RuntimeError, match="no compiler"):               # an eager row's error is never hidden
+        bench.measure({"eager": broken}, torch.device("cpu"), rounds=1)
+
+
+def test_extra_and_train_step_rows_are_timed_in_the_same_rounds():
+    made = []
+
+    def make(w):
+        made.append(w)
+        return bench.adapter_step(w, "cross", False).run
+    result = bench.run_bench("tiny", device="cpu", batch=2, rounds=2, steps_per_round=1, warmup=0,
+                             variants=[("masked", True)], with_train_step=True, extra={"cached": make})
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["floor", "peer", "ours masked+FF", "train_step", "cached"]
+    assert made[0].batch == 2 and made[0].unet is made[0].base.unet        # the extra row got the same workload
+    for name in ("train_step", "cached"):
+        assert rows[name]["samples_per_s"] > 0 and len(rows[name]["round_s"]) == 2
+    assert rows["train_step"]["trainable_params"] == rows["ours masked+FF"]["trainable_params"]
+
+
+def test_bad_settings_are_refused_before_any_work():
+    with pytest.raises(ValueError, match="rounds 0"):
+        bench.run_bench("sd15", rounds=0)
+    with pytest.raises(ValueError, match="train_step row needs"):
+        bench.run_bench("sd15", with_train_step=True)
+    with pytest.raises(ValueError, match="size 'xl'"):
+        bench.make_workload("xl")
+    with pytest.raises(ValueError, match=r"extra rows \['peer'\]"):
+        bench.run_bench("sd15", extra={"peer": lambda w: w})
+    with pytest.raises(ValueError, match="variant 'dense'"):
+        bench.parse_variants("masked+ff,dense")
+    assert bench.parse_variants("masked+FF, self") == (("masked", True), ("self", False))
