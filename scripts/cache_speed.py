@@ -41,8 +41,8 @@ def main() -> None:
     for name, base in cases.items():
         speed = {v: [] for v in variants}
         for r in range(args.rounds):
-            for v, fields in variants.items():
-                cfg = make_config("shapes", run_name=f"{base[-8:]}-{v[:6]}-{r}".replace("/", "_").replace(" ", ""),
+            for k, (v, fields) in enumerate(variants.items()):
+                cfg = make_config("shapes", run_name=f"{len(rows)}-{k}-{r}",
                                   base_model=base, data=str(manifest), steps=args.steps, log_every=10,
                                   save_every=10 * args.steps, n_samples=0, **fields)
                 folder = train(cfg, progress=False, progress_every_s=1e9)
