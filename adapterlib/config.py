@@ -61,6 +61,7 @@ class TrainConfig:
                                          # (runs/_cache/; encodings.py); crop="random" is never cached
     num_workers: int = 2                 # DataLoader workers decoding images when they are read every step
     compile: bool = False                # torch.compile the adapted UNet (a GPU speed option; minutes to compile)
+    tensorboard: bool = False            # also log metrics and checkpoint samples to RUN/tensorboard/ (needs tensorboard)
     log_every: int = 25
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
     # --- reliability
@@ -121,7 +122,7 @@ RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
-               "max_nonfinite_steps", "cache", "num_workers", "compile")
+               "max_nonfinite_steps", "cache", "num_workers", "compile", "tensorboard")
 # The subset of RESUME_FIXED that a checkpoint's adapter is built from.
 ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapter_feedforward", "max_objects")
 

@@ -150,7 +150,7 @@ class RunLog:
     """train.log (appended, timestamped) and metrics.csv (one row per logging interval) of a run.
     On resume at `resume_step`, rows logged after that step are dropped: they are redone, never doubled."""
 
-    def __init__(self, run: Path, gate_columns: list[str], resume_step: int | None):
+    def __init__(self, run: Path, gate_columns: list[str], resume_step: int | None, tensorboard: bool = False):
         self.log_path, self.csv_path = Path(run) / "train.log", Path(run) / "metrics.csv"
         self.columns = METRIC_COLUMNS + gate_columns
         rows = []
@@ -158,6 +158,9 @@ class RunLog:
             with self.csv_path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         self._write_rows(rows)
+        # TensorBoard (optional): the same columns as scalars and the checkpoint sample grids as images, under
+        # RUN/tensorboard/; on resume, events after the resumed step are purged like the csv rows
+        self.board = open_tensorboard(Path(run) / "tensorboard", resume_step) if tensorboard else None
 
     def _write_rows(self, rows):
         """Rewrite metrics.csv through a temporary file: a kill here never loses the logged history."""
@@ -176,6 +179,31 @@ class RunLog:
         with self.csv_path.open("a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
         self.text(" ".join(f"{k}={_fmt(row[k])}" for k in METRIC_COLUMNS))
+        if self.board is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.board.add_scalar(k, v, row["step"])
+            self.board.flush()
+
+    def image(self, tag: str, image, step: int) -> None:
+        """A PIL image (a checkpoint's sample grid) to TensorBoard, when it is on."""
+        if self.board is not None:
+            import numpy as np
+            self.board.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def open_tensorboard(folder: Path, resume_step: int | None):
+    """A torch SummaryWriter on `folder` (a clear error if the tensorboard package is missing)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from e
+    return SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1)
 
 
 def _fmt(v):

@@ -157,7 +157,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(gen, state["rng"])
         skipped = state["skipped"]
-    log = RunLog(folder, list(gate_stats(adapter))[3:], step if resume else None) if shard.main else distributed.SILENT
+    log = RunLog(folder, list(gate_stats(adapter))[3:], step if resume else None,
+                 tensorboard=cfg.tensorboard) if shard.main else distributed.SILENT
     bar = Progress(folder.name, step, cfg.steps, every_s=progress_every_s, bar=progress) if shard.main else distributed.SILENT
     if changes:
         log.text(CHANGES + json.dumps({k: v for k, v in changes.items()}))
@@ -183,7 +184,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
         if eval_records:
             images = generate(base, eval_records, list(range(len(eval_records))), adapter=adapter, batch_size=32)
             (folder / "samples").mkdir(exist_ok=True)
-            boxed_grid(images, eval_records).save(folder / "samples" / f"step_{at_step:07d}.png")
+            grid = boxed_grid(images, eval_records)
+            grid.save(folder / "samples" / f"step_{at_step:07d}.png")
+            log.image("samples", grid, at_step)
         log.text(f"checkpoint {path.relative_to(folder)}")
 
     # --- SIGTERM (a killed papermill job, a scheduler) checkpoints like Ctrl-C (several processes: after the step)
@@ -315,6 +318,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     finally:
         restore_signals()
         bar.close()
+        log.close()
     # --- the final adapter
     if step > last_saved:
         save(step, rng_done)
