@@ -148,7 +148,13 @@ def plot_buckets(report: pd.DataFrame, measured: str = "adapter"):
     written above its bar."""
     bars = [("ceiling_success_rate", "ground truth (ceiling)", "0.75"), ("base_success_rate", "base alone", "#9ecae1"),
             ("success_rate", measured, "#d62728")]
-    bars = [b for b in bars if report[b[0]].notna().any()]
+    bars = [b for b in bars if len(report) and report[b[0]].notna().any()]
+    if not bars:                  # nothing the detector could measure (e.g. the colour detector on real phrases)
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.text(0.5, 0.5, "no measurable objects: the detector measures none of these phrases", ha="center",
+                va="center")
+        ax.set_axis_off()
+        return fig
     counts = sorted(report["objects"].unique())
     width = 0.8 / len(bars)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
