@@ -32,6 +32,10 @@ from .data import MAX_OBJECTS, Record
 
 ATTENTIONS = ("self", "cross", "masked")
 NORMS = ("layernorm", "rmsnorm")
+# How a visual token inside several boxes picks (masked attention): "none" lets it attend to every box covering
+# it; "smaller-front" keeps only the smallest-area box covering it, the depth rule "smaller objects in front"
+# (the harder Shapes world's, and a common one in photographs: a cup on a table, a rider on a horse).
+DEPTHS = ("none", "smaller-front")
 
 
 def zero_gate() -> nn.Parameter:
@@ -121,10 +125,11 @@ class Injection:
     sample_hw: tuple[int, int]           # the UNet input's spatial size (to place each block's tokens)
     regions: dict = field(default_factory=dict)   # token count -> (B, L, N) region mask, built once per forward
 
-    def region(self, n_tokens: int) -> torch.Tensor:
-        if n_tokens not in self.regions:
-            self.regions[n_tokens] = region_mask(self.boxes, *token_grid(self.sample_hw, n_tokens))
-        return self.regions[n_tokens]
+    def region(self, n_tokens: int, depth: str = "none") -> torch.Tensor:
+        if (n_tokens, depth) not in self.regions:
+            region = region_mask(self.boxes, *token_grid(self.sample_hw, n_tokens))
+            self.regions[n_tokens, depth] = region if depth == "none" else front_only(region, self.boxes, self.present)
+        return self.regions[n_tokens, depth]
 
 
 class GroundingTokenizer(nn.Module):
@@ -148,11 +153,14 @@ class GroundingTokenizer(nn.Module):
 class GatedLayer(nn.Module):
     """One gated grounding layer for a transformer block of width `dim`."""
 
-    def __init__(self, dim: int, token_dim: int, heads: int, attention: str, norm: str, feedforward: bool):
+    def __init__(self, dim: int, token_dim: int, heads: int, attention: str, norm: str, feedforward: bool,
+                 depth: str = "none"):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"adapter_attention {attention!r}: choose one of {ATTENTIONS}")
-        self.attention, self.heads = attention, heads
+        if depth not in DEPTHS:
+            raise ValueError(f"adapter_depth {depth!r}: choose one of {DEPTHS}")
+        self.attention, self.heads, self.depth = attention, heads, depth
         self.to_objects = nn.Linear(token_dim, dim)
         self.norm = make_norm(norm, dim)
         self.q, self.k, self.v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
@@ -202,6 +210,15 @@ def region_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return (in_y[..., :, None] & in_x[..., None, :]).flatten(-2).transpose(1, 2)
 
 
+def front_only(region: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """(B, L, N) region mask -> each token keeps only the present box of smallest area covering it (ties keep
+    all of them): the depth rule "smaller objects in front". A token no box covers stays uncovered."""
+    area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).float()          # (B, N)
+    cover = region & present[:, None, :]
+    areas = torch.where(cover, area[:, None, :], torch.inf)                                    # (B, L, N)
+    return cover & (areas <= areas.min(dim=-1, keepdim=True).values)
+
+
 def token_grid(sample_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
     """The (h, w) of a block's token grid, from the UNet input size and the token count."""
     H, W = sample_hw
@@ -217,7 +234,7 @@ class SpatialAdapter(nn.Module):
 
     def __init__(self, unet, text_dim: int, *, attention: str = "masked", norm: str = "layernorm",
                  feedforward: bool = True, max_objects: int = MAX_OBJECTS, fourier_freqs: int = 8,
-                 mlp_width: int | None = None):
+                 mlp_width: int | None = None, depth: str = "none"):
         super().__init__()
         blocks = transformer_blocks(unet)
         if not blocks:
@@ -229,10 +246,12 @@ class SpatialAdapter(nn.Module):
         self.config = dict(attention=attention, norm=norm, feedforward=feedforward, max_objects=max_objects,
                            fourier_freqs=fourier_freqs, mlp_width=mlp_width, text_dim=text_dim,
                            token_dim=token_dim, blocks=list(blocks))
+        if depth != "none":                      # written only when set: older checkpoints read as "none"
+            self.config["depth"] = depth
         self.block_names = list(blocks)
         self.tokenizer = GroundingTokenizer(text_dim, token_dim, mlp_width, fourier_freqs)
         self.layers = nn.ModuleList(
-            GatedLayer(b.norm1.normalized_shape[0], token_dim, b.attn1.heads, attention, norm, feedforward)
+            GatedLayer(b.norm1.normalized_shape[0], token_dim, b.attn1.heads, attention, norm, feedforward, depth)
             for b in blocks.values())
         self.max_objects = max_objects
         self._handles: list = []
@@ -278,7 +297,7 @@ class SpatialAdapter(nn.Module):
             inj = self.injection
             if inj is None:                 # not this adapter's forward: the block's output passes unchanged
                 return output
-            region = inj.region(output.shape[1]) if layer.attention == "masked" else None
+            region = inj.region(output.shape[1], layer.depth) if layer.attention == "masked" else None
             return layer(output, inj.tokens, inj.present, region, inj.scale)
         return hook
 

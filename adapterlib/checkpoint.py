@@ -195,6 +195,7 @@ def load_adapter(checkpoint: Path, base: BaseModel) -> SpatialAdapter:
     path = path / "adapter.safetensors" if path.is_dir() else path
     config = adapter_config(path)
     options = {k: config[k] for k in ("attention", "norm", "feedforward", "max_objects", "fourier_freqs", "mlp_width")}
+    options["depth"] = config.get("depth", "none")
     adapter = build_adapter(base, **options)
     if adapter.config != config:
         adapter.detach()

@@ -53,6 +53,8 @@ class TrainConfig:
     adapter_attention: str = "masked"    # self | cross | masked
     adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
     adapter_feedforward: bool = True
+    adapter_depth: str = "none"          # masked attention, a token inside several boxes: none (all of them) |
+                                         # smaller-front (only the smallest: smaller objects in front)
     max_objects: int = MAX_OBJECTS       # the object limit: the manifest reader's, the adapter's (data.MAX_OBJECTS)
     crop: str = "none"                   # none (stretch to a square) | center | random (per sample, per epoch):
                                          # shorter side to the resolution, square crop, boxes clipped (data.transform_sample)
@@ -81,6 +83,7 @@ class TrainConfig:
         if not self.scale_max > 0:
             raise ValueError("scale_max = 0: every gate would be multiplied by 0 and the adapter would never learn")
         choices = dict(adapter_attention=("self", "cross", "masked"), adapter_norm=("layernorm", "rmsnorm"),
+                       adapter_depth=("none", "smaller-front"),
                        mixed_precision=("bf16", "fp16", "no"), on_bad_record=("error", "skip"), crop=CROPS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -117,14 +120,15 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # order, the optimisation recipe. Changing one of these is a new run, under a new run_name.
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
-                "warmup", "grad_clip", "adapter_attention", "adapter_norm", "adapter_feedforward", "max_objects",
+                "warmup", "grad_clip", "adapter_attention", "adapter_norm", "adapter_feedforward", "adapter_depth", "max_objects",
                 "on_bad_record", "crop", "flip")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
                "max_nonfinite_steps", "cache", "num_workers", "compile", "tensorboard")
 # The subset of RESUME_FIXED that a checkpoint's adapter is built from.
-ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapter_feedforward", "max_objects")
+ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapter_feedforward", "adapter_depth",
+                       "max_objects")
 
 PRESETS = {
     # the embedded default, sized for a 2-core CPU (see README for what it reaches and why these values)

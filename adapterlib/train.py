@@ -118,7 +118,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     torch.manual_seed(cfg.seed)
     base = load_base(cfg.base_model, device=device, dtype=compute_dtype)
     adapter = build_adapter(base, attention=cfg.adapter_attention, norm=cfg.adapter_norm,
-                            feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects)
+                            feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth)
     model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
     params = adapter.trainable_parameters()
     gates = adapter.gate_parameters()

@@ -207,3 +207,39 @@ def test_a_record_without_objects_is_accepted(base, adapter):
     empty = [Record(caption="a red circle", objects=()),
              Record(caption="a blue square", objects=(GroundedObject("blue square", (0.1, 0.1, 0.4, 0.4)),))]
     assert checks.identity_at_init(base, adapter, empty) == 0.0
+
+
+def test_smaller_front_keeps_only_the_smallest_box_covering_a_token():
+    from adapterlib.adapter import front_only, region_mask
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.25, 0.25]]])  # big, quarter, tiny
+    present = torch.tensor([[True, True, False]])                   # the tiny box is padding
+    region = region_mask(boxes, 4, 4)                               # (1, 16, 3)
+    front = front_only(region, boxes, present)
+    grid = lambda n: front[0, :, n].reshape(4, 4)
+    assert grid(1)[2:, 2:].all() and not grid(1)[:2].any()          # the quarter box wins where it is
+    assert not grid(0)[2:, 2:].any() and grid(0)[:2].all()          # the big box keeps the rest
+    assert not grid(2).any()                                        # padding never attends
+    assert torch.equal(front.sum(-1), torch.ones(1, 16, dtype=torch.long))   # one box a token
+
+
+def test_smaller_front_adapter_is_the_identity_at_init_and_round_trips_a_checkpoint(base, records, tmp_path):
+    from adapterlib.adapter import AdaptedUNet, build_adapter
+    from adapterlib.checkpoint import load_adapter, save_checkpoint
+    from adapterlib.sample import ground
+    adapter = build_adapter(base, depth="smaller-front")
+    try:
+        g = ground(base, records)
+        noisy = torch.randn(len(records), 3, 32, 32)
+        t, context = torch.tensor([500] * len(records)), base.encode_captions([r.caption for r in records])
+        with torch.no_grad():
+            plain = base.unet(noisy, t, encoder_hidden_states=context).sample
+            adapted = AdaptedUNet(base.unet, adapter)(noisy, t, context, g, 1.0)
+        assert torch.equal(plain, adapted)
+        path = save_checkpoint(tmp_path, 1, adapter, dict(step=1), {})
+    finally:
+        adapter.detach()
+    loaded = load_adapter(path, base)
+    try:
+        assert loaded.config["depth"] == "smaller-front" and all(l.depth == "smaller-front" for l in loaded.layers)
+    finally:
+        loaded.detach()
