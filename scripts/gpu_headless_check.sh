@@ -9,7 +9,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check-out}
 R=$OUT/r; mkdir -p "$R"
-trap 'tar czf "$OUT/results.tgz" --exclude=checkpoints --exclude=final --exclude=_datasets -C "$OUT" r' EXIT
+trap 'tar czf "$OUT/results.tgz" --exclude=checkpoints --exclude=final --exclude=_datasets --exclude=_cache -C "$OUT" r' EXIT
 export ADAPTERLIB_RUNS=$R/runs PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
@@ -41,7 +41,7 @@ timeout 120 $PY -m adapterlib train --resume gpu-default --steps $((STEPS + 100)
 timeout 200 $PY -m adapterlib evaluate gpu-default --device "$DEV" ${SMALL:+--limit 4 --steps 2} 2>&1 | tee "$R/evaluate.txt"
 $PY -m adapterlib status gpu-default 2>&1 | tee "$R/status.txt"
 cp "$ADAPTERLIB_RUNS/gpu-default/metrics.csv" "$ADAPTERLIB_RUNS/gpu-default/train.log" "$ADAPTERLIB_RUNS/gpu-default/config.json" "$R/" 2>/dev/null
-rm -rf "$ADAPTERLIB_RUNS/_datasets"
+rm -rf "$ADAPTERLIB_RUNS/_datasets" "$ADAPTERLIB_RUNS/_cache"
 
 echo "== 3. bench: ours vs diffusers' GLIGEN vs the frozen-UNet floor (SD 1.5 size, batch 16)"
 BENCH="-m adapterlib bench --device $DEV --size sd15 --batch 16 --rounds 3 ${SMALL:+--size tiny --batch 2 --rounds 1 --steps 1}"
