@@ -160,11 +160,15 @@ def _import_parser(commands) -> None:
                        help="do not compare each image's size (its header) with the record's width and height")
         p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/data.jsonl")
 
-    coco = kinds.add_parser("coco", help="COCO instances (+ captions) JSON",
-                            description="COCO instances -> manifest: phrases are category names, boxes xywh "
-                                        "pixels -> normalised xyxy; crowd, degenerate and outside boxes dropped "
-                                        "(counted), partial ones clipped.")
-    coco.set_defaults(command=_import, command_name="import coco")
+    def kind(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        p = kinds.add_parser(name, help=help, description=description)
+        p.set_defaults(command=_import, command_name=f"import {name}")
+        common(p)
+        return p
+
+    coco = kind("coco", "COCO instances (+ captions) JSON",
+                "COCO instances -> manifest: phrases are category names, boxes xywh pixels -> normalised xyxy; "
+                "crowd, degenerate and outside boxes dropped (counted), partial ones clipped.")
     coco.add_argument("--instances", type=Path, required=True, help="instances_*.json")
     coco.add_argument("--captions", type=Path, default=None, help="captions_*.json (default: empty captions)")
     coco.add_argument("--caption-mode", choices=["first", "all"], default="first",
@@ -173,15 +177,10 @@ def _import_parser(commands) -> None:
     coco.add_argument("--map", type=Path, default=None, metavar="FILE",
                       help='a JSON object {"category name": "phrase"} renaming categories (an unknown name is an error)')
     coco.add_argument("--keep-crowd", action="store_true", help="keep crowd boxes (iscrowd=1; default: dropped)")
-    common(coco)
-
-    odvg = kinds.add_parser("odvg", help="ODVG JSON Lines (grounding or detection records)",
-                            description="ODVG -> manifest: a grounding line gives its caption and a phrase per "
-                                        "region box; a detection line an empty caption and its categories. "
-                                        "Boxes are pixel xyxy.")
-    odvg.set_defaults(command=_import, command_name="import odvg")
+    odvg = kind("odvg", "ODVG JSON Lines (grounding or detection records)",
+                "ODVG -> manifest: a grounding line gives its caption and a phrase per region box; a detection "
+                "line an empty caption and its categories. Boxes are pixel xyxy.")
     odvg.add_argument("--jsonl", type=Path, required=True, help="the ODVG file, one JSON record a line")
-    common(odvg)
 
 
 def _import(args: argparse.Namespace) -> int:
