@@ -22,13 +22,12 @@ from . import checkpoint, datasets, distributed, encodings
 from .adapter import AdaptedUNet, Grounding, build_adapter
 from .base import load_base
 from .config import FIELDS, TrainConfig, resume_changes
-from .encodings import batch_indices  # noqa: F401  (the data order; tests read it here)
 from .figures import boxed_grid
 from .gates import gate_stats
 from .precision import precision_policy
 from .jsonio import write_json
 from .progress import Progress
-from .runs import CHANGES, DATA_REPORT, RunLog, effective_config, latest_checkpoint, read_config, run_dir, runs_root
+from .runs import CHANGES, DATA_REPORT, RunLog, effective_config, latest_checkpoint, run_dir, runs_root
 from .sample import generate
 
 class Interrupted(KeyboardInterrupt):
