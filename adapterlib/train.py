@@ -317,7 +317,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     finally:
         restore_signals()
         bar.close()
-        log.close()
     # --- the final adapter
     if step > last_saved:
         save(step, rng_done)
@@ -332,6 +331,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                  "side (left as written) since this process started")
     log.text(f"finished: {step} steps, final adapter in final/adapter.safetensors")
     bar.say(f"finished: {step} steps in {time.perf_counter() - t_start:.0f} s; final adapter in {final}")
+    log.close()            # after the final checkpoint's sample grid (each TensorBoard write is flushed as it goes)
     adapter.detach()
     return folder
 

@@ -298,7 +298,7 @@ def test_out_of_memory_says_what_to_lower_and_keeps_the_checkpoint(runs, monkeyp
 
 def test_tensorboard_gets_the_metrics_and_the_sample_grids_and_resume_purges_redone_steps(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    train(small("board", steps=4, n_samples=2, tensorboard=True), progress=False)
+    train(small("board", steps=5, n_samples=2, tensorboard=True), progress=False)   # step 5: saved after the loop
     train(resume_config("board", steps=6), resume=True, progress=False)
     events = EventAccumulator(str(runs / "board" / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
     loss = events.Scalars("loss")
@@ -306,4 +306,5 @@ def test_tensorboard_gets_the_metrics_and_the_sample_grids_and_resume_purges_red
     csv = read_metrics(runs / "board")
     assert [round(e.value, 5) for e in loss] == [round(v, 5) for v in csv.loss]
     assert "gate_mean" in events.Tags()["scalars"]
-    assert [e.step for e in events.Images("samples")] == [2, 4, 6]
+    assert [e.step for e in events.Images("samples")] == [2, 4, 5, 6]
+    assert len(list((runs / "board" / "tensorboard").iterdir())) == 2      # one event file a process (train + resume)
