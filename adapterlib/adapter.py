@@ -35,7 +35,9 @@ NORMS = ("layernorm", "rmsnorm")
 # How a visual token inside several boxes picks (masked attention): "none" lets it attend to every box covering
 # it; "smaller-front" keeps only the smallest-area box covering it, the depth rule "smaller objects in front"
 # (the harder Shapes world's, and a common one in photographs: a cup on a table, a rider on a horse).
-DEPTHS = ("none", "smaller-front")
+# "learned" is the soft form: each head of each layer has a learned weight on the covering box's -log(area) in its
+# attention logits, zero at init (no preference), so training decides whether (and how much) smaller boxes win.
+DEPTHS = ("none", "smaller-front", "learned")
 
 
 def zero_gate() -> nn.Parameter:
@@ -170,16 +172,24 @@ class GatedLayer(nn.Module):
         self.ff = nn.Sequential(make_norm(norm, dim), nn.Linear(dim, 4 * dim), nn.GELU(),
                                 nn.Linear(4 * dim, dim)) if feedforward else None
         self.gate_ff = zero_gate() if feedforward else None
+        if depth == "learned" and attention == "self":
+            raise ValueError("adapter_depth 'learned' needs a cross or masked adapter_attention")
+        self.depth_bias = nn.Parameter(torch.zeros(heads)) if depth == "learned" else None
 
-    def _attend(self, q_in, kv_in, allowed):                  # allowed: (B, Lq or 1, Lk) bool
+    def _attend(self, q_in, kv_in, allowed, key_bias=None):   # allowed: (B, Lq or 1, Lk) bool; key_bias (B, Lk)
         B, Lq, C = q_in.shape
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, L, C/h)
+        mask = allowed[:, None]
+        if key_bias is not None:                                  # per head: depth_bias[h] * key_bias, -inf where not allowed
+            bias = self.depth_bias[None, :, None, None].to(q_in.dtype) * key_bias[:, None, None, :].to(q_in.dtype)
+            mask = torch.where(mask, bias, torch.tensor(float("-inf"), dtype=q_in.dtype, device=q_in.device))
         out = F.scaled_dot_product_attention(split(self.q(q_in)), split(self.k(kv_in)), split(self.v(kv_in)),
-                                             attn_mask=allowed[:, None])
+                                             attn_mask=mask)
         return self.out(out.transpose(1, 2).reshape(B, Lq, C))
 
-    def forward(self, x, tokens, present, region, scale):
-        # x (B, L, C) visual tokens; tokens (B, N, T); present (B, N); region (B, L, N) or None; scale (B, 1, 1)
+    def forward(self, x, tokens, present, region, scale, boxes=None):
+        # x (B, L, C) visual tokens; tokens (B, N, T); present (B, N); region (B, L, N) or None; scale (B, 1, 1);
+        # boxes (B, N, 4): read by the learned depth preference only
         B, L, _ = x.shape
         objects = self.to_objects(tokens)                                      # (B, N, C)
         if self.attention == "self":
@@ -193,7 +203,11 @@ class GatedLayer(nn.Module):
             if self.attention == "masked":
                 allowed = allowed & region
             allowed = torch.cat([allowed.new_ones(B, L, 1), allowed], dim=-1)              # "nothing" always allowed
-            delta = self._attend(self.norm(x), kv, allowed)
+            key_bias = None
+            if self.depth_bias is not None:                  # -log(box area): larger for smaller boxes; 0 for "nothing"
+                area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).float().clamp(min=1e-4)
+                key_bias = torch.cat([area.new_zeros(B, 1), -area.log()], dim=-1)
+            delta = self._attend(self.norm(x), kv, allowed, key_bias)
         out = x + scale * torch.tanh(self.gate_attn) * delta
         if self.ff is not None:
             out = out + scale * torch.tanh(self.gate_ff) * self.ff(out)
@@ -267,6 +281,12 @@ class SpatialAdapter(nn.Module):
     def gate_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.trainable_parameters().items() if n.split(".")[-1].startswith("gate_")}
 
+    def fast_parameters(self) -> dict[str, nn.Parameter]:
+        """What learns at lr * gate_lr_scale, without weight decay: the gates, and the learned depth preferences
+        (a few scalars per layer that start at zero, like the gates)."""
+        return {n: p for n, p in self.trainable_parameters().items()
+                if n.split(".")[-1].startswith("gate_") or n.endswith("depth_bias")}
+
     # --- attaching
     def attach(self, unet) -> "SpatialAdapter":
         if self._handles:
@@ -297,8 +317,9 @@ class SpatialAdapter(nn.Module):
             inj = self.injection
             if inj is None:                 # not this adapter's forward: the block's output passes unchanged
                 return output
-            region = inj.region(output.shape[1], layer.depth) if layer.attention == "masked" else None
-            return layer(output, inj.tokens, inj.present, region, inj.scale)
+            depth = "smaller-front" if layer.depth == "smaller-front" else "none"
+            region = inj.region(output.shape[1], depth) if layer.attention == "masked" else None
+            return layer(output, inj.tokens, inj.present, region, inj.scale, inj.boxes)
         return hook
 
     # --- gates, as the workbook watches them

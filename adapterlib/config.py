@@ -49,6 +49,8 @@ class TrainConfig:
     gate_lr_scale: float = 10.0          # gates learn at lr * gate_lr_scale: they start at 0 and everything
                                          # behind them gets gradient only once they open
     warmup: int = 100
+    box_loss_weight: float = 0.0         # loss = MSE over the image + this x the mean over objects of the MSE inside each
+                                         # object's box: every object counts alike, however small (train.box_loss)
     grad_clip: float = 1.0
     adapter_attention: str = "masked"    # self | cross | masked
     adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
@@ -83,7 +85,7 @@ class TrainConfig:
         if not self.scale_max > 0:
             raise ValueError("scale_max = 0: every gate would be multiplied by 0 and the adapter would never learn")
         choices = dict(adapter_attention=("self", "cross", "masked"), adapter_norm=("layernorm", "rmsnorm"),
-                       adapter_depth=("none", "smaller-front"),
+                       adapter_depth=("none", "smaller-front", "learned"),
                        mixed_precision=("bf16", "fp16", "no"), on_bad_record=("error", "skip"), crop=CROPS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -93,7 +95,7 @@ class TrainConfig:
         for name in ("lr", "grad_clip", "gate_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be > 0")
-        for name in ("warmup", "weight_decay", "n_samples", "seed", "keep_last", "num_workers"):
+        for name in ("warmup", "box_loss_weight", "weight_decay", "n_samples", "seed", "keep_last", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
         check_max_objects(self.max_objects)
@@ -120,7 +122,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # order, the optimisation recipe. Changing one of these is a new run, under a new run_name.
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
-                "warmup", "grad_clip", "adapter_attention", "adapter_norm", "adapter_feedforward", "adapter_depth", "max_objects",
+                "warmup", "box_loss_weight", "grad_clip", "adapter_attention", "adapter_norm", "adapter_feedforward", "adapter_depth", "max_objects",
                 "on_bad_record", "crop", "flip")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from . import checkpoint, datasets, distributed, encodings
-from .adapter import AdaptedUNet, Grounding, build_adapter
+from .adapter import AdaptedUNet, Grounding, build_adapter, region_mask
 from .base import load_base
 from .config import FIELDS, TrainConfig, resume_changes
 from .figures import boxed_grid
@@ -120,7 +120,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                             feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth)
     model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
     params = adapter.trainable_parameters()
-    gates = adapter.gate_parameters()
+    gates = adapter.fast_parameters()
     sync_free = device.type in SYNC_FREE_DEVICES
     opt = torch.optim.AdamW([
         {"params": [p for n, p in params.items() if n not in gates], "weight_decay": cfg.weight_decay},
@@ -246,6 +246,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
                 pred = model(noisy.to(compute_dtype), t, context, grounding, scale)
             loss = F.mse_loss(pred.float(), target)
+            if cfg.box_loss_weight > 0:
+                loss = loss + cfg.box_loss_weight * box_loss(pred.float(), target, grounding)
             batch_loss = shard.mean(loss.detach())       # the global batch's: every process decides alike
             # --- update: skip non-finite steps instead of poisoning the weights
             opt.zero_grad(set_to_none=True)
@@ -371,3 +373,15 @@ class NonFiniteCount:
         self.new.zero_()
         self.longest.copy_(self.run)
         return total, new, longest
+
+
+def box_loss(pred: torch.Tensor, target: torch.Tensor, grounding: Grounding) -> torch.Tensor:
+    """The mean over the batch's objects of the squared error inside each object's box (on the prediction's grid, a
+    cell counting when it overlaps the box): a small object weighs as much as a large one, where the image's MSE
+    weighs it by its pixel count."""
+    err = (pred - target).square().mean(dim=1).flatten(1)                     # (B, h * w)
+    inside = region_mask(grounding.boxes, *pred.shape[-2:]).float()          # (B, h * w, N)
+    per_box = (err[:, :, None] * inside).sum(1) / inside.sum(1).clamp(min=1)  # (B, N)
+    present = grounding.present.float()
+    return (per_box * present).sum() / present.sum().clamp(min=1)
+

@@ -222,11 +222,12 @@ def test_smaller_front_keeps_only_the_smallest_box_covering_a_token():
     assert torch.equal(front.sum(-1), torch.ones(1, 16, dtype=torch.long))   # one box a token
 
 
-def test_smaller_front_adapter_is_the_identity_at_init_and_round_trips_a_checkpoint(base, records, tmp_path):
+@pytest.mark.parametrize("depth", ["smaller-front", "learned"])
+def test_depth_adapter_is_the_identity_at_init_and_round_trips_a_checkpoint(base, records, tmp_path, depth):
     from adapterlib.adapter import AdaptedUNet, build_adapter
     from adapterlib.checkpoint import load_adapter, save_checkpoint
     from adapterlib.sample import ground
-    adapter = build_adapter(base, depth="smaller-front")
+    adapter = build_adapter(base, depth=depth)
     try:
         g = ground(base, records)
         noisy = torch.randn(len(records), 3, 32, 32)
@@ -240,6 +241,43 @@ def test_smaller_front_adapter_is_the_identity_at_init_and_round_trips_a_checkpo
         adapter.detach()
     loaded = load_adapter(path, base)
     try:
-        assert loaded.config["depth"] == "smaller-front" and all(l.depth == "smaller-front" for l in loaded.layers)
+        assert loaded.config["depth"] == depth and all(l.depth == depth for l in loaded.layers)
     finally:
         loaded.detach()
+
+
+def test_learned_depth_starts_as_no_preference_and_its_bias_prefers_the_smaller_box():
+    from adapterlib.adapter import GatedLayer, region_mask
+    torch.manual_seed(0)
+    plain = GatedLayer(16, 8, 2, "masked", "layernorm", False)
+    learned = GatedLayer(16, 8, 2, "masked", "layernorm", False, depth="learned")
+    learned.load_state_dict(plain.state_dict(), strict=False)
+    for layer in (plain, learned):
+        torch.nn.init.constant_(layer.gate_attn, 1.0)
+    boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.25, 0.25, 0.5, 0.5]]])    # a big box and a small one inside it
+    present, scale = torch.ones(1, 2, dtype=torch.bool), torch.ones(1, 1, 1)
+    x, tokens = torch.randn(1, 16, 16), torch.randn(1, 2, 8)
+    region = region_mask(boxes, 4, 4)
+    args = (x, tokens, present, region, scale, boxes)
+    assert learned.depth_bias.shape == (2,) and not learned.depth_bias.any()
+    assert torch.allclose(plain(*args), learned(*args), atol=1e-6)          # zero bias: the same layer
+    # a large bias: a token inside both boxes takes the small box's value, as if only it covered the token
+    with torch.no_grad():
+        learned.depth_bias.fill_(50.0)
+    only_small = region.clone()
+    only_small[0, :, 0] &= ~region[0, :, 1]
+    assert torch.allclose(learned(*args), learned(x, tokens, present, only_small, scale, boxes), atol=1e-5)
+    assert not torch.allclose(learned(*args), plain(*args), atol=1e-3)
+
+
+def test_learned_depth_learns_with_the_gates_and_needs_cross_attention(base):
+    from adapterlib.adapter import build_adapter
+    adapter = build_adapter(base, depth="learned")
+    try:
+        fast = adapter.fast_parameters()
+        assert set(adapter.gate_parameters()) < set(fast)
+        assert {n for n in fast if n.endswith("depth_bias")} == {f"layers.{i}.depth_bias" for i in range(len(adapter.layers))}
+    finally:
+        adapter.detach()
+    with pytest.raises(ValueError, match="learned"):
+        build_adapter(base, attention="self", depth="learned")

@@ -124,3 +124,25 @@ def test_training_and_sampling_go_through_the_module_forward(runs, monkeypatch):
     train(tiny("through-forward", steps=3, save_every=3, n_samples=1), progress=False)
     assert calls[:3] == [True, True, True]                    # the 3 training steps, with gradients
     assert len(calls) == 3 + 25 and not any(calls[3:])        # then the checkpoint's sample: 25 DDIM steps
+
+
+def test_box_loss_is_the_mean_over_objects_of_the_error_inside_each_box():
+    from adapterlib.adapter import Grounding
+    from adapterlib.train import box_loss
+    # a 4x4 error map, one channel: 1 everywhere, 9 in the top-left 2x2; objects: that quarter, the whole image
+    pred, target = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    pred[..., :2, :2] = 3.0
+    g = Grounding(phrases=torch.zeros(1, 3, 8), boxes=torch.tensor([[[0, 0, 0.5, 0.5], [0, 0, 1, 1], [0, 0, 0.1, 0.1]]]),
+                  present=torch.tensor([[True, True, False]]), keep_text=torch.ones(1, 3, dtype=torch.bool))
+    whole = (4 * 9 + 12 * 1) / 16                                       # 3.0, the image's MSE
+    assert box_loss(pred, target, g).item() == pytest.approx((9.0 + whole) / 2)   # padding not counted
+    # the small object weighs as much as the whole image, where the image's MSE gives it a quarter
+    assert torch.nn.functional.mse_loss(pred, target).item() == pytest.approx(whole)
+
+
+def test_box_loss_weight_changes_training_and_zero_is_the_plain_loss(runs):
+    for name, weight in (("plain", None), ("zero", 0.0), ("boxed", 2.0)):
+        train(tiny(name, steps=3) if weight is None else tiny(name, steps=3, box_loss_weight=weight))
+    a, b, c = (weights(runs / name) for name in ("plain", "zero", "boxed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
