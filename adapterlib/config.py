@@ -29,9 +29,9 @@ class TrainConfig:
     preset: str = "shapes"               # the PRESETS entry the other fields started from
     run_name: str = ""                   # "" -> "<preset>-<date>-<time>"
     base_model: str = "shapes-tiny"      # the shipped tiny base, or a diffusers-style SD folder path
-    data: str = "shapes"                 # a manifest (.jsonl) path, or a generated Shapes set: "shapes" (1-3 objects,
-                                         # apart) or "shapes-v2" (1-6 objects, some overlapping, smaller in front)
-    n_train: int = 20_000                # size of the generated Shapes set (data == "shapes")
+    data: str = "shapes-v2"              # a manifest (.jsonl) path, or a generated Shapes set: "shapes-v2" (1-6 objects,
+                                         # some overlapping, smaller in front) or "shapes" (the first world: 1-3, apart)
+    n_train: int = 20_000                # size of the generated Shapes set (data "shapes-v2" or "shapes")
     seed: int = 0
     device: str = "auto"                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     mixed_precision: str = "bf16"        # bf16 | fp16 | no; CPU always runs fp32

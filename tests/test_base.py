@@ -64,3 +64,24 @@ def test_shipped_base_loads():
     assert any(SHIPPED_BASE.glob("*.md")), f"no model card (*.md) in {SHIPPED_BASE}"
     ids = base.tokenize([r.caption for r in shapes.heldout_records(20)])
     assert not (ids == base.tokenizer.unk_token_id).any()   # every held-out word is in the vocabulary
+
+
+def test_base_training_renders_its_world_and_fine_tunes_a_base(tmp_path):
+    from adapterlib.buckets import bucket_of
+    from adapterlib.shapes.tiny_base import PretrainConfig, render_world, train_base
+    images, records = render_world("mix", 40)
+    assert images.shape == (40, 32, 32, 3) and len(records) == 40
+    first, v2 = records[:20], records[20:]
+    assert [r.objects for r in first] == [r.objects for r in shapes.render_batch(range(20))[1]]
+    assert [r.objects for r in v2] == [r.objects for r in
+                                       shapes.render_batch(range(20, 40), options=shapes.HELDOUT_V2_OPTIONS)[1]]
+    assert max(len(r.objects) for r in v2) > 3 and any(bucket_of(r)[1] for r in v2)   # the harder world is in it
+    with pytest.raises(ValueError, match="world"):
+        PretrainConfig(world="shapes-v3")
+    # a fine-tune starts from the given base's weights (one step at lr ~0: its weights barely move)
+    cfg = PretrainConfig(steps=1, batch_size=2, n_images=4, warmup=1, lr=1e-12, world="mix", init_from="shapes-tiny",
+                         log_every=1)
+    tuned = train_base(cfg, tmp_path / "tuned", log=lambda *_: None)
+    shipped = load_base("shapes-tiny")
+    assert torch.allclose(_unet_output(tuned), _unet_output(shipped), atol=1e-4)
+    assert not torch.allclose(_unet_output(build_tiny_base()), _unet_output(shipped), atol=1e-2)

@@ -16,12 +16,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from ..base import BaseModel
+from ..base import BaseModel, load_base
 from . import world as shapes
 
 
@@ -36,6 +37,9 @@ class PretrainConfig:
     snr_gamma: float = 5.0           # cap on the x0-space loss weight 1 + SNR
     ema_decay: float = 0.999
     n_images: int = 200_000          # training layouts: seeds 0 .. n_images - 1 (held-out ones are >= 10M)
+    world: str = "shapes"            # the layouts: "shapes" (the first world), "shapes-v2" (1-6 objects, overlaps,
+                                     # smaller sides) or "mix" (the first half of the seeds in each)
+    init_from: str = ""              # "" trains from scratch; a base name/folder fine-tunes it (its UNet and text encoder)
     seed: int = 0
     mixed_precision: str = "bf16"    # on CUDA; CPU always runs fp32
     log_every: int = 200
@@ -44,6 +48,22 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "warmup", "n_images", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} = {getattr(self, name)} must be >= 1")
+        if self.world not in BASE_WORLDS:
+            raise ValueError(f"PretrainConfig.world = {self.world!r}: choose one of {list(BASE_WORLDS)}")
+
+
+# The layouts a base trains on: (options of each part of the seeds); "mix" renders its first half of the seeds in
+# the first world and the rest in the v2 world.
+BASE_WORLDS = {"shapes": (None,), "shapes-v2": (shapes.HELDOUT_V2_OPTIONS,),
+               "mix": (None, shapes.HELDOUT_V2_OPTIONS)}
+
+
+def render_world(world: str, n: int):
+    """Images (n, H, W, 3) uint8 and records of seeds 0..n-1 drawn in `world` (BASE_WORLDS)."""
+    parts = BASE_WORLDS[world]
+    bounds = [n * i // len(parts) for i in range(len(parts) + 1)]
+    rendered = [shapes.render_batch(range(lo, hi), options=o) for o, lo, hi in zip(parts, bounds, bounds[1:])]
+    return np.concatenate([r[0] for r in rendered]), [rec for r in rendered for rec in r[1]]
 
 
 def loss_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -57,14 +77,19 @@ def train_base(cfg: PretrainConfig, out_dir: str | Path, device: str = "cpu", lo
     """Train a fresh tiny base for `cfg.steps` steps; save the EMA weights to `out_dir`."""
     torch.manual_seed(cfg.seed)
     out_dir = Path(out_dir)
-    base = build_tiny_base(cfg.seed).to(device)
+    if cfg.init_from:
+        base = load_base(cfg.init_from, device=device)
+        for module in (base.unet, base.text_encoder):
+            module.requires_grad_(True).train()
+    else:
+        base = build_tiny_base(cfg.seed).to(device)
     unet, text_encoder, scheduler = base.unet, base.text_encoder, base.scheduler
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
 
     # --- data: the whole training set rendered once, kept on the device as uint8
     t0 = time.perf_counter()
-    images, records = shapes.render_batch(range(cfg.n_images))
+    images, records = render_world(cfg.world, cfg.n_images)
     images = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous()   # (N, 3, H, W) uint8
     captions = base.tokenize([r.caption for r in records])                        # (N, L)
     empty = base.tokenize([""])                                                    # (1, L)
