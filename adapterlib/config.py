@@ -36,7 +36,7 @@ class TrainConfig:
     device: str = "auto"                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     mixed_precision: str = "bf16"        # bf16 | fp16 | no; CPU always runs fp32
     # --- the training plan's parameters (docs/training-plan.md)
-    steps: int = 1500
+    steps: int = 1800
     batch_size: int = 16
     lr: float = 1e-3
     phrase_dropout: float = 0.1          # a dropped phrase becomes the learned null phrase
@@ -49,7 +49,7 @@ class TrainConfig:
     gate_lr_scale: float = 10.0          # gates learn at lr * gate_lr_scale: they start at 0 and everything
                                          # behind them gets gradient only once they open
     warmup: int = 100
-    box_loss_weight: float = 0.0         # loss = MSE over the image + this x the mean over objects of the MSE inside each
+    box_loss_weight: float = 1.0         # loss = MSE over the image + this x the mean over objects of the MSE inside each
                                          # object's box: every object counts alike, however small (train.box_loss)
     grad_clip: float = 1.0
     adapter_attention: str = "masked"    # self | cross | masked
@@ -138,7 +138,7 @@ PRESETS = {
     # the training plan's values for Stable Diffusion 1.5 on one GPU (docs/training-plan.md)
     "sd15": dict(steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
                  save_every=2000, gate_lr_scale=1.0, warmup=500, log_every=50, mixed_precision="bf16",
-                 adapter_attention="self"),
+                 adapter_attention="self", box_loss_weight=0.0),
     # seconds on a CPU: what the tests and nbval run (chosen by the test harness, never a user default)
     "smoke": dict(steps=40, batch_size=4, n_train=256, save_every=20, log_every=5, n_samples=4, warmup=10),
 }

@@ -125,6 +125,14 @@ class Shard:
         self.stopping = bool(both[1] > 0)
         return both[0]
 
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """A tensor summed over the processes, left on the device (no wait for the host)."""
+        if self.world == 1:
+            return value
+        value = value.detach().clone()
+        torch.distributed.all_reduce(value)
+        return value
+
     def total(self, count: int) -> int:
         """A count summed over the processes (crop / flip counts of each process's samples)."""
         if self.world == 1:

@@ -247,7 +247,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                 pred = model(noisy.to(compute_dtype), t, context, grounding, scale)
             loss = F.mse_loss(pred.float(), target)
             if cfg.box_loss_weight > 0:
-                loss = loss + cfg.box_loss_weight * box_loss(pred.float(), target, grounding)
+                # several processes: each adds its objects' errors over the global batch's object count, times the
+                # process count (DDP averages the gradients), so together they make the global batch's loss
+                objects = shard.sum(grounding.present.sum().float()) / shard.world
+                loss = loss + cfg.box_loss_weight * box_loss(pred.float(), target, grounding, objects)
             batch_loss = shard.mean(loss.detach())       # the global batch's: every process decides alike
             # --- update: skip non-finite steps instead of poisoning the weights
             opt.zero_grad(set_to_none=True)
@@ -375,13 +378,14 @@ class NonFiniteCount:
         return total, new, longest
 
 
-def box_loss(pred: torch.Tensor, target: torch.Tensor, grounding: Grounding) -> torch.Tensor:
+def box_loss(pred: torch.Tensor, target: torch.Tensor, grounding: Grounding,
+             objects: torch.Tensor | None = None) -> torch.Tensor:
     """The mean over the batch's objects of the squared error inside each object's box (on the prediction's grid, a
     cell counting when it overlaps the box): a small object weighs as much as a large one, where the image's MSE
-    weighs it by its pixel count."""
+    weighs it by its pixel count. `objects`: the count to divide by (default: this batch's objects)."""
     err = (pred - target).square().mean(dim=1).flatten(1)                     # (B, h * w)
     inside = region_mask(grounding.boxes, *pred.shape[-2:]).float()          # (B, h * w, N)
     per_box = (err[:, :, None] * inside).sum(1) / inside.sum(1).clamp(min=1)  # (B, N)
     present = grounding.present.float()
-    return (per_box * present).sum() / present.sum().clamp(min=1)
+    return (per_box * present).sum() / (present.sum() if objects is None else objects).clamp(min=1)
 
