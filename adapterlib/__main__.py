@@ -73,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
     ev.add_argument("--layouts", "--manifest", dest="layouts", default=None, metavar="v1|v2|MANIFEST",
                     help="the layouts: v1 (the 200 shipped held-out layouts), v2 (220 held-out layouts by object count "
-                         "1-6 x overlap) or a manifest (JSON Lines) path; default: a run's own layouts (held-out v1 "
-                         "for a Shapes run, else its manifest), else v1")
+                         "1-6 x overlap) or a manifest (JSON Lines) path; default: a run's own layouts (the held-out "
+                         "set of its Shapes world: v2 for shapes-v2, v1 for shapes; else its manifest), else v1")
     ev.add_argument("--detector", default="color",
                     help="'color' (the Shapes colour detector, default) or a folder with a local OWL-ViT / OWLv2 "
                          "model (transformers format)")
