@@ -128,6 +128,7 @@ class Injection:
     regions: dict = field(default_factory=dict)   # token count -> (B, L, N) region mask, built once per forward
 
     def region(self, n_tokens: int, depth: str = "none") -> torch.Tensor:
+        depth = "smaller-front" if depth == "smaller-front" else "none"    # only the hard rule changes the mask
         if (n_tokens, depth) not in self.regions:
             region = region_mask(self.boxes, *token_grid(self.sample_hw, n_tokens))
             self.regions[n_tokens, depth] = region if depth == "none" else front_only(region, self.boxes, self.present)
@@ -205,7 +206,7 @@ class GatedLayer(nn.Module):
             allowed = torch.cat([allowed.new_ones(B, L, 1), allowed], dim=-1)              # "nothing" always allowed
             key_bias = None
             if self.depth_bias is not None:                  # -log(box area): larger for smaller boxes; 0 for "nothing"
-                area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).float().clamp(min=1e-4)
+                area = box_area(boxes).clamp(min=1e-4)
                 key_bias = torch.cat([area.new_zeros(B, 1), -area.log()], dim=-1)
             delta = self._attend(self.norm(x), kv, allowed, key_bias)
         out = x + scale * torch.tanh(self.gate_attn) * delta
@@ -224,10 +225,15 @@ def region_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return (in_y[..., :, None] & in_x[..., None, :]).flatten(-2).transpose(1, 2)
 
 
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """(B, N, 4) xyxy boxes -> (B, N) float areas (fractions of the image)."""
+    return ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).float()
+
+
 def front_only(region: torch.Tensor, boxes: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """(B, L, N) region mask -> each token keeps only the present box of smallest area covering it (ties keep
     all of them): the depth rule "smaller objects in front". A token no box covers stays uncovered."""
-    area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])).float()          # (B, N)
+    area = box_area(boxes)                                                                    # (B, N)
     cover = region & present[:, None, :]
     areas = torch.where(cover, area[:, None, :], torch.inf)                                    # (B, L, N)
     return cover & (areas <= areas.min(dim=-1, keepdim=True).values)
@@ -317,8 +323,7 @@ class SpatialAdapter(nn.Module):
             inj = self.injection
             if inj is None:                 # not this adapter's forward: the block's output passes unchanged
                 return output
-            depth = "smaller-front" if layer.depth == "smaller-front" else "none"
-            region = inj.region(output.shape[1], depth) if layer.attention == "masked" else None
+            region = inj.region(output.shape[1], layer.depth) if layer.attention == "masked" else None
             return layer(output, inj.tokens, inj.present, region, inj.scale, inj.boxes)
         return hook
 

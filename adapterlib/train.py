@@ -120,11 +120,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                             feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth)
     model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
     params = adapter.trainable_parameters()
-    gates = adapter.fast_parameters()
+    fast = adapter.fast_parameters()                        # the gates (and learned depth weights): lr * gate_lr_scale
     sync_free = device.type in SYNC_FREE_DEVICES
     opt = torch.optim.AdamW([
-        {"params": [p for n, p in params.items() if n not in gates], "weight_decay": cfg.weight_decay},
-        {"params": list(gates.values()), "weight_decay": 0.0, "lr": cfg.lr * cfg.gate_lr_scale}], lr=cfg.lr,
+        {"params": [p for n, p in params.items() if n not in fast], "weight_decay": cfg.weight_decay},
+        {"params": list(fast.values()), "weight_decay": 0.0, "lr": cfg.lr * cfg.gate_lr_scale}], lr=cfg.lr,
         fused=sync_free)
     if cfg.compile:
         model = torch.compile(model)
