@@ -20,24 +20,33 @@ from .detectors import Detector, ZeroShotDetector, score_grounding
 from .paths import repo_path
 
 SHAPES = "shapes"
-# the generated Shapes worlds a run's `data` may name, with the held-out set each is judged on: "shapes" (the
-# default world: 1-3 objects, apart) and "shapes-v2" (1-6 objects, 30% placed over another, smaller in front)
-SHAPES_WORLDS = {"shapes": 1, "shapes-v2": 2}
+
+
+def shapes_world(data: str):
+    """The Shapes world (`shapes.World`: training options, held-out version) a run's `data` names, else None."""
+    from .shapes import WORLDS
+    return WORLDS.get(data)
 
 
 def is_shapes(data: str) -> bool:
-    return data in SHAPES_WORLDS
+    return shapes_world(data) is not None
+
+
+def heldout_version(data: str) -> int:
+    """The held-out set (1 or 2) that judges a run on the Shapes world `data`."""
+    return shapes_world(data).heldout
 
 
 def training_manifest(data: str, n_train: int, root: Path) -> Path:
-    """The manifest of `data`: a path as given, or for a Shapes world a set of `n_train` images written (once)
-    to `root/_datasets/<world>-<n_train>/`."""
-    if not is_shapes(data):
+    """The manifest of `data`: a path as given, or for a Shapes world a set of `n_train` images drawn with the
+    world's training options, written (once) to `root/_datasets/<world>-<n_train>-<options tag>/`."""
+    world = shapes_world(data)
+    if world is None:
         return repo_path(data)
-    folder = Path(root) / "_datasets" / f"{data}-{n_train}"
+    from .shapes import options_tag, write_dataset
+    folder = Path(root) / "_datasets" / f"{data}-{n_train}-{options_tag(world.training)}"
     if not (folder / "data.jsonl").is_file():
-        from .shapes import HELDOUT_V2_OPTIONS, write_dataset
-        write_dataset(folder, n_train, seed=0, options=None if SHAPES_WORLDS[data] == 1 else HELDOUT_V2_OPTIONS)
+        write_dataset(folder, n_train, seed=0, options=world.training)
     return folder / "data.jsonl"
 
 
@@ -46,7 +55,7 @@ def sample_records(data: str, records: list[Record], n: int) -> list[Record]:
     n of its (verified) training records (their boxes, drawn on the samples, show the grounding)."""
     if n <= 0:
         return []
-    return heldout_records(n, SHAPES_WORLDS[data]) if is_shapes(data) else list(records[:n])
+    return heldout_records(n, heldout_version(data)) if is_shapes(data) else list(records[:n])
 
 
 def heldout_records(n: int | None = None, version: int = 1) -> list[Record]:

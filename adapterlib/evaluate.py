@@ -121,7 +121,7 @@ def run_layouts(run: str | Path, n: int | None = None) -> Layouts:
     from .runs import effective_config, resolve_run
     data = effective_config(resolve_run(run))["data"]
     if datasets.is_shapes(data):
-        return heldout_layouts(n, datasets.SHAPES_WORLDS[data])
+        return heldout_layouts(n, datasets.heldout_version(data))
     return manifest_layouts(repo_path(data), n)
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from . import checkpoint, datasets, distributed, encodings
 from .adapter import AdaptedUNet, Grounding, build_adapter, region_mask
 from .base import load_base
-from .config import FIELDS, TrainConfig, resume_changes
+from .config import FIELDS, TIMESTEPS, TrainConfig, resume_changes
 from .figures import boxed_grid
 from .gates import gate_stats
 from .precision import precision_policy
@@ -237,7 +237,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             latents = encodings.sample_latents(base, batch, gen, device, compute_dtype, amp_dtype,
                                                draw=lambda shape: shard.take(torch.randn((cfg.batch_size, *shape[1:]), generator=gen)))
             noise = shard.take(torch.randn((cfg.batch_size, *latents.shape[1:]), generator=gen)).to(device)
-            t = shard.take(torch.randint(0, base.scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=gen)).to(device)
+            t = shard.take(draw_timesteps(cfg.timesteps, cfg.batch_size, base.scheduler.config.num_train_timesteps, gen)).to(device)
             scale = shard.take(cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(cfg.batch_size, generator=gen)).to(device)
             noisy = base.scheduler.add_noise(latents, noise, t)
             target = {"epsilon": noise, "v_prediction": base.scheduler.get_velocity(latents, noise, t),
@@ -376,6 +376,18 @@ class NonFiniteCount:
         self.new.zero_()
         self.longest.copy_(self.run)
         return total, new, longest
+
+
+def draw_timesteps(rule: str, n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """n training timesteps (int64) in [0, T): "uniform", or "cubic", t = floor((1 - u^3) T) with u uniform, which
+    puts 79% of the steps in the noisier half (T2I-Adapter's schedule: the layout is decided at high noise)."""
+    T = num_train_timesteps
+    if rule == "uniform":
+        return torch.randint(0, T, (n,), generator=generator)
+    if rule == "cubic":
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return ((1 - u ** 3) * T).long().clamp(0, T - 1)
+    raise ValueError(f"timesteps = {rule!r}: choose one of {TIMESTEPS}")
 
 
 def box_loss(pred: torch.Tensor, target: torch.Tensor, grounding: Grounding,

@@ -74,7 +74,7 @@ def test_base_training_renders_its_world_and_fine_tunes_a_base(tmp_path):
     first, v2 = records[:20], records[20:]
     assert [r.objects for r in first] == [r.objects for r in shapes.render_batch(range(20))[1]]
     assert [r.objects for r in v2] == [r.objects for r in
-                                       shapes.render_batch(range(20, 40), options=shapes.HELDOUT_V2_OPTIONS)[1]]
+                                       shapes.render_batch(range(20, 40), options=shapes.V2_TRAINING_OPTIONS)[1]]
     assert max(len(r.objects) for r in v2) > 3 and any(bucket_of(r)[1] for r in v2)   # the harder world is in it
     with pytest.raises(ValueError, match="world"):
         PretrainConfig(world="shapes-v3")

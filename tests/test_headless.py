@@ -51,7 +51,7 @@ def test_presets_name_only_fields():
 
 def test_papermill_fields_of_every_kind_reach_config_json(runs_root, tmp_path):
     given = dict(preset="smoke", run_name="pm", steps=6, lr=0.0005, batch_size=3, adapter_attention="cross",
-                 adapter_feedforward=False, adapter_depth="learned", box_loss_weight=0.5, data="shapes",
+                 adapter_feedforward=False, adapter_depth="learned", box_loss_weight=0.5, timesteps="cubic", data="shapes",
                  save_every=3, log_every=2, n_samples=0, caption_dropout=0.25)
     done = papermill("02_train.ipynb", tmp_path / "out.ipynb", given)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -147,3 +147,21 @@ def test_box_loss_weight_reaches_training(runs):
     plain, default, double = (weights(runs / name) for name in ("plain", "default", "double"))
     assert any(not torch.equal(plain[k], default[k]) for k in plain)
     assert any(not torch.equal(default[k], double[k]) for k in plain)
+
+
+def test_cubic_timesteps_put_most_steps_at_high_noise_and_the_field_reaches_training(runs, monkeypatch):
+    from adapterlib import train as train_module
+    g = torch.Generator().manual_seed(0)
+    uniform, cubic = (train_module.draw_timesteps(rule, 20_000, 1000, g) for rule in ("uniform", "cubic"))
+    for t in (uniform, cubic):
+        assert t.dtype == torch.int64 and 0 <= int(t.min()) and int(t.max()) <= 999
+    assert (uniform >= 500).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert (cubic >= 500).float().mean().item() == pytest.approx(0.5 ** (1 / 3), abs=0.02)   # P(u^3 <= 1/2)
+    with pytest.raises(ValueError, match="timesteps"):
+        TrainConfig(timesteps="late")
+    drawn = []
+    real = train_module.draw_timesteps
+    monkeypatch.setattr(train_module, "draw_timesteps", lambda rule, *a: drawn.append(rule) or real(rule, *a))
+    run = train(tiny("cubic", steps=2, timesteps="cubic"))
+    assert drawn == ["cubic", "cubic"]
+    assert json.loads((run / "config.json").read_text())["timesteps"] == "cubic"

@@ -253,9 +253,18 @@ def test_a_run_can_train_on_the_harder_world_and_is_judged_on_its_held_out_set(t
     from adapterlib.data import read_manifest
     from adapterlib.train import train
     manifest = datasets.training_manifest("shapes-v2", 64, tmp_path)
-    assert manifest.parent.name == "shapes-v2-64"
+    world = shapes.WORLDS["shapes-v2"]
+    assert world.training == shapes.V2_TRAINING_OPTIONS and world.heldout == 2
+    assert manifest.parent.name == f"shapes-v2-64-{shapes.options_tag(world.training)}"
     records = read_manifest(manifest)
+    # drawn with the world's training options: the same layouts as those seeds rendered under them
+    assert [r.objects for r in records] == [r.objects for r in shapes.render_batch(range(64), options=world.training)[1]]
     assert max(len(r.objects) for r in records) > 3                      # the v2 world, not the default one
+    assert sum(bucket_of(r)[1] for r in records) > len(records) / 2      # crowded: most training layouts overlap
+    # a change of the world's options never reuses a set written under the old ones
+    assert shapes.options_tag(world.training) != shapes.options_tag(shapes.HELDOUT_V2_OPTIONS)
+    assert datasets.training_manifest("shapes", 64, tmp_path).parent.name == \
+        f"shapes-64-{shapes.options_tag(shapes.WorldOptions())}"
     assert datasets.sample_records("shapes-v2", records, 3) == datasets.heldout_records(3, version=2)
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
     run = train(make_config("smoke", run_name="v2", data="shapes-v2", n_train=32, steps=2, save_every=2,

@@ -9,11 +9,13 @@ The generic path (base loading, the adapter, training, sampling, the evaluation 
 of this: a run reaches it only through `adapterlib.datasets`, when its data is "shapes".
 """
 from .world import (BACKGROUND, COLORS, HELDOUT_PATH, HELDOUT_SEED0, HELDOUT_V2_BUCKETS, HELDOUT_V2_OPTIONS,
-                    HELDOUT_V2_PATH, HELDOUT_V2_PER_BUCKET, HELDOUT_V2_SEED0, RESOLUTION, SHAPES, Layout, ShapeObject,
-                    WorldOptions, heldout_images, heldout_records, options_for_seed, render, render_batch,
-                    sample_layout, to_record, write_dataset, write_heldout, write_heldout_v2)
+                    HELDOUT_V2_PATH, HELDOUT_V2_PER_BUCKET, HELDOUT_V2_SEED0, RESOLUTION, SHAPES,
+                    V2_TRAINING_OPTIONS, WORLDS, Layout, ShapeObject, World, WorldOptions, heldout_images,
+                    heldout_records, options_for_seed, options_tag, render, render_batch, sample_layout, to_record,
+                    write_dataset, write_heldout, write_heldout_v2)
 
 __all__ = ["BACKGROUND", "COLORS", "HELDOUT_PATH", "HELDOUT_SEED0", "HELDOUT_V2_BUCKETS", "HELDOUT_V2_OPTIONS",
-           "HELDOUT_V2_PATH", "HELDOUT_V2_PER_BUCKET", "HELDOUT_V2_SEED0", "RESOLUTION", "SHAPES", "Layout",
-           "ShapeObject", "WorldOptions", "heldout_images", "heldout_records", "options_for_seed", "render",
-           "render_batch", "sample_layout", "to_record", "write_dataset", "write_heldout", "write_heldout_v2"]
+           "HELDOUT_V2_PATH", "HELDOUT_V2_PER_BUCKET", "HELDOUT_V2_SEED0", "RESOLUTION", "SHAPES",
+           "V2_TRAINING_OPTIONS", "WORLDS", "Layout", "ShapeObject", "World", "WorldOptions", "heldout_images",
+           "heldout_records", "options_for_seed", "options_tag", "render", "render_batch", "sample_layout",
+           "to_record", "write_dataset", "write_heldout", "write_heldout_v2"]

@@ -52,10 +52,10 @@ class PretrainConfig:
             raise ValueError(f"PretrainConfig.world = {self.world!r}: choose one of {list(BASE_WORLDS)}")
 
 
-# The layouts a base trains on: (options of each part of the seeds); "mix" renders its first half of the seeds in
-# the first world and the rest in the v2 world.
-BASE_WORLDS = {"shapes": (None,), "shapes-v2": (shapes.HELDOUT_V2_OPTIONS,),
-               "mix": (None, shapes.HELDOUT_V2_OPTIONS)}
+# The layouts a base trains on: (options of each part of the seeds): a Shapes world's training options, or "mix",
+# the first half of the seeds in the first world and the rest in the v2 world.
+BASE_WORLDS = {**{name: (w.training,) for name, w in shapes.WORLDS.items()},
+               "mix": (shapes.WORLDS["shapes"].training, shapes.WORLDS["shapes-v2"].training)}
 
 
 def render_world(world: str, n: int):

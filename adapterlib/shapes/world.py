@@ -29,6 +29,7 @@ with the default options (`options_for_seed`).
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from dataclasses import dataclass
@@ -353,6 +354,32 @@ HELDOUT_V2_OPTIONS = WorldOptions(max_objects=6, overlap=0.3, side=(0.1875, 0.5)
 HELDOUT_V2_PER_BUCKET = 20
 # (objects, overlap) of every v2 bucket: one object cannot overlap, so 11 buckets.
 HELDOUT_V2_BUCKETS = tuple((k, o) for k in range(1, 7) for o in (False, True) if k > 1 or not o)
+
+
+# How the v2 world's *training* layouts are drawn: the same rendering and depth rule, but crowded -- 2 to 6
+# objects, each after the first placed over an earlier one with probability 0.6 -- so that overlaps and many
+# objects, which held-out v2 weighs as much as the easy buckets, are not rare in training (docs/harder-world.md).
+V2_TRAINING_OPTIONS = WorldOptions(max_objects=6, min_objects=2, overlap=0.6, side=(0.1875, 0.5))
+
+
+@dataclass(frozen=True)
+class World:
+    """A named Shapes world: how its training layouts are drawn and which held-out set (1 or 2) judges it."""
+    training: WorldOptions
+    heldout: int
+
+
+# The Shapes worlds a run's `data` (and a base's `PretrainConfig.world`) may name.
+WORLDS = {
+    "shapes": World(WorldOptions(), heldout=1),              # the first world: 1-3 objects, apart
+    "shapes-v2": World(V2_TRAINING_OPTIONS, heldout=2),      # 1-6 objects, overlapping, smaller in front
+}
+
+
+def options_tag(options: WorldOptions) -> str:
+    """8 hex digits that change whenever the options do (names a generated set, so a changed world never
+    reuses a set written under other options)."""
+    return hashlib.sha256(repr(options).encode()).hexdigest()[:8]
 
 
 def options_for_seed(seed: int) -> WorldOptions:
