@@ -37,14 +37,24 @@ def heldout_version(data: str) -> int:
     return shapes_world(data).heldout
 
 
-def training_manifest(data: str, n_train: int, root: Path) -> Path:
+def training_manifest(data: str, n_train: int, root: Path, started_with: str | Path | None = None) -> Path:
     """The manifest of `data`: a path as given, or for a Shapes world a set of `n_train` images drawn with the
-    world's training options, written (once) to `root/_datasets/<world>-<n_train>-<options tag>/`."""
+    world's training options, written (once) to `root/_datasets/<world>-<n_train>-<options tag>/`.
+    `started_with`: on resume, the manifest the run started with (its data report). If the world's training options
+    have changed since (another tag), the run keeps that set while it exists, so it resumes on the data it started
+    with; if it is gone, that is an error (a regenerated set would be other data)."""
     world = shapes_world(data)
     if world is None:
         return repo_path(data)
     from .shapes import options_tag, write_dataset
     folder = Path(root) / "_datasets" / f"{data}-{n_train}-{options_tag(world.training)}"
+    if started_with is not None and Path(started_with).parent.name != folder.name:
+        if Path(started_with).is_file():
+            return Path(started_with)
+        raise FileNotFoundError(
+            f"data {data!r}: the run started on {started_with}, a set drawn with other options than the world's "
+            f"training options now ({folder.name}); that set is gone, so the run cannot resume on the data it "
+            "started with. Restore that folder, or start a new run_name")
     if not (folder / "data.jsonl").is_file():
         write_dataset(folder, n_train, seed=0, options=world.training)
     return folder / "data.jsonl"

@@ -132,7 +132,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [warm, warm])
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     with shard.main_first():                                  # rank 0 writes a generated set (and its cache) once
-        manifest = datasets.training_manifest(cfg.data, cfg.n_train, runs_root())
+        report = folder / DATA_REPORT      # on resume: the manifest the run started with
+        started_with = json.loads(report.read_text()).get("manifest") if resume and report.is_file() else None
+        manifest = datasets.training_manifest(cfg.data, cfg.n_train, runs_root(), started_with)
         source, source_note = encodings.training_source(
             base, manifest, runs_root(), cache=cfg.cache, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed,
             max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record, compute_dtype=compute_dtype,

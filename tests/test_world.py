@@ -271,3 +271,28 @@ def test_a_run_can_train_on_the_harder_world_and_is_judged_on_its_held_out_set(t
                             n_samples=0), progress=False)
     layouts = evaluate.run_layouts(run, 11)
     assert layouts.source == "heldout-v2" and layouts.records == datasets.heldout_records(11, version=2)
+
+
+def test_a_resume_keeps_the_set_it_started_with_when_the_world_changed_since(tmp_path, monkeypatch):
+    import json as json_
+    from adapterlib.config import make_config
+    from adapterlib.runs import DATA_REPORT
+    from adapterlib.train import train
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
+    cfg = dict(run_name="r", data="shapes-v2", n_train=32, save_every=2, n_samples=0)
+    run = train(make_config("smoke", steps=2, **cfg), progress=False)
+    # as if the run had started on a set drawn with the previous round's options (held-out v2's)
+    old = shapes.write_dataset(tmp_path / "runs" / "_datasets" / "shapes-v2-32", 32, options=shapes.HELDOUT_V2_OPTIONS)
+    report = run / DATA_REPORT
+    report.write_text(json_.dumps({**json_.loads(report.read_text()), "manifest": str(old)}))
+    train(make_config("smoke", steps=4, **cfg), resume=True, progress=False)
+    assert json_.loads(report.read_text())["manifest"] == str(old)     # resumed on the data it started with
+    # that set gone: a regenerated one would be other data, so the resume stops and says why
+    (old.parent / "data.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="started on .*shapes-v2-32"):
+        train(make_config("smoke", steps=6, **cfg), resume=True, progress=False)
+    # a resume on an unchanged world (or a run moved elsewhere: same set name) reads the world's set
+    report.write_text(json_.dumps({**json_.loads(report.read_text()),
+                                   "manifest": f"/elsewhere/_datasets/{datasets.training_manifest('shapes-v2', 32, tmp_path / 'runs').parent.name}/data.jsonl"}))
+    train(make_config("smoke", steps=6, **cfg), resume=True, progress=False)
+    assert json_.loads(report.read_text())["manifest"] == str(datasets.training_manifest("shapes-v2", 32, tmp_path / "runs"))
