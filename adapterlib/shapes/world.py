@@ -25,6 +25,10 @@ the held-out layouts v2 (HELDOUT_V2_OPTIONS, stratified by object count and
 overlap) use seeds from HELDOUT_V2_SEED0 up and ship as `heldout_v2.jsonl`.
 A seed from HELDOUT_V2_SEED0 up is rendered with HELDOUT_V2_OPTIONS, any other
 with the default options (`options_for_seed`).
+
+`WORLDS` names the worlds a run (or a base) trains on: for each, the options its
+training layouts are drawn with and the held-out set that judges it (v2 trains on
+crowded layouts, V2_TRAINING_OPTIONS, and is judged on held-out v2).
 """
 
 from __future__ import annotations
