@@ -376,7 +376,7 @@ class World:
 # The Shapes worlds a run's `data` (and a base's `PretrainConfig.world`) may name.
 WORLDS = {
     "shapes": World(WorldOptions(), heldout=1),              # the first world: 1-3 objects, apart
-    "shapes-v2": World(V2_TRAINING_OPTIONS, heldout=2),      # 1-6 objects, overlapping, smaller in front
+    "shapes-v2": World(V2_TRAINING_OPTIONS, heldout=2),      # up to 6 objects, overlapping, smaller in front
 }
 
 
