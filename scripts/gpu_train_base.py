@@ -25,6 +25,7 @@ ap.add_argument("--world", default="shapes", help="shapes | shapes-v2 | mix (tin
 ap.add_argument("--init-from", default="", help="a base to fine-tune (name or folder); default: from scratch")
 ap.add_argument("--lr", type=float, default=PretrainConfig.lr)
 ap.add_argument("--ema-decay", type=float, default=PretrainConfig.ema_decay)
+ap.add_argument("--eval-limit", type=int, default=0, help="only the first N held-out layouts (0: all; a rehearsal)")
 args = ap.parse_args()
 out = Path(os.environ.get("OUT", "/tmp/out"))
 dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,7 +53,7 @@ base = train_base(cfg, out / "shapes-tiny", device=dev)
 base = load_base(out / "shapes-tiny", device=dev)
 result = {}
 for version in (1, 2):                      # held-out v1 (the first world) and v2 (overlaps, up to six objects)
-    records = shapes.heldout_records(version=version)
+    records = shapes.heldout_records(version=version)[:args.eval_limit or None]
     seeds = list(range(len(records)))
     tag = "" if version == 1 else "v2_"
     for guidance in (1.5, 3.0, 5.0):
