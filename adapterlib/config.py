@@ -23,6 +23,7 @@ from pathlib import Path
 from .data import CROPS, MAX_OBJECTS, check_max_objects
 
 TIMESTEPS = ("uniform", "cubic")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -51,6 +52,8 @@ class TrainConfig:
     gate_lr_scale: float = 10.0          # gates learn at lr * gate_lr_scale: they start at 0 and everything
                                          # behind them gets gradient only once they open
     warmup: int = 100
+    lr_schedule: str = "constant"        # after the warm-up: constant | cosine (down to 0 at `steps`; a resume that adds
+                                         # steps stretches the rest of the decay over them)
     box_loss_weight: float = 1.0         # loss = MSE over the image + this x the mean over objects of the MSE inside each
                                          # object's box: every object counts alike, however small (train.box_loss)
     timesteps: str = "uniform"           # uniform | cubic: t = (1 - u^3) T, most steps at high noise, where the layout is
@@ -89,7 +92,7 @@ class TrainConfig:
         if not self.scale_max > 0:
             raise ValueError("scale_max = 0: every gate would be multiplied by 0 and the adapter would never learn")
         choices = dict(adapter_attention=("self", "cross", "masked"), adapter_norm=("layernorm", "rmsnorm"),
-                       adapter_depth=("none", "smaller-front", "learned"), timesteps=TIMESTEPS,
+                       adapter_depth=("none", "smaller-front", "learned"), timesteps=TIMESTEPS, lr_schedule=LR_SCHEDULES,
                        mixed_precision=("bf16", "fp16", "no"), on_bad_record=("error", "skip"), crop=CROPS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -126,7 +129,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # order, the optimisation recipe. Changing one of these is a new run, under a new run_name.
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
-                "warmup", "box_loss_weight", "timesteps", "grad_clip", "adapter_attention", "adapter_norm", "adapter_feedforward", "adapter_depth", "max_objects",
+                "warmup", "lr_schedule", "box_loss_weight", "timesteps", "grad_clip", "adapter_attention", "adapter_norm", "adapter_feedforward", "adapter_depth", "max_objects",
                 "on_bad_record", "crop", "flip")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.

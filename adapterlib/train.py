@@ -11,6 +11,7 @@ uninterrupted one (on CPU; GPU kernels are not bitwise deterministic).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -128,8 +129,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
         fused=sync_free)
     if cfg.compile:
         model = torch.compile(model)
-    warm = lambda s: min(1.0, (s + 1) / max(1, cfg.warmup))               # then constant
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [warm, warm])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     with shard.main_first():                                  # rank 0 writes a generated set (and its cache) once
         report = folder / DATA_REPORT      # on resume: the manifest the run started with
@@ -378,6 +378,16 @@ class NonFiniteCount:
         self.new.zero_()
         self.longest.copy_(self.run)
         return total, new, longest
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The learning rate at `step` as a share of cfg.lr: a linear warm-up, then constant or a cosine down to 0."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    done = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def draw_timesteps(rule: str, n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:

@@ -51,8 +51,8 @@ def test_presets_name_only_fields():
 
 def test_papermill_fields_of_every_kind_reach_config_json(runs_root, tmp_path):
     given = dict(preset="smoke", run_name="pm", steps=6, lr=0.0005, batch_size=3, adapter_attention="cross",
-                 adapter_feedforward=False, adapter_depth="learned", box_loss_weight=0.5, timesteps="cubic", data="shapes",
-                 save_every=3, log_every=2, n_samples=0, caption_dropout=0.25)
+                 adapter_feedforward=False, adapter_depth="learned", box_loss_weight=0.5, timesteps="cubic",
+                 lr_schedule="cosine", data="shapes", save_every=3, log_every=2, n_samples=0, caption_dropout=0.25)
     done = papermill("02_train.ipynb", tmp_path / "out.ipynb", given)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = read_config(runs_root / "pm")
@@ -81,6 +81,17 @@ def test_papermill_sd15_preset_on_a_tiny_sd_folder(runs_root, tmp_path, tiny_sd_
         (sd15["batch_size"], sd15["save_every"], sd15["lr"], sd15["adapter_attention"]) == (2, 2000, 1e-4, "self")
     assert saved["steps"] == 2 and saved["base_model"] == str(tiny_sd_folder)
     assert (runs_root / "sd" / "final" / "adapter.safetensors").is_file()
+
+
+def test_papermill_base_notebook_retrains_on_the_world_it_is_given(tmp_path):
+    """Notebook 00 with retrain: `-p world`, `-p steps`, `-p n_images` reach the base's training.json. Two steps
+    make no base: the notebook then stops at its quality bar, as it must for a base that ignores its captions."""
+    out_dir = tmp_path / "base"
+    done = papermill("00_base_model.ipynb", tmp_path / "out.ipynb", dict(
+        retrain=True, steps=2, batch_size=2, n_images=24, world="shapes-v2", n_eval=2, out_dir=out_dir))
+    config = json.loads((out_dir / "training.json").read_text())["config"]
+    assert (config["world"], config["steps"], config["n_images"], config["batch_size"]) == ("shapes-v2", 2, 24, 2)
+    assert done.returncode != 0 and "colour presence" in done.stderr and "train it longer" in done.stderr
 
 
 @pytest.mark.parametrize("notebook, own, names", [

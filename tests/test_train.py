@@ -165,3 +165,21 @@ def test_cubic_timesteps_put_most_steps_at_high_noise_and_the_field_reaches_trai
     run = train(tiny("cubic", steps=2, timesteps="cubic"))
     assert drawn == ["cubic", "cubic"]
     assert json.loads((run / "config.json").read_text())["timesteps"] == "cubic"
+
+
+def test_cosine_lr_schedule_decays_to_zero_and_the_field_reaches_training(runs):
+    from adapterlib.train import lr_factor
+    cfg = TrainConfig(steps=1100, warmup=100, lr_schedule="cosine")
+    assert lr_factor(0, cfg) == pytest.approx(0.01) and lr_factor(99, cfg) == lr_factor(100, cfg) == 1.0
+    assert lr_factor(600, cfg) == pytest.approx(0.5) and lr_factor(1100, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(600, TrainConfig(steps=1100, warmup=100)) == 1.0          # the default stays constant
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+    for name in ("constant", "cosine"):
+        train(tiny(name, lr_schedule=name))
+    lr = {name: pd.read_csv(runs / name / "metrics.csv").set_index("step")["lr"] for name in ("constant", "cosine")}
+    peak = tiny("x").lr
+    assert (lr["constant"].loc[2:] == peak).all()
+    assert lr["cosine"].loc[2] == pytest.approx(peak) and lr["cosine"].loc[4] == pytest.approx(peak / 2)
+    assert lr["cosine"].loc[6] == pytest.approx(0.0, abs=1e-12) and lr["cosine"].loc[2:].is_monotonic_decreasing
+    assert json.loads((runs / "cosine" / "config.json").read_text())["lr_schedule"] == "cosine"
