@@ -39,7 +39,7 @@ class TrainConfig:
     device: str = "auto"                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     mixed_precision: str = "bf16"        # bf16 | fp16 | no; CPU always runs fp32
     # --- the training plan's parameters (docs/training-plan.md)
-    steps: int = 1800
+    steps: int = 2400
     batch_size: int = 16
     lr: float = 1e-3
     phrase_dropout: float = 0.1          # a dropped phrase becomes the learned null phrase

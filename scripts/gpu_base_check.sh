@@ -4,7 +4,7 @@
 # Results (the new base folder, its measurements, the adapter runs' logs and evaluations) in $OUT/results.tgz.
 #   OUT=<dir> bash scripts/gpu_base_check.sh                      # on the device: carry .whl (diffusers)
 #   SMALL=1 OUT=/tmp/rehearsal bash scripts/gpu_base_check.sh     # a CPU rehearsal: every part tiny
-# BUDGET: seconds of base training (default 270); ASTEPS: adapter steps (default 1800, the default run's); TOTAL:
+# BUDGET: seconds of base training (default 270); ASTEPS: adapter steps (default 2400, the default run's); TOTAL:
 # seconds the whole script may take (default 540): each later part gets what is left, or is skipped, so that the
 # results always come back (the base alone is also packed as $OUT/base.tgz as soon as it exists).
 set -uo pipefail
@@ -14,7 +14,7 @@ trap 'tar czf "$OUT/results.tgz" --exclude=checkpoints --exclude=final --exclude
 export ADAPTERLIB_RUNS=$R/runs PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-BUDGET=${BUDGET:-270}; ASTEPS=${ASTEPS:-1800}; TOTAL=${TOTAL:-540}
+BUDGET=${BUDGET:-270}; ASTEPS=${ASTEPS:-2400}; TOTAL=${TOTAL:-540}
 BASE_ARGS=(--budget-s "$BUDGET" --world mix); EVAL_ARGS=(--layouts v2 --device "$DEV")
 if [ -n "${SMALL:-}" ]; then BASE_ARGS+=(--batch-size 8 --n-images 300 --eval-limit 8); EVAL_ARGS+=(--limit 12 --steps 2); ASTEPS=10; fi
 ADAPTER_ARGS=(--device "$DEV" --steps "$ASTEPS" --progress-every 20)
