@@ -1,7 +1,7 @@
 """Train the shipped tiny Shapes base on a lent GPU within a time budget, then measure it.
 
-    OUT=/some/dir python scripts/gpu_train_base.py --budget-s 300
-    OUT=/some/dir python scripts/gpu_train_base.py --budget-s 600 --world mix            # the harder world too
+    OUT=/some/dir python scripts/gpu_train_base.py --budget-s 270                 # the shipped base: both worlds (mix)
+    OUT=/some/dir python scripts/gpu_train_base.py --budget-s 290 --world shapes  # the first world only
     OUT=/some/dir python scripts/gpu_train_base.py --budget-s 300 --world mix --init-from shapes-tiny --lr 3e-4 \
         --ema-decay 0.995                                       # fine-tune the shipped base on it
 
@@ -21,7 +21,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--budget-s", type=float, default=300)
 ap.add_argument("--batch-size", type=int, default=256)
 ap.add_argument("--n-images", type=int, default=200_000)
-ap.add_argument("--world", default="shapes", help="shapes | shapes-v2 | mix (tiny_base.BASE_WORLDS)")
+ap.add_argument("--world", default=PretrainConfig.world, help="shapes | shapes-v2 | mix (tiny_base.BASE_WORLDS; "
+                "default: mix, the shipped base's)")
 ap.add_argument("--init-from", default="", help="a base to fine-tune (name or folder); default: from scratch")
 ap.add_argument("--lr", type=float, default=PretrainConfig.lr)
 ap.add_argument("--ema-decay", type=float, default=PretrainConfig.ema_decay)

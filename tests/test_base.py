@@ -85,3 +85,15 @@ def test_base_training_renders_its_world_and_fine_tunes_a_base(tmp_path):
     shipped = load_base("shapes-tiny")
     assert torch.allclose(_unet_output(tuned), _unet_output(shipped), atol=1e-4)
     assert not torch.allclose(_unet_output(build_tiny_base()), _unet_output(shipped), atol=1e-2)
+
+
+def test_the_recipe_defaults_are_the_shipped_base_recipe():
+    """PretrainConfig() trains what was shipped (both worlds, the same optimiser and data), but for the step count
+    and its warm-up, which scripts/gpu_train_base.py sizes to the GPU budget."""
+    import dataclasses
+    import json
+    from adapterlib.shapes.tiny_base import PretrainConfig
+    shipped = json.loads((SHIPPED_BASE / "training.json").read_text())["config"]
+    default = dataclasses.asdict(PretrainConfig())
+    assert shipped["world"] == default["world"] == "mix" and shipped["init_from"] == ""
+    assert {k for k in shipped if shipped[k] != default[k]} == {"steps", "warmup", "log_every"}

@@ -37,8 +37,8 @@ class PretrainConfig:
     snr_gamma: float = 5.0           # cap on the x0-space loss weight 1 + SNR
     ema_decay: float = 0.999
     n_images: int = 200_000          # training layouts: seeds 0 .. n_images - 1 (held-out ones are >= 10M)
-    world: str = "shapes"            # the layouts: "shapes" (the first world), "shapes-v2" (1-6 objects, overlaps,
-                                     # smaller sides) or "mix" (the first half of the seeds in each)
+    world: str = "mix"               # the layouts: "shapes" (the first world), "shapes-v2" (1-6 objects, overlaps,
+                                     # smaller sides) or "mix" (half the seeds in each: the shipped base's)
     init_from: str = ""              # "" trains from scratch; a base name/folder fine-tunes it (its UNet and text encoder)
     seed: int = 0
     mixed_precision: str = "bf16"    # on CUDA; CPU always runs fp32
