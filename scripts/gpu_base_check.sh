@@ -7,20 +7,13 @@
 # BUDGET: seconds of base training (default 270); ASTEPS: adapter steps (default 2400, the default run's); TOTAL:
 # seconds the whole script may take (default 540): each later part gets what is left, or is skipped, so that the
 # results always come back (the base alone is also packed as $OUT/base.tgz as soon as it exists).
-set -uo pipefail
 OUT=${OUT:-/tmp/gpu-base-out}
-R=$OUT/r; mkdir -p "$R"
-trap 'tar czf "$OUT/results.tgz" --exclude=checkpoints --exclude=final --exclude=_datasets --exclude=_cache -C "$OUT" r' EXIT
-export ADAPTERLIB_RUNS=$R/runs PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+source "$(dirname "$0")/gpu_common.sh"
 BUDGET=${BUDGET:-270}; ASTEPS=${ASTEPS:-2400}; TOTAL=${TOTAL:-540}
 BASE_ARGS=(--budget-s "$BUDGET" --world mix); EVAL_ARGS=(--layouts v2 --device "$DEV")
 if [ -n "${SMALL:-}" ]; then BASE_ARGS+=(--batch-size 8 --n-images 300 --eval-limit 8); EVAL_ARGS+=(--limit 12 --steps 2); ASTEPS=10; fi
 ADAPTER_ARGS=(--device "$DEV" --steps "$ASTEPS" --progress-every 20)
 if [ -n "${SMALL:-}" ]; then ADAPTER_ARGS+=(--n_train 64 --save_every 5 --n_samples 2); fi
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
-  $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"; } | tee "$R/env.txt"
 
 echo "== 1. the base on the mix (first world + crowded v2), ${BUDGET} s of training" | tee "$R/base.txt"
 start=$SECONDS

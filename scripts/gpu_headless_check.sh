@@ -6,15 +6,9 @@
 #   3. `python -m adapterlib bench` at SD 1.5 size: every adapter variant, diffusers' GLIGEN (the peer) and the
 #      frozen-UNet floor in one process, eager; then the default variant, the peer and the floor torch.compile'd.
 # On the device: carry .whl (diffusers); SMALL=1 makes every part tiny (a CPU rehearsal, no compile).
-set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check-out}
-R=$OUT/r; mkdir -p "$R"
-trap 'tar czf "$OUT/results.tgz" --exclude=checkpoints --exclude=final --exclude=_datasets --exclude=_cache -C "$OUT" r' EXIT
-export ADAPTERLIB_RUNS=$R/runs PYTHONUNBUFFERED=1
-PY=${PY:-python3}
-DEV=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+source "$(dirname "$0")/gpu_common.sh"
 STEPS=${SMALL:+20}; STEPS=${STEPS:-1500}
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"; } | tee "$R/env.txt"
 
 echo "== 1. checks on $DEV" | tee "$R/checks.txt"
 for mp in bf16 fp16; do
