@@ -92,7 +92,8 @@ class TrainConfig:
         if not self.scale_max > 0:
             raise ValueError("scale_max = 0: every gate would be multiplied by 0 and the adapter would never learn")
         choices = dict(adapter_attention=("self", "cross", "masked"), adapter_norm=("layernorm", "rmsnorm"),
-                       adapter_depth=("none", "smaller-front", "learned"), timesteps=TIMESTEPS, lr_schedule=LR_SCHEDULES,
+                       adapter_depth=("none", "smaller-front", "learned"), timesteps=TIMESTEPS,
+                       lr_schedule=LR_SCHEDULES,
                        mixed_precision=("bf16", "fp16", "no"), on_bad_record=("error", "skip"), crop=CROPS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -129,8 +130,8 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # order, the optimisation recipe. Changing one of these is a new run, under a new run_name.
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
-                "warmup", "lr_schedule", "box_loss_weight", "timesteps", "grad_clip", "adapter_attention", "adapter_norm", "adapter_feedforward", "adapter_depth", "max_objects",
-                "on_bad_record", "crop", "flip")
+                "warmup", "lr_schedule", "box_loss_weight", "timesteps", "grad_clip", "adapter_attention",
+                "adapter_norm", "adapter_feedforward", "adapter_depth", "max_objects", "on_bad_record", "crop", "flip")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
