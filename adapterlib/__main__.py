@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N layouts (default: all)")
     ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
     ev.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    ev.add_argument("--grounding-guidance", choices=["on", "off"], default="on",
+                    help="on (default): the unconditional branch is the base alone, so guidance strengthens the "
+                         "grounding with the caption; off: both branches grounded, only the caption is guided "
+                         "(GLIGEN's inference) (with a run)")
     ev.add_argument("--layouts", "--manifest", dest="layouts", default=None, metavar="v1|v2|MANIFEST",
                     help="the layouts: v1 (the 200 shipped held-out layouts), v2 (220 held-out layouts by object count "
                          "1-6 x overlap) or a manifest (JSON Lines) path; default: a run's own layouts (the held-out "
@@ -306,19 +310,21 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     layouts = _layouts(args, run_dir)
     detector = load_detector(args.detector, args.device)
     ckpt = load_checkpoint(run_dir, args.checkpoint, device=args.device)
-    print(f"sampling {len(layouts)} layouts: base alone, then {ckpt.name} (scale {args.scale}, tau {args.tau})",
+    print(f"sampling {len(layouts)} layouts: base alone, then {ckpt.name} (scale {args.scale}, tau {args.tau}, "
+          f"guidance {args.guidance}, grounding guidance {args.grounding_guidance})",
           file=sys.stderr, flush=True)
     sampling = dict(steps=args.steps, guidance=args.guidance)
     ceiling, truth = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
     base_table, base_alone = evaluate.evaluate(layouts, reference="base", base=ckpt.base, detector=detector, **sampling)
     table, adapter = evaluate.evaluate(layouts, reference="adapter", base=ckpt.base, adapter=ckpt.adapter,
-                                       detector=detector, scale=args.scale, tau=args.tau, **sampling)
+                                       detector=detector, scale=args.scale, tau=args.tau,
+                                       grounding_guidance=args.grounding_guidance == "on", **sampling)
     print(evaluate.format_summary({"ground truth": truth, "base alone (scale 0)": base_alone,
                                    f"adapter step {ckpt.step}": adapter}))
     report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
     print(f"\nby bucket (objects x overlap; ratio = adapter / ceiling):\n{format_buckets(report)}")
     _print_json({**adapter, "run": str(run_dir), "step": ckpt.step, "scale": args.scale, "tau": args.tau,
-                 "layouts": layouts.source, "detector": args.detector,
+                 "guidance": args.guidance, "grounding_guidance": args.grounding_guidance == "on", "layouts": layouts.source, "detector": args.detector,
                  "base_success_rate": base_alone["success_rate"], "ground_truth_success_rate": truth["success_rate"],
                  "buckets": bucket_rows(report)})
     return 0
@@ -341,7 +347,7 @@ def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
     n = args.limit or 10
     print(f"checkpoint tests of {run_dir.name}: its first {n} layouts per checkpoint", file=sys.stderr, flush=True)
     table = grounding_vs_step(run_dir, n, device=args.device, steps=args.steps, guidance=args.guidance,
-                              scale=args.scale, tau=args.tau)
+                              scale=args.scale, tau=args.tau, grounding_guidance=args.grounding_guidance == "on")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     _print_json({"run": str(run_dir), "n_layouts": n, "rows": table.drop(columns="cached").to_dict("records")})
     return 0

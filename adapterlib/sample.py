@@ -4,8 +4,15 @@ Each image's starting noise comes from its own seed, so an image does not depend
 was generated in (up to float rounding: a different batch size can change a pixel by one level), and
 `generate(..., seeds=[7])` reproduces image 7 of any earlier call.
 
-The sampling settings (DDIM steps, guidance, injection scale, scheduled-sampling tau) live in one
-place, `Sampling`; every function that samples takes them as keyword arguments and builds one.
+The sampling settings (DDIM steps, guidance, injection scale, scheduled-sampling tau, whether guidance
+covers the grounding) live in one place, `Sampling`; every function that samples takes them as keyword
+arguments and builds one.
+
+Classifier-free guidance with an adapter: by default the unconditional prediction is the base alone (empty
+caption, no adapter), so the guidance scale strengthens the boxes and phrases together with the caption
+(`grounding_guidance=True`). GLIGEN's inference gives the unconditional branch the same grounding as the
+conditional one, so only the caption is guided (`grounding_guidance=False`). On the crowded Shapes world the
+first is what brings objects that overlap to the ceiling (docs/harder-world.md).
 """
 from __future__ import annotations
 
@@ -25,11 +32,14 @@ from .precision import autocast_for
 class Sampling:
     """How images are sampled. `scale` multiplies every adapter gate; `tau` is GLIGEN's scheduled
     sampling: grounding is on for the first `tau` share of the denoising steps (where layout is
-    decided), then off."""
+    decided), then off. `grounding_guidance`: the unconditional branch is the base alone, so guidance
+    strengthens the grounding with the caption (True), or it is grounded too, so only the caption is
+    guided (False, GLIGEN's inference)."""
     steps: int = 25
     guidance: float = 3.0
     scale: float = 1.0
     tau: float = 1.0
+    grounding_guidance: bool = True
 
     def __post_init__(self):
         if self.steps < 1:
@@ -101,16 +111,19 @@ def _generate_batch(base, model, records, seeds, s: Sampling):
     n = len(records)
     with autocast_for(base):
         context = base.encode_captions([""] * n + [r.caption for r in records])   # (2n, L, D): [uncond; cond]
-        grounding = ground(base, records, max_objects=model.adapter.max_objects).repeat(2) if model else None
+        grounding = ground(base, records, max_objects=model.adapter.max_objects) if model else None   # (n, ...)
     latents = initial_noise(base, seeds) * scheduler.init_noise_sigma
     grounded_steps = round(s.tau * len(scheduler.timesteps))
     for i, t in enumerate(scheduler.timesteps):
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         with autocast_for(base):
-            if model is not None and s.scale != 0 and i < grounded_steps:
-                pred = model(model_in, t, context, grounding, s.scale)
-            else:
+            if model is None or s.scale == 0 or i >= grounded_steps:
                 pred = base.unet(model_in, t, encoder_hidden_states=context).sample
+            elif s.grounding_guidance:       # unconditional: the base alone; conditional: caption and grounding
+                pred = torch.cat([base.unet(model_in[:n], t, encoder_hidden_states=context[:n]).sample,
+                                  model(model_in[n:], t, context[n:], grounding, s.scale)])
+            else:                            # both branches grounded: only the caption is guided
+                pred = model(model_in, t, context, grounding.repeat(2), s.scale)
         uncond, cond = pred.float().chunk(2)
         latents = scheduler.step(uncond + s.guidance * (cond - uncond), t, latents).prev_sample
     with autocast_for(base):

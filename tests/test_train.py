@@ -108,6 +108,22 @@ def test_checkpoint_loads_back_into_an_adapter_and_the_cli_evaluates_it(runs, ca
     assert main(["evaluate", str(run), "--limit", "2", "--steps", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["step"] == 4 and result["n_images"] == 2 and result["ground_truth_success_rate"] == 1.0
+    assert result["grounding_guidance"] is True
+
+
+def test_cli_grounding_guidance_flag_reaches_the_sampler(runs, capsys, monkeypatch):
+    from adapterlib import sample
+    run = train(tiny("guided", steps=2, n_samples=0), progress=False)
+    seen, original = [], sample.generate
+
+    def recording(base, records, seeds, *, adapter=None, **settings):
+        seen.append((adapter is not None, sample.Sampling.of(**settings).grounding_guidance))
+        return original(base, records, seeds, adapter=adapter, **settings)
+    monkeypatch.setattr(sample, "generate", recording)
+    assert main(["evaluate", str(run), "--limit", "2", "--steps", "2", "--grounding-guidance", "off"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["grounding_guidance"] is False
+    assert (True, False) in seen                      # the adapter's images were sampled with it off
 
 
 def test_training_and_sampling_go_through_the_module_forward(runs, monkeypatch):
@@ -183,3 +199,16 @@ def test_cosine_lr_schedule_decays_to_zero_and_the_field_reaches_training(runs):
     assert lr["cosine"].loc[2] == pytest.approx(peak) and lr["cosine"].loc[4] == pytest.approx(peak / 2)
     assert lr["cosine"].loc[6] == pytest.approx(0.0, abs=1e-12) and lr["cosine"].loc[2:].is_monotonic_decreasing
     assert json.loads((runs / "cosine" / "config.json").read_text())["lr_schedule"] == "cosine"
+
+
+def test_the_shapes_recipe_decays_its_rate_and_an_older_run_resumes_at_the_constant_one(runs):
+    assert make_config("shapes").lr_schedule == "cosine"            # the default run's recipe (README)
+    assert make_config("sd15").lr_schedule == "constant"            # the training plan's
+    folder = train(tiny("before-schedules", steps=4, save_every=2, warmup=1, lr_schedule="constant"), progress=False)
+    saved = json.loads((folder / "config.json").read_text())
+    del saved["lr_schedule"]                             # as a version before the field wrote it
+    (folder / "config.json").write_text(json.dumps(saved))
+    assert resume_config(runs / "before-schedules", steps=6).lr_schedule == "constant"
+    train(resume_config(runs / "before-schedules", steps=6), resume=True, progress=False)
+    lr = pd.read_csv(folder / "metrics.csv").set_index("step")["lr"]
+    assert (lr.loc[2:] == tiny("x").lr).all()            # no decay after the resume either
