@@ -73,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
     ev.add_argument("--grounding-guidance", choices=["on", "off"], default="on",
                     help="on (default): the unconditional branch is the base alone, so guidance strengthens the "
-                         "grounding with the caption; off: both branches grounded, only the caption is guided "
-                         "(GLIGEN's inference) (with a run)")
+                         "grounding with the caption; off: both branches grounded, only the caption is guided, as "
+                         "GLIGEN samples (with a run)")
     ev.add_argument("--layouts", "--manifest", dest="layouts", default=None, metavar="v1|v2|MANIFEST",
                     help="the layouts: v1 (the 200 shipped held-out layouts), v2 (220 held-out layouts by object count "
                          "1-6 x overlap) or a manifest (JSON Lines) path; default: a run's own layouts (the held-out "
@@ -324,7 +324,8 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
     print(f"\nby bucket (objects x overlap; ratio = adapter / ceiling):\n{format_buckets(report)}")
     _print_json({**adapter, "run": str(run_dir), "step": ckpt.step, "scale": args.scale, "tau": args.tau,
-                 "guidance": args.guidance, "grounding_guidance": args.grounding_guidance == "on", "layouts": layouts.source, "detector": args.detector,
+                 "guidance": args.guidance, "grounding_guidance": args.grounding_guidance == "on",
+                 "layouts": layouts.source, "detector": args.detector,
                  "base_success_rate": base_alone["success_rate"], "ground_truth_success_rate": truth["success_rate"],
                  "buckets": bucket_rows(report)})
     return 0
