@@ -83,40 +83,24 @@ def test_sampling_runs_on_a_bf16_base(untrained_base):
     assert images.shape == (2, 32, 32, 3) and images.dtype.name == "uint8"
 
 
-@pytest.fixture(scope="module")
-def open_adapter(untrained_base):
-    """An adapter whose gates are open (a zero-gate adapter is the identity, so no mode could differ)."""
-    import torch
-
-    from adapterlib.adapter import build_adapter
-    torch.manual_seed(0)
-    adapter = build_adapter(untrained_base)
-    with torch.no_grad():
-        for gate in adapter.gate_parameters().values():
-            gate.fill_(2.0)
-    yield adapter
-    adapter.detach()
-
-
-def test_grounding_guidance_is_the_default_and_its_unconditional_branch_is_the_base_alone(untrained_base,
-                                                                                           open_adapter):
+def test_grounding_guidance_is_the_default_and_its_unconditional_branch_is_the_base_alone(base, open_adapter):
     from adapterlib.sample import Sampling
     assert Sampling().grounding_guidance is True
     records, seeds = shapes.heldout_records(3), [0, 1, 2]
     # guidance 0 keeps only the unconditional prediction: with grounding guidance it is the base's own
     # (empty caption, no adapter), so the images are the base alone's; GLIGEN's mode grounds it, so they differ
-    base_alone = generate(untrained_base, records, seeds, steps=3, guidance=0.0)
-    on = generate(untrained_base, records, seeds, adapter=open_adapter, steps=3, guidance=0.0)
-    off = generate(untrained_base, records, seeds, adapter=open_adapter, steps=3, guidance=0.0,
+    base_alone = generate(base, records, seeds, steps=3, guidance=0.0)
+    on = generate(base, records, seeds, adapter=open_adapter, steps=3, guidance=0.0)
+    off = generate(base, records, seeds, adapter=open_adapter, steps=3, guidance=0.0,
                    grounding_guidance=False)
     assert np.array_equal(on, base_alone)
     assert not np.array_equal(off, base_alone)
     # guidance 1 keeps only the conditional prediction, grounded in both modes: the same images
-    one_on = generate(untrained_base, records, seeds, adapter=open_adapter, steps=3, guidance=1.0)
-    one_off = generate(untrained_base, records, seeds, adapter=open_adapter, steps=3, guidance=1.0,
+    one_on = generate(base, records, seeds, adapter=open_adapter, steps=3, guidance=1.0)
+    one_off = generate(base, records, seeds, adapter=open_adapter, steps=3, guidance=1.0,
                        grounding_guidance=False)
     assert np.abs(one_on.astype(int) - one_off).max() <= 1     # batch n vs 2n: one level of rounding at most
     # at the default guidance the two modes are different samplers
-    assert not np.array_equal(generate(untrained_base, records, seeds, adapter=open_adapter, steps=3),
-                              generate(untrained_base, records, seeds, adapter=open_adapter, steps=3,
+    assert not np.array_equal(generate(base, records, seeds, adapter=open_adapter, steps=3),
+                              generate(base, records, seeds, adapter=open_adapter, steps=3,
                                        grounding_guidance=False))
