@@ -56,6 +56,8 @@ class TrainConfig:
                                          # steps stretches the rest of the decay over them)
     box_loss_weight: float = 1.0         # loss = MSE over the image + this x the mean over objects of the MSE inside each
                                          # object's box: every object counts alike, however small (train.box_loss)
+    box_loss_region: str = "box"         # the box loss's region of an object: box | visible (its own pixels in the
+                                         # training image, found by its phrase's colour: Shapes data on a pixel base)
     timesteps: str = "uniform"           # uniform | cubic: t = (1 - u^3) T, most steps at high noise, where the layout is
                                          # decided (T2I-Adapter's schedule; train.draw_timesteps)
     grad_clip: float = 1.0
@@ -93,7 +95,7 @@ class TrainConfig:
             raise ValueError("scale_max = 0: every gate would be multiplied by 0 and the adapter would never learn")
         choices = dict(adapter_attention=("self", "cross", "masked"), adapter_norm=("layernorm", "rmsnorm"),
                        adapter_depth=("none", "smaller-front", "learned"), timesteps=TIMESTEPS,
-                       lr_schedule=LR_SCHEDULES,
+                       lr_schedule=LR_SCHEDULES, box_loss_region=("box", "visible", "exclusive"),
                        mixed_precision=("bf16", "fp16", "no"), on_bad_record=("error", "skip"), crop=CROPS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -130,7 +132,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # order, the optimisation recipe. Changing one of these is a new run, under a new run_name.
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
-                "warmup", "lr_schedule", "box_loss_weight", "timesteps", "grad_clip", "adapter_attention",
+                "warmup", "lr_schedule", "box_loss_weight", "box_loss_region", "timesteps", "grad_clip", "adapter_attention",
                 "adapter_norm", "adapter_feedforward", "adapter_depth", "max_objects", "on_bad_record", "crop", "flip")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.

@@ -30,6 +30,7 @@ from .jsonio import write_json
 from .progress import Progress
 from .runs import CHANGES, DATA_REPORT, RunLog, effective_config, latest_checkpoint, run_dir, runs_root
 from .sample import generate
+from .shapes.detector import visible_masks
 
 class Interrupted(KeyboardInterrupt):
     """Raised by SIGTERM (or `stop_at_step`) inside the loop, so it checkpoints like Ctrl-C does."""
@@ -117,6 +118,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     compute_dtype, amp_dtype, use_scaler = precision_policy(device, cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
     base = load_base(cfg.base_model, device=device, dtype=compute_dtype)
+    if cfg.box_loss_region != "box" and base.vae is not None:
+        raise ValueError(f"box_loss_region = 'visible' needs a pixel base (the Shapes bases); {cfg.base_model} has a "
+                         "VAE, so an object's pixels are not the prediction's cells: use box_loss_region = 'box'")
     adapter = build_adapter(base, attention=cfg.adapter_attention, norm=cfg.adapter_norm,
                             feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth)
     model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
@@ -252,7 +256,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                 # several processes: each adds its objects' errors over the global batch's object count, times the
                 # process count (DDP averages the gradients), so together they make the global batch's loss
                 objects = shard.sum(grounding.present.sum().float()) / shard.world
-                loss = loss + cfg.box_loss_weight * box_loss(pred.float(), target, grounding, objects)
+                region = (visible_region(batch, grounding, pred.shape[-2:], cfg.box_loss_region == "exclusive")
+                          if cfg.box_loss_region != "box" else None)
+                loss = loss + cfg.box_loss_weight * box_loss(pred.float(), target, grounding, objects, region)
             batch_loss = shard.mean(loss.detach())       # the global batch's: every process decides alike
             # --- update: skip non-finite steps instead of poisoning the weights
             opt.zero_grad(set_to_none=True)
@@ -403,13 +409,29 @@ def draw_timesteps(rule: str, n: int, num_train_timesteps: int, generator: torch
 
 
 def box_loss(pred: torch.Tensor, target: torch.Tensor, grounding: Grounding,
-             objects: torch.Tensor | None = None) -> torch.Tensor:
+             objects: torch.Tensor | None = None, region: torch.Tensor | None = None) -> torch.Tensor:
     """The mean over the batch's objects of the squared error inside each object's box (on the prediction's grid, a
     cell counting when it overlaps the box): a small object weighs as much as a large one, where the image's MSE
-    weighs it by its pixel count. `objects`: the count to divide by (default: this batch's objects)."""
+    weighs it by its pixel count. `objects`: the count to divide by (default: this batch's objects). `region`
+    (B, h * w, N) bool: each object's cells instead of its box's (`visible_region`)."""
     err = (pred - target).square().mean(dim=1).flatten(1)                     # (B, h * w)
-    inside = region_mask(grounding.boxes, *pred.shape[-2:]).float()          # (B, h * w, N)
+    inside = (region_mask(grounding.boxes, *pred.shape[-2:]) if region is None else region).float()  # (B, h * w, N)
     per_box = (err[:, :, None] * inside).sum(1) / inside.sum(1).clamp(min=1)  # (B, N)
     present = grounding.present.float()
     return (per_box * present).sum() / (present.sum() if objects is None else objects).clamp(min=1)
 
+
+
+def visible_region(batch: encodings.Batch, grounding: Grounding, grid: tuple[int, int], exclusive: bool = False) -> torch.Tensor:
+    """Each object's visible pixels in its training image, (B, h * w, N) bool, for `box_loss_region visible`: the
+    pixels of its phrase's colour (`shapes.detector.visible_masks`), on a pixel base (the prediction's grid is the
+    image's). An object hidden in part is judged on what shows of it, not on the object in front of it."""
+    if batch.pixels is None or tuple(batch.pixels.shape[1:3]) != tuple(grid):
+        raise ValueError("box_loss_region = 'visible' needs a pixel base whose prediction grid is the image's "
+                         f"(here {tuple(grid)}); with a latent base use box_loss_region = 'box'")
+    masks = visible_masks(batch.pixels.numpy(), batch.records, grounding.boxes.shape[1])    # (B, N, H, W)
+    own = torch.from_numpy(masks).flatten(2).transpose(1, 2).to(grounding.boxes.device)   # (B, h * w, N)
+    if not exclusive:
+        return own
+    background = ~own.any(-1, keepdim=True)                                                 # (B, h * w, 1)
+    return own | (region_mask(grounding.boxes, *grid) & background)

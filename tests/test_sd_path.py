@@ -89,3 +89,13 @@ def test_coco_import_then_notebooks_02_to_05_on_a_tiny_sd(tmp_path, monkeypatch,
     assert done.returncode == 0, done.stderr[-3000:]
     text = _outputs(tmp_path / "05.ipynb")
     assert "a dog and a cat, picture 0" in text and "ap50" in text
+
+
+def test_the_visible_box_loss_is_refused_on_a_latent_base_before_any_step(tmp_path, monkeypatch, tiny_sd_folder):
+    from adapterlib.config import make_config
+    from adapterlib.train import train
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
+    cfg = make_config("sd15", run_name="vis", base_model=str(tiny_sd_folder), box_loss_region="visible", steps=2)
+    with pytest.raises(ValueError, match="box_loss_region = 'visible' needs a pixel base"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "vis" / "final").exists()

@@ -165,6 +165,35 @@ def test_box_loss_weight_reaches_training(runs):
     assert any(not torch.equal(default[k], double[k]) for k in plain)
 
 
+def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_training(runs, monkeypatch):
+    from adapterlib import train as train_module
+    from adapterlib.adapter import Grounding
+    from adapterlib.encodings import Batch
+    # error 9 in the top-left 2x2, 1 elsewhere; one object whose box is the whole image but shows only that corner
+    pred, target = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
+    pred[..., :2, :2] = 3.0
+    g = Grounding(phrases=torch.zeros(1, 1, 8), boxes=torch.tensor([[[0.0, 0.0, 1.0, 1.0]]]),
+                  present=torch.ones(1, 1, dtype=torch.bool), keep_text=torch.ones(1, 1, dtype=torch.bool))
+    corner = torch.zeros(1, 16, 1, dtype=torch.bool)
+    corner[0, [0, 1, 4, 5], 0] = True
+    assert train_module.box_loss(pred, target, g).item() == pytest.approx(3.0)           # the box: the image's mean
+    assert train_module.box_loss(pred, target, g, region=corner).item() == pytest.approx(9.0)
+    with pytest.raises(ValueError, match="box_loss_region = 'visible' needs a pixel base"):
+        train_module.visible_region(Batch(records=[], mean=torch.zeros(1, 4, 4, 4)), g, (4, 4))
+    with pytest.raises(ValueError, match="box_loss_region"):
+        TrainConfig(box_loss_region="mask")
+    # the field reaches the loop: each step's box loss gets the visible pixels, and the weights differ from the box's
+    seen = []
+    real = train_module.visible_region
+    monkeypatch.setattr(train_module, "visible_region", lambda *a: seen.append(real(*a)) or seen[-1])
+    run = train(tiny("visible", steps=2, box_loss_region="visible"))
+    assert len(seen) == 2 and seen[0].shape[1] == 32 * 32 and seen[0].any()
+    assert json.loads((run / "config.json").read_text())["box_loss_region"] == "visible"
+    train(tiny("box", steps=2))
+    visible, box = weights(runs / "visible"), weights(runs / "box")
+    assert any(not torch.equal(visible[k], box[k]) for k in box)
+
+
 def test_cubic_timesteps_put_most_steps_at_high_noise_and_the_field_reaches_training(runs, monkeypatch):
     from adapterlib import train as train_module
     g = torch.Generator().manual_seed(0)

@@ -89,6 +89,28 @@ def test_depth_rule_on_sampled_layouts_and_boxes_are_full_boxes():
     assert shared_pixels > 1000 and hidden > 50          # the claims were tested on real overlaps
 
 
+def test_visible_masks_are_the_pixels_each_object_shows():
+    """`box_loss_region visible` judges each object on the pixels it shows: its own colour's, inside its
+    full shape, none of another's; together they are the image's non-background pixels."""
+    from adapterlib.shapes.detector import visible_masks
+    hidden = 0
+    for seed in range(40):
+        layout = shapes.sample_layout(seed, options=HARD)
+        image, record = shapes.render(layout), shapes.to_record(layout)
+        masks = visible_masks(image[None], [record], 6)[0]                   # (6, H, W)
+        k = len(record.objects)
+        assert not masks[k:].any() and (masks.sum(0) <= 1).all()
+        assert (masks.any(0) == (image != shapes.BACKGROUND).any(-1)).all()
+        for obj, mask in zip(layout.objects, masks):
+            alone = _alone(layout, obj)
+            assert (mask <= alone).all() and (mask == alone & (image == shapes.COLORS[obj.color]).all(-1)).all()
+            hidden += int(mask.sum() < alone.sum())
+    assert hidden > 5                                          # objects hidden in part were among them
+    bad = Record("a thing", (GroundedObject("a thing", (0, 0, 0.5, 0.5)),), id="r7")
+    with pytest.raises(ValueError, match=r"record r7, object 0: phrase 'a thing' names no palette colour"):
+        visible_masks(np.zeros((1, 32, 32, 3), np.uint8), [bad], 1)
+
+
 def test_colours_unique_counts_reachable_and_defaults_never_overlap():
     counts = set()
     for seed in range(2000):
