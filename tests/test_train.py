@@ -3,6 +3,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -178,6 +179,25 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
     corner[0, [0, 1, 4, 5], 0] = True
     assert train_module.box_loss(pred, target, g).item() == pytest.approx(3.0)           # the box: the image's mean
     assert train_module.box_loss(pred, target, g, region=corner).item() == pytest.approx(9.0)
+    # on a rendered overlap: the visible region is each object's own colour; the exclusive one adds the background
+    # inside its box and leaves out what the other object shows there
+    from adapterlib import shapes
+    layout = shapes.Layout(0, 32, (shapes.ShapeObject("red", "square", (0, 0, 16, 16)),
+                                   shapes.ShapeObject("blue", "circle", (8, 8, 20, 20))))
+    image, record = shapes.render(layout), shapes.to_record(layout)
+    two = Grounding(phrases=torch.zeros(1, 2, 8), boxes=torch.tensor([[o.box for o in record.objects]]),
+                    present=torch.ones(1, 2, dtype=torch.bool), keep_text=torch.ones(1, 2, dtype=torch.bool))
+    batch = Batch(records=[record], pixels=torch.from_numpy(image[None].copy()))
+    own, excl = (train_module.visible_region(batch, two, (32, 32), exclusive=e)[0].T.reshape(2, 32, 32).numpy()
+                 for e in (False, True))
+    red, blue = ((image == shapes.COLORS[c]).all(-1) for c in ("red", "blue"))
+    background = (image == shapes.BACKGROUND).all(-1)
+    assert (own[0] == red).all() and (own[1] == blue).all() and 0 < red[8:16, 8:16].sum() < 64
+    box0, box1 = np.zeros((32, 32), bool), np.zeros((32, 32), bool)
+    for box, obj in zip((box0, box1), record.objects):
+        x0, y0, x1, y1 = (round(v * 32) for v in obj.box)
+        box[y0:y1, x0:x1] = True
+    assert (excl[0] == box0 & ~blue).all() and (excl[1] == box1 & ~red).all() and (excl[1] & background).any()
     with pytest.raises(ValueError, match="box_loss_region = 'visible' needs a pixel base"):
         train_module.visible_region(Batch(records=[], mean=torch.zeros(1, 4, 4, 4)), g, (4, 4))
     with pytest.raises(ValueError, match="box_loss_region"):
@@ -189,7 +209,7 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
     run = train(tiny("visible", steps=2, box_loss_region="visible"))
     assert len(seen) == 2 and seen[0].shape[1] == 32 * 32 and seen[0].any()
     assert json.loads((run / "config.json").read_text())["box_loss_region"] == "visible"
-    train(tiny("box", steps=2))
+    train(tiny("box", steps=2, box_loss_region="box"))
     visible, box = weights(runs / "visible"), weights(runs / "box")
     assert any(not torch.equal(visible[k], box[k]) for k in box)
 
@@ -232,12 +252,16 @@ def test_cosine_lr_schedule_decays_to_zero_and_the_field_reaches_training(runs):
 
 def test_the_shapes_recipe_decays_its_rate_and_an_older_run_resumes_at_the_constant_one(runs):
     assert make_config("shapes").lr_schedule == "cosine"            # the default run's recipe (README)
+    assert make_config("shapes").box_loss_region == "exclusive"
     assert make_config("sd15").lr_schedule == "constant"            # the training plan's
-    folder = train(tiny("before-schedules", steps=4, save_every=2, warmup=1, lr_schedule="constant"), progress=False)
+    assert make_config("sd15").box_loss_region == "box"
+    folder = train(tiny("before-schedules", steps=4, save_every=2, warmup=1, lr_schedule="constant",
+                        box_loss_region="box"), progress=False)
     saved = json.loads((folder / "config.json").read_text())
-    del saved["lr_schedule"]                             # as a version before the field wrote it
+    del saved["lr_schedule"], saved["box_loss_region"]   # as a version before the fields were written
     (folder / "config.json").write_text(json.dumps(saved))
-    assert resume_config(runs / "before-schedules", steps=6).lr_schedule == "constant"
+    old = resume_config(runs / "before-schedules", steps=6)
+    assert (old.lr_schedule, old.box_loss_region) == ("constant", "box")
     train(resume_config(runs / "before-schedules", steps=6), resume=True, progress=False)
     lr = pd.read_csv(folder / "metrics.csv").set_index("step")["lr"]
     assert (lr.loc[2:] == tiny("x").lr).all()            # no decay after the resume either
