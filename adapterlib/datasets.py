@@ -93,6 +93,12 @@ def load_detector(spec: str | Path | Detector = "color", device: str | None = No
     return ZeroShotDetector(spec, device=device)
 
 
+def visible_masks(images, records: list[Record], n: int):
+    """Each object's visible pixels in Shapes images, (B, n, H, W) bool: `shapes.detector.visible_masks`."""
+    from .shapes.detector import visible_masks as shapes_visible_masks
+    return shapes_visible_masks(images, records, n)
+
+
 def measure(images, records: list[Record], detector: str | Path | Detector = "color"):
     """Grounding of `images` against the requested boxes of `records` by `detector` (a spec for
     `load_detector`): (per-object table, summary)."""

@@ -30,7 +30,6 @@ from .jsonio import write_json
 from .progress import Progress
 from .runs import CHANGES, DATA_REPORT, RunLog, effective_config, latest_checkpoint, run_dir, runs_root
 from .sample import generate
-from .shapes.detector import visible_masks
 
 class Interrupted(KeyboardInterrupt):
     """Raised by SIGTERM (or `stop_at_step`) inside the loop, so it checkpoints like Ctrl-C does."""
@@ -119,7 +118,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     torch.manual_seed(cfg.seed)
     base = load_base(cfg.base_model, device=device, dtype=compute_dtype)
     if cfg.box_loss_region != "box" and base.vae is not None:
-        raise ValueError(f"box_loss_region = 'visible' needs a pixel base (the Shapes bases); {cfg.base_model} has a "
+        raise ValueError(f"box_loss_region = {cfg.box_loss_region!r} needs a pixel base (the Shapes bases); "
+                         f"{cfg.base_model} has a "
                          "VAE, so an object's pixels are not the prediction's cells: use box_loss_region = 'box'")
     adapter = build_adapter(base, attention=cfg.adapter_attention, norm=cfg.adapter_norm,
                             feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth)
@@ -422,14 +422,17 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor, grounding: Grounding,
 
 
 
-def visible_region(batch: encodings.Batch, grounding: Grounding, grid: tuple[int, int], exclusive: bool = False) -> torch.Tensor:
-    """Each object's visible pixels in its training image, (B, h * w, N) bool, for `box_loss_region visible`: the
-    pixels of its phrase's colour (`shapes.detector.visible_masks`), on a pixel base (the prediction's grid is the
-    image's). An object hidden in part is judged on what shows of it, not on the object in front of it."""
+def visible_region(batch: encodings.Batch, grounding: Grounding, grid: tuple[int, int],
+                   exclusive: bool = False) -> torch.Tensor:
+    """The box loss's region of each object, (B, h * w, N) bool, from the training images, on a pixel base (the
+    prediction's grid is the image's). `box_loss_region visible`: its own pixels, those of its phrase's colour
+    (`datasets.visible_masks`); `exclusive`: its box less the pixels other objects show (its own pixels and the
+    background inside its box). Either way an object hidden in part is not judged on the object in front of it."""
     if batch.pixels is None or tuple(batch.pixels.shape[1:3]) != tuple(grid):
-        raise ValueError("box_loss_region = 'visible' needs a pixel base whose prediction grid is the image's "
+        raise ValueError("box_loss_region 'visible' and 'exclusive' need a pixel base whose prediction grid is the "
+                         "image's "
                          f"(here {tuple(grid)}); with a latent base use box_loss_region = 'box'")
-    masks = visible_masks(batch.pixels.numpy(), batch.records, grounding.boxes.shape[1])    # (B, N, H, W)
+    masks = datasets.visible_masks(batch.pixels.numpy(), batch.records, grounding.boxes.shape[1])    # (B, N, H, W)
     own = torch.from_numpy(masks).flatten(2).transpose(1, 2).to(grounding.boxes.device)   # (B, h * w, N)
     if not exclusive:
         return own

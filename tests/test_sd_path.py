@@ -95,7 +95,8 @@ def test_the_visible_box_loss_is_refused_on_a_latent_base_before_any_step(tmp_pa
     from adapterlib.config import make_config
     from adapterlib.train import train
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    cfg = make_config("sd15", run_name="vis", base_model=str(tiny_sd_folder), box_loss_region="visible", steps=2)
-    with pytest.raises(ValueError, match="box_loss_region = 'visible' needs a pixel base"):
-        train(cfg, progress=False)
+    for region in ("visible", "exclusive"):
+        cfg = make_config("sd15", run_name="vis", base_model=str(tiny_sd_folder), box_loss_region=region, steps=2)
+        with pytest.raises(ValueError, match=f"box_loss_region = '{region}' needs a pixel base"):
+            train(cfg, progress=False)
     assert not (tmp_path / "vis" / "final").exists()

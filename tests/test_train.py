@@ -198,7 +198,7 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
         x0, y0, x1, y1 = (round(v * 32) for v in obj.box)
         box[y0:y1, x0:x1] = True
     assert (excl[0] == box0 & ~blue).all() and (excl[1] == box1 & ~red).all() and (excl[1] & background).any()
-    with pytest.raises(ValueError, match="box_loss_region = 'visible' needs a pixel base"):
+    with pytest.raises(ValueError, match="box_loss_region 'visible' and 'exclusive' need a pixel base"):
         train_module.visible_region(Batch(records=[], mean=torch.zeros(1, 4, 4, 4)), g, (4, 4))
     with pytest.raises(ValueError, match="box_loss_region"):
         TrainConfig(box_loss_region="mask")
