@@ -99,6 +99,13 @@ def visible_masks(images, records: list[Record], n: int):
     return shapes_visible_masks(images, records, n)
 
 
+def palette_indices(records: list[Record]) -> list[list[int]]:
+    """Each object's palette colour, per record: `shapes.detector.palette_indices` (ValueError naming the record
+    and the object whose phrase names none)."""
+    from .shapes.detector import palette_indices as shapes_palette_indices
+    return shapes_palette_indices(records)
+
+
 def measure(images, records: list[Record], detector: str | Path | Detector = "color"):
     """Grounding of `images` against the requested boxes of `records` by `detector` (a spec for
     `load_detector`): (per-object table, summary)."""

@@ -144,6 +144,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record, compute_dtype=compute_dtype,
             progress=progress and shard.main)
     notes.append(source_note)
+    if cfg.box_loss_region != "box":
+        datasets.palette_indices(source.records)          # every phrase names its colour, or stop before any step
     if shard.main:
         write_json(folder / DATA_REPORT, dict(manifest=str(manifest), records=len(source), skipped=len(source.skipped),
                                               on_bad_record=cfg.on_bad_record, first_reasons=source.skipped[:10],
@@ -419,7 +421,6 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor, grounding: Grounding,
     per_box = (err[:, :, None] * inside).sum(1) / inside.sum(1).clamp(min=1)  # (B, N)
     present = grounding.present.float()
     return (per_box * present).sum() / (present.sum() if objects is None else objects).clamp(min=1)
-
 
 
 def visible_region(batch: encodings.Batch, grounding: Grounding, grid: tuple[int, int],

@@ -202,6 +202,15 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
         train_module.visible_region(Batch(records=[], mean=torch.zeros(1, 4, 4, 4)), g, (4, 4))
     with pytest.raises(ValueError, match="box_loss_region"):
         TrainConfig(box_loss_region="mask")
+    # a phrase naming no colour stops the run before any step, naming the record and the object
+    manifest = shapes.write_dataset(runs / "data", n=4)
+    lines = manifest.read_text().splitlines()
+    bad = json.loads(lines[2])
+    bad["objects"][0]["phrase"] = "a thing"
+    manifest.write_text("\n".join(lines[:2] + [json.dumps(bad)] + lines[3:]) + "\n")
+    with pytest.raises(ValueError, match=r"object 0: phrase 'a thing' names no palette colour"):
+        train(tiny("colourless", data=str(manifest), n_train=4, box_loss_region="exclusive"), progress=False)
+    assert not list((runs / "colourless").glob("checkpoints/*"))
     # the field reaches the loop: each step's box loss gets the visible pixels, and the weights differ from the box's
     seen = []
     real = train_module.visible_region

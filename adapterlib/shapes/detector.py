@@ -104,20 +104,32 @@ def evaluate_grounding(
     return score_grounding(images, records, ColorDetector(), iou_threshold)
 
 
+def palette_indices(records: Sequence[Record]) -> list[list[int]]:
+    """Each object's palette index (its phrase's colour), per record; raises ValueError naming the record and the
+    object when a phrase names no palette colour (its pixels cannot be found by colour)."""
+    out = []
+    for record in records:
+        indices = []
+        for k, obj in enumerate(record.objects):
+            color = color_of(obj.phrase)
+            if color is None:
+                which = record.id or record.image or f"seed {record.seed}"
+                raise ValueError(f"record {which}, object {k}: phrase {obj.phrase!r} names no palette colour "
+                                 f"({', '.join(_NAMES)}), so its pixels cannot be found by colour "
+                                 "(box_loss_region visible / exclusive are for Shapes data; use box)")
+            indices.append(_NAMES.index(color))
+        out.append(indices)
+    return out
+
+
 def visible_masks(images: np.ndarray, records: Sequence[Record], n: int) -> np.ndarray:
     """Each object's visible pixels, (B, n, H, W) bool, from its images (B, H, W, 3) uint8: the pixels of its
     phrase's palette colour (colours are unique within a Shapes image). Slots past a record's objects are empty.
     Raises ValueError naming the record and the object when a phrase names no palette colour."""
     images = np.asarray(images)
     out = np.zeros((len(records), n, *images.shape[1:3]), dtype=bool)
-    for b, (image, record) in enumerate(zip(images, records)):
+    for b, (image, indices) in enumerate(zip(images, palette_indices(records))):
         labels = classify_pixels(image)
-        for k, obj in enumerate(record.objects):
-            color = color_of(obj.phrase)
-            if color is None:
-                which = record.id or record.image or f"seed {record.seed}"
-                raise ValueError(f"record {which}, object {k}: phrase {obj.phrase!r} names no palette colour "
-                                 f"({', '.join(_NAMES)}), so its visible pixels cannot be found "
-                                 "(box_loss_region visible is for Shapes data; use box)")
-            out[b, k] = labels == _NAMES.index(color)
+        for k, index in enumerate(indices):
+            out[b, k] = labels == index
     return out
