@@ -82,14 +82,18 @@ class Grounding:
     @classmethod
     def from_records(cls, records: list[Record], phrase_embeddings: torch.Tensor, *, max_objects: int = MAX_OBJECTS,
                      phrase_dropout: float = 0.0, generator: torch.Generator | None = None,
-                     part: BatchPart | None = None) -> "Grounding":
+                     part: BatchPart | None = None, pad_to: int | None = None) -> "Grounding":
         """`phrase_embeddings` (total, D): one row per object of `records`, in order. Padded to the
-        batch's largest object count; phrase dropout draws from `generator` (on the CPU), for the whole
-        global batch when the records are a `part` of one."""
+        batch's largest object count, or to `pad_to` slots (every batch the same shape: what a compiled
+        model needs); phrase dropout draws from `generator` (on the CPU), for the whole global batch when the
+        records are a `part` of one."""
         counts = [len(r.objects) for r in records]
-        n = max(1, max(counts, default=0))
-        if n > max_objects:
-            raise ValueError(f"a record has {n} objects; this adapter takes at most {max_objects}")
+        most = max(1, max(counts, default=0))
+        if most > max_objects:
+            raise ValueError(f"a record has {most} objects; this adapter takes at most {max_objects}")
+        n = most if pad_to is None else pad_to
+        if n < most:
+            raise ValueError(f"a record has {most} objects, more than the {pad_to} slots asked for")
         if len(phrase_embeddings) != sum(counts):
             raise ValueError(f"{len(phrase_embeddings)} phrase embeddings for {sum(counts)} objects")
         B, device = len(records), phrase_embeddings.device
@@ -107,7 +111,7 @@ class Grounding:
             if part is None:
                 draw = torch.rand(B, n, generator=generator)
             else:
-                draw = torch.rand(part.size, part.objects, generator=generator)[part.start:part.start + B, :n]
+                draw = torch.rand(part.size, max(part.objects, n), generator=generator)[part.start:part.start + B, :n]
             out.keep_text = draw.to(device) >= phrase_dropout
         return out
 

@@ -58,7 +58,8 @@ class TrainConfig:
                                          # object's box: every object counts alike, however small (train.box_loss)
     box_loss_region: str = "box"         # the box loss's region of each object: box | visible (its own pixels in the
                                          # training image, found by its phrase's colour) | exclusive (its box less the
-                                         # pixels other objects show); visible/exclusive: Shapes data, a pixel base
+                                         # pixels other objects show) | layered (visible for an object hidden in part,
+                                         # exclusive otherwise); all but box: Shapes data, a pixel base
     timesteps: str = "uniform"           # uniform | cubic: t = (1 - u^3) T, most steps at high noise, where the layout is
                                          # decided (T2I-Adapter's schedule; train.draw_timesteps)
     grad_clip: float = 1.0
@@ -96,7 +97,7 @@ class TrainConfig:
             raise ValueError("scale_max = 0: every gate would be multiplied by 0 and the adapter would never learn")
         choices = dict(adapter_attention=("self", "cross", "masked"), adapter_norm=("layernorm", "rmsnorm"),
                        adapter_depth=("none", "smaller-front", "learned"), timesteps=TIMESTEPS,
-                       lr_schedule=LR_SCHEDULES, box_loss_region=("box", "visible", "exclusive"),
+                       lr_schedule=LR_SCHEDULES, box_loss_region=("box", "visible", "exclusive", "layered"),
                        mixed_precision=("bf16", "fp16", "no"), on_bad_record=("error", "skip"), crop=CROPS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -145,10 +146,10 @@ ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapt
 
 PRESETS = {
     # the embedded default, sized for a 2-core CPU (see README for what it reaches and why these values); the
-    # cosine decay and the exclusive box loss are this recipe's (measured on Shapes), so a run saved before
+    # cosine decay and the layered box loss are this recipe's (measured on Shapes), so a run saved before
     # `lr_schedule` or `box_loss_region` existed, which has no such field, still resumes with what it trained
     # with (the field's default)
-    "shapes": dict(lr_schedule="cosine", box_loss_region="exclusive"),
+    "shapes": dict(lr_schedule="cosine", box_loss_region="layered"),
     # the training plan's values for Stable Diffusion 1.5 on one GPU (docs/training-plan.md)
     "sd15": dict(steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
                  save_every=2000, gate_lr_scale=1.0, warmup=500, log_every=50, mixed_precision="bf16",

@@ -99,11 +99,20 @@ def visible_masks(images, records: list[Record], n: int):
     return shapes_visible_masks(images, records, n)
 
 
-def palette_indices(records: list[Record]) -> list[list[int]]:
-    """Each object's palette colour, per record: `shapes.detector.palette_indices` (ValueError naming the record
-    and the object whose phrase names none)."""
-    from .shapes.detector import palette_indices as shapes_palette_indices
-    return shapes_palette_indices(records)
+def hidden_in_part(visible, records: list[Record]):
+    """Which objects of Shapes images are hidden in part, (B, n) bool, from their visible pixels:
+    `shapes.detector.hidden_in_part`."""
+    from .shapes.detector import hidden_in_part as shapes_hidden_in_part
+    return shapes_hidden_in_part(visible, records)
+
+
+def check_region_records(records: list[Record], region: str) -> None:
+    """Stop before any step when a record cannot give the box loss's `region`: a phrase naming no palette colour
+    (visible, exclusive, layered) or no shape (layered); the ValueError names the record and the object."""
+    from .shapes.detector import palette_indices, shape_indices
+    palette_indices(records)
+    if region == "layered":
+        shape_indices(records)
 
 
 def measure(images, records: list[Record], detector: str | Path | Detector = "color"):

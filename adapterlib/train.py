@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     compute_dtype, amp_dtype, use_scaler = precision_policy(device, cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
     base = load_base(cfg.base_model, device=device, dtype=compute_dtype)
-    if cfg.box_loss_region != "box" and base.vae is not None:
+    if cfg.box_loss_weight > 0 and cfg.box_loss_region != "box" and base.vae is not None:
         raise ValueError(f"box_loss_region = {cfg.box_loss_region!r} needs a pixel base (the Shapes bases); "
                          f"{cfg.base_model} has a "
                          "VAE, so an object's pixels are not the prediction's cells: use box_loss_region = 'box'")
@@ -131,8 +131,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
         {"params": [p for n, p in params.items() if n not in fast], "weight_decay": cfg.weight_decay},
         {"params": list(fast.values()), "weight_decay": 0.0, "lr": cfg.lr * cfg.gate_lr_scale}], lr=cfg.lr,
         fused=sync_free)
+    # compiled: every batch has max_objects grounding slots, so the model compiles once (a batch's largest object
+    # count varies; inductor's dynamic shapes failed on it, and a graph per count would compile up to 30 times)
+    slots = cfg.max_objects if cfg.compile else None
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, dynamic=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     with shard.main_first():                                  # rank 0 writes a generated set (and its cache) once
@@ -144,8 +147,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record, compute_dtype=compute_dtype,
             progress=progress and shard.main)
     notes.append(source_note)
-    if cfg.box_loss_region != "box":
-        datasets.palette_indices(source.records)          # every phrase names its colour, or stop before any step
+    if cfg.box_loss_weight > 0 and cfg.box_loss_region != "box":
+        datasets.check_region_records(source.records, cfg.box_loss_region)   # or stop before any step
     if shard.main:
         write_json(folder / DATA_REPORT, dict(manifest=str(manifest), records=len(source), skipped=len(source.skipped),
                                               on_bad_record=cfg.on_bad_record, first_reasons=source.skipped[:10],
@@ -241,7 +244,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             context, phrase_embeddings = encodings.text_inputs(base, batch, drop, device, compute_dtype, amp_dtype)
             grounding = Grounding.from_records(batch.records, phrase_embeddings, max_objects=cfg.max_objects,
                                                phrase_dropout=cfg.phrase_dropout, generator=gen,
-                                               part=shard.part(batch.records))
+                                               part=shard.part(batch.records), pad_to=slots)
             latents = encodings.sample_latents(base, batch, gen, device, compute_dtype, amp_dtype,
                                                draw=lambda shape: shard.take(torch.randn((cfg.batch_size, *shape[1:]), generator=gen)))
             noise = shard.take(torch.randn((cfg.batch_size, *latents.shape[1:]), generator=gen)).to(device)
@@ -258,7 +261,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                 # several processes: each adds its objects' errors over the global batch's object count, times the
                 # process count (DDP averages the gradients), so together they make the global batch's loss
                 objects = shard.sum(grounding.present.sum().float()) / shard.world
-                region = (visible_region(batch, grounding, pred.shape[-2:], cfg.box_loss_region == "exclusive")
+                region = (visible_region(batch, grounding, pred.shape[-2:], cfg.box_loss_region)
                           if cfg.box_loss_region != "box" else None)
                 loss = loss + cfg.box_loss_weight * box_loss(pred.float(), target, grounding, objects, region)
             batch_loss = shard.mean(loss.detach())       # the global batch's: every process decides alike
@@ -424,18 +427,24 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor, grounding: Grounding,
 
 
 def visible_region(batch: encodings.Batch, grounding: Grounding, grid: tuple[int, int],
-                   exclusive: bool = False) -> torch.Tensor:
+                   region: str = "visible") -> torch.Tensor:
     """The box loss's region of each object, (B, h * w, N) bool, from the training images, on a pixel base (the
     prediction's grid is the image's). `box_loss_region visible`: its own pixels, those of its phrase's colour
     (`datasets.visible_masks`); `exclusive`: its box less the pixels other objects show (its own pixels and the
-    background inside its box). Either way an object hidden in part is not judged on the object in front of it."""
+    background inside its box); `layered`: its own pixels if it is hidden in part (some of its whole shape shows
+    another object, `datasets.hidden_in_part`), else exclusive. Either way an object hidden in part is not judged
+    on the object in front of it."""
     if batch.pixels is None or tuple(batch.pixels.shape[1:3]) != tuple(grid):
-        raise ValueError("box_loss_region 'visible' and 'exclusive' need a pixel base whose prediction grid is the "
-                         "image's "
+        raise ValueError(f"box_loss_region {region!r} needs a pixel base whose prediction grid is the image's "
                          f"(here {tuple(grid)}); with a latent base use box_loss_region = 'box'")
     masks = datasets.visible_masks(batch.pixels.numpy(), batch.records, grounding.boxes.shape[1])    # (B, N, H, W)
-    own = torch.from_numpy(masks).flatten(2).transpose(1, 2).to(grounding.boxes.device)   # (B, h * w, N)
-    if not exclusive:
+    device = grounding.boxes.device
+    own = torch.from_numpy(masks).flatten(2).transpose(1, 2).to(device)                  # (B, h * w, N)
+    if region == "visible":
         return own
     background = ~own.any(-1, keepdim=True)                                                 # (B, h * w, 1)
-    return own | (region_mask(grounding.boxes, *grid) & background)
+    exclusive = own | (region_mask(grounding.boxes, *grid) & background)
+    if region == "exclusive":
+        return exclusive
+    hidden = torch.from_numpy(datasets.hidden_in_part(masks, batch.records)).to(device)   # (B, N)
+    return torch.where(hidden[:, None, :], own, exclusive)

@@ -95,8 +95,13 @@ def test_the_visible_box_loss_is_refused_on_a_latent_base_before_any_step(tmp_pa
     from adapterlib.config import make_config
     from adapterlib.train import train
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    for region in ("visible", "exclusive"):
-        cfg = make_config("sd15", run_name="vis", base_model=str(tiny_sd_folder), box_loss_region=region, steps=2)
+    for region in ("visible", "exclusive", "layered"):
+        cfg = make_config("sd15", run_name="vis", base_model=str(tiny_sd_folder), box_loss_region=region, steps=2,
+                          box_loss_weight=1.0)
         with pytest.raises(ValueError, match=f"box_loss_region = '{region}' needs a pixel base"):
             train(cfg, progress=False)
     assert not (tmp_path / "vis" / "final").exists()
+    # the sd15 preset has no box loss (box_loss_weight 0): the region is unused, nothing is refused
+    train(make_config("sd15", run_name="unweighted", base_model=str(tiny_sd_folder), box_loss_region="visible",
+                      steps=1, batch_size=1, n_train=2), progress=False)
+    assert (tmp_path / "unweighted" / "final").exists()

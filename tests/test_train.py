@@ -188,8 +188,8 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
     two = Grounding(phrases=torch.zeros(1, 2, 8), boxes=torch.tensor([[o.box for o in record.objects]]),
                     present=torch.ones(1, 2, dtype=torch.bool), keep_text=torch.ones(1, 2, dtype=torch.bool))
     batch = Batch(records=[record], pixels=torch.from_numpy(image[None].copy()))
-    own, excl = (train_module.visible_region(batch, two, (32, 32), exclusive=e)[0].T.reshape(2, 32, 32).numpy()
-                 for e in (False, True))
+    own, excl, layered = (train_module.visible_region(batch, two, (32, 32), r)[0].T.reshape(2, 32, 32).numpy()
+                          for r in ("visible", "exclusive", "layered"))
     red, blue = ((image == shapes.COLORS[c]).all(-1) for c in ("red", "blue"))
     background = (image == shapes.BACKGROUND).all(-1)
     assert (own[0] == red).all() and (own[1] == blue).all() and 0 < red[8:16, 8:16].sum() < 64
@@ -198,7 +198,10 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
         x0, y0, x1, y1 = (round(v * 32) for v in obj.box)
         box[y0:y1, x0:x1] = True
     assert (excl[0] == box0 & ~blue).all() and (excl[1] == box1 & ~red).all() and (excl[1] & background).any()
-    with pytest.raises(ValueError, match="box_loss_region 'visible' and 'exclusive' need a pixel base"):
+    # layered: the red square, hidden in part by the smaller circle in front, is judged on its own pixels; the
+    # circle, which nothing hides, on its box less the red pixels there (exclusive)
+    assert (layered[0] == own[0]).all() and (layered[1] == excl[1]).all() and (excl[1] != own[1]).any()
+    with pytest.raises(ValueError, match="box_loss_region 'visible' needs a pixel base"):
         train_module.visible_region(Batch(records=[], mean=torch.zeros(1, 4, 4, 4)), g, (4, 4))
     with pytest.raises(ValueError, match="box_loss_region"):
         TrainConfig(box_loss_region="mask")
@@ -211,6 +214,14 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
     with pytest.raises(ValueError, match=r"object 0: phrase 'a thing' names no palette colour"):
         train(tiny("colourless", data=str(manifest), n_train=4, box_loss_region="exclusive"), progress=False)
     assert not list((runs / "colourless").glob("checkpoints/*"))
+    shapeless = dict(bad, objects=[dict(bad["objects"][0], phrase="a red thing")] + bad["objects"][1:])
+    manifest.write_text("\n".join(lines[:2] + [json.dumps(shapeless)] + lines[3:]) + "\n")
+    with pytest.raises(ValueError, match=r"object 0: phrase 'a red thing' names no shape"):
+        train(tiny("shapeless", data=str(manifest), n_train=4, box_loss_region="layered"), progress=False)
+    assert not list((runs / "shapeless").glob("checkpoints/*"))
+    # with no box loss the region is unused: nothing is refused
+    train(tiny("unweighted", data=str(manifest), n_train=4, steps=1, box_loss_region="layered", box_loss_weight=0.0),
+          progress=False)
     # the field reaches the loop: each step's box loss gets the visible pixels, and the weights differ from the box's
     seen = []
     real = train_module.visible_region
@@ -261,7 +272,7 @@ def test_cosine_lr_schedule_decays_to_zero_and_the_field_reaches_training(runs):
 
 def test_the_shapes_recipe_decays_its_rate_and_an_older_run_resumes_at_the_constant_one(runs):
     assert make_config("shapes").lr_schedule == "cosine"            # the default run's recipe (README)
-    assert make_config("shapes").box_loss_region == "exclusive"
+    assert make_config("shapes").box_loss_region == "layered"
     assert make_config("sd15").lr_schedule == "constant"            # the training plan's
     assert make_config("sd15").box_loss_region == "box"
     folder = train(tiny("before-schedules", steps=4, save_every=2, warmup=1, lr_schedule="constant",
@@ -274,3 +285,35 @@ def test_the_shapes_recipe_decays_its_rate_and_an_older_run_resumes_at_the_const
     train(resume_config(runs / "before-schedules", steps=6), resume=True, progress=False)
     lr = pd.read_csv(folder / "metrics.csv").set_index("step")["lr"]
     assert (lr.loc[2:] == tiny("x").lr).all()            # no decay after the resume either
+
+
+def test_compiled_training_pads_every_batch_to_max_objects_and_trains(runs, monkeypatch):
+    """`compile true` on the Shapes world, whose batches hold different object counts: every batch is padded to
+    max_objects slots (one shape, one compile; inductor's dynamic shapes stopped this run at its first backward
+    before), and the compiled model trains."""
+    import shutil
+
+    from adapterlib.adapter import Grounding
+    from adapterlib.data import GroundedObject, Record
+    records = [Record(f"{k} objects", tuple(GroundedObject("red square", (0.1 * i, 0, 0.1 * i + 0.1, 0.1))
+                                            for i in range(k))) for k in (1, 3)]
+    padded = Grounding.from_records(records, torch.ones(4, 8), pad_to=5)
+    assert padded.phrases.shape == (2, 5, 8) and padded.present.sum(1).tolist() == [1, 3]
+    assert Grounding.from_records(records, torch.ones(4, 8)).phrases.shape == (2, 3, 8)    # uncompiled: the batch's
+    with pytest.raises(ValueError, match="3 objects, more than the 2 slots"):
+        Grounding.from_records(records, torch.ones(4, 8), pad_to=2)
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    seen, original = [], Grounding.from_records.__func__
+
+    def spy(cls, *args, **kw):
+        out = original(cls, *args, **kw)
+        seen.append((max(len(r.objects) for r in args[0]), out.phrases.shape[1]))
+        return out
+    monkeypatch.setattr(Grounding, "from_records", classmethod(spy))
+    run = train(tiny("compiled", steps=3, batch_size=2, max_objects=6, compile=True), progress=False)
+    assert len({most for most, _ in seen}) > 1, "the batches should hold different object counts"
+    assert {slots for _, slots in seen} == {6}
+    assert pd.read_csv(run / "metrics.csv").step.tolist() == [1, 2, 3]
+    assert json.loads((run / "config.json").read_text())["compile"] is True
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weights(run).items() if "gate" in k)

@@ -20,7 +20,7 @@ from scipy import ndimage
 
 from ..data import Record
 from ..detectors import Box, Detection, Detector, score_grounding
-from .world import BACKGROUND, COLORS, color_of
+from .world import BACKGROUND, COLORS, SHAPES, color_of, shape_masks, shape_of
 
 COLOR_TOLERANCE = 90  # max RGB euclidean distance from a palette colour
 MIN_BLOB_PIXELS = 4   # smaller blobs are speckle, not an object
@@ -104,22 +104,34 @@ def evaluate_grounding(
     return score_grounding(images, records, ColorDetector(), iou_threshold)
 
 
-def palette_indices(records: Sequence[Record]) -> list[list[int]]:
-    """Each object's palette index (its phrase's colour), per record; raises ValueError naming the record and the
-    object when a phrase names no palette colour (its pixels cannot be found by colour)."""
+def _named(records: Sequence[Record], lookup, names: Sequence[str], what: str, why: str) -> list[list[int]]:
+    """Each object's index in `names` of what its phrase names (`lookup`), per record; ValueError naming the
+    record and the object when the phrase names none."""
     out = []
     for record in records:
         indices = []
         for k, obj in enumerate(record.objects):
-            color = color_of(obj.phrase)
-            if color is None:
+            found = lookup(obj.phrase)
+            if found is None:
                 which = record.id or record.image or f"seed {record.seed}"
-                raise ValueError(f"record {which}, object {k}: phrase {obj.phrase!r} names no palette colour "
-                                 f"({', '.join(_NAMES)}), so its pixels cannot be found by colour "
-                                 "(box_loss_region visible / exclusive are for Shapes data; use box)")
-            indices.append(_NAMES.index(color))
+                raise ValueError(f"record {which}, object {k}: phrase {obj.phrase!r} names no {what} "
+                                 f"({', '.join(names)}), so {why} (box_loss_region visible / exclusive / layered "
+                                 "are for Shapes data; use box)")
+            indices.append(list(names).index(found))
         out.append(indices)
     return out
+
+
+def palette_indices(records: Sequence[Record]) -> list[list[int]]:
+    """Each object's palette index (its phrase's colour), per record; raises ValueError naming the record and the
+    object when a phrase names no palette colour (its pixels cannot be found by colour)."""
+    return _named(records, color_of, _NAMES, "palette colour", "its pixels cannot be found by colour")
+
+
+def shape_indices(records: Sequence[Record]) -> list[list[int]]:
+    """Each object's SHAPES index, per record; ValueError naming the record and the object when a phrase names
+    no shape (its whole shape cannot be drawn)."""
+    return _named(records, shape_of, SHAPES, "shape", "its whole shape cannot be drawn")
 
 
 def visible_masks(images: np.ndarray, records: Sequence[Record], n: int) -> np.ndarray:
@@ -133,3 +145,23 @@ def visible_masks(images: np.ndarray, records: Sequence[Record], n: int) -> np.n
         for k, index in enumerate(indices):
             out[b, k] = labels == index
     return out
+
+
+# Pixels of another object inside an object's drawn shape that make it "hidden in part": two, not one, so that a
+# shape drawn from its tight box (a pixel off at an edge) does not call a neighbour that merely touches it hiding
+HIDDEN_MIN_PIXELS = 2
+
+
+def hidden_in_part(visible: np.ndarray, records: Sequence[Record]) -> np.ndarray:
+    """Which objects are hidden in part, (B, n) bool, from their visible pixels (B, n, H, W) (`visible_masks`): an
+    object is when at least HIDDEN_MIN_PIXELS pixels of its whole shape (drawn from its phrase's shape in its box,
+    `world.shape_masks`) show another object. ValueError naming the record and the object when a phrase names no
+    shape."""
+    b, n, h, w = visible.shape
+    boxes, shapes = np.zeros((b, n, 4), np.int64), np.full((b, n), -1, np.int64)
+    for i, (record, indices) in enumerate(zip(records, shape_indices(records))):
+        for k, (obj, index) in enumerate(zip(record.objects, indices)):
+            boxes[i, k] = [round(v * w) for v in obj.box]
+            shapes[i, k] = index
+    others = visible.any(1, keepdims=True) & ~visible                                   # (B, n, H, W)
+    return (shape_masks(boxes, shapes, w) & others).sum((2, 3)) >= HIDDEN_MIN_PIXELS

@@ -65,6 +65,20 @@ def color_of(phrase: str) -> str | None:
             return word
     return None
 
+def shape_of(phrase: str) -> str | None:
+    """The shape named in a phrase ("a red circle" -> "circle"), else None."""
+    for word in re.findall(r"[a-z]+", phrase.lower()):
+        if word in SHAPES:
+            return word
+    return None
+
+
+def shape_masks(boxes: np.ndarray, shapes: np.ndarray, resolution: int = RESOLUTION) -> np.ndarray:
+    """Each object's whole shape, hidden parts included, (N, K, H, W) bool, from pixel boxes (N, K, 4) and
+    SHAPES indices (N, K), -1 where there is no object (the renderer's own masks)."""
+    return _masks(boxes, np.maximum(shapes, 0), (shapes >= 0).astype(np.int64), resolution)
+
+
 HELDOUT_SEED0 = 10_000_000
 HELDOUT_PATH = Path(__file__).parent / "heldout.jsonl"
 
