@@ -188,7 +188,7 @@ def test_resume_with_random_crop_matches_uninterrupted_run(runs, tmp_path):
     pictures = [((48 + 8 * i, 32), [(4 + 2 * i, 4, 30 + 2 * i, 28), (30, 2, 46, 14)]) for i in range(6)]
     manifest = _manifest(tmp_path, pictures)
     tiny = dict(steps=6, batch_size=2, save_every=4, log_every=1, n_samples=0, warmup=2, data=str(manifest),
-                crop="random", flip=True)
+                crop="random", flip=True, box_loss_region="exclusive")   # "red box": a colour, no Shapes shape
     whole = train(make_config("shapes", run_name="whole", **tiny), progress=False)
     with pytest.raises(KeyboardInterrupt):
         train(make_config("shapes", run_name="split", **tiny), progress=False, stop_at_step=3)

@@ -65,6 +65,7 @@ def color_of(phrase: str) -> str | None:
             return word
     return None
 
+
 def shape_of(phrase: str) -> str | None:
     """The shape named in a phrase ("a red circle" -> "circle"), else None."""
     for word in re.findall(r"[a-z]+", phrase.lower()):
