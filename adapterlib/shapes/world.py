@@ -58,20 +58,19 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 
 
+def _first_word_in(phrase: str, words) -> str | None:
+    """The first word of `phrase` (lower-cased) that is one of `words`, else None."""
+    return next((w for w in re.findall(r"[a-z]+", phrase.lower()) if w in words), None)
+
+
 def color_of(phrase: str) -> str | None:
     """The palette colour named in a phrase ("a red circle" -> "red"), else None."""
-    for word in re.findall(r"[a-z]+", phrase.lower()):
-        if word in COLORS:
-            return word
-    return None
+    return _first_word_in(phrase, COLORS)
 
 
 def shape_of(phrase: str) -> str | None:
     """The shape named in a phrase ("a red circle" -> "circle"), else None."""
-    for word in re.findall(r"[a-z]+", phrase.lower()):
-        if word in SHAPES:
-            return word
-    return None
+    return _first_word_in(phrase, SHAPES)
 
 
 def shape_masks(boxes: np.ndarray, shapes: np.ndarray, resolution: int = RESOLUTION) -> np.ndarray:
