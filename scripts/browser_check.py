@@ -143,7 +143,8 @@ def start_browser():
                 "--disable-gpu", "--hide-scrollbars"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    driver.set_script_timeout(60)
+    driver.set_script_timeout(120)
+    driver.command_executor.client_config.timeout = 600     # a page busy on a loaded machine answers late (default 120 s)
     return driver
 
 

@@ -57,8 +57,10 @@ def wheel(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"
     shutil.copytree(REPO, source, ignore=SKIP)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-          "-w", tmp / "dist", source], cwd=tmp)
+    # offline with this venv's setuptools; without one, pip fetches the build backend (needs the index)
+    import importlib.util
+    offline = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("setuptools") else []
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", *offline, "-q", "-w", tmp / "dist", source], cwd=tmp)
     built = sorted((tmp / "dist").glob(f"{PACKAGE}-*.whl"))
     assert len(built) == 1, f"expected one wheel, found {built}"
     return built[0]
@@ -98,13 +100,16 @@ def fresh_venv(wheel, tmp_path_factory) -> Path:
     """A fresh venv with the wheel installed (not editable); its python."""
     tmp = tmp_path_factory.mktemp("venv")
     venv = tmp / "venv"
-    _run([sys.executable, "-m", "venv", "--without-pip", venv])
+    # this venv's pip installs into the fresh one (`pip --python`, pip >= 22.3); an older pip: the fresh venv's own
+    import pip
+    own_pip = tuple(int(p) for p in pip.__version__.split(".")[:2]) < (22, 3)
+    _run([sys.executable, "-m", "venv", *([] if own_pip else ["--without-pip"]), venv])
     python = venv / "bin" / "python"
+    installer = [python, "-m", "pip"] if own_pip else [sys.executable, "-m", "pip", "--python", python]
     site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                      env=_clean_env()).stdout.strip())
     (site / "_adapterlib_test_dependencies.pth").write_text(f"{_dependency_links(tmp / 'deps')}\n")
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q", wheel],
-         env=_clean_env())
+    _run([*installer, "install", "--no-deps", "--no-index", "-q", wheel], env=_clean_env())
     return python
 
 
