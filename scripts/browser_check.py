@@ -217,7 +217,8 @@ def kernel_value(driver, expression: str):
     return ast.literal_eval(value["data"]["text/plain"])
 
 
-# what notebook 05's slider shows, from its kernel: the one GateSlider in the namespace (whatever its name),
+# what notebook 05's slider shows, from its kernel: the one GateSlider in the namespace (whatever its name;
+# IPython's output history `_`, `_25`, ... holds the same object again),
 # pickled (layouts and sampling settings), and the checkpoint(s) in the namespace whose adapter it drives
 SLIDER_IN_KERNEL = """(lambda g: (lambda found: {'count': len(found)} if len(found) != 1 else (lambda s: {
     'count': 1,
@@ -225,8 +226,8 @@ SLIDER_IN_KERNEL = """(lambda g: (lambda found: {'count': len(found)} if len(fou
         layouts=s.layouts, steps=s.steps, guidance=s.guidance, upscale=s.upscale))).decode(),
     'checkpoints': sorted({(str(v.run_dir), int(v.step)) for v in list(g.values())
                            if getattr(v, 'adapter', None) is s.adapter and hasattr(v, 'run_dir')})})(found[0]))(
-    [v for v in list(g.values()) if type(v).__name__ == 'GateSlider'
-     and type(v).__module__ == 'adapterlib.slider']))(globals())"""
+    list({id(v): v for v in list(g.values()) if type(v).__name__ == 'GateSlider'
+          and type(v).__module__ == 'adapterlib.slider'}.values())))(globals())"""
 
 
 def shown_slider(driver):
