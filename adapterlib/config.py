@@ -210,9 +210,10 @@ class NotebookParameters:
 
     Made in the cell *before* the parameters cell, it remembers which names exist; the config cell
     then takes every name defined since (in the parameters cell, by papermill's injected cell, or
-    by hand) and not None as a parameter. Names that are config fields become overrides; the
-    notebook's own parameters are returned as they are; any other name is an error. The parameters
-    cells list every field as None, so papermill knows each name and the preset decides the rest."""
+    by hand) and not None as a parameter. Names that are config fields the notebook takes (all of them, or
+    those it uses: `config(fields=...)`) become overrides; the notebook's own parameters are returned as they
+    are; any other name is an error. The parameters cells list every field they take as None, so papermill
+    knows each name and the preset decides the rest."""
 
     def __init__(self, namespace: dict):
         self.namespace, self.before = namespace, set(namespace)
