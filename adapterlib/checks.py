@@ -54,20 +54,21 @@ NEUTRAL_RECORDS = (
 def check_records(data: str, base, n: int = 4, max_objects: int = MAX_OBJECTS) -> tuple[list[Record], str]:
     """(records, where they come from): the captions and boxes the checks run on, at most `max_objects` objects
     each. A manifest (`data` a path): its first n records (images not needed); a Shapes world on a pixel base (a
-    Shapes base): the world's first n held-out layouts; a Shapes world on a latent base (Stable Diffusion):
-    NEUTRAL_RECORDS, so no Shapes caption is what an SD base is checked with."""
+    Shapes base): the world's first n held-out layouts; no data (the sd15 preset's "") or a Shapes world on a
+    latent base (Stable Diffusion): NEUTRAL_RECORDS, so an SD base is never checked with Shapes captions."""
     fits = lambda records: [r for r in records if len(r.objects) <= max_objects][:n]
-    if not datasets.is_shapes(data):
+    if data.strip() and not datasets.is_shapes(data):
         path = repo_path(data)
         records = fits(read_manifest(path, require_image=False, on_bad_record="skip", max_objects=max_objects))
         return records, f"the first {len(records)} records of {path}"
-    if base.vae is None:
+    if data.strip() and base.vae is None:
         version = datasets.heldout_version(data)
         records = fits(datasets.heldout_records(None, version))
         return records, f"the first {len(records)} held-out layouts of {data} (version {version})"
+    why = "no data given" if not data.strip() else f"data {data!r} is the Shapes world, the base is not a Shapes base"
     records = fits(NEUTRAL_RECORDS)
-    return records, (f"{len(records)} neutral layouts (data {data!r} is a Shapes world, the base {base.path} is not a "
-                     "Shapes base: give -p data MANIFEST to check with your own captions)")
+    return records, (f"{len(records)} neutral layouts ({why}; training needs your manifest: give -p data "
+                     "PATH/data.jsonl to check with its captions)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -129,5 +129,7 @@ def test_check_records_fit_the_data_and_the_base(tmp_path, base, tiny_sd_folder)
     # a Shapes world on a latent (SD) base: neutral layouts, no Shapes caption
     records, source = checks.check_records("shapes-v2", sd)
     assert records == list(checks.NEUTRAL_RECORDS) and "neutral" in source
+    assert checks.check_records("", sd)[0] == records                    # no data (the sd15 preset's)
+    assert checks.check_records("", base)[0] == records
     summary = checks.run_all(sd, build_adapter(sd), records, "cpu", "no")
     assert failing(summary) == [], summary.to_string()
