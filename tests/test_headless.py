@@ -223,7 +223,8 @@ def test_papermill_notebook_01_on_an_sd_base_checks_with_the_manifest_captions(t
     printed = _outputs(tmp_path / "out.ipynb")
     assert f"2 layouts: the first 2 records of {manifest}" in printed
     assert "'a kayak on a lake': ['a kayak']" in printed and "'a lamp beside a bed': ['a lamp', 'a bed']" in printed
-    assert "held-out" not in printed and '"attention": "self"' in printed          # the sd15 preset's adapter
+    assert "held-out" not in printed                                             # and the sd15 preset's adapter:
+    assert f'"attention": "{PRESETS["sd15"]["adapter_attention"]}"' in printed
     assert "all checks PASS" in printed
 
 
