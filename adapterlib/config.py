@@ -63,7 +63,7 @@ class TrainConfig:
     timesteps: str = "uniform"           # uniform | cubic: t = (1 - u^3) T, most steps at high noise, where the layout is
                                          # decided (T2I-Adapter's schedule; train.draw_timesteps)
     grad_clip: float = 1.0
-    adapter_attention: str = "masked"    # self | cross | masked
+    adapter_attention: str = "masked"    # self | cross | masked | gligen (diffusers' own GLIGEN modules: adapterlib/gligen.py)
     adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
     adapter_feedforward: bool = True
     adapter_depth: str = "none"          # masked attention, a token inside several boxes: none (all of them) |
@@ -95,7 +95,7 @@ class TrainConfig:
             raise ValueError(f"need 0 <= scale_min <= scale_max, got {self.scale_min} and {self.scale_max}")
         if not self.scale_max > 0:
             raise ValueError("scale_max = 0: every gate would be multiplied by 0 and the adapter would never learn")
-        choices = dict(adapter_attention=("self", "cross", "masked"), adapter_norm=("layernorm", "rmsnorm"),
+        choices = dict(adapter_attention=("self", "cross", "masked", "gligen"), adapter_norm=("layernorm", "rmsnorm"),
                        adapter_depth=("none", "smaller-front", "learned"), timesteps=TIMESTEPS,
                        lr_schedule=LR_SCHEDULES, box_loss_region=("box", "visible", "exclusive", "layered"),
                        mixed_precision=("bf16", "fp16", "no"), on_bad_record=("error", "skip"), crop=CROPS)
