@@ -89,10 +89,21 @@ def write_gligen_pipeline(base, adapter, folder: Path) -> Path:
 
     from .gligen import gated_unet
     pipe = StableDiffusionGLIGENPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                         unet=gated_unet(base.unet, adapter), scheduler=base.scheduler,
+                                         unet=gated_unet(base.unet, adapter), scheduler=sampling_scheduler(base),
                                          safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def sampling_scheduler(base):
+    """The scheduler the base folder ships (SD: PNDM), else the training schedule (`base.scheduler`, DDPM)."""
+    import diffusers
+    config = Path(base.path) / "scheduler" / "scheduler_config.json"
+    if config.is_file():
+        kind = getattr(diffusers, json.loads(config.read_text()).get("_class_name", ""), None)
+        if kind is not None:
+            return kind.from_config(kind.load_config(config.parent))
+    return base.scheduler
 
 
 def model_card(info: dict, diffusers_note: str = "") -> str:

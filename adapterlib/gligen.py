@@ -271,4 +271,4 @@ def gated_unet(base_unet, adapter: GligenAdapter):
     if missing or unexpected:
         raise ValueError(f"the gated UNet does not match the base + adapter: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
-    return unet.to(base_unet.dtype).eval()
+    return (unet if base_unet.dtype == torch.float32 else unet.to(base_unet.dtype)).eval()
