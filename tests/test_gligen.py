@@ -229,3 +229,13 @@ def test_bad_gligen_folders_are_refused_naming_the_folder_or_key(tmp_path, base,
         make_config("shapes", init_from=str(other))
     with pytest.raises(ValueError, match="adapter_norm"):
         build_adapter(base, attention="gligen", norm="rmsnorm")
+
+
+def test_the_bench_gligen_row_trains_exactly_the_peers_parameters():
+    from adapterlib import bench
+    assert bench.parse_variants("gligen") == (("gligen", True),)
+    result = bench.run_bench("tiny", device="cpu", batch=2, rounds=1, steps_per_round=1, warmup=0,
+                             variants=bench.parse_variants("gligen"))
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["ours gligen"]["samples_per_s"] > 0
+    assert rows["ours gligen"]["trainable_params"] == rows["peer"]["trainable_params"]
