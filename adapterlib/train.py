@@ -199,7 +199,7 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
                          "VAE, so an object's pixels are not the prediction's cells: use box_loss_region = 'box'")
     adapter = build_adapter(base, attention=cfg.adapter_attention, norm=cfg.adapter_norm,
                             feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth)
-    if cfg.init_from and not resume:                         # a diffusers GLIGEN folder's weights (a resume reads its own)
+    if cfg.init_from and not run.resume:                     # a diffusers GLIGEN folder's weights (a resume reads its own)
         from .gligen import load_gligen_weights
         load_gligen_weights(adapter, repo_path(cfg.init_from))
     model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
