@@ -239,3 +239,11 @@ def test_the_bench_gligen_row_trains_exactly_the_peers_parameters():
     rows = {r["name"]: r for r in result["rows"]}
     assert rows["ours gligen"]["samples_per_s"] > 0
     assert rows["ours gligen"]["trainable_params"] == rows["peer"]["trainable_params"]
+
+
+def test_init_from_is_fixed_on_resume():
+    from adapterlib.config import RESUME_FIXED, resume_changes
+    assert "init_from" in RESUME_FIXED
+    saved = make_config("shapes", run_name="r", adapter_attention="gligen", init_from="gligen-a").to_dict()
+    with pytest.raises(ValueError, match=r"cannot change init_from \(saved 'gligen-a', asked 'gligen-b'\)"):
+        resume_changes(saved, {"init_from": "gligen-b"}, "r")

@@ -124,3 +124,12 @@ def test_a_folder_that_is_no_adapter_is_refused_naming_it(base, tmp_path):
     base.unet.save_pretrained(tmp_path / "plain" / "unet")
     with pytest.raises(ValueError, match="attention_type 'default'"):
         GroundedPipeline.from_adapter(tmp_path / "plain", base)
+
+
+def test_an_adapter_of_another_architecture_is_refused_naming_the_folder(base, runs, tmp_path, tiny_sd_folder):
+    adapter = build_adapter(base)                                   # the shipped tiny base's masked adapter
+    run = write_run(runs, "tiny-masked", "shapes-tiny", adapter)
+    adapter.detach()
+    export(run, tmp_path / "out")
+    with pytest.raises(ValueError, match=r"out/adapter.safetensors was trained on another base: .*blocks"):
+        GroundedPipeline.from_adapter(tmp_path / "out", tiny_sd_folder)
