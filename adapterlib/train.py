@@ -123,6 +123,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                          "VAE, so an object's pixels are not the prediction's cells: use box_loss_region = 'box'")
     adapter = build_adapter(base, attention=cfg.adapter_attention, norm=cfg.adapter_norm,
                             feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth)
+    if resume:                  # a checkpoint of another base (an SD 1.5 adapter, the folder now SDXL): refused now
+        checkpoint.check_adapter_fits(latest[1], base)
     model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
     params = adapter.trainable_parameters()
     fast = adapter.fast_parameters()                        # the gates (and learned depth weights): lr * gate_lr_scale
@@ -241,7 +243,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
             # (several processes: each draws for the whole global batch and takes its rows, `shard.take`)
             batch = next(batches)
             drop = shard.take(torch.rand(cfg.batch_size, generator=gen)) < cfg.caption_dropout
-            context, phrase_embeddings = encodings.text_inputs(base, batch, drop, device, compute_dtype, amp_dtype)
+            context, phrase_embeddings, added = encodings.text_inputs(base, batch, drop, device, compute_dtype, amp_dtype)
             grounding = Grounding.from_records(batch.records, phrase_embeddings, max_objects=cfg.max_objects,
                                                phrase_dropout=cfg.phrase_dropout, generator=gen,
                                                part=shard.part(batch.records), pad_to=slots)
@@ -255,7 +257,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                       "sample": latents}[prediction]
             # --- forward: the frozen UNet with the adapter, through the one module
             with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-                pred = model(noisy.to(compute_dtype), t, context, grounding, scale)
+                pred = model(noisy.to(compute_dtype), t, context, grounding, scale, added)   # added: SDXL's; SD: None
             loss = F.mse_loss(pred.float(), target)
             if cfg.box_loss_weight > 0:
                 # several processes: each adds its objects' errors over the global batch's object count, times the
