@@ -2,7 +2,8 @@
 and the command line's flags.
 
 A config is a preset (`shapes`, the embedded default; `sd15`, the training plan's values for Stable
-Diffusion 1.5 on one GPU; `smoke`, a seconds-long run for tests) with overrides. Every field given
+Diffusion 1.5 on one GPU; `sdxl`, the same on Stable Diffusion XL; `smoke`, a seconds-long run for tests)
+with overrides. Every field given
 (`-p NAME VALUE` to papermill, `--NAME VALUE` to `python -m adapterlib train`) reaches the config and
 the run's config.json; a name that is not a field is an error that lists the fields.
 
@@ -154,6 +155,12 @@ PRESETS = {
     "sd15": dict(steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
                  save_every=2000, gate_lr_scale=1.0, warmup=500, log_every=50, mixed_precision="bf16",
                  adapter_attention="self", box_loss_weight=0.0),
+    # the same plan on Stable Diffusion XL base (docs/sdxl.md): 1024 px (the base's 128x128 latents), batch 2 and bf16
+    # as on SD 1.5 (bf16 keeps SDXL's VAE in range; fp16 would keep the VAE fp32), and a centre crop rather than a
+    # stretch, whose offset and the original size reach the UNet as SDXL's size / crop conditioning
+    "sdxl": dict(steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
+                 save_every=2000, gate_lr_scale=1.0, warmup=500, log_every=50, mixed_precision="bf16",
+                 adapter_attention="self", box_loss_weight=0.0, crop="center"),
     # seconds on a CPU: what the tests and nbval run (chosen by the test harness, never a user default)
     "smoke": dict(steps=40, batch_size=4, n_train=256, save_every=20, log_every=5, n_samples=4, warmup=10),
 }

@@ -31,12 +31,13 @@ def _text_config(vocab_size: int) -> CLIPTextConfig:
 
 
 def unet_config(time_ids: int = 6, **changes) -> dict:
-    return dict(sample_size=SDXL_UNET_SAMPLE_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
-                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_FEATURES,
-                transformer_layers_per_block=(1, 2), cross_attention_dim=2 * TEXT_WIDTH,
-                projection_class_embeddings_input_dim=time_ids * TIME_FEATURES + TEXT_WIDTH, **changes)
+    """The tiny SDXL UNet's config: 6 size / crop ids (a refiner: 5), `changes` on top."""
+    return {**dict(sample_size=SDXL_UNET_SAMPLE_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
+                   block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                   use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_FEATURES,
+                   transformer_layers_per_block=(1, 2), cross_attention_dim=2 * TEXT_WIDTH,
+                   projection_class_embeddings_input_dim=time_ids * TIME_FEATURES + TEXT_WIDTH), **changes}
 
 
 def build_tiny_sdxl_folder(folder: Path) -> Path:
