@@ -271,7 +271,7 @@ def test_an_sd15_adapter_loaded_onto_sdxl_or_resumed_on_it_is_refused_before_any
     train(make_config("sd15", run_name="sd", data=str(manifest), base_model=str(base_folder), steps=2, save_every=2,
                       batch_size=2, n_samples=0), progress=False)
     with pytest.raises(ValueError, match=rf"adapter .*sd.* does not fit the base {tiny_sdxl_folder} \(an SDXL base\): "
-                                         r"the adapter was trained with phrase width 32, context width 32, 2 "
+                                         r"the adapter was trained with phrase width 32, context width 32, 4 "
                                          r"transformer blocks, this base has phrase width 16, context width 32, 8"):
         load_checkpoint("sd", base=sdxl)
     shutil.rmtree(base_folder)
