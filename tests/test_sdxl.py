@@ -281,3 +281,36 @@ def test_an_sd15_adapter_loaded_onto_sdxl_or_resumed_on_it_is_refused_before_any
         train(resume_config("sd", steps=4), resume=True, progress=False)
     assert set((runs / "_cache").iterdir()) == caches     # refused before any cache was built
     assert [p.name for p in (runs / "sd" / "checkpoints").iterdir()] == ["step_0000002"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the notebooks, as on SD 1.5 (tests/test_sd_path.py)
+
+def test_notebooks_01_to_05_on_a_tiny_sdxl(tmp_path, tiny_sdxl_folder):
+    from test_detectors import build_tiny_owl_folder
+    from test_headless import papermill
+    from test_sd_path import _outputs
+    from adapterlib.runs import list_checkpoints
+    runs = tmp_path / "runs"
+    env = {"ADAPTERLIB_RUNS": str(runs)}
+    manifest = _photo_manifest(tmp_path / "d")
+    done = papermill("01_dtype_zero_init_check.ipynb", tmp_path / "01.ipynb",
+                     dict(preset="sdxl", base_model=tiny_sdxl_folder), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "all checks PASS" in _outputs(tmp_path / "01.ipynb")
+    done = papermill("02_train.ipynb", tmp_path / "02.ipynb", dict(
+        preset="sdxl", base_model=tiny_sdxl_folder, data=manifest, steps=2, save_every=2, log_every=1, n_samples=2,
+        batch_size=2, run_name="xl"), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (runs / "xl" / "samples" / "step_0000002.png").is_file()
+    done = papermill("03_resume.ipynb", tmp_path / "03.ipynb", dict(run_name="xl", steps=4), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(runs / "xl")] == [2, 4]
+    done = papermill("04_gate_analysis.ipynb", tmp_path / "04.ipynb", dict(run_name="xl", n_probe=2), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (runs / "xl" / "checkpoint_test" / "step_0000004" / "results.json").is_file()
+    done = papermill("05_gate_effect_grid.ipynb", tmp_path / "05.ipynb", dict(
+        run_name="xl", n_layouts=2, n_eval=2, steps=2, scales="0,1", taus="1.0",
+        detector=build_tiny_owl_folder(tmp_path / "owl")), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "a red box and a blue box 0" in _outputs(tmp_path / "05.ipynb")
