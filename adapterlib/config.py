@@ -152,19 +152,20 @@ PRESETS = {
     # `lr_schedule` or `box_loss_region` existed, which has no such field, still resumes with what it trained
     # with (the field's default)
     "shapes": dict(lr_schedule="cosine", box_loss_region="layered"),
-    # the training plan's values for Stable Diffusion 1.5 on one GPU (docs/training-plan.md)
+    # Stable Diffusion 1.5 on one GPU: the training plan's values (steps, batch, lr, dropouts, scales, checkpoints) with
+    # the recipe that grounds on Shapes (masked attention, the per-object box loss over boxes, the cosine decay, gates
+    # at 10x); your data must be given (data=PATH: training refuses none). Why each: docs/recipe.md
     "sd15": dict(data="", steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
-                 save_every=2000, gate_lr_scale=1.0, warmup=500, log_every=50, mixed_precision="bf16",
-                 adapter_attention="self", box_loss_weight=0.0),
-    # the same plan on Stable Diffusion XL base (docs/sdxl.md): 1024 px (the base's 128x128 latents), batch 2 and bf16
-    # as on SD 1.5 (bf16 keeps SDXL's VAE in range; fp16 would keep the VAE fp32), and a centre crop rather than a
-    # stretch, whose offset and the original size reach the UNet as SDXL's size / crop conditioning
-    "sdxl": dict(data="", steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
-                 save_every=2000, gate_lr_scale=1.0, warmup=500, log_every=50, mixed_precision="bf16",
-                 adapter_attention="self", box_loss_weight=0.0, crop="center"),
+                 save_every=2000, warmup=500, log_every=50, mixed_precision="bf16", adapter_attention="masked",
+                 box_loss_weight=1.0, box_loss_region="box", lr_schedule="cosine", gate_lr_scale=10.0),
     # seconds on a CPU: what the tests and nbval run (chosen by the test harness, never a user default)
     "smoke": dict(steps=40, batch_size=4, n_train=256, save_every=20, log_every=5, n_samples=4, warmup=10),
 }
+
+# Stable Diffusion XL base (docs/sdxl.md): sd15's values and recipe at the base's own resolution (SDXL base: 1024 px,
+# 128x128 latents), batch 2 and bf16 as on SD 1.5 (bf16 keeps SDXL's VAE in range; under fp16 the VAE stays fp32), and
+# a centre crop rather than a stretch: the crop's offset and the original size reach the UNet as SDXL's conditioning
+PRESETS["sdxl"] = {**PRESETS["sd15"], "crop": "center"}
 
 # The preset used when none is named. Unset for users ("shapes"); the test harness sets it to "smoke".
 DEFAULT_PRESET_ENV = "ADAPTERLIB_DEFAULT_PRESET"
