@@ -122,7 +122,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                          f"{cfg.base_model} has a "
                          "VAE, so an object's pixels are not the prediction's cells: use box_loss_region = 'box'")
     adapter = build_adapter(base, attention=cfg.adapter_attention, norm=cfg.adapter_norm,
-                            feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth)
+                            feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth,
+                            blocks=cfg.adapter_blocks)
     model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
     params = adapter.trainable_parameters()
     fast = adapter.fast_parameters()                        # the gates (and learned depth weights): lr * gate_lr_scale
