@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
+from .config import BLOCK_CHOICES          # the named block choices (select_blocks); else a list of blocks
 from .data import MAX_OBJECTS, Record
 
 ATTENTIONS = ("self", "cross", "masked")
@@ -44,8 +45,6 @@ NORMS = ("layernorm", "rmsnorm")
 # "learned" is the soft form: each head of each layer has a learned weight on the covering box's -log(area) in its
 # attention logits, zero at init (no preference), so training decides whether (and how much) smaller boxes win.
 DEPTHS = ("none", "smaller-front", "learned")
-# Named block choices (`select_blocks`); anything else is a comma list of block names / prefixes.
-BLOCK_CHOICES = ("all", "decoder", "low", "migc")
 
 
 def zero_gate() -> nn.Parameter:

@@ -247,7 +247,7 @@ class NotebookParameters:
         return given
 
 
-BLOCK_CHOICES = ("all", "decoder", "low", "migc")      # adapter.BLOCK_CHOICES; resolved on a UNet by select_blocks
+BLOCK_CHOICES = ("all", "decoder", "low", "migc")      # the named ones; resolved on a UNet by adapter.select_blocks
 BLOCK_PARTS = ("down_blocks", "mid_block", "up_blocks")   # where a listed block name starts (diffusers' UNet)
 
 

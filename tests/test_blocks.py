@@ -76,15 +76,19 @@ def test_an_unadapted_block_carries_no_hook(base):
         adapter.detach()
 
 
+def tensors_in(value):
+    if torch.is_tensor(value):
+        return [value]
+    return [t for v in value for t in tensors_in(v)] if isinstance(value, (tuple, list)) else []
+
+
 def down_outputs(unet, run):
     """Every tensor the down blocks (and the mid block) output during `run()`, by block."""
     seen = {}
 
     def keep(name):
         def hook(module, args, output):
-            tensors = [output] if torch.is_tensor(output) else [t for t in torch.utils._pytree.tree_leaves(output)
-                                                                  if torch.is_tensor(t)]
-            seen.setdefault(name, []).extend(tensors)
+            seen.setdefault(name, []).extend(tensors_in(output))
         return hook
     handles = [b.register_forward_hook(keep(f"down_blocks.{i}")) for i, b in enumerate(unet.down_blocks)]
     handles.append(unet.mid_block.register_forward_hook(keep("mid_block")))
