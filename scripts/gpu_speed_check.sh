@@ -21,7 +21,7 @@ BENCH=(-m adapterlib bench --device "$DEV" --size sd15 --batch 16 --rounds 3 --s
 FOLDER_ARGS=(--out "$R/real" --images "$IMAGES")
 if [ -n "${SMALL:-}" ]; then
   BENCH=(-m adapterlib bench --device "$DEV" --size tiny --batch 2 --rounds 1 --steps 1 --warmup 1)
-  FOLDER_ARGS+=(--small --images "${IMAGES_SMALL:-16}"); LOOP16=4; LOOP2=4; LOOP_SKIP=1
+  IMAGES=${IMAGES_SMALL:-16}; FOLDER_ARGS=(--out "$R/real" --images "$IMAGES" --small); LOOP16=4; LOOP2=4; LOOP_SKIP=1
 fi
 left() { echo $((TOTAL - SECONDS)); }
 
