@@ -36,6 +36,7 @@ from torch import nn
 
 from .config import BLOCK_CHOICES          # the named block choices (select_blocks); else a list of blocks
 from .data import MAX_OBJECTS, Record
+from .gligen import GligenAdapter
 
 ATTENTIONS = ("self", "cross", "masked")
 NORMS = ("layernorm", "rmsnorm")
@@ -458,7 +459,24 @@ class AdaptedUNet(nn.Module):
 
 def build_adapter(base, **options) -> SpatialAdapter:
     """An adapter sized for `base` (its UNet blocks and text encoder width), attached and on its device
-    (`options`: SpatialAdapter's, e.g. `blocks="decoder"`).
-    Its weights are fp32 whatever the base's dtype: they are the master weights."""
-    adapter = SpatialAdapter(base.unet, base.text_encoder.config.hidden_size, **options)
+    (`options`: SpatialAdapter's, e.g. `blocks="decoder"`). Its weights are fp32 whatever the base's dtype: they are
+    the master weights. `attention="gligen"`: diffusers' own GLIGEN modules with the same interface
+    (adapterlib/gligen.py), in every block."""
+    kind = GligenAdapter if options.get("attention") == "gligen" else SpatialAdapter
+    if kind is GligenAdapter and options.pop("blocks", "all") != "all":
+        raise ValueError("adapter_attention 'gligen' is diffusers' GLIGEN as it is, a layer in every block: leave "
+                         "adapter_blocks at 'all'")
+    adapter = kind(base.unet, base.text_encoder.config.hidden_size, **options)
     return adapter.to(base.device, torch.float32).attach(base.unet)
+
+
+# build_adapter's option for each architecture field of the training config (config.ARCHITECTURE_FIELDS, less
+# base_model: the base is build_adapter's first argument)
+CONFIG_OPTIONS = dict(adapter_attention="attention", adapter_norm="norm", adapter_feedforward="feedforward",
+                      adapter_depth="depth", adapter_blocks="blocks", max_objects="max_objects")
+
+
+def architecture_options(cfg) -> dict:
+    """build_adapter's options from a training config's architecture fields: `build_adapter(base,
+    **architecture_options(cfg))` is the adapter a run of `cfg` trains (and notebook 01 checks)."""
+    return {option: getattr(cfg, field) for field, option in CONFIG_OPTIONS.items()}

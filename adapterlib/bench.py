@@ -12,7 +12,9 @@ Every row is one full training step on the same batch, the same frozen weights a
   `position_net` trained, grounded through `cross_attention_kwargs={"gligen": ...}`;
 - `ours <attention>[+FF] [<blocks>]`: `AdaptedUNet(unet, adapter)` for each adapter variant (`adapter.build_adapter`'s
   attention and feedforward options) at each block choice (`blocks`: all, decoder, low, migc or a list; the name
-  carries it unless it is all), only the adapter's parameters trained;
+  carries it unless it is all), only the adapter's parameters trained; `ours gligen` is the peer's own
+  modules (fusers + position net) lent to the frozen base through our forward (adapterlib/gligen.py): its
+  cost against `peer` is what our route adds or saves (GLIGEN's 30 slots, as diffusers' pipeline pads);
 - `train_step` (optional): what `adapterlib.train` does per step once a batch is in memory: captions and
   phrases through the text encoder, images to latents, noise, the default variant's step, gradient
   clipping, LR schedule (the default variant at the size's default blocks);
@@ -48,12 +50,13 @@ from torch import nn
 from .adapter import ATTENTIONS, AdaptedUNet, Grounding, SpatialAdapter
 from .base import load_base
 from .config import PRESETS, TrainConfig, check_blocks_spec
+from .gligen import GligenAdapter
 from .precision import autocast, precision_policy, resolve_device
 
 SIZES = ("tiny", "sd15")
 DEFAULT_OBJECTS = {"tiny": 3, "sd15": 30}            # grounding slots per sample
 PRESENT_SHARE = {"tiny": 1.0, "sd15": 0.3}           # share of the slots holding a real object (the rest: padding)
-VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, False))
+VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, False)) + (("gligen", True),)
 DEFAULT_VARIANT = (TrainConfig.adapter_attention, TrainConfig.adapter_feedforward)
 # "ours" at each size: the default variant with the blocks of the preset that trains that base
 DEFAULT_BLOCKS = {size: PRESETS[preset].get("adapter_blocks", TrainConfig.adapter_blocks)
@@ -62,9 +65,9 @@ GATE_OPEN = 0.1
 
 
 def variant_name(attention: str, feedforward: bool, blocks: str = "all") -> str:
+    if attention == "gligen":              # diffusers' GLIGEN modules on our frozen base (always with its dense part)
+        return "ours gligen"
     return f"ours {attention}{'+FF' if feedforward else ''}" + ("" if blocks == "all" else f" [{blocks}]")
-
-
 def parse_blocks(text: str) -> tuple[str, ...]:
     """"all,decoder,low" -> ("all", "decoder", "low"); an explicit list of blocks is one choice, joined by "+"
     ("mid_block+up_blocks.1"). Each is checked as `adapter_blocks` is (its blocks: on the UNet)."""
@@ -81,9 +84,9 @@ def parse_variants(text: str) -> tuple[tuple[str, bool], ...]:
     out = []
     for item in (s.strip().lower() for s in text.split(",") if s.strip()):
         attention, _, rest = item.partition("+")
-        if attention not in ATTENTIONS or rest not in ("", "ff"):
-            raise ValueError(f"variant {item!r}: give <attention>[+ff] with attention one of {ATTENTIONS}")
-        out.append((attention, rest == "ff"))
+        if attention not in (*ATTENTIONS, "gligen") or rest not in ("", "ff"):
+            raise ValueError(f"variant {item!r}: give <attention>[+ff] with attention one of {ATTENTIONS}, or gligen")
+        out.append((attention, rest == "ff" or attention == "gligen"))
     if not out:
         raise ValueError("no variant given")
     return tuple(out)
@@ -243,7 +246,9 @@ def peer_step(w: Workload, *, compile: bool = False, peer: nn.Module | None = No
 
 def make_adapter(w: Workload, attention: str, feedforward: bool, blocks: str = "all") -> SpatialAdapter:
     """An fp32 adapter for the workload's UNet (as `build_adapter` makes one), attached, gates opened."""
-    adapter = SpatialAdapter(w.unet, w.text_dim, attention=attention, feedforward=feedforward, blocks=blocks)
+    kind = GligenAdapter if attention == "gligen" else SpatialAdapter
+    options = {} if attention == "gligen" else dict(blocks=blocks)        # GLIGEN: every block, as diffusers has it
+    adapter = kind(w.unet, w.text_dim, attention=attention, feedforward=feedforward, **options)
     adapter = adapter.to(w.device, torch.float32).attach(w.unet)
     for p in adapter.gate_parameters().values():
         p.data.fill_(GATE_OPEN)

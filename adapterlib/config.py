@@ -33,7 +33,8 @@ class TrainConfig:
     run_name: str = ""                   # "" -> "<preset>-<date>-<time>"
     base_model: str = "shapes-tiny"      # the shipped tiny base, or a diffusers-style SD folder path
     data: str = "shapes-v2"              # a manifest (.jsonl) path, or a generated Shapes set: "shapes-v2" (1-6 objects,
-                                         # some overlapping, smaller in front) or "shapes" (the first world: 1-3, apart)
+                                         # some overlapping, smaller in front) or "shapes" (the first world: 1-3, apart);
+                                         # "" (the sd15 preset's): none given, which training refuses
     n_train: int = 20_000                # size of the generated Shapes set (data "shapes-v2" or "shapes")
     seed: int = 0
     device: str = "auto"                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
@@ -63,9 +64,11 @@ class TrainConfig:
     timesteps: str = "uniform"           # uniform | cubic: t = (1 - u^3) T, most steps at high noise, where the layout is
                                          # decided (T2I-Adapter's schedule; train.draw_timesteps)
     grad_clip: float = 1.0
-    adapter_attention: str = "masked"    # self | cross | masked
+    adapter_attention: str = "masked"    # self | cross | masked | gligen (diffusers' own GLIGEN modules: adapterlib/gligen.py)
     adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
     adapter_feedforward: bool = True
+    init_from: str = ""                  # adapter_attention gligen: start from the fusers and position net of a diffusers
+                                         # GLIGEN folder (e.g. masterful/gligen-1-4-generation-text-box on disk) to fine-tune it
     adapter_depth: str = "none"          # masked attention, a token inside several boxes: none (all of them) |
                                          # smaller-front (only the smallest: smaller objects in front)
     adapter_blocks: str = "all"          # which transformer blocks get a gated layer: all | decoder (mid + up blocks) |
@@ -98,7 +101,7 @@ class TrainConfig:
             raise ValueError(f"need 0 <= scale_min <= scale_max, got {self.scale_min} and {self.scale_max}")
         if not self.scale_max > 0:
             raise ValueError("scale_max = 0: every gate would be multiplied by 0 and the adapter would never learn")
-        choices = dict(adapter_attention=("self", "cross", "masked"), adapter_norm=("layernorm", "rmsnorm"),
+        choices = dict(adapter_attention=("self", "cross", "masked", "gligen"), adapter_norm=("layernorm", "rmsnorm"),
                        adapter_depth=("none", "smaller-front", "learned"), timesteps=TIMESTEPS,
                        lr_schedule=LR_SCHEDULES, box_loss_region=("box", "visible", "exclusive", "layered"),
                        mixed_precision=("bf16", "fp16", "no"), on_bad_record=("error", "skip"), crop=CROPS)
@@ -115,6 +118,9 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
         check_max_objects(self.max_objects)
+        if self.init_from and self.adapter_attention != "gligen":
+            raise ValueError(f"init_from = {self.init_from!r} (a diffusers GLIGEN folder) needs adapter_attention = "
+                             f"'gligen', not {self.adapter_attention!r}")
         for name in ("steps", "batch_size", "save_every", "log_every", "n_train", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
@@ -122,9 +128,9 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_text(self) -> str:
-        """Human-readable, one `name = value` a line (the training plan's train_config.txt)."""
-        return "".join(f"{k} = {v!r}\n" for k, v in self.to_dict().items())
+    def to_text(self, fields: tuple[str, ...] | None = None) -> str:
+        """Human-readable, one `name = value` a line (the training plan's train_config.txt); `fields`: only those."""
+        return "".join(f"{k} = {v!r}\n" for k, v in self.to_dict().items() if fields is None or k in fields)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
@@ -140,7 +146,7 @@ RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
                 "warmup", "lr_schedule", "box_loss_weight", "box_loss_region", "timesteps", "grad_clip", "adapter_attention",
                 "adapter_norm", "adapter_feedforward", "adapter_depth", "adapter_blocks", "max_objects", "on_bad_record", "crop",
-                "flip")
+                "flip", "init_from")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
@@ -155,10 +161,12 @@ PRESETS = {
     # `lr_schedule` or `box_loss_region` existed, which has no such field, still resumes with what it trained
     # with (the field's default)
     "shapes": dict(lr_schedule="cosine", box_loss_region="layered"),
-    # the training plan's values for Stable Diffusion 1.5 on one GPU (docs/training-plan.md)
-    "sd15": dict(steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
-                 save_every=2000, gate_lr_scale=1.0, warmup=500, log_every=50, mixed_precision="bf16",
-                 adapter_attention="self", box_loss_weight=0.0),
+    # Stable Diffusion 1.5 on one GPU: the training plan's values (steps, batch, lr, dropouts, scales, checkpoints) with
+    # the recipe that grounds on Shapes (masked attention, the per-object box loss over boxes, the cosine decay, gates
+    # at 10x); your data must be given (data=PATH: training refuses none). Why each: docs/recipe.md
+    "sd15": dict(data="", steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
+                 save_every=2000, warmup=500, log_every=50, mixed_precision="bf16", adapter_attention="masked",
+                 box_loss_weight=1.0, box_loss_region="box", lr_schedule="cosine", gate_lr_scale=10.0),
     # seconds on a CPU: what the tests and nbval run (chosen by the test harness, never a user default)
     "smoke": dict(steps=40, batch_size=4, n_train=256, save_every=20, log_every=5, n_samples=4, warmup=10),
 }
@@ -171,7 +179,12 @@ def default_preset() -> str:
     return os.environ.get(DEFAULT_PRESET_ENV) or "shapes"
 
 
-def unknown_fields_error(names, own=()) -> ValueError:
+def unknown_fields_error(names, own=(), fields=FIELDS) -> ValueError:
+    if set(fields) != set(FIELDS):                       # a notebook that takes some of the fields
+        unused = sorted(set(names) & set(FIELDS))
+        unused = f" ({unused}: config fields this notebook does not use)" if unused else ""
+        return ValueError(f"unknown parameter(s) {sorted(names)}{unused}: this notebook takes "
+                          f"{sorted({*own, *fields})}")
     own = f" and this notebook's own parameters {sorted(own)}" if own else ""
     return ValueError(f"unknown parameter(s) {sorted(names)}: not config fields{own}. The config fields are "
                       f"{list(FIELDS)}")
@@ -210,9 +223,10 @@ class NotebookParameters:
 
     Made in the cell *before* the parameters cell, it remembers which names exist; the config cell
     then takes every name defined since (in the parameters cell, by papermill's injected cell, or
-    by hand) and not None as a parameter. Names that are config fields become overrides; the
-    notebook's own parameters are returned as they are; any other name is an error. The parameters
-    cells list every field as None, so papermill knows each name and the preset decides the rest."""
+    by hand) and not None as a parameter. Names that are config fields the notebook takes (all of them, or
+    those it uses: `config(fields=...)`) become overrides; the notebook's own parameters are returned as they
+    are; any other name is an error. The parameters cells list every field they take as None, so papermill
+    knows each name and the preset decides the rest."""
 
     def __init__(self, namespace: dict):
         self.namespace, self.before = namespace, set(namespace)
@@ -223,19 +237,21 @@ class NotebookParameters:
         return {k: v for k, v in self.namespace.items()
                 if k not in self.before and not k.startswith("_") and isinstance(v, (str, int, float, bool, list, dict))}
 
-    def split(self, own: tuple[str, ...]) -> tuple[dict, dict]:
-        """(the notebook's own parameters, config overrides); an unknown name is an error."""
+    def split(self, own: tuple[str, ...], fields: tuple[str, ...] = FIELDS) -> tuple[dict, dict]:
+        """(the notebook's own parameters, config overrides); a name neither `own` nor one of `fields` (the
+        config fields the notebook takes: all by default) is an error."""
         given = self.given()
-        unknown = set(given) - set(own) - set(FIELDS)
+        unknown = set(given) - set(own) - set(fields)
         if unknown:
-            raise unknown_fields_error(unknown, own)
+            raise unknown_fields_error(unknown, own, fields)
         return ({k: v for k, v in given.items() if k in own},
-                {k: v for k, v in given.items() if k in FIELDS and k not in own})
+                {k: v for k, v in given.items() if k in fields and k not in own})
 
-    def config(self) -> "TrainConfig":
+    def config(self, fields: tuple[str, ...] = FIELDS) -> "TrainConfig":
         """The config of a notebook whose own parameter is `preset`: that preset ("" -> the default
-        preset) with every other given name as a field override."""
-        own, overrides = self.split(own=("preset",))
+        preset) with every other given name as a field override. `fields`: the config fields the notebook
+        uses (default: all); any other name is an error, so a notebook never takes a value it ignores."""
+        own, overrides = self.split(own=("preset",), fields=fields)
         return make_config(own.get("preset", ""), **overrides)
 
     def only(self, own: tuple[str, ...]) -> dict:

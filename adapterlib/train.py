@@ -22,10 +22,11 @@ from safetensors.torch import load_file
 
 from . import checkpoint, datasets, distributed, encodings
 from .adapter import AdaptedUNet, Grounding, build_adapter, region_mask
-from .base import load_base
+from .base import load_base, resolve_base_path
 from .config import FIELDS, TIMESTEPS, TrainConfig, resume_changes
 from .figures import boxed_grid
 from .gates import gate_stats
+from .paths import repo_path
 from .precision import precision_policy
 from .jsonio import write_json
 from .lock import RunLock, RunLocked
@@ -84,6 +85,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
 
     Started by `accelerate launch` (or `launch`) with several processes, `batch_size` is the global batch,
     split over them; rank 0 writes the run folder and holds the lock (adapterlib/distributed.py)."""
+    check_data(cfg)
     shard, cfg = distributed.setup(cfg)
     folder = run_dir(cfg.run_name)
     lock, lock_note = take_lock(folder, shard)
@@ -95,6 +97,21 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
         return _loop(s, run, progress, progress_every_s, on_log, stop_at_step)
     finally:
         lock.release()
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """No silent Shapes on the real path: a run that names no data (the sd15 preset), or a latent base (one with
+    a VAE: Stable Diffusion) given the generated 32-px Shapes world, stops here and says what to give."""
+    if not cfg.data.strip():
+        raise ValueError(f"data is empty: the {cfg.preset!r} preset trains on your data and names none. Give a "
+                         "manifest, data=PATH/data.jsonl (`python -m adapterlib import coco ...` writes one from COCO "
+                         "or ODVG annotations; docs/data.md), or data=shapes-v2 for the generated Shapes world on the "
+                         "shipped base")
+    if datasets.is_shapes(cfg.data) and (resolve_base_path(cfg.base_model) / "vae").is_dir():
+        raise ValueError(f"base {cfg.base_model} is a latent model (it has a VAE) but data = {cfg.data!r} is the "
+                         "generated Shapes world, 32-px images made for the shipped pixel base: give your manifest, "
+                         "data=PATH/data.jsonl. To train this base on Shapes images anyway, write them as a manifest "
+                         "(adapterlib.shapes.write_dataset(folder, n)) and give its data.jsonl")
 
 
 def take_lock(folder: Path, shard: distributed.Shard) -> tuple[RunLock, str | None]:
@@ -199,6 +216,9 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
     adapter = build_adapter(base, attention=cfg.adapter_attention, norm=cfg.adapter_norm,
                             feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth,
                             blocks=cfg.adapter_blocks)
+    if cfg.init_from and not run.resume:                     # a diffusers GLIGEN folder's weights (a resume reads its own)
+        from .gligen import load_gligen_weights
+        load_gligen_weights(adapter, repo_path(cfg.init_from))
     model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
     params = adapter.trainable_parameters()
     fast = adapter.fast_parameters()                        # the gates (and learned depth weights): lr * gate_lr_scale
