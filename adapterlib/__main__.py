@@ -14,7 +14,7 @@
     python -m adapterlib import odvg --jsonl FILE --images DIR --out DIR   # -> DIR/data.jsonl (a manifest)
     python -m adapterlib evaluate --gligen GLIGEN_DIR --base SD_DIR  # a diffusers GLIGEN folder, same table
     python -m adapterlib export <run> [--checkpoint STEP] --out DIR [--measure N]   # weights, config, model card
-    python -m adapterlib bench [--size tiny|sd15|sdxl] [--device auto] [--batch 16] [--rounds 5] [--compile]  # samples/s
+    python -m adapterlib bench [--size tiny|sd15|sdxl] [--device auto] [--batch 16] [--rounds 5] [--compile] [--blocks all,decoder]  # samples/s
 
 A run is a name under the runs root ($ADAPTERLIB_RUNS, default runs/) or a path.
 
@@ -456,6 +456,10 @@ def _bench_parser(commands) -> None:
     be.add_argument("--variants", default=None, metavar="LIST",
                     help="our variants, e.g. masked+ff,self (default: masked, self, cross, with and without FF; "
                          "masked+ff, the config's default, is always measured)")
+    be.add_argument("--blocks", default=None, metavar="LIST",
+                    help="block choices of our rows, e.g. all,decoder,low,migc (every variant at each; a list of "
+                         "blocks joined by +: mid_block+up_blocks.1). Default: the preset's for the size (tiny: "
+                         "shapes, sd15: sd15), always measured; it is the JSON's ours_*")
     be.add_argument("--compile", action="store_true",
                     help="also every row torch.compile'd (n/a with the reason when it fails)")
     be.add_argument("--train-step", action="store_true",
@@ -463,12 +467,12 @@ def _bench_parser(commands) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import VARIANTS, format_table, parse_variants, run_bench
+    from .bench import VARIANTS, format_table, parse_blocks, parse_variants, run_bench
 
     result = run_bench(args.size, device=args.device, batch=args.batch, objects=args.objects, rounds=args.rounds,
                        steps_per_round=args.steps, warmup=args.warmup, compile=args.compile,
                        variants=VARIANTS if args.variants is None else parse_variants(args.variants),
-                       with_train_step=args.train_step)
+                       blocks=None if args.blocks is None else parse_blocks(args.blocks), with_train_step=args.train_step)
     print(f"{result['size']} on {result['device_name']} ({result['threads']} threads), torch {result['torch']}, "
           f"batch {result['batch']}, {result['objects']} slots ({result['objects_present']} objects in the batch), "
           f"median of {result['rounds']} rounds x {result['steps_per_round']} steps")

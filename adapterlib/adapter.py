@@ -1,4 +1,4 @@
-"""The spatial adapter: phrases + boxes -> grounding tokens -> a gated layer after every transformer block.
+"""The spatial adapter: phrases + boxes -> grounding tokens -> a gated layer after each chosen transformer block.
 
 GLIGEN's maths, arranged so the frozen UNet is never edited: each gated layer is attached with a
 forward hook on a diffusers `BasicTransformerBlock` (tiny default, SD 1.x/2.x, SDXL alike) and adds
@@ -10,6 +10,12 @@ to the block's output. Gates start at exactly 0, so at step 0 the adapted model 
 Gates are bounded with tanh (as GLIGEN): the effective gate stays in (-1, 1) whatever the learning
 rate, and the raw values are always exposed, since a raw gate above 1.0 is the training plan's
 over-activation signal (tanh(1) = 0.76: the gate is saturating).
+
+Which blocks get a layer (`blocks`, `select_blocks`): "all" (GLIGEN's placement), "decoder" (the mid block and
+the up blocks), "low" (blocks at a quarter of the input's side or less), "migc" (the mid block and the first up
+block with transformer blocks), or a comma list of block names / prefixes ("mid_block,up_blocks.1"). A block
+without a layer carries no hook; when no block before the first adapted one has a layer, nothing there needs a
+gradient, so the backward pass stops at the first adapted block (the frozen base's weights never need one).
 
 Attention variants (`attention`):
 - "self":   GLIGEN's gated self-attention over [visual; grounding] tokens, visual part kept;
@@ -28,6 +34,7 @@ import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
+from .config import BLOCK_CHOICES          # the named block choices (select_blocks); else a list of blocks
 from .data import MAX_OBJECTS, Record
 from .gligen import GligenAdapter
 
@@ -259,25 +266,30 @@ class SpatialAdapter(nn.Module):
 
     def __init__(self, unet, text_dim: int, *, attention: str = "masked", norm: str = "layernorm",
                  feedforward: bool = True, max_objects: int = MAX_OBJECTS, fourier_freqs: int = 8,
-                 mlp_width: int | None = None, depth: str = "none"):
+                 mlp_width: int | None = None, depth: str = "none", blocks: str = "all"):
         super().__init__()
-        blocks = transformer_blocks(unet)
-        if not blocks:
+        all_blocks = transformer_blocks(unet)
+        if not all_blocks:
             raise ValueError("this UNet has no transformer blocks: nothing to attach a spatial adapter to")
+        chosen = select_blocks(unet, blocks)
         token_dim = unet.config.cross_attention_dim
         token_dim = token_dim[0] if isinstance(token_dim, (list, tuple)) else token_dim
         mlp_width = mlp_width or min(512, 4 * token_dim)
-        # every architecture field, saved with checkpoints: resume refuses to change them
+        # every architecture field, saved with checkpoints: resume refuses to change them. `blocks` is the UNet's
+        # transformer blocks (which base it fits), `adapted_blocks` the ones with a layer
         self.config = dict(attention=attention, norm=norm, feedforward=feedforward, max_objects=max_objects,
                            fourier_freqs=fourier_freqs, mlp_width=mlp_width, text_dim=text_dim,
-                           token_dim=token_dim, blocks=list(blocks))
+                           token_dim=token_dim, blocks=list(all_blocks))
         if depth != "none":                      # written only when set: older checkpoints read as "none"
             self.config["depth"] = depth
-        self.block_names = list(blocks)
+        if chosen != list(all_blocks):           # written only when not every block: older checkpoints read as all
+            self.config["adapted_blocks"] = chosen
+        self.block_names = chosen                # the blocks with a layer, in the UNet's order (one per layer)
         self.tokenizer = GroundingTokenizer(text_dim, token_dim, mlp_width, fourier_freqs)
         self.layers = nn.ModuleList(
-            GatedLayer(b.norm1.normalized_shape[0], token_dim, b.attn1.heads, attention, norm, feedforward, depth)
-            for b in blocks.values())
+            GatedLayer(all_blocks[n].norm1.normalized_shape[0], token_dim, all_blocks[n].attn1.heads, attention, norm,
+                       feedforward, depth)
+            for n in chosen)
         self.max_objects = max_objects
         self._handles: list = []
         self._unet_id: int | None = None
@@ -303,11 +315,11 @@ class SpatialAdapter(nn.Module):
         if self._handles:
             raise RuntimeError("adapter is already attached; detach() it first")
         blocks = transformer_blocks(unet)
-        if list(blocks) != self.block_names:
+        if list(blocks) != self.config["blocks"]:
             raise ValueError("this UNet's transformer blocks differ from the ones the adapter was built for "
-                             f"({len(blocks)} vs {len(self.block_names)}): build the adapter for this UNet")
-        for layer, block in zip(self.layers, blocks.values()):
-            self._handles.append(block.register_forward_hook(self._hook(layer)))
+                             f"({len(blocks)} vs {len(self.config['blocks'])}): build the adapter for this UNet")
+        for layer, name in zip(self.layers, self.block_names):     # only the adapted blocks get a hook
+            self._handles.append(blocks[name].register_forward_hook(self._hook(layer)))
         self._unet_id = id(unet)         # which UNet the hooks are on (not a submodule: never saved or moved)
         return self
 
@@ -348,6 +360,70 @@ def transformer_blocks(unet) -> dict[str, BasicTransformerBlock]:
     return {name: m for name, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)}
 
 
+def block_factors(unet) -> dict[str, int]:
+    """Each transformer block's downsampling factor from the UNet's input (1, 2, 4, 8: its token grid is the
+    input's side / factor), read off the UNet's structure: the down blocks in order (one with a downsampler halves
+    the side after it), the mid block at the deepest, the up blocks back up (one with an upsampler doubles it)."""
+    factors, f = {}, 1
+
+    def mark(prefix, module):
+        factors.update({f"{prefix}.{n}": f for n, m in module.named_modules() if isinstance(m, BasicTransformerBlock)})
+    for i, block in enumerate(getattr(unet, "down_blocks", ())):
+        mark(f"down_blocks.{i}", block)
+        f *= 2 if getattr(block, "downsamplers", None) else 1
+    if getattr(unet, "mid_block", None) is not None:
+        mark("mid_block", unet.mid_block)
+    for i, block in enumerate(getattr(unet, "up_blocks", ())):
+        mark(f"up_blocks.{i}", block)
+        f //= 2 if getattr(block, "upsamplers", None) else 1
+    return factors
+
+
+def select_blocks(unet, spec: str = "all") -> list[str]:
+    """The transformer blocks (full module names, in the UNet's order) that `spec` gives a gated layer:
+    - "all": every one (GLIGEN, InstanceDiffusion);
+    - "decoder": the mid block and the up blocks (the backward pass then stops at the mid block);
+    - "low": every block at a quarter of the input's side or less: on SD 1.5 at 512 px (64x64 latents) the
+      16x16 and 8x8 ones (down_blocks.2, mid_block, up_blocks.1: 6 of 16), where the training-free box methods
+      steer; on the shipped tiny base (32x32) the 8x8 ones (down_blocks.2, mid_block, up_blocks.0: 4 of 7);
+    - "migc": the mid block and the first up block holding transformer blocks (MIGC's released placement: on
+      SD 1.5 mid_block + up_blocks.1, 4 blocks; on the tiny base mid_block + up_blocks.0, 3 blocks);
+    - else a comma list of block names or prefixes ("mid_block,up_blocks.1", "up_blocks.1.attentions.0"): a
+      block is chosen when its name is an item or starts with an item followed by a dot.
+    A choice or an item matching no transformer block is an error naming it and this UNet's blocks."""
+    blocks = list(transformer_blocks(unet))
+    spec = str(spec).strip()
+    top = lambda name: ".".join(name.split(".")[:2]) if name.startswith(("down_blocks.", "up_blocks.")) \
+        else name.split(".")[0]
+    groups = list(dict.fromkeys(top(n) for n in blocks))          # down_blocks.1, mid_block, up_blocks.0, ...
+    if spec == "all":
+        chosen = blocks
+    elif spec == "decoder":
+        chosen = [n for n in blocks if n.startswith(("mid_block.", "up_blocks."))]
+    elif spec == "low":
+        factors = block_factors(unet)
+        chosen = [n for n in blocks if factors.get(n, 0) >= 4]
+    elif spec == "migc":
+        first_up = next((g for g in groups if g.startswith("up_blocks.")), None)
+        chosen = [n for n in blocks if top(n) in ("mid_block", first_up)]
+    else:
+        items = [i.strip() for i in spec.split(",") if i.strip()]
+        match = lambda name, item: name == item or name.startswith(item + ".")
+        unknown = [i for i in items if not any(match(n, i) for n in blocks)]
+        if unknown or not items:
+            raise ValueError(f"adapter_blocks {spec!r}: {', '.join(map(repr, unknown)) or 'nothing'} matches no "
+                             f"transformer block of this UNet. Choose one of {BLOCK_CHOICES} or a comma list of "
+                             f"block names / prefixes; this UNet's blocks with transformer blocks: {groups}")
+        chosen = [n for n in blocks if any(match(n, i) for i in items)]
+    if not chosen:
+        factors = block_factors(unet)
+        levels = {g: factors.get(next(n for n in blocks if top(n) == g)) for g in groups}
+        raise ValueError(f"adapter_blocks {spec!r} selects no transformer block of this UNet (its blocks with "
+                         f"transformer blocks, and their downsampling factors: {levels}): choose another of "
+                         f"{BLOCK_CHOICES} or a comma list of those blocks")
+    return chosen
+
+
 class AdaptedUNet(nn.Module):
     """The frozen UNet and its adapter as one module with a real forward: what training, sampling, the
     checks and the benchmarks call (and what DDP/Accelerate wrap and torch.compile compiles).
@@ -385,10 +461,14 @@ class AdaptedUNet(nn.Module):
 
 
 def build_adapter(base, **options) -> SpatialAdapter:
-    """An adapter sized for `base` (its UNet blocks and phrase embedding width), attached and on its device.
-    Its weights are fp32 whatever the base's dtype: they are the master weights. `attention="gligen"`:
-    diffusers' own GLIGEN modules with the same interface (adapterlib/gligen.py)."""
+    """An adapter sized for `base` (its UNet blocks and phrase embedding width), attached and on its device
+    (`options`: SpatialAdapter's, e.g. `blocks="decoder"`). Its weights are fp32 whatever the base's dtype: they are
+    the master weights. `attention="gligen"`: diffusers' own GLIGEN modules with the same interface
+    (adapterlib/gligen.py), in every block."""
     kind = GligenAdapter if options.get("attention") == "gligen" else SpatialAdapter
+    if kind is GligenAdapter and options.pop("blocks", "all") != "all":
+        raise ValueError("adapter_attention 'gligen' is diffusers' GLIGEN as it is, a layer in every block: leave "
+                         "adapter_blocks at 'all'")
     adapter = kind(base.unet, base.phrase_dim, **options)
     return adapter.to(base.device, torch.float32).attach(base.unet)
 
@@ -396,7 +476,7 @@ def build_adapter(base, **options) -> SpatialAdapter:
 # build_adapter's option for each architecture field of the training config (config.ARCHITECTURE_FIELDS, less
 # base_model: the base is build_adapter's first argument)
 CONFIG_OPTIONS = dict(adapter_attention="attention", adapter_norm="norm", adapter_feedforward="feedforward",
-                      adapter_depth="depth", max_objects="max_objects")
+                      adapter_depth="depth", adapter_blocks="blocks", max_objects="max_objects")
 
 
 def architecture_options(cfg) -> dict:

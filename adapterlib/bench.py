@@ -11,13 +11,14 @@ Every row is one full training step on the same batch, the same frozen weights a
 - `peer`: diffusers' GLIGEN, `UNet2DConditionModel(attention_type="gated")` on the base's config with
   the base's weights loaded, `fuser` (a gated self-attention + feed-forward per transformer block) and
   `position_net` trained, grounded through `cross_attention_kwargs={"gligen": ...}`;
-- `ours <attention>[+FF]`: `AdaptedUNet(unet, adapter)` for each adapter variant (`adapter.build_adapter`'s
-  attention and feedforward options), only the adapter's parameters trained; `ours gligen` is the peer's own
+- `ours <attention>[+FF] [<blocks>]`: `AdaptedUNet(unet, adapter)` for each adapter variant (`adapter.build_adapter`'s
+  attention and feedforward options) at each block choice (`blocks`: all, decoder, low, migc or a list; the name
+  carries it unless it is all), only the adapter's parameters trained; `ours gligen` is the peer's own
   modules (fusers + position net) lent to the frozen base through our forward (adapterlib/gligen.py): its
   cost against `peer` is what our route adds or saves (GLIGEN's 30 slots, as diffusers' pipeline pads);
 - `train_step` (optional): what `adapterlib.train` does per step once a batch is in memory: captions and
   phrases through the text encoder, images to latents, noise, the default variant's step, gradient
-  clipping, LR schedule;
+  clipping, LR schedule (the default variant at the size's default blocks);
 - `extra` rows: the caller's own, `extra={name: make}` with `make(workload)` returning the row's step
   callable (e.g. a step fed from cached encodings), timed in the same rounds.
 Forward, backward to the trainable parameters, and an AdamW step (fused on CUDA). On CUDA the frozen
@@ -49,7 +50,7 @@ from torch import nn
 
 from .adapter import ATTENTIONS, AdaptedUNet, Grounding, SpatialAdapter
 from .base import load_base
-from .config import TrainConfig
+from .config import PRESETS, TrainConfig, check_blocks_spec
 from .gligen import GligenAdapter
 from .precision import autocast, precision_policy, resolve_device
 
@@ -58,13 +59,25 @@ DEFAULT_OBJECTS = {"tiny": 3, "sd15": 30, "sdxl": 30}          # grounding slots
 PRESENT_SHARE = {"tiny": 1.0, "sd15": 0.3, "sdxl": 0.3}        # share of the slots holding a real object (the rest: padding)
 VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, False)) + (("gligen", True),)
 DEFAULT_VARIANT = (TrainConfig.adapter_attention, TrainConfig.adapter_feedforward)
+# "ours" at each size: the default variant with the blocks of the preset that trains that base
+DEFAULT_BLOCKS = {size: PRESETS[preset].get("adapter_blocks", TrainConfig.adapter_blocks)
+                  for size, preset in (("tiny", "shapes"), ("sd15", "sd15"))}
 GATE_OPEN = 0.1
 
 
-def variant_name(attention: str, feedforward: bool) -> str:
+def variant_name(attention: str, feedforward: bool, blocks: str = "all") -> str:
     if attention == "gligen":              # diffusers' GLIGEN modules on our frozen base (always with its dense part)
         return "ours gligen"
-    return f"ours {attention}{'+FF' if feedforward else ''}"
+    return f"ours {attention}{'+FF' if feedforward else ''}" + ("" if blocks == "all" else f" [{blocks}]")
+def parse_blocks(text: str) -> tuple[str, ...]:
+    """"all,decoder,low" -> ("all", "decoder", "low"); an explicit list of blocks is one choice, joined by "+"
+    ("mid_block+up_blocks.1"). Each is checked as `adapter_blocks` is (its blocks: on the UNet)."""
+    out = tuple(dict.fromkeys(item.strip().replace("+", ",") for item in text.split(",") if item.strip()))
+    if not out:
+        raise ValueError("no block choice given")
+    for spec in out:
+        check_blocks_spec(spec)
+    return out
 
 
 def parse_variants(text: str) -> tuple[tuple[str, bool], ...]:
@@ -190,6 +203,7 @@ class Step:
     trainable: dict[str, nn.Parameter]
     model: nn.Module | None = None           # what the step calls (AdaptedUNet for ours, the gated UNet for the peer)
     compiled: bool = False
+    blocks: str | None = None                # our rows: the block choice
 
 
 def _optimizer(params, device: torch.device) -> torch.optim.Optimizer:
@@ -257,19 +271,20 @@ def peer_step(w: Workload, *, compile: bool = False, peer: nn.Module | None = No
     return Step("peer", run, trainable, peer, compile)
 
 
-def make_adapter(w: Workload, attention: str, feedforward: bool) -> SpatialAdapter:
+def make_adapter(w: Workload, attention: str, feedforward: bool, blocks: str = "all") -> SpatialAdapter:
     """An fp32 adapter for the workload's UNet (as `build_adapter` makes one), attached, gates opened."""
     kind = GligenAdapter if attention == "gligen" else SpatialAdapter
-    adapter = kind(w.unet, w.text_dim, attention=attention, feedforward=feedforward)
+    options = {} if attention == "gligen" else dict(blocks=blocks)        # GLIGEN: every block, as diffusers has it
+    adapter = kind(w.unet, w.text_dim, attention=attention, feedforward=feedforward, **options)
     adapter = adapter.to(w.device, torch.float32).attach(w.unet)
     for p in adapter.gate_parameters().values():
         p.data.fill_(GATE_OPEN)
     return adapter
 
 
-def adapter_step(w: Workload, attention: str, feedforward: bool, *, compile: bool = False) -> Step:
+def adapter_step(w: Workload, attention: str, feedforward: bool, *, blocks: str = "all", compile: bool = False) -> Step:
     """Our step through `AdaptedUNet(unet, adapter).forward(noisy, t, context, grounding, scale)`."""
-    adapter = make_adapter(w, attention, feedforward)
+    adapter = make_adapter(w, attention, feedforward, blocks)
     model = AdaptedUNet(w.unet, adapter)
     trainable = adapter.trainable_parameters()
     opt = _optimizer(list(trainable.values()), w.device)
@@ -281,7 +296,7 @@ def adapter_step(w: Workload, attention: str, feedforward: bool, *, compile: boo
         F.mse_loss(out.float(), w.target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return Step(variant_name(attention, feedforward), run, trainable, model, compile)
+    return Step(variant_name(attention, feedforward, blocks), run, trainable, model, compile, blocks)
 
 
 def train_step(w: Workload) -> Step:
@@ -293,7 +308,7 @@ def train_step(w: Workload) -> Step:
         raise ValueError(f"train_step needs a loaded base with its text encoder (size 'tiny'), not size {w.size!r}")
     base, B, N = w.base, w.batch, w.grounding.present.shape[1]
     cfg = TrainConfig()
-    adapter = make_adapter(w, *DEFAULT_VARIANT)
+    adapter = make_adapter(w, *DEFAULT_VARIANT, DEFAULT_BLOCKS[w.size])
     model = AdaptedUNet(w.unet, adapter)
     trainable, gates = adapter.trainable_parameters(), adapter.gate_parameters()
     opt = torch.optim.AdamW([{"params": [p for n, p in trainable.items() if n not in gates]},
@@ -325,7 +340,7 @@ def train_step(w: Workload) -> Step:
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
         opt.step()
         sched.step()
-    return Step("train_step", run, trainable, model)
+    return Step("train_step", run, trainable, model, blocks=DEFAULT_BLOCKS[w.size])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,12 +393,15 @@ def measure(steps: Mapping[str, Callable[[], object]], device: torch.device, *, 
 
 def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch: int = 16, objects: int | None = None,
               rounds: int = 5, steps_per_round: int = 10, warmup: int = 2, compile: bool = False,
-              variants: Sequence[tuple[str, bool]] = VARIANTS, with_train_step: bool = False,
+              variants: Sequence[tuple[str, bool]] = VARIANTS, blocks: Sequence[str] | None = None,
+              with_train_step: bool = False,
               extra: Mapping[str, Callable[[Workload], Callable[[], object]]] | None = None, seed: int = 0) -> dict:
     """Measure every row (module docstring) in one process; a JSON-ready dict: `rows` (one per row: name,
     samples_per_s, s_per_step, per-round seconds, peak/step memory in MiB or None, trainable_params,
     x_floor and x_peer against the floor and peer of the same mode, eager or compiled, note) and the
-    headline numbers (`ours_samples_per_s` is the default variant, masked+FF, eager).
+    headline numbers (`ours_samples_per_s` is the default variant, masked+FF, eager, at the size's default blocks,
+    `DEFAULT_BLOCKS`: the `shapes` preset's for tiny, the `sd15` preset's for sd15).
+    `blocks`: the block choices of our rows (every variant at each; the size's default is always measured).
     `extra`: {name: make(workload) -> step()}: more rows, each step one training step on
     `workload.batch` samples, timed in the same rounds."""
     if rounds < 1 or steps_per_round < 1 or warmup < 0:
@@ -391,11 +409,18 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     if with_train_step and size != "tiny":
         raise ValueError(f"the train_step row needs a loaded base with its text encoder (size 'tiny'), "
                          f"not size {size!r}")
+    if size not in SIZES:
+        raise ValueError(f"size {size!r}: choose one of {SIZES}")
     variants = tuple(dict.fromkeys(variants))
     if DEFAULT_VARIANT not in variants:
         variants = (DEFAULT_VARIANT, *variants)
+    default_blocks = DEFAULT_BLOCKS[size]
+    blocks = tuple(dict.fromkeys((default_blocks, *(blocks or ()))))
+    for spec in blocks:
+        check_blocks_spec(spec)
+    ours = variant_name(*DEFAULT_VARIANT, default_blocks)
     modes = (False, True) if compile else (False,)
-    taken = {name + tag for name in ("floor", "peer", *(variant_name(*v) for v in variants))
+    taken = {name + tag for name in ("floor", "peer", *(variant_name(*v, b) for v in variants for b in blocks))
              for tag in ("", " compiled")} | {"train_step"}
     if set(extra or {}) & taken:
         raise ValueError(f"extra rows {sorted(set(extra) & taken)}: those names are taken")
@@ -405,7 +430,7 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     for compiled in modes:
         tag = " compiled" if compiled else ""
         for step in (floor_step(w, compile=compiled), peer_step(w, compile=compiled, peer=peer),
-                     *(adapter_step(w, a, ff, compile=compiled) for a, ff in variants)):
+                     *(adapter_step(w, a, ff, blocks=b, compile=compiled) for a, ff in variants for b in blocks)):
             rows[step.name + tag] = step
     if with_train_step:
         rows["train_step"] = train_step(w)
@@ -418,7 +443,7 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     for name, step in rows.items():
         t = timed[name]
         sec = statistics.median(t["seconds"]) if t["seconds"] else None
-        table.append(dict(name=name, compiled=step.compiled, samples_per_s=None if sec is None else batch / sec,
+        table.append(dict(name=name, compiled=step.compiled, blocks=step.blocks, samples_per_s=None if sec is None else batch / sec,
                           s_per_step=sec, round_s=t["seconds"], peak_mib=mib(t["peak"]), step_mib=mib(t["above"]),
                           trainable_params=sum(p.numel() for p in step.trainable.values()), note=t["note"]))
     by_name = {r["name"]: r["samples_per_s"] for r in table}
@@ -427,11 +452,11 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
         for key, ref in (("x_floor", "floor"), ("x_peer", "peer")):
             base = by_name.get(ref + tag)
             r[key] = r["samples_per_s"] / base if r["samples_per_s"] and base else None
-    ours = variant_name(*DEFAULT_VARIANT)
     return dict(
         ours_samples_per_s=by_name[ours], peer_samples_per_s=by_name["peer"], floor_samples_per_s=by_name["floor"],
         ours_x_peer=by_name[ours] / by_name["peer"], ours_x_floor=by_name[ours] / by_name["floor"],
-        peer_compiled_samples_per_s=by_name.get("peer compiled"), ours_variant=ours, size=size, batch=batch,
+        peer_compiled_samples_per_s=by_name.get("peer compiled"), ours_variant=ours, ours_blocks=default_blocks,
+        size=size, batch=batch,
         objects=w.grounding.present.shape[1], objects_present=int(w.grounding.present.sum()),
         device=str(w.device), device_name=torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else "cpu",
         threads=torch.get_num_threads(), torch=torch.__version__, diffusers=diffusers.__version__,
@@ -446,11 +471,12 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
 def format_table(result: dict) -> str:
     """The rows as a fixed-width text table."""
     num = lambda v, f: format("n/a", ">" + f.split(".")[0]) if v is None else format(v, f)
-    lines = [f"{'row':<24} {'samples/s':>10} {'ms/step':>9} {'peak MiB':>9} {'step MiB':>9} {'x floor':>8} "
+    width = max(24, *(len(r["name"]) for r in result["rows"]))
+    lines = [f"{'row':<{width}} {'samples/s':>10} {'ms/step':>9} {'peak MiB':>9} {'step MiB':>9} {'x floor':>8} "
              f"{'x peer':>7} {'trainable':>10}  note"]
     for r in result["rows"]:
         speed = r["samples_per_s"]
-        lines.append(f"{r['name']:<24} {num(speed, '10.1f' if speed is None or speed >= 1 else '10.3g')} "
+        lines.append(f"{r['name']:<{width}} {num(speed, '10.1f' if speed is None or speed >= 1 else '10.3g')} "
                      f"{num(None if r['s_per_step'] is None else 1000 * r['s_per_step'], '9.1f')} "
                      f"{num(r['peak_mib'], '9.0f')} {num(r['step_mib'], '9.0f')} {num(r['x_floor'], '8.2f')} "
                      f"{num(r['x_peer'], '7.2f')} {r['trainable_params']:>10,}  {r['note']}")

@@ -197,6 +197,7 @@ def load_adapter(checkpoint: Path, base: BaseModel) -> SpatialAdapter:
     _check_base_shape(path, config, base)
     options = {k: config[k] for k in ("attention", "norm", "feedforward", "max_objects", "fourier_freqs", "mlp_width")}
     options["depth"] = config.get("depth", "none")
+    options["blocks"] = ",".join(config.get("adapted_blocks", [])) or "all"     # written before it: every block
     adapter = build_adapter(base, **options)
     if adapter.config != config:
         adapter.detach()

@@ -72,6 +72,9 @@ class TrainConfig:
                                          # GLIGEN folder (e.g. masterful/gligen-1-4-generation-text-box on disk) to fine-tune it
     adapter_depth: str = "none"          # masked attention, a token inside several boxes: none (all of them) |
                                          # smaller-front (only the smallest: smaller objects in front)
+    adapter_blocks: str = "all"          # which transformer blocks get a gated layer: all | decoder (mid + up blocks) |
+                                         # low (a quarter of the input's side or less) | migc (mid + first up block with
+                                         # transformer blocks) | a comma list of block names / prefixes (adapter.select_blocks)
     max_objects: int = MAX_OBJECTS       # the object limit: the manifest reader's, the adapter's (data.MAX_OBJECTS)
     crop: str = "none"                   # none (stretch to a square) | center | random (per sample, per epoch):
                                          # shorter side to the resolution, square crop, boxes clipped (data.transform_sample)
@@ -106,6 +109,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: choose one of {allowed}")
+        check_blocks_spec(self.adapter_blocks)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device = {self.device!r}: choose auto, cpu, cuda or cuda:N")
         for name in ("lr", "grad_clip", "gate_lr_scale"):
@@ -142,15 +146,15 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
                 "warmup", "lr_schedule", "box_loss_weight", "box_loss_region", "timesteps", "grad_clip", "adapter_attention",
-                "adapter_norm", "adapter_feedforward", "adapter_depth", "max_objects", "on_bad_record", "crop", "flip",
-                "init_from")
+                "adapter_norm", "adapter_feedforward", "adapter_depth", "adapter_blocks", "max_objects", "on_bad_record", "crop",
+                "flip", "init_from")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
                "max_nonfinite_steps", "cache", "num_workers", "compile", "tensorboard")
 # The subset of RESUME_FIXED that a checkpoint's adapter is built from.
 ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapter_feedforward", "adapter_depth",
-                       "max_objects")
+                       "adapter_blocks", "max_objects")
 
 PRESETS = {
     # the embedded default, sized for a 2-core CPU (see README for what it reaches and why these values); the
@@ -263,6 +267,23 @@ class NotebookParameters:
         if unknown:
             raise ValueError(f"unknown parameter(s) {sorted(unknown)}: this notebook takes {sorted(own)}")
         return given
+
+
+BLOCK_CHOICES = ("all", "decoder", "low", "migc")      # the named ones; resolved on a UNet by adapter.select_blocks
+BLOCK_PARTS = ("down_blocks", "mid_block", "up_blocks")   # where a listed block name starts (diffusers' UNet)
+
+
+def check_blocks_spec(spec: str) -> None:
+    """`adapter_blocks` before any work: a named choice, or a comma list of block names / prefixes each starting
+    with down_blocks, mid_block or up_blocks (whether each matches a block of the base is checked on the base)."""
+    items = [i.strip() for i in spec.split(",")]
+    if spec.strip() in BLOCK_CHOICES:
+        return
+    bad = [i for i in items if not i or i.split(".")[0] not in BLOCK_PARTS or not all(i.split("."))]
+    if bad:
+        raise ValueError(f"adapter_blocks = {spec!r}: {', '.join(map(repr, bad))} is not a block. Choose one of "
+                         f"{BLOCK_CHOICES}, or a comma list of block names / prefixes starting with one of "
+                         f"{BLOCK_PARTS} (e.g. 'mid_block,up_blocks.1')")
 
 
 def check_types(cfg) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from . import checkpoint, datasets, distributed, encodings
-from .adapter import AdaptedUNet, Grounding, build_adapter, region_mask
+from .adapter import AdaptedUNet, Grounding, architecture_options, build_adapter, region_mask
 from .base import load_base, resolve_base_path
 from .config import FIELDS, TIMESTEPS, TrainConfig, resume_changes
 from .figures import boxed_grid
@@ -213,8 +213,7 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
         raise ValueError(f"box_loss_region = {cfg.box_loss_region!r} needs a pixel base (the Shapes bases); "
                          f"{cfg.base_model} has a "
                          "VAE, so an object's pixels are not the prediction's cells: use box_loss_region = 'box'")
-    adapter = build_adapter(base, attention=cfg.adapter_attention, norm=cfg.adapter_norm,
-                            feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth)
+    adapter = build_adapter(base, **architecture_options(cfg))       # the same builder as notebook 01's
     if run.resume:              # a checkpoint of another base (an SD 1.5 adapter, the folder now SDXL): refused now
         checkpoint.check_adapter_fits(run.latest[1], base)
     if cfg.init_from and not run.resume:                     # a diffusers GLIGEN folder's weights (a resume reads its own)
