@@ -71,8 +71,12 @@ def base_identity(base_path: str | Path, root: str | Path | None = None) -> str 
         if not (isinstance(known, list) and known[:2] == [stat.st_size, stat.st_mtime_ns]):
             memo[key], changed = [stat.st_size, stat.st_mtime_ns, _sha256(f)], True
         h.update(f"{f.relative_to(base_path).as_posix()}\0{memo[key][2]}\0".encode())
-    if changed:
-        write_json(memo_path, memo)
+    if changed:                                 # an optimisation only: a failed write (a race) costs a re-hash
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(memo_path, memo)
+        except OSError:
+            pass
     return h.hexdigest()
 
 

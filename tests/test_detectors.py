@@ -181,7 +181,8 @@ def test_cli_evaluates_a_manifest_with_a_detector_folder(owl_folder, tmp_path, c
     result = json.loads(out[-1])
     assert result["detector"] == str(owl_folder) and result["layouts"] == str(manifest)
     assert result["n_objects"] == 6 and 0.0 <= result["ap50"] <= 1.0 and result["color_presence"] is None
-    assert "ap50" in out[0] and out[1].startswith("ground truth")          # the table's header and row
+    assert out[0] == f"on 3 layouts of {manifest}"                           # the title: which layouts
+    assert "ap50" in out[1] and out[2].startswith("ground truth")          # the table's header and row
 
 
 def test_bad_detector_folders_are_clear_errors(owl_folder, tmp_path, capsys):
@@ -194,13 +195,20 @@ def test_bad_detector_folders_are_clear_errors(owl_folder, tmp_path, capsys):
     with pytest.raises(ValueError, match=re.escape("model_type 'bert' is not supported; expected one of ['owlvit'")):
         load_detector(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "owlvit"}))     # no weights, no processor
-    with pytest.raises(ValueError, match=re.escape(f"detector folder {tmp_path}: could not load a owlvit model")):
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"detector folder {tmp_path} lacks model.safetensors, preprocessor_config.json, tokenizer.json or "
+            "vocab.json + merges.txt")):
         load_detector(tmp_path)
     pickled = tmp_path / "pickled"                                          # weights as pickle only: refused
     shutil.copytree(owl_folder, pickled, ignore=shutil.ignore_patterns("model.safetensors"))
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(ValueError, match=re.escape(f"detector folder {pickled}: could not load a owlvit model")):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"detector folder {pickled} lacks model.safetensors:")):
         load_detector(pickled)
+    broken = tmp_path / "broken"                                            # every file there, one unreadable
+    shutil.copytree(owl_folder, broken)
+    (broken / "preprocessor_config.json").write_text("{")
+    with pytest.raises(ValueError, match=re.escape(f"detector folder {broken}: could not load a owlvit model")):
+        load_detector(broken)
     # through the CLI: exit 2 and the message, before any work
     assert main(["evaluate", "--reference", "ground-truth", "--limit", "2", "--detector", str(tmp_path / "nope")]) == 2
     assert f"detector '{tmp_path / 'nope'}' is not 'color' nor a folder" in capsys.readouterr().err
