@@ -120,7 +120,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "save_every", "log_every", "n_train", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
-        from .evaluate import check_detector, check_heldout
+        from .evalspec import check_detector, check_heldout
         check_heldout(self.heldout)              # both checked here, before any work: a typo found now, not
         check_detector(self.detector)            # after the training, at the first checkpoint test
 

@@ -161,10 +161,12 @@ class ZeroShotDetector(Detector):
         self.spec = str(self.path)
         self.model_type = check_detector_folder(self.path)
         self.device = resolve_device(device)
+        from .base import _quiet_loading
         try:
-            self.processor = AutoProcessor.from_pretrained(self.path, local_files_only=True)
-            model = AutoModelForZeroShotObjectDetection.from_pretrained(self.path, local_files_only=True,
-                                                                        use_safetensors=True)  # no pickle
+            with _quiet_loading():                  # no loading progress bar in a notebook's output
+                self.processor = AutoProcessor.from_pretrained(self.path, local_files_only=True)
+                model = AutoModelForZeroShotObjectDetection.from_pretrained(self.path, local_files_only=True,
+                                                                            use_safetensors=True)  # no pickle
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"detector folder {self.path}: could not load a {self.model_type} model and its "
                              f"processor ({EXPECTED_FILES}): {e}") from e

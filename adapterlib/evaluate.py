@@ -25,6 +25,7 @@ import pandas as pd
 from . import datasets
 from .data import Record, read_manifest, resolve_image
 from .detectors import Detector
+from .evalspec import HELDOUT_SETS, NOT_HELD_OUT, check_detector, check_heldout, detector_spec  # noqa: F401 (API)
 from .paths import repo_path
 
 SUMMARY_KEYS = ("success_rate", "miou", "ap50", "color_presence", "n_objects", "n_images")
@@ -129,29 +130,11 @@ def manifest_layouts(path: str | Path, n: int | None = None) -> Layouts:
     return Layouts(records, [r.seed if r.seed is not None else i for i, r in enumerate(records)], path)
 
 
-HELDOUT_SETS = {"v1": 1, "heldout": 1, "v2": 2, "heldout-v2": 2}     # names of the shipped held-out sets
-NOT_HELD_OUT = "(training records: not held out)"
-
-
 def named_layouts(spec: str | Path, n: int | None = None) -> Layouts:
     """Layouts by name: v1 / v2 (also heldout / heldout-v2: the shipped held-out sets) or a manifest path."""
     if str(spec) in HELDOUT_SETS:
         return heldout_layouts(n, HELDOUT_SETS[str(spec)])
     return manifest_layouts(repo_path(spec), n)
-
-
-def check_heldout(spec: str, field: str = "heldout") -> None:
-    """A clear error, before any work, for a held-out spec that is not v1, v2 or a readable manifest
-    (the ManifestError of a bad record names the file and the record)."""
-    if not spec or str(spec) in HELDOUT_SETS:
-        return
-    path = repo_path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"{field} = {spec!r}: {path} is not a file; give a held-out manifest (JSON Lines, "
-                                f"e.g. from `python -m adapterlib import coco ... --out DIR`: DIR/data.jsonl), "
-                                f"v1 or v2, or \"\" for the run's default")
-    if not read_manifest(path, require_image=False):
-        raise ValueError(f"{field} = {spec!r}: {path} has no records")
 
 
 def run_layouts(run: str | Path, n: int | None = None) -> Layouts:
@@ -187,19 +170,6 @@ def run_detector(run: str | Path | None = None, detector: str | Path | None = No
         from .runs import effective_config, resolve_run
         spec = effective_config(resolve_run(run)).get("detector", "")
     return detector_spec(spec)
-
-
-def detector_spec(spec: str | Path | None) -> str:
-    """"color" for the colour detector ("" / None / "color"), else the detector folder's full path."""
-    return "color" if spec in (None, "", "color") else str(repo_path(spec))
-
-
-def check_detector(spec: str, field: str = "detector") -> None:
-    """A clear error, before any work, for a detector that is neither "" / "color" nor a complete zero-shot
-    detector folder (`detectors.check_detector_folder`: which files are missing)."""
-    from .detectors import check_detector_folder
-    if detector_spec(spec) != "color":
-        check_detector_folder(Path(detector_spec(spec)), field=field)
 
 
 def check_measurable(detector: Detector, layouts: Layouts) -> None:
