@@ -4,8 +4,9 @@
     python -m adapterlib evaluate --reference base             # the base alone (no adapter)
     python -m adapterlib evaluate --reference base --base /path/to/stable-diffusion --limit 20
     python -m adapterlib evaluate runs/<run> [--checkpoint latest|final|STEP] [--scale 1.0] [--tau 1.0]
-    python -m adapterlib evaluate runs/<run> --checkpoint all   # grounding vs step (checkpoint tests)
+    python -m adapterlib evaluate runs/<run> --checkpoint all [--detector DIR]   # grounding vs step (checkpoint tests)
     python -m adapterlib evaluate runs/<run> --layouts data.jsonl --detector /path/to/owlv2   # real images
+    (a run's own layouts and detector: its `heldout` and `detector` fields; docs/real-data.md)
     python -m adapterlib status <run> [--json]                  # where a run stands
     python -m adapterlib train [--preset P] [--FIELD VALUE ...]   # train a new run (fields of TrainConfig)
     python -m adapterlib train --resume <run> [--steps N ...]     # continue a run (only free fields may change)
@@ -60,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                                          "held-out layouts; the last line of stdout is a JSON object.")
     ev.set_defaults(command=_evaluate, command_name="evaluate")
     ev.add_argument("run", nargs="?", help="a run name or folder: evaluate its adapter (latest checkpoint by default)")
-    ev.add_argument("--checkpoint", default="latest", help="latest | final | a step number | all (every checkpoint: grounding vs step, cached under checkpoint_test/)")
+    ev.add_argument("--checkpoint", default="latest", help="latest | final | a step number | all (every checkpoint: "
+                                                           "grounding vs step, cached under checkpoint_test/; with "
+                                                           "--detector and --layouts too)")
     ev.add_argument("--scale", type=float, default=1.0, help="injection scale over all gates (with a run)")
     ev.add_argument("--tau", type=float, default=1.0,
                     help="scheduled sampling: grounding on for the first tau of the steps (with a run)")
