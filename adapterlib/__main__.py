@@ -41,13 +41,14 @@ from . import evaluate
 from .config import FIELDS, PRESETS, RESUME_FREE, TrainConfig
 from .data import ManifestError
 from .jsonio import dumps
+from .lock import RunLocked
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.command(args)
-    except (FileNotFoundError, FileExistsError, ManifestError, ValueError, TypeError) as e:
+    except (FileNotFoundError, FileExistsError, ManifestError, ValueError, TypeError, RunLocked) as e:
         print(f"adapterlib {args.command_name}: error: {e}", file=sys.stderr)
         return 2
 

@@ -33,7 +33,8 @@ class TrainConfig:
     run_name: str = ""                   # "" -> "<preset>-<date>-<time>"
     base_model: str = "shapes-tiny"      # the shipped tiny base, or a diffusers-style SD folder path
     data: str = "shapes-v2"              # a manifest (.jsonl) path, or a generated Shapes set: "shapes-v2" (1-6 objects,
-                                         # some overlapping, smaller in front) or "shapes" (the first world: 1-3, apart)
+                                         # some overlapping, smaller in front) or "shapes" (the first world: 1-3, apart);
+                                         # "" (the sd15 preset's): none given, which training refuses
     n_train: int = 20_000                # size of the generated Shapes set (data "shapes-v2" or "shapes")
     seed: int = 0
     device: str = "auto"                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
@@ -162,7 +163,7 @@ PRESETS = {
     # with (the field's default)
     "shapes": dict(lr_schedule="cosine", box_loss_region="layered"),
     # the training plan's values for Stable Diffusion 1.5 on one GPU (docs/training-plan.md)
-    "sd15": dict(steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
+    "sd15": dict(data="", steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
                  save_every=2000, gate_lr_scale=1.0, warmup=500, log_every=50, mixed_precision="bf16",
                  adapter_attention="self", box_loss_weight=0.0),
     # seconds on a CPU: what the tests and nbval run (chosen by the test harness, never a user default)

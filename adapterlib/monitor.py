@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .figures import plot_progress
 from .gates import run_phases
+from . import lock
 from .jsonio import strict_json
 from .runs import DATA_REPORT, effective_config, latest_checkpoint, read_metrics
 
@@ -111,6 +112,7 @@ def run_status(run_dir: str | Path, *, stalled_after_s: float = 600.0, now: floa
                 status["eta_s"] = float((total - step) * config["batch_size"] / recent)
     findings = run_phases(run_dir, metrics)
     status["warnings"] = [f"{f.finding} at step {f.step}: {f.rule}" for f in findings.itertuples() if f.kind == "alarm"]
+    status["writer"] = lock.holder(run_dir)           # the last process that took the run's lock (read, never taken)
     report = run_dir / DATA_REPORT
     data = json.loads(report.read_text()) if report.is_file() else {}
     status["skipped_records"] = data.get("skipped", 0)
@@ -146,6 +148,7 @@ def format_status(status: dict) -> str:
              f"checkpoint  {checkpoint}",
              f"skipped     {status['skipped']} non-finite step(s)",
              f"metrics     last row written {age}",
+             f"writer      {lock.describe(status['writer']) if status.get('writer') else '-'} (the last to take its lock)",
              f"log         {status['last_log_line'][:110]}"]
     lines += [f"WARNING     {w}" for w in status["warnings"]] or ["warnings    none"]
     return "\n".join(lines)

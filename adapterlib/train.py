@@ -1,4 +1,4 @@
-"""The training loop: one function, top to bottom, with exact resume.
+"""The training loop, in parts that read alone, with exact resume and one writer per run.
 
 Everything random (data order, noise, timesteps, dropouts, injection scales) comes from one torch
 Generator whose state is saved in each checkpoint, and the data order is a pure function of
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,12 +22,13 @@ from safetensors.torch import load_file
 
 from . import checkpoint, datasets, distributed, encodings
 from .adapter import AdaptedUNet, Grounding, build_adapter, region_mask
-from .base import load_base
+from .base import load_base, resolve_base_path
 from .config import FIELDS, TIMESTEPS, TrainConfig, resume_changes
 from .figures import boxed_grid
 from .gates import gate_stats
 from .precision import precision_policy
 from .jsonio import write_json
+from .lock import RunLock, RunLocked
 from .progress import Progress
 from .runs import CHANGES, DATA_REPORT, RunLog, effective_config, latest_checkpoint, run_dir, runs_root
 from .sample import generate
@@ -63,23 +65,84 @@ def resume_config(run: str | Path, **changes) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------
+# the loop, in parts that read alone: the run opened under its lock (`open_run`), the model, optimiser and data
+# set up (`set_up`), one optimisation step (`step_loss`, `update`), the numbers between log rows (`Meter`), a
+# checkpoint (`Saver`); `train` strings them together top to bottom.
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, progress_every_s: float = 30.0,
           on_log=None, stop_at_step: int | None = None) -> Path:
     """Train the run `cfg.run_name` (a name under the runs root, or a path); returns its folder.
 
-    A new run refuses a folder that already has a checkpoint (resume it, or pick another name); a run
-    killed before its first checkpoint starts again from step 0, saying so. With `resume`, training
-    continues from the latest complete checkpoint; `cfg` may differ from the run's config only in the
-    fields that may change on resume, and the changes are written to train.log.
-    `progress`: a progress bar (a widget in a notebook); lines go to the terminal every
-    `progress_every_s` seconds either way. `on_log(run_dir)` is called at each logging interval (the
-    notebook's live plot); `stop_at_step` simulates an interrupt there.
+    A run has one writer: the run's lock (adapterlib/lock.py) is taken before anything is written, and a second
+    process training the same run stops with `RunLocked`. A new run refuses a folder that already has a
+    checkpoint (resume it, or pick another name); a run killed before its first checkpoint starts again from
+    step 0, saying so. With `resume`, training continues from the latest complete checkpoint; `cfg` may differ
+    from the run's config only in the fields that may change on resume, and the changes are written to train.log.
+    `progress`: a progress bar (a widget in a notebook); lines go to the terminal every `progress_every_s`
+    seconds either way. `on_log(run_dir)` is called at each logging interval (the notebook's live plot);
+    `stop_at_step` simulates an interrupt there.
 
     Started by `accelerate launch` (or `launch`) with several processes, `batch_size` is the global batch,
-    split over them; rank 0 writes the run folder (adapterlib/distributed.py)."""
+    split over them; rank 0 writes the run folder and holds the lock (adapterlib/distributed.py)."""
+    check_data(cfg)
     shard, cfg = distributed.setup(cfg)
     folder = run_dir(cfg.run_name)
+    lock, lock_note = take_lock(folder, shard)
+    try:
+        run = open_run(cfg, folder, resume, shard)
+        if lock_note:
+            run.notes.append(lock_note)
+        s = set_up(cfg, shard, run, progress)
+        return _loop(s, run, progress, progress_every_s, on_log, stop_at_step)
+    finally:
+        lock.release()
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """No silent Shapes on the real path: a run that names no data (the sd15 preset), or a latent base (one with
+    a VAE: Stable Diffusion) given the generated 32-px Shapes world, stops here and says what to give."""
+    if not cfg.data.strip():
+        raise ValueError(f"data is empty: the {cfg.preset!r} preset trains on your data and names none. Give a "
+                         "manifest, data=PATH/data.jsonl (`python -m adapterlib import coco ...` writes one from COCO "
+                         "or ODVG annotations; docs/data.md), or data=shapes-v2 for the generated Shapes world on the "
+                         "shipped base")
+    if datasets.is_shapes(cfg.data) and (resolve_base_path(cfg.base_model) / "vae").is_dir():
+        raise ValueError(f"base {cfg.base_model} is a latent model (it has a VAE) but data = {cfg.data!r} is the "
+                         "generated Shapes world, 32-px images made for the shipped pixel base: give your manifest, "
+                         "data=PATH/data.jsonl. To train this base on Shapes images anyway, write them as a manifest "
+                         "(adapterlib.shapes.write_dataset(folder, n)) and give its data.jsonl")
+
+
+def take_lock(folder: Path, shard: distributed.Shard) -> tuple[RunLock, str | None]:
+    """The run's writer lock, taken by rank 0 for every process before anything is written; every process
+    stops alike when it is held elsewhere."""
+    lock, note, refused = RunLock(folder), None, None
+    if shard.main:
+        try:
+            note = lock.acquire()
+        except RunLocked as e:
+            refused = e
+    if shard.world > 1 and int(shard.sum(torch.tensor(float(refused is not None), device=shard.device))):
+        raise refused or RunLocked(f"run {folder} is being trained by another process (rank 0 of this job could not "
+                                   "take the run's lock: its message says which)")
+    if refused is not None:
+        raise refused
+    return lock, note
+
+
+@dataclass
+class OpenedRun:
+    """What opening the run decided: a new run or a resume, from which checkpoint, with which changes."""
+    folder: Path
+    resume: bool
+    latest: tuple[int, Path] | None          # the checkpoint resumed from
+    state: dict | None                       # its state.pt: plain data only
+    changes: dict                            # the resume's changes to the config (free fields only)
+    notes: list[str]                         # for train.log and the first progress line
+
+
+def open_run(cfg: TrainConfig, folder: Path, resume: bool, shard: distributed.Shard) -> OpenedRun:
+    """Decide new run or resume (every check before any work), and write a new run's config.json."""
     notes = []
     existing = latest_checkpoint(folder)
     if existing is not None and not resume:
@@ -111,8 +174,36 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     if state is not None and state.get("processes", 1) != shard.world:
         notes.append(f"the checkpoint was written by {state.get('processes', 1)} process(es), this run has "
                      f"{shard.world}: the same global batch and random numbers, float rounding differs")
+    return OpenedRun(folder, resume, latest, state, changes, notes)
 
-    # --- model: frozen base in the compute dtype, fp32 adapter (master weights), one module with a forward
+
+@dataclass
+class Setup:
+    """Everything a step needs: the frozen base and the adapter as one module, the optimiser, the data."""
+    cfg: TrainConfig
+    shard: distributed.Shard
+    base: object
+    adapter: object
+    model: torch.nn.Module                  # AdaptedUNet (DDP-wrapped with several processes, compiled if asked)
+    params: dict                            # the adapter's trainable parameters, by name
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    compute_dtype: torch.dtype
+    amp_dtype: torch.dtype | None
+    sync_free: bool                         # CUDA: no host sync per step (SYNC_FREE_DEVICES)
+    slots: int | None                       # grounding slots per batch (compiled runs: max_objects)
+    source: object                          # encodings.training_source: cached encodings or images
+    eval_records: list                      # drawn at each checkpoint
+
+    @property
+    def device(self) -> torch.device:
+        return self.shard.device
+
+
+def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress: bool) -> Setup:
+    """The frozen base in the compute dtype, the fp32 adapter (master weights) and the optimiser, the data source
+    (checked and cached before any step), and the resumed states."""
     device = shard.device
     compute_dtype, amp_dtype, use_scaler = precision_policy(device, cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
@@ -136,17 +227,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
     slots = cfg.max_objects if cfg.compile else None
     if cfg.compile:
         model = torch.compile(model, dynamic=False)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    folder = run.folder
     with shard.main_first():                                  # rank 0 writes a generated set (and its cache) once
         report = folder / DATA_REPORT      # on resume: the manifest the run started with
-        started_with = json.loads(report.read_text()).get("manifest") if resume and report.is_file() else None
+        started_with = json.loads(report.read_text()).get("manifest") if run.resume and report.is_file() else None
         manifest = datasets.training_manifest(cfg.data, cfg.n_train, runs_root(), started_with)
         source, source_note = encodings.training_source(
             base, manifest, runs_root(), cache=cfg.cache, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed,
             max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record, compute_dtype=compute_dtype,
             progress=progress and shard.main)
-    notes.append(source_note)
+    run.notes.append(source_note)
     if cfg.box_loss_weight > 0 and cfg.box_loss_region != "box":
         datasets.check_region_records(source.records, cfg.box_loss_region)   # or stop before any step
     if shard.main:
@@ -154,82 +246,202 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                                               on_bad_record=cfg.on_bad_record, first_reasons=source.skipped[:10],
                                               inputs=source_note))
     if source.skipped:
-        notes.append(f"{len(source.skipped)} bad record(s) skipped (on_bad_record='skip'; first: {source.skipped[0]}; "
-                     f"all in {DATA_REPORT})")
+        run.notes.append(f"{len(source.skipped)} bad record(s) skipped (on_bad_record='skip'; first: "
+                         f"{source.skipped[0]}; all in {DATA_REPORT})")
     eval_records = datasets.sample_records(cfg.data, source.records, cfg.n_samples)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step, skipped = 0, 0
-    if resume:
-        step, path = latest
-        adapter.load_state_dict(load_file(str(path / "adapter.safetensors"), device=str(device)))
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(gen, state["rng"])
-        skipped = state["skipped"]
-    log = RunLog(folder, list(gate_stats(adapter))[3:], step if resume else None,
-                 tensorboard=cfg.tensorboard) if shard.main else distributed.SILENT
-    bar = Progress(folder.name, step, cfg.steps, every_s=progress_every_s, bar=progress) if shard.main else distributed.SILENT
-    if changes:
-        log.text(CHANGES + json.dumps({k: v for k, v in changes.items()}))
-        notes.append("with changes " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
-    summary = (f"{'; '.join(notes)} on {device} (base {cfg.base_model}, adapter {cfg.adapter_attention}/"
-               f"{cfg.adapter_norm}, {sum(p.numel() for p in params.values())} trainable parameters)")
-    log.text(summary)
-    bar.say(f"{summary}; run folder {folder}")
+    if run.resume:
+        adapter.load_state_dict(load_file(str(run.latest[1] / "adapter.safetensors"), device=str(device)))
+        opt.load_state_dict(run.state["optimizer"])
+        sched.load_state_dict(run.state["scheduler"])
+        scaler.load_state_dict(run.state["scaler"])
+    return Setup(cfg, shard, base, adapter, model, params, opt, sched, scaler, compute_dtype, amp_dtype, sync_free,
+                 slots, source, eval_records)
 
-    @shard.main_only                            # rank 0 writes, the other processes wait for it
-    def save(at_step, rng_state):
-        state = dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
+
+def step_loss(s: Setup, batch: encodings.Batch, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's loss and the global batch's (every process decides alike on it). The random numbers of the
+    whole global batch are drawn in a fixed order from `gen` (several processes: each keeps its rows)."""
+    cfg, shard, device, base = s.cfg, s.shard, s.device, s.base
+    # --- inputs: captions (caption dropout), grounding (phrase dropout), latents, noise, timesteps, scales
+    drop = shard.take(torch.rand(cfg.batch_size, generator=gen)) < cfg.caption_dropout
+    context, phrase_embeddings = encodings.text_inputs(base, batch, drop, device, s.compute_dtype, s.amp_dtype)
+    grounding = Grounding.from_records(batch.records, phrase_embeddings, max_objects=cfg.max_objects,
+                                       phrase_dropout=cfg.phrase_dropout, generator=gen,
+                                       part=shard.part(batch.records), pad_to=s.slots)
+    latents = encodings.sample_latents(base, batch, gen, device, s.compute_dtype, s.amp_dtype,
+                                       draw=lambda shape: shard.take(torch.randn((cfg.batch_size, *shape[1:]), generator=gen)))
+    noise = shard.take(torch.randn((cfg.batch_size, *latents.shape[1:]), generator=gen)).to(device)
+    t = shard.take(draw_timesteps(cfg.timesteps, cfg.batch_size, base.scheduler.config.num_train_timesteps, gen)).to(device)
+    scale = shard.take(cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(cfg.batch_size, generator=gen)).to(device)
+    noisy = base.scheduler.add_noise(latents, noise, t)
+    prediction = base.scheduler.config.prediction_type
+    target = {"epsilon": noise, "v_prediction": base.scheduler.get_velocity(latents, noise, t),
+              "sample": latents}[prediction]
+    # --- forward: the frozen UNet with the adapter, through the one module
+    with torch.autocast(device.type, s.amp_dtype, enabled=s.amp_dtype is not None):
+        pred = s.model(noisy.to(s.compute_dtype), t, context, grounding, scale)
+    loss = F.mse_loss(pred.float(), target)
+    if cfg.box_loss_weight > 0:
+        # several processes: each adds its objects' errors over the global batch's object count, times the
+        # process count (DDP averages the gradients), so together they make the global batch's loss
+        objects = shard.sum(grounding.present.sum().float()) / shard.world
+        region = (visible_region(batch, grounding, pred.shape[-2:], cfg.box_loss_region)
+                  if cfg.box_loss_region != "box" else None)
+        loss = loss + cfg.box_loss_weight * box_loss(pred.float(), target, grounding, objects, region)
+    return loss, shard.mean(loss.detach())
+
+
+def update(s: Setup, loss: torch.Tensor, batch_loss: torch.Tensor, counted: "NonFiniteCount | None"):
+    """Backward, clip, the optimiser and schedule steps. On sync-free devices a non-finite loss is caught on the
+    device: the fused AdamW skips the update itself (`found_inf`) and `counted` counts it. Returns the gradient
+    norm and whether the loss was finite (both on the device)."""
+    s.scaler.scale(loss).backward()
+    s.scaler.unscale_(s.opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(s.params.values()), s.cfg.grad_clip)
+    good = torch.isfinite(batch_loss)
+    if s.sync_free:                              # checked on the device; the fused AdamW skips a bad step
+        if not s.scaler.is_enabled():            # (the loss scaler hands it its own found_inf)
+            s.opt.found_inf = (~good).float()
+        counted.add(~good)
+    s.scaler.step(s.opt)
+    s.opt.__dict__.pop("found_inf", None)
+    s.scaler.update()
+    s.sched.step()
+    return grad_norm, good
+
+
+class Meter:
+    """The numbers between two log rows: the mean finite loss and the samples/s since the last row, and the
+    non-finite losses (checked every step on the CPU; counted on the device and read at intervals on CUDA), with
+    the stop rule `max_nonfinite_steps`."""
+
+    def __init__(self, s: Setup, log, bar, skipped: int, last_saved: int):
+        self.s, self.log, self.bar, self.skipped, self.last_saved = s, log, bar, skipped, last_saved
+        self.skipped_before, self.in_a_row = skipped, 0
+        self.counted = NonFiniteCount(s.device) if s.sync_free else None
+        self.t_start = time.perf_counter()
+        self.restart()
+
+    def restart(self) -> None:
+        """A new window after a row: the loss sums and the clock."""
+        zero = lambda: torch.zeros((), device=self.s.device)
+        self.loss_sum, self.loss_count = zero(), zero()
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """samples/s counts training only: the clock restarts after a checkpoint (the loss sums go on)."""
+        self.window_steps, self.t_window = 0, time.perf_counter()
+
+    def add(self, batch_loss: torch.Tensor, good: torch.Tensor) -> None:
+        self.loss_sum += torch.where(good, batch_loss, 0.0)   # read back at log intervals only: no host sync per step
+        self.loss_count += good
+        self.window_steps += 1
+        self.in_a_row = 0
+
+    def skip(self, batch_loss: torch.Tensor, at_step: int) -> None:
+        """The CPU's per-step check found a non-finite loss: the step is skipped (no update)."""
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        self.log.text(f"step {at_step}: non-finite loss {batch_loss.item()}, step skipped ({self.skipped} so far)")
+        if self.in_a_row >= self.s.cfg.max_nonfinite_steps:
+            self.stop(self.in_a_row, at_step)
+
+    def read_device_counts(self, at_step: int) -> None:
+        """Sync-free devices: the skipped total, a note, the stop rule."""
+        total, new, longest = self.counted.read()
+        self.skipped = self.skipped_before + total
+        if new:
+            self.log.text(f"steps up to {at_step}: {new} non-finite loss(es), steps skipped ({self.skipped} so far)")
+        if longest >= self.s.cfg.max_nonfinite_steps:
+            self.stop(longest, at_step)
+
+    def stop(self, in_a_row: int, at_step: int):
+        cfg = self.s.cfg
+        message = (f"{in_a_row} non-finite losses in a row, the last at step {at_step}: the numbers overflow. Check "
+                   f"mixed_precision ({cfg.mixed_precision!r}: fp16 needs the loss scaler; try bf16 or no) and lower lr "
+                   f"({cfg.lr:g}); the last checkpoint (step {self.last_saved}) is untouched")
+        self.log.text(f"stopped: {message}")
+        self.bar.say(f"stopped: {message}")
+        raise NonFiniteLoss(message)
+
+    def row(self, step: int, batch_loss: torch.Tensor, grad_norm: torch.Tensor) -> dict:
+        """The metrics.csv row of this window (gate statistics read now); the window restarts."""
+        stats = gate_stats(self.s.adapter)
+        now = time.perf_counter()
+        row = dict(step=step, loss=batch_loss.item(), loss_avg=self.loss_avg(), lr=self.s.sched.get_last_lr()[0],
+                   grad_norm=grad_norm.item(), samples_per_s=self.samples_per_s(now), wall_s=now - self.t_start,
+                   skipped=self.skipped, **stats)
+        self.restart()
+        return row
+
+    def loss_avg(self) -> float:
+        return self.loss_sum.item() / max(1.0, self.loss_count.item())
+
+    def samples_per_s(self, now: float | None = None) -> float:
+        return self.window_steps * self.s.cfg.batch_size / max((now or time.perf_counter()) - self.t_window, 1e-9)
+
+
+class Saver:
+    """Writes a checkpoint (rank 0; the other processes wait), prunes old ones (`keep_last`), and draws the
+    checkpoint's samples."""
+
+    def __init__(self, s: Setup, folder: Path, log, bar):
+        self.s, self.folder, self.log, self.bar = s, folder, log, bar
+
+    def __call__(self, at_step: int, rng_state: torch.Tensor, skipped: int) -> None:
+        self.s.shard.main_only(self._save)(at_step, rng_state, skipped)
+
+    def _save(self, at_step: int, rng_state: torch.Tensor, skipped: int) -> None:
+        s, cfg, folder, log = self.s, self.s.cfg, self.folder, self.log
+        state = dict(optimizer=s.opt.state_dict(), scheduler=s.sched.state_dict(), scaler=s.scaler.state_dict(),
                      rng=checkpoint.rng_state(rng_state), step=at_step, samples_seen=at_step * cfg.batch_size,
-                     skipped=skipped, processes=shard.world)
+                     skipped=skipped, processes=s.shard.world)
         try:
-            path = checkpoint.save_checkpoint(folder, at_step, adapter, state, cfg.to_dict())
+            path = checkpoint.save_checkpoint(folder, at_step, s.adapter, state, cfg.to_dict())
         except checkpoint.CheckpointError as e:
             log.text(f"checkpoint failed: {e}")
-            bar.say(f"checkpoint failed: {e}")
+            self.bar.say(f"checkpoint failed: {e}")
             raise
-        for gone in checkpoint.prune_checkpoints(folder, cfg.keep_last):
+        for gone in checkpoint.prune_checkpoints(folder, cfg.keep_last):      # under the run's lock
             log.text(f"checkpoint step {gone} deleted (keep_last {cfg.keep_last})")
-        if eval_records:
-            images = generate(base, eval_records, list(range(len(eval_records))), adapter=adapter, batch_size=32)
+        if s.eval_records:
+            images = generate(s.base, s.eval_records, list(range(len(s.eval_records))), adapter=s.adapter,
+                              batch_size=32)
             (folder / "samples").mkdir(exist_ok=True)
-            grid = boxed_grid(images, eval_records)
+            grid = boxed_grid(images, s.eval_records)
             grid.save(folder / "samples" / f"step_{at_step:07d}.png")
             log.image("samples", grid, at_step)
         log.text(f"checkpoint {path.relative_to(folder)}")
+
+
+def _loop(s: Setup, run: OpenedRun, progress: bool, progress_every_s: float, on_log, stop_at_step) -> Path:
+    """The steps from the run's current step to `steps`, with logging and checkpoints, then the final adapter."""
+    cfg, shard, folder = s.cfg, s.shard, run.folder
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, skipped = 0, 0
+    if run.resume:
+        step = run.latest[0]
+        checkpoint.set_rng_state(gen, run.state["rng"])
+        skipped = run.state["skipped"]
+    log = RunLog(folder, list(gate_stats(s.adapter))[3:], step if run.resume else None,
+                 tensorboard=cfg.tensorboard) if shard.main else distributed.SILENT
+    bar = Progress(folder.name, step, cfg.steps, every_s=progress_every_s, bar=progress) if shard.main else distributed.SILENT
+    notes = run.notes
+    if run.changes:
+        log.text(CHANGES + json.dumps({k: v for k, v in run.changes.items()}))
+        notes.append("with changes " + ", ".join(f"{k}={v!r}" for k, v in run.changes.items()))
+    summary = (f"{'; '.join(notes)} on {s.device} (base {cfg.base_model}, adapter {cfg.adapter_attention}/"
+               f"{cfg.adapter_norm}, {sum(p.numel() for p in s.params.values())} trainable parameters)")
+    log.text(summary)
+    bar.say(f"{summary}; run folder {folder}")
+    save = Saver(s, folder, log, bar)
 
     # --- SIGTERM (a killed papermill job, a scheduler) checkpoints like Ctrl-C (several processes: after the step)
     def on_sigterm(signum, frame):
         raise Interrupted(f"signal {signum}")
     restore_signals = shard.handle_signals(on_sigterm)
-    t_start = t_window = time.perf_counter()
-    window_steps, last_saved = 0, step
-    loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device)   # finite steps since the log
-    nonfinite_in_a_row = 0
-    counted = NonFiniteCount(device) if sync_free else None
-    skipped_before = skipped
-
-    def stop_nonfinite(in_a_row: int, at_step: int):
-        message = (f"{in_a_row} non-finite losses in a row, the last at step {at_step}: the numbers overflow. Check "
-                   f"mixed_precision ({cfg.mixed_precision!r}: fp16 needs the loss scaler; try bf16 or no) and lower lr "
-                   f"({cfg.lr:g}); the last checkpoint (step {last_saved}) is untouched")
-        log.text(f"stopped: {message}")
-        bar.say(f"stopped: {message}")
-        raise NonFiniteLoss(message)
-
-    def read_nonfinite(at_step: int) -> None:
-        """The device-side counts (sync-free devices): the skipped total, a note, the stop rule."""
-        nonlocal skipped
-        total, new, longest = counted.read()
-        skipped = skipped_before + total
-        if new:
-            log.text(f"steps up to {at_step}: {new} non-finite loss(es), steps skipped ({skipped} so far)")
-        if longest >= cfg.max_nonfinite_steps:
-            stop_nonfinite(longest, at_step)
+    meter = Meter(s, log, bar, skipped, last_saved=step)
     rng_done = gen.get_state()                 # RNG state after the last completed step: what a checkpoint holds
-    prediction = base.scheduler.config.prediction_type
-    batches = encodings.step_batches(source, seed=cfg.seed, batch_size=cfg.batch_size, start=step, stop=cfg.steps,
+    batches = encodings.step_batches(s.source, seed=cfg.seed, batch_size=cfg.batch_size, start=step, stop=cfg.steps,
                                      workers=cfg.num_workers, take=shard.take)
     try:
         while step < cfg.steps:
@@ -237,97 +449,44 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                 raise Interrupted(f"stop_at_step {stop_at_step}")
             if shard.stopping:
                 raise Interrupted(f"a signal to one of the {shard.world} processes")
-            # --- batch: latents, captions (caption dropout), grounding (phrase dropout), from the cache or the images
-            # (several processes: each draws for the whole global batch and takes its rows, `shard.take`)
-            batch = next(batches)
-            drop = shard.take(torch.rand(cfg.batch_size, generator=gen)) < cfg.caption_dropout
-            context, phrase_embeddings = encodings.text_inputs(base, batch, drop, device, compute_dtype, amp_dtype)
-            grounding = Grounding.from_records(batch.records, phrase_embeddings, max_objects=cfg.max_objects,
-                                               phrase_dropout=cfg.phrase_dropout, generator=gen,
-                                               part=shard.part(batch.records), pad_to=slots)
-            latents = encodings.sample_latents(base, batch, gen, device, compute_dtype, amp_dtype,
-                                               draw=lambda shape: shard.take(torch.randn((cfg.batch_size, *shape[1:]), generator=gen)))
-            noise = shard.take(torch.randn((cfg.batch_size, *latents.shape[1:]), generator=gen)).to(device)
-            t = shard.take(draw_timesteps(cfg.timesteps, cfg.batch_size, base.scheduler.config.num_train_timesteps, gen)).to(device)
-            scale = shard.take(cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(cfg.batch_size, generator=gen)).to(device)
-            noisy = base.scheduler.add_noise(latents, noise, t)
-            target = {"epsilon": noise, "v_prediction": base.scheduler.get_velocity(latents, noise, t),
-                      "sample": latents}[prediction]
-            # --- forward: the frozen UNet with the adapter, through the one module
-            with torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-                pred = model(noisy.to(compute_dtype), t, context, grounding, scale)
-            loss = F.mse_loss(pred.float(), target)
-            if cfg.box_loss_weight > 0:
-                # several processes: each adds its objects' errors over the global batch's object count, times the
-                # process count (DDP averages the gradients), so together they make the global batch's loss
-                objects = shard.sum(grounding.present.sum().float()) / shard.world
-                region = (visible_region(batch, grounding, pred.shape[-2:], cfg.box_loss_region)
-                          if cfg.box_loss_region != "box" else None)
-                loss = loss + cfg.box_loss_weight * box_loss(pred.float(), target, grounding, objects, region)
-            batch_loss = shard.mean(loss.detach())       # the global batch's: every process decides alike
-            # --- update: skip non-finite steps instead of poisoning the weights
-            opt.zero_grad(set_to_none=True)
-            if not sync_free and not torch.isfinite(batch_loss):
-                skipped, nonfinite_in_a_row = skipped + 1, nonfinite_in_a_row + 1
-                log.text(f"step {step + 1}: non-finite loss {batch_loss.item()}, step skipped ({skipped} so far)")
-                if nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-                    stop_nonfinite(nonfinite_in_a_row, step + 1)
-                sched.step()
+            # --- one step: the loss; a non-finite one is skipped (the CPU checks each step), else the update
+            loss, batch_loss = step_loss(s, next(batches), gen)
+            s.opt.zero_grad(set_to_none=True)
+            if not s.sync_free and not torch.isfinite(batch_loss):
+                meter.skip(batch_loss, step + 1)
+                s.sched.step()
                 step, rng_done = step + 1, gen.get_state()
                 continue
-            nonfinite_in_a_row = 0
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
-            good = torch.isfinite(batch_loss)
-            if sync_free:                              # checked on the device; the fused AdamW skips a bad step
-                if not use_scaler:                     # (the loss scaler hands it its own found_inf)
-                    opt.found_inf = (~good).float()
-                counted.add(~good)
-            scaler.step(opt)
-            opt.__dict__.pop("found_inf", None)
-            scaler.update()
-            sched.step()
+            grad_norm, good = update(s, loss, batch_loss, meter.counted)
             step, rng_done = step + 1, gen.get_state()   # the step is complete only now
-            loss_sum += torch.where(good, batch_loss, 0.0)   # read back at log intervals only: no host sync per step
-            loss_count += good
-            window_steps += 1
+            meter.add(batch_loss, good)
             bar.tick(step)
             # --- log, progress line, checkpoint
             logging, due = step % cfg.log_every == 0 or step == cfg.steps, bar.due()
-            if sync_free and (logging or due or step % cfg.save_every == 0):
-                read_nonfinite(step)
-            if logging or due:
-                now = time.perf_counter()
-                stats = gate_stats(adapter)
-                loss_avg = loss_sum.item() / max(1.0, loss_count.item())
-                samples_per_s = window_steps * cfg.batch_size / max(now - t_window, 1e-9)
-                if due:
-                    bar.line(loss_avg, stats["gate_mean"], samples_per_s, cfg.batch_size)
+            if s.sync_free and (logging or due or step % cfg.save_every == 0):
+                meter.read_device_counts(step)
+            if due:
+                bar.line(meter.loss_avg(), gate_stats(s.adapter)["gate_mean"], meter.samples_per_s(), cfg.batch_size)
             if logging:
-                row = dict(step=step, loss=batch_loss.item(), loss_avg=loss_avg, lr=sched.get_last_lr()[0],
-                           grad_norm=grad_norm.item(), samples_per_s=samples_per_s, wall_s=now - t_start,
-                           skipped=skipped, **stats)
-                log.row(row)
-                loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device)
-                window_steps, t_window = 0, time.perf_counter()
+                log.row(meter.row(step, batch_loss, grad_norm))
                 if on_log is not None and shard.main:
                     on_log(folder)
             if step % cfg.save_every == 0:
-                save(step, rng_done)
-                last_saved, window_steps, t_window = step, 0, time.perf_counter()   # samples/s: training only
+                save(step, rng_done, meter.skipped)
+                meter.last_saved = step
+                meter.restart_clock()
     except torch.OutOfMemoryError as e:
         per = cfg.batch_size // shard.world
-        message = (f"out of {device.type} memory at step {step + 1} (batch {per} per process at {base.resolution} px, "
-                   f"mixed_precision {cfg.mixed_precision!r}): lower batch_size, keep mixed_precision bf16/fp16 on a "
-                   f"GPU, train at a lower resolution (a base with a smaller sample_size), or spread the batch over "
-                   f"more GPUs (accelerate launch); the last checkpoint (step {last_saved}) is untouched")
+        message = (f"out of {s.device.type} memory at step {step + 1} (batch {per} per process at {s.base.resolution} "
+                   f"px, mixed_precision {cfg.mixed_precision!r}): lower batch_size, keep mixed_precision bf16/fp16 on "
+                   f"a GPU, train at a lower resolution (a base with a smaller sample_size), or spread the batch over "
+                   f"more GPUs (accelerate launch); the last checkpoint (step {meter.last_saved}) is untouched")
         log.text(f"stopped: {message}")
         bar.say(f"stopped: {message}")
         raise OutOfMemory(message) from e
     except KeyboardInterrupt as stop:           # Ctrl-C, a kernel interrupt, SIGTERM, stop_at_step
-        if step > last_saved:
-            save(step, rng_done)
+        if step > meter.last_saved:
+            save(step, rng_done, meter.skipped)
         log.text(f"interrupted at step {step} ({stop!r}); resume with notebooks/03_resume.ipynb "
                  f"or `python -m adapterlib train --resume {folder.name}`")
         bar.say(f"interrupted at step {step}; checkpoint saved")
@@ -336,10 +495,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
         restore_signals()
         bar.close()
     # --- the final adapter
-    if step > last_saved:
-        save(step, rng_done)
-    final = shard.main_only(checkpoint.save_final)(folder, adapter, dict(step=step, skipped=skipped))
+    if step > meter.last_saved:
+        save(step, rng_done, meter.skipped)
+    final = shard.main_only(checkpoint.save_final)(folder, s.adapter, dict(step=step, skipped=meter.skipped))
     if cfg.crop != "none" or cfg.flip:
+        source = s.source
         counts = dict(cropped_away=shard.total(source.dropped_by_crop), flipped=shard.total(source.flipped),
                       side_words_flipped=shard.total(source.side_words_flipped))
         if shard.main:
@@ -348,9 +508,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
                  f"{counts['flipped']} sample(s) flipped, {counts['side_words_flipped']} flipped phrase(s) naming a "
                  "side (left as written) since this process started")
     log.text(f"finished: {step} steps, final adapter in final/adapter.safetensors")
-    bar.say(f"finished: {step} steps in {time.perf_counter() - t_start:.0f} s; final adapter in {final}")
+    bar.say(f"finished: {step} steps in {time.perf_counter() - meter.t_start:.0f} s; final adapter in {final}")
     log.close()            # after the final checkpoint's sample grid (each TensorBoard write is flushed as it goes)
-    adapter.detach()
+    s.adapter.detach()
     return folder
 
 

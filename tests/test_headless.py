@@ -71,16 +71,13 @@ def test_papermill_unknown_parameter_is_an_error_naming_it(runs_root, tmp_path):
     assert not (runs_root / "typo").exists()                 # refused before any work
 
 
-def test_papermill_sd15_preset_on_a_tiny_sd_folder(runs_root, tmp_path, tiny_sd_folder):
+def test_papermill_sd15_preset_without_data_stops_and_says_what_to_give(runs_root, tmp_path, tiny_sd_folder):
+    """The first real command without `-p data`: refused before any work (it used to train SD on Shapes)."""
     done = papermill("02_train.ipynb", tmp_path / "out.ipynb",
-                     dict(preset="sd15", base_model=tiny_sd_folder, run_name="sd", steps=2, n_train=16, n_samples=2))
-    assert done.returncode == 0, done.stderr[-3000:]
-    saved = read_config(runs_root / "sd")
-    sd15 = PRESETS["sd15"]
-    assert (saved["batch_size"], saved["save_every"], saved["lr"], saved["adapter_attention"]) == \
-        (sd15["batch_size"], sd15["save_every"], sd15["lr"], sd15["adapter_attention"]) == (2, 2000, 1e-4, "self")
-    assert saved["steps"] == 2 and saved["base_model"] == str(tiny_sd_folder)
-    assert (runs_root / "sd" / "final" / "adapter.safetensors").is_file()
+                     dict(preset="sd15", base_model=tiny_sd_folder, run_name="sd", steps=2))
+    assert done.returncode != 0
+    assert "data is empty: the 'sd15' preset trains on your data" in done.stderr, done.stderr[-3000:]
+    assert not (runs_root / "sd").exists()
 
 
 def test_papermill_base_notebook_retrains_on_the_world_it_is_given(tmp_path):

@@ -72,17 +72,41 @@ def test_coco_import_then_notebooks_02_to_05_on_a_tiny_sd(tmp_path, monkeypatch,
     assert "a dog and a cat, picture 0" in text and "ap50" in text
 
 
+def _imported(tmp_path: Path) -> Path:
+    """The COCO fixture imported: the manifest a user trains SD on."""
+    coco = _coco(tmp_path / "coco")
+    assert main(["import", "coco", "--instances", str(coco / "instances.json"), "--images", str(coco / "images"),
+                 "--captions", str(coco / "captions.json"), "--out", str(tmp_path / "data")]) == 0
+    return tmp_path / "data" / "data.jsonl"
+
+
 def test_the_visible_box_loss_is_refused_on_a_latent_base_before_any_step(tmp_path, monkeypatch, tiny_sd_folder):
     from adapterlib.config import make_config
     from adapterlib.train import train
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
+    data = str(_imported(tmp_path))
     for region in ("visible", "exclusive", "layered"):
-        cfg = make_config("sd15", run_name="vis", base_model=str(tiny_sd_folder), box_loss_region=region, steps=2,
-                          box_loss_weight=1.0)
+        cfg = make_config("sd15", run_name="vis", base_model=str(tiny_sd_folder), data=data, box_loss_region=region,
+                          steps=2, box_loss_weight=1.0)
         with pytest.raises(ValueError, match=f"box_loss_region = '{region}' needs a pixel base"):
             train(cfg, progress=False)
     assert not (tmp_path / "vis" / "final").exists()
-    # the sd15 preset has no box loss (box_loss_weight 0): the region is unused, nothing is refused
-    train(make_config("sd15", run_name="unweighted", base_model=str(tiny_sd_folder), box_loss_region="visible",
-                      steps=1, batch_size=1, n_train=2), progress=False)
+    # no box loss (box_loss_weight 0): the region is unused, nothing is refused
+    train(make_config("sd15", run_name="unweighted", base_model=str(tiny_sd_folder), data=data,
+                      box_loss_region="visible", box_loss_weight=0.0, steps=1, batch_size=1), progress=False)
     assert (tmp_path / "unweighted" / "final").exists()
+
+
+def test_stable_diffusion_without_data_is_refused_before_any_work(tmp_path, monkeypatch, tiny_sd_folder, capsys):
+    """No silent Shapes on the real path: the sd15 preset names no data, and a latent base given the 32-px Shapes
+    world is refused; each error says what to give, before the run folder exists."""
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
+    assert main(["train", "--preset", "sd15", "--base_model", str(tiny_sd_folder), "--run_name", "nodata"]) == 2
+    err = capsys.readouterr().err
+    assert "data is empty: the 'sd15' preset trains on your data" in err and "data=PATH/data.jsonl" in err
+    assert main(["train", "--preset", "sd15", "--base_model", str(tiny_sd_folder), "--data", "shapes-v2",
+                 "--run_name", "shapes-on-sd"]) == 2
+    err = capsys.readouterr().err
+    assert "is a latent model (it has a VAE)" in err and "data = 'shapes-v2' is the generated Shapes world" in err
+    assert "give your manifest" in err
+    assert not (tmp_path / "nodata").exists() and not (tmp_path / "shapes-on-sd").exists()
