@@ -14,7 +14,7 @@ from adapterlib.__main__ import main
 from adapterlib.checkpoint import verify_checkpoint
 from adapterlib.runs import list_checkpoints
 
-from conftest import build_tiny_owl_folder, write_coco_fixture
+from conftest import build_tiny_owl_folder, import_coco_fixture, write_coco_fixture
 from test_headless import papermill
 
 
@@ -74,10 +74,7 @@ def test_coco_import_then_notebooks_02_to_05_on_a_tiny_sd(tmp_path, monkeypatch,
 
 def _imported(tmp_path: Path) -> Path:
     """The COCO fixture imported: the manifest a user trains SD on."""
-    coco = _coco(tmp_path / "coco")
-    assert main(["import", "coco", "--instances", str(coco / "instances.json"), "--images", str(coco / "images"),
-                 "--captions", str(coco / "captions.json"), "--out", str(tmp_path / "data")]) == 0
-    return tmp_path / "data" / "data.jsonl"
+    return import_coco_fixture(tmp_path)
 
 
 def test_the_visible_box_loss_is_refused_on_a_latent_base_before_any_step(tmp_path, monkeypatch, tiny_sd_folder):
