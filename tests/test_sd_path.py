@@ -70,6 +70,10 @@ def test_coco_import_then_notebooks_02_to_05_on_a_tiny_sd(tmp_path, monkeypatch,
     assert done.returncode == 0, done.stderr[-3000:]
     text = _outputs(tmp_path / "05.ipynb")
     assert "a dog and a cat, picture 0" in text and "ap50" in text
+    assert f"detector: zero-shot ({detector.name})" in text                  # -p detector measured it
+    # each image sampled once: the adapter at scale 1 with grounding guidance on and off, 2 layouts each (the grid,
+    # the curve, tau 1.0, the buckets and the side-by-side share them; the base alone comes from its cache)
+    assert "images sampled in this notebook: 4 " in text
 
 
 def _imported(tmp_path: Path) -> Path:
