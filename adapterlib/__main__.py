@@ -13,6 +13,8 @@
     accelerate launch --num_processes 8 -m adapterlib train ...   # on 8 GPUs: batch_size is the global batch
     python -m adapterlib import coco --instances FILE --images DIR [--captions FILE] [--map FILE] --out DIR
     python -m adapterlib import odvg --jsonl FILE --images DIR --out DIR   # -> DIR/data.jsonl (a manifest)
+    python -m adapterlib evaluate --gligen GLIGEN_DIR --base SD_DIR  # a diffusers GLIGEN folder, same table
+    python -m adapterlib export <run> [--checkpoint STEP] --out DIR [--measure N]   # weights, config, model card
     python -m adapterlib bench [--size tiny|sd15] [--device auto] [--batch 16] [--rounds 5] [--compile]  # samples/s
 
 A run is a name under the runs root ($ADAPTERLIB_RUNS, default runs/) or a path.
@@ -88,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="'color' (the Shapes colour detector) or a folder with a local OWL-ViT / OWLv2 model "
                          "(transformers format); default: a run's `detector` field, else 'color'")
     ev.add_argument("--device", default=None, help="torch device for sampling (default: cuda if available, else cpu)")
+    ev.add_argument("--gligen", default=None, metavar="DIR",
+                    help="evaluate a diffusers GLIGEN folder (its fusers and position net) on --base, e.g. the released "
+                         "GLIGEN on SD 1.4: --gligen gligen-1-4-generation-text-box --base stable-diffusion-v1-4")
 
     st = commands.add_parser("status", help="where a run stands: step, loss, gates, speed, ETA, warnings",
                              description="Status of a run folder, while it trains or after (the training plan's "
@@ -125,7 +130,32 @@ def _parser() -> argparse.ArgumentParser:
                            "on_bad_record"))
     _import_parser(commands)
     _bench_parser(commands)
+    _export_parser(commands)
     return parser
+
+
+def _export_parser(commands) -> None:
+    ex = commands.add_parser("export", help="a run's adapter as a self-describing folder (weights, config, model "
+                                            "card; a gligen run also as diffusers' GLIGEN pipeline folder)",
+                             description="Writes OUT/adapter.safetensors, OUT/adapter_config.json, OUT/README.md (a "
+                                         "model card) and, for a gligen run on a latent base, OUT/diffusers/ (loads "
+                                         "with StableDiffusionGLIGENPipeline.from_pretrained). adapterlib/export.py")
+    ex.set_defaults(command=_export, command_name="export")
+    ex.add_argument("run", help="a run name or folder")
+    ex.add_argument("--checkpoint", default="latest", help="latest | final | a step number")
+    ex.add_argument("--out", required=True, type=Path, help="the folder to write (new, or empty)")
+    ex.add_argument("--measure", type=int, default=0, metavar="N",
+                    help="measure the grounding on the run's first N layouts now and write it into the card")
+    ex.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    ex.add_argument("--device", default="cpu", help="torch device for loading (and --measure); default cpu")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    _print_json(export(args.run, args.out, checkpoint=args.checkpoint, measure=args.measure, device=args.device,
+                       overwrite=args.overwrite))
+    return 0
 
 
 def _field_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
@@ -277,6 +307,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: give a positive number of layouts")
+    if args.gligen is not None:
+        return _evaluate_gligen(args)
     if args.run is not None:
         return _evaluate_run(args)
     if args.reference is None:
@@ -335,6 +367,39 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     _print_json({**adapter, "run": str(run_dir), "step": ckpt.step, "scale": args.scale, "tau": args.tau,
                  "guidance": args.guidance, "grounding_guidance": args.grounding_guidance == "on",
                  "layouts": layouts.source, "held_out": layouts.held_out, "detector": spec,
+                 "base_success_rate": base_alone["success_rate"], "ground_truth_success_rate": truth["success_rate"],
+                 "buckets": bucket_rows(report)})
+    return 0
+
+
+def _evaluate_gligen(args: argparse.Namespace) -> int:
+    """A diffusers GLIGEN folder's fusers and position net on --base, measured like a run's adapter."""
+    from .adapter import build_adapter
+    from .buckets import bucket_report, bucket_rows, format_buckets
+    from .datasets import load_detector
+    from .gligen import load_gligen_weights, read_gligen_folder
+
+    if args.run is not None:
+        raise ValueError("give a run or --gligen DIR, not both")
+    read_gligen_folder(args.gligen)                      # a bad folder is an error before the base loads
+    layouts = _layouts(args)
+    detector = load_detector(args.detector, args.device)
+    base = evaluate.load_base_for(args.base, args.device)
+    adapter = load_gligen_weights(build_adapter(base, attention="gligen"), args.gligen)
+    print(f"sampling {len(layouts)} layouts: base alone, then GLIGEN {args.gligen} (scale {args.scale}, tau {args.tau}, "
+          f"guidance {args.guidance}, grounding guidance {args.grounding_guidance})", file=sys.stderr, flush=True)
+    sampling = dict(steps=args.steps, guidance=args.guidance)
+    ceiling, truth = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
+    base_table, base_alone = evaluate.evaluate(layouts, reference="base", base=base, detector=detector, **sampling)
+    table, measured = evaluate.evaluate(layouts, reference="adapter", base=base, adapter=adapter, detector=detector,
+                                        scale=args.scale, tau=args.tau,
+                                        grounding_guidance=args.grounding_guidance == "on", **sampling)
+    print(evaluate.format_summary({"ground truth": truth, "base alone (scale 0)": base_alone, "GLIGEN": measured}))
+    report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
+    print(f"\nby bucket (objects x overlap; ratio = GLIGEN / ceiling):\n{format_buckets(report)}")
+    _print_json({**measured, "gligen": str(args.gligen), "base": args.base, "scale": args.scale, "tau": args.tau,
+                 "guidance": args.guidance, "grounding_guidance": args.grounding_guidance == "on",
+                 "layouts": layouts.source, "detector": args.detector,
                  "base_success_rate": base_alone["success_rate"], "ground_truth_success_rate": truth["success_rate"],
                  "buckets": bucket_rows(report)})
     return 0

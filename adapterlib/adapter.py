@@ -29,6 +29,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
 from .data import MAX_OBJECTS, Record
+from .gligen import GligenAdapter
 
 ATTENTIONS = ("self", "cross", "masked")
 NORMS = ("layernorm", "rmsnorm")
@@ -382,6 +383,8 @@ class AdaptedUNet(nn.Module):
 
 def build_adapter(base, **options) -> SpatialAdapter:
     """An adapter sized for `base` (its UNet blocks and text encoder width), attached and on its device.
-    Its weights are fp32 whatever the base's dtype: they are the master weights."""
-    adapter = SpatialAdapter(base.unet, base.text_encoder.config.hidden_size, **options)
+    Its weights are fp32 whatever the base's dtype: they are the master weights. `attention="gligen"`:
+    diffusers' own GLIGEN modules with the same interface (adapterlib/gligen.py)."""
+    kind = GligenAdapter if options.get("attention") == "gligen" else SpatialAdapter
+    adapter = kind(base.unet, base.text_encoder.config.hidden_size, **options)
     return adapter.to(base.device, torch.float32).attach(base.unet)

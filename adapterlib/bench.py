@@ -11,7 +11,9 @@ Every row is one full training step on the same batch, the same frozen weights a
   the base's weights loaded, `fuser` (a gated self-attention + feed-forward per transformer block) and
   `position_net` trained, grounded through `cross_attention_kwargs={"gligen": ...}`;
 - `ours <attention>[+FF]`: `AdaptedUNet(unet, adapter)` for each adapter variant (`adapter.build_adapter`'s
-  attention and feedforward options), only the adapter's parameters trained;
+  attention and feedforward options), only the adapter's parameters trained; `ours gligen` is the peer's own
+  modules (fusers + position net) lent to the frozen base through our forward (adapterlib/gligen.py): its
+  cost against `peer` is what our route adds or saves (GLIGEN's 30 slots, as diffusers' pipeline pads);
 - `train_step` (optional): what `adapterlib.train` does per step once a batch is in memory: captions and
   phrases through the text encoder, images to latents, noise, the default variant's step, gradient
   clipping, LR schedule;
@@ -47,17 +49,20 @@ from torch import nn
 from .adapter import ATTENTIONS, AdaptedUNet, Grounding, SpatialAdapter
 from .base import load_base
 from .config import TrainConfig
+from .gligen import GligenAdapter
 from .precision import autocast, precision_policy, resolve_device
 
 SIZES = ("tiny", "sd15")
 DEFAULT_OBJECTS = {"tiny": 3, "sd15": 30}            # grounding slots per sample
 PRESENT_SHARE = {"tiny": 1.0, "sd15": 0.3}           # share of the slots holding a real object (the rest: padding)
-VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, False))
+VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, False)) + (("gligen", True),)
 DEFAULT_VARIANT = (TrainConfig.adapter_attention, TrainConfig.adapter_feedforward)
 GATE_OPEN = 0.1
 
 
 def variant_name(attention: str, feedforward: bool) -> str:
+    if attention == "gligen":              # diffusers' GLIGEN modules on our frozen base (always with its dense part)
+        return "ours gligen"
     return f"ours {attention}{'+FF' if feedforward else ''}"
 
 
@@ -66,9 +71,9 @@ def parse_variants(text: str) -> tuple[tuple[str, bool], ...]:
     out = []
     for item in (s.strip().lower() for s in text.split(",") if s.strip()):
         attention, _, rest = item.partition("+")
-        if attention not in ATTENTIONS or rest not in ("", "ff"):
-            raise ValueError(f"variant {item!r}: give <attention>[+ff] with attention one of {ATTENTIONS}")
-        out.append((attention, rest == "ff"))
+        if attention not in (*ATTENTIONS, "gligen") or rest not in ("", "ff"):
+            raise ValueError(f"variant {item!r}: give <attention>[+ff] with attention one of {ATTENTIONS}, or gligen")
+        out.append((attention, rest == "ff" or attention == "gligen"))
     if not out:
         raise ValueError("no variant given")
     return tuple(out)
@@ -227,7 +232,8 @@ def peer_step(w: Workload, *, compile: bool = False, peer: nn.Module | None = No
 
 def make_adapter(w: Workload, attention: str, feedforward: bool) -> SpatialAdapter:
     """An fp32 adapter for the workload's UNet (as `build_adapter` makes one), attached, gates opened."""
-    adapter = SpatialAdapter(w.unet, w.text_dim, attention=attention, feedforward=feedforward)
+    kind = GligenAdapter if attention == "gligen" else SpatialAdapter
+    adapter = kind(w.unet, w.text_dim, attention=attention, feedforward=feedforward)
     adapter = adapter.to(w.device, torch.float32).attach(w.unet)
     for p in adapter.gate_parameters().values():
         p.data.fill_(GATE_OPEN)

@@ -64,9 +64,11 @@ class TrainConfig:
     timesteps: str = "uniform"           # uniform | cubic: t = (1 - u^3) T, most steps at high noise, where the layout is
                                          # decided (T2I-Adapter's schedule; train.draw_timesteps)
     grad_clip: float = 1.0
-    adapter_attention: str = "masked"    # self | cross | masked
+    adapter_attention: str = "masked"    # self | cross | masked | gligen (diffusers' own GLIGEN modules: adapterlib/gligen.py)
     adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
     adapter_feedforward: bool = True
+    init_from: str = ""                  # adapter_attention gligen: start from the fusers and position net of a diffusers
+                                         # GLIGEN folder (e.g. masterful/gligen-1-4-generation-text-box on disk) to fine-tune it
     adapter_depth: str = "none"          # masked attention, a token inside several boxes: none (all of them) |
                                          # smaller-front (only the smallest: smaller objects in front)
     max_objects: int = MAX_OBJECTS       # the object limit: the manifest reader's, the adapter's (data.MAX_OBJECTS)
@@ -102,7 +104,7 @@ class TrainConfig:
             raise ValueError(f"need 0 <= scale_min <= scale_max, got {self.scale_min} and {self.scale_max}")
         if not self.scale_max > 0:
             raise ValueError("scale_max = 0: every gate would be multiplied by 0 and the adapter would never learn")
-        choices = dict(adapter_attention=("self", "cross", "masked"), adapter_norm=("layernorm", "rmsnorm"),
+        choices = dict(adapter_attention=("self", "cross", "masked", "gligen"), adapter_norm=("layernorm", "rmsnorm"),
                        adapter_depth=("none", "smaller-front", "learned"), timesteps=TIMESTEPS,
                        lr_schedule=LR_SCHEDULES, box_loss_region=("box", "visible", "exclusive", "layered"),
                        mixed_precision=("bf16", "fp16", "no"), on_bad_record=("error", "skip"), crop=CROPS)
@@ -118,6 +120,9 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
         check_max_objects(self.max_objects)
+        if self.init_from and self.adapter_attention != "gligen":
+            raise ValueError(f"init_from = {self.init_from!r} (a diffusers GLIGEN folder) needs adapter_attention = "
+                             f"'gligen', not {self.adapter_attention!r}")
         for name in ("steps", "batch_size", "save_every", "log_every", "n_train", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
@@ -145,7 +150,8 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
                 "warmup", "lr_schedule", "box_loss_weight", "box_loss_region", "timesteps", "grad_clip", "adapter_attention",
-                "adapter_norm", "adapter_feedforward", "adapter_depth", "max_objects", "on_bad_record", "crop", "flip")
+                "adapter_norm", "adapter_feedforward", "adapter_depth", "max_objects", "on_bad_record", "crop", "flip",
+                "init_from")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.
 # How it is measured (heldout, detector) is free too: training never reads them, so a run trained without
@@ -162,10 +168,12 @@ PRESETS = {
     # `lr_schedule` or `box_loss_region` existed, which has no such field, still resumes with what it trained
     # with (the field's default)
     "shapes": dict(lr_schedule="cosine", box_loss_region="layered"),
-    # the training plan's values for Stable Diffusion 1.5 on one GPU (docs/training-plan.md)
+    # Stable Diffusion 1.5 on one GPU: the training plan's values (steps, batch, lr, dropouts, scales, checkpoints) with
+    # the recipe that grounds on Shapes (masked attention, the per-object box loss over boxes, the cosine decay, gates
+    # at 10x); your data must be given (data=PATH: training refuses none). Why each: docs/recipe.md
     "sd15": dict(data="", steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
-                 save_every=2000, gate_lr_scale=1.0, warmup=500, log_every=50, mixed_precision="bf16",
-                 adapter_attention="self", box_loss_weight=0.0),
+                 save_every=2000, warmup=500, log_every=50, mixed_precision="bf16", adapter_attention="masked",
+                 box_loss_weight=1.0, box_loss_region="box", lr_schedule="cosine", gate_lr_scale=10.0),
     # seconds on a CPU: what the tests and nbval run (chosen by the test harness, never a user default)
     "smoke": dict(steps=40, batch_size=4, n_train=256, save_every=20, log_every=5, n_samples=4, warmup=10),
 }

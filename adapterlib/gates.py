@@ -39,7 +39,9 @@ def gate_stats(adapter) -> dict:
     layer's tanh(raw) as gate_<layer>_attn / gate_<layer>_ff (the columns of metrics.csv)."""
     raw = {n: p.item() for n, p in adapter.gate_parameters().items()}
     eff = [abs(math.tanh(v)) for v in raw.values()]
-    per_layer = {"gate_" + n.replace("layers.", "").replace(".gate_", "_"): math.tanh(v) for n, v in raw.items()}
+    column = lambda n: (n.replace("layers.", "").replace(".gate_", "_")         # gligen: alpha_attn / alpha_dense
+                        .replace(".alpha_attn", "_attn").replace(".alpha_dense", "_ff"))
+    per_layer = {"gate_" + column(n): math.tanh(v) for n, v in raw.items()}
     return dict(gate_mean=sum(eff) / len(eff), gate_max=max(eff), gate_raw_max=max(abs(v) for v in raw.values()),
                 **per_layer)
 

@@ -26,6 +26,7 @@ from .base import load_base, resolve_base_path
 from .config import FIELDS, TIMESTEPS, TrainConfig, resume_changes
 from .figures import boxed_grid
 from .gates import gate_stats
+from .paths import repo_path
 from .precision import precision_policy
 from .jsonio import write_json
 from .lock import RunLock, RunLocked
@@ -214,6 +215,9 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
                          "VAE, so an object's pixels are not the prediction's cells: use box_loss_region = 'box'")
     adapter = build_adapter(base, attention=cfg.adapter_attention, norm=cfg.adapter_norm,
                             feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth)
+    if cfg.init_from and not run.resume:                     # a diffusers GLIGEN folder's weights (a resume reads its own)
+        from .gligen import load_gligen_weights
+        load_gligen_weights(adapter, repo_path(cfg.init_from))
     model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
     params = adapter.trainable_parameters()
     fast = adapter.fast_parameters()                        # the gates (and learned depth weights): lr * gate_lr_scale

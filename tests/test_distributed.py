@@ -102,6 +102,22 @@ def test_two_processes_match_one_and_resume(runs):
     assert pd.read_csv(two / "metrics.csv").step.tolist() == list(range(1, 8))
 
 
+def test_a_two_process_job_is_one_writer_and_stops_whole_when_the_run_is_held(runs):
+    """Rank 0 takes the run's lock for the job (rank 1 never competes for it); when another process holds it,
+    both ranks stop at once with the message, before any write."""
+    from adapterlib.lock import RunLock, holder
+    run = train(make_config("smoke", run_name="shared", steps=2, **SETTINGS), progress=False)
+    with RunLock(run):
+        refused = _accelerate(runs, ["--resume", "shared", "--steps", "4"])
+    assert refused.returncode != 0
+    assert "is being trained by another process" in refused.stderr, refused.stderr[-3000:]
+    assert read_metrics(run).step.max() == 2
+    done = _accelerate(runs, ["--resume", "shared", "--steps", "4"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_metrics(run).step.tolist() == [1, 2, 3, 4]
+    assert holder(run)["pid"] != os.getpid() and "--resume shared" in holder(run)["command"]
+
+
 def test_sigterm_to_one_process_stops_both_after_a_step_and_rank_0_saves(runs, tmp_path):
     import psutil
 

@@ -256,8 +256,11 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(tmp_pat
         name = "final-resume"
         resumed_from = (_checkpoints(run) or [0])[-1]
         final_start = f"resumed {resumed_from}" if resumed_from else "restart"
+        killed_holder = json.loads((run / ".writer.lock").read_text())["pid"]     # the lock file a kill left behind
         proc = _launch(root, ["--resume", RUN], name)
         assert proc.wait(timeout=LAUNCH_TIMEOUT_S) == 0, f"the last resume failed:\n{_output(root, name)}"
+        assert killed_holder != proc.pid and json.loads((run / ".writer.lock").read_text())["pid"] == proc.pid, \
+            "a dead holder's lock file must be a note, not a block"
         assert reference.wait(timeout=LAUNCH_TIMEOUT_S) == 0, \
             f"the reference run failed:\n{_output(ref_root, 'reference')}"
     finally:
