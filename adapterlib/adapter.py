@@ -388,3 +388,15 @@ def build_adapter(base, **options) -> SpatialAdapter:
     kind = GligenAdapter if options.get("attention") == "gligen" else SpatialAdapter
     adapter = kind(base.unet, base.text_encoder.config.hidden_size, **options)
     return adapter.to(base.device, torch.float32).attach(base.unet)
+
+
+# build_adapter's option for each architecture field of the training config (config.ARCHITECTURE_FIELDS, less
+# base_model: the base is build_adapter's first argument)
+CONFIG_OPTIONS = dict(adapter_attention="attention", adapter_norm="norm", adapter_feedforward="feedforward",
+                      adapter_depth="depth", max_objects="max_objects")
+
+
+def architecture_options(cfg) -> dict:
+    """build_adapter's options from a training config's architecture fields: `build_adapter(base,
+    **architecture_options(cfg))` is the adapter a run of `cfg` trains (and notebook 01 checks)."""
+    return {option: getattr(cfg, field) for field, option in CONFIG_OPTIONS.items()}

@@ -10,6 +10,9 @@ What must hold for a freshly built adapter on a frozen base:
 
 `run_all` gathers them into a PASS/FAIL table; `raise_on_failure` turns a FAIL into an error that
 says what to fix. `adapter.trainable_parameters()` is the only source of which parameters train.
+The notebook takes only the config fields the checks use (`CHECK_FIELDS`), builds the adapter as training
+does (`adapter.architecture_options`) and runs the checks on captions and boxes that fit the base
+(`check_records`).
 """
 from __future__ import annotations
 
@@ -19,9 +22,53 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from . import datasets
 from .adapter import ATTENTIONS, AdaptedUNet, SpatialAdapter
+from .config import ARCHITECTURE_FIELDS
+from .data import MAX_OBJECTS, GroundedObject, Record, read_manifest
+from .paths import repo_path
 from .precision import autocast, autocast_for, precision_policy
 from .sample import ground
+
+
+# ----------------------------------------------------------------------------------------------
+# 0. what the checks take: the config fields they use, captions and boxes that fit the base
+
+# notebook 01's parameters (with `preset`): the base and the adapter's architecture (what a run builds), the data
+# (whose captions the checks use) and where and in which precision it runs
+CHECK_FIELDS = (*ARCHITECTURE_FIELDS, "data", "device", "mixed_precision")
+
+# the checks' captions and boxes on a base that is not a Shapes base when the data names no manifest
+NEUTRAL_RECORDS = (
+    Record("a dog on a sofa", (GroundedObject("a dog", (0.1, 0.35, 0.5, 0.9)),)),
+    Record("a cup and a book on a table", (GroundedObject("a cup", (0.15, 0.3, 0.4, 0.6)),
+                                            GroundedObject("a book", (0.5, 0.4, 0.9, 0.7)))),
+    Record("two people walking past a tree", (GroundedObject("a person", (0.05, 0.2, 0.3, 0.95)),
+                                              GroundedObject("a person", (0.35, 0.25, 0.6, 0.95)),
+                                              GroundedObject("a tree", (0.55, 0.0, 1.0, 0.8)))),
+    Record("a red car in front of a house", (GroundedObject("a red car", (0.1, 0.55, 0.7, 0.95)),
+                                             GroundedObject("a house", (0.2, 0.05, 0.95, 0.7)))),
+)
+
+
+def check_records(data: str, base, n: int = 4, max_objects: int = MAX_OBJECTS) -> tuple[list[Record], str]:
+    """(records, where they come from): the captions and boxes the checks run on, at most `max_objects` objects
+    each. A manifest (`data` a path): its first n records (images not needed); a Shapes world on a pixel base (a
+    Shapes base): the world's first n held-out layouts; no data (the sd15 preset's "") or a Shapes world on a
+    latent base (Stable Diffusion): NEUTRAL_RECORDS, so an SD base is never checked with Shapes captions."""
+    fits = lambda records: [r for r in records if len(r.objects) <= max_objects][:n]
+    if data.strip() and not datasets.is_shapes(data):
+        path = repo_path(data)
+        records = fits(read_manifest(path, require_image=False, on_bad_record="skip", max_objects=max_objects))
+        return records, f"the first {len(records)} records of {path}"
+    if data.strip() and base.vae is None:
+        version = datasets.heldout_version(data)
+        records = fits(datasets.heldout_records(None, version))
+        return records, f"the first {len(records)} held-out layouts of {data} (version {version})"
+    why = "no data given" if not data.strip() else f"data {data!r} is the Shapes world, the base is not a Shapes base"
+    records = fits(NEUTRAL_RECORDS)
+    return records, (f"{len(records)} neutral layouts ({why}; training needs your manifest: give -p data "
+                     "PATH/data.jsonl to check with its captions)")
 
 
 # ----------------------------------------------------------------------------------------------

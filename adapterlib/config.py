@@ -133,9 +133,9 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def to_text(self) -> str:
-        """Human-readable, one `name = value` a line (the training plan's train_config.txt)."""
-        return "".join(f"{k} = {v!r}\n" for k, v in self.to_dict().items())
+    def to_text(self, fields: tuple[str, ...] | None = None) -> str:
+        """Human-readable, one `name = value` a line (the training plan's train_config.txt); `fields`: only those."""
+        return "".join(f"{k} = {v!r}\n" for k, v in self.to_dict().items() if fields is None or k in fields)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "TrainConfig":
@@ -186,7 +186,12 @@ def default_preset() -> str:
     return os.environ.get(DEFAULT_PRESET_ENV) or "shapes"
 
 
-def unknown_fields_error(names, own=()) -> ValueError:
+def unknown_fields_error(names, own=(), fields=FIELDS) -> ValueError:
+    if set(fields) != set(FIELDS):                       # a notebook that takes some of the fields
+        unused = sorted(set(names) & set(FIELDS))
+        unused = f" ({unused}: config fields this notebook does not use)" if unused else ""
+        return ValueError(f"unknown parameter(s) {sorted(names)}{unused}: this notebook takes "
+                          f"{sorted({*own, *fields})}")
     own = f" and this notebook's own parameters {sorted(own)}" if own else ""
     return ValueError(f"unknown parameter(s) {sorted(names)}: not config fields{own}. The config fields are "
                       f"{list(FIELDS)}")
@@ -225,9 +230,10 @@ class NotebookParameters:
 
     Made in the cell *before* the parameters cell, it remembers which names exist; the config cell
     then takes every name defined since (in the parameters cell, by papermill's injected cell, or
-    by hand) and not None as a parameter. Names that are config fields become overrides; the
-    notebook's own parameters are returned as they are; any other name is an error. The parameters
-    cells list every field as None, so papermill knows each name and the preset decides the rest."""
+    by hand) and not None as a parameter. Names that are config fields the notebook takes (all of them, or
+    those it uses: `config(fields=...)`) become overrides; the notebook's own parameters are returned as they
+    are; any other name is an error. The parameters cells list every field they take as None, so papermill
+    knows each name and the preset decides the rest."""
 
     def __init__(self, namespace: dict):
         self.namespace, self.before = namespace, set(namespace)
@@ -238,19 +244,21 @@ class NotebookParameters:
         return {k: v for k, v in self.namespace.items()
                 if k not in self.before and not k.startswith("_") and isinstance(v, (str, int, float, bool, list, dict))}
 
-    def split(self, own: tuple[str, ...]) -> tuple[dict, dict]:
-        """(the notebook's own parameters, config overrides); an unknown name is an error."""
+    def split(self, own: tuple[str, ...], fields: tuple[str, ...] = FIELDS) -> tuple[dict, dict]:
+        """(the notebook's own parameters, config overrides); a name neither `own` nor one of `fields` (the
+        config fields the notebook takes: all by default) is an error."""
         given = self.given()
-        unknown = set(given) - set(own) - set(FIELDS)
+        unknown = set(given) - set(own) - set(fields)
         if unknown:
-            raise unknown_fields_error(unknown, own)
+            raise unknown_fields_error(unknown, own, fields)
         return ({k: v for k, v in given.items() if k in own},
-                {k: v for k, v in given.items() if k in FIELDS and k not in own})
+                {k: v for k, v in given.items() if k in fields and k not in own})
 
-    def config(self) -> "TrainConfig":
+    def config(self, fields: tuple[str, ...] = FIELDS) -> "TrainConfig":
         """The config of a notebook whose own parameter is `preset`: that preset ("" -> the default
-        preset) with every other given name as a field override."""
-        own, overrides = self.split(own=("preset",))
+        preset) with every other given name as a field override. `fields`: the config fields the notebook
+        uses (default: all); any other name is an error, so a notebook never takes a value it ignores."""
+        own, overrides = self.split(own=("preset",), fields=fields)
         return make_config(own.get("preset", ""), **overrides)
 
     def only(self, own: tuple[str, ...]) -> dict:

@@ -79,3 +79,57 @@ def test_adapter_size_table_counts_what_build_adapter_builds(base):
         adapter.detach()
     assert table.set_index("model").params["adapterlib (self + FF)"] == real
     assert table.model.iloc[-1] == "diffusers GLIGEN (fuser + position_net)" and table.params.iloc[-1] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# what notebook 01 builds and checks with: the adapter a run trains, captions that fit the base
+
+def test_architecture_options_cover_every_architecture_field():
+    from adapterlib.adapter import CONFIG_OPTIONS
+    from adapterlib.config import ARCHITECTURE_FIELDS
+    assert set(CONFIG_OPTIONS) == set(ARCHITECTURE_FIELDS) - {"base_model"}
+    assert set(checks.CHECK_FIELDS) >= set(ARCHITECTURE_FIELDS)
+
+
+def test_the_adapter_built_from_a_config_is_the_one_its_run_trains(tmp_path, monkeypatch, base):
+    """A run with every architecture field off its default saves an adapter whose config (what a checkpoint loads
+    by) is the one `build_adapter(base, **architecture_options(cfg))` builds: notebook 01 checks that adapter."""
+    from adapterlib.adapter import architecture_options
+    from adapterlib.checkpoint import adapter_config
+    from adapterlib.config import make_config
+    from adapterlib.train import train
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
+    cfg = make_config("smoke", run_name="arch", steps=1, save_every=1, n_samples=0, n_train=16, batch_size=2,
+                      adapter_attention="cross", adapter_norm="rmsnorm", adapter_feedforward=False,
+                      adapter_depth="learned", max_objects=6)
+    run = train(cfg, progress=False)
+    built = build_adapter(base, **architecture_options(cfg))
+    try:
+        assert adapter_config(run / "final" / "adapter.safetensors") == built.config
+        assert (built.config["attention"], built.config["norm"], built.config["feedforward"], built.config["depth"],
+                built.config["max_objects"]) == ("cross", "rmsnorm", False, "learned", 6)
+    finally:
+        built.detach()
+
+
+def test_check_records_fit_the_data_and_the_base(tmp_path, base, tiny_sd_folder):
+    from adapterlib.data import GroundedObject, Record, write_manifest
+    # a Shapes world on a Shapes base: that world's held-out layouts, no more objects than the adapter takes
+    records, source = checks.check_records("shapes-v2", base, n=4, max_objects=2)
+    assert records and all(len(r.objects) <= 2 for r in records) and "held-out layouts of shapes-v2" in source
+    assert records == [r for r in shapes.heldout_records(None, 2) if len(r.objects) <= 2][:4]
+    # a manifest: its first records, on any base (no images needed)
+    own = [Record("a kayak on a lake", (GroundedObject("a kayak", (0.2, 0.5, 0.8, 0.7)),)),
+           Record("a lamp beside a bed", (GroundedObject("a lamp", (0.0, 0.1, 0.3, 0.6)),
+                                          GroundedObject("a bed", (0.3, 0.4, 1.0, 1.0))))]
+    manifest = write_manifest(tmp_path / "data.jsonl", own)
+    assert checks.check_records(str(manifest), base)[0] == own
+    sd = load_base(tiny_sd_folder)
+    assert checks.check_records(str(manifest), sd, max_objects=1)[0] == own[:1]
+    # a Shapes world on a latent (SD) base: neutral layouts, no Shapes caption
+    records, source = checks.check_records("shapes-v2", sd)
+    assert records == list(checks.NEUTRAL_RECORDS) and "neutral" in source
+    assert checks.check_records("", sd)[0] == records                    # no data (the sd15 preset's)
+    assert checks.check_records("", base)[0] == records
+    summary = checks.run_all(sd, build_adapter(sd), records, "cpu", "no")
+    assert failing(summary) == [], summary.to_string()

@@ -1,5 +1,6 @@
 """The headless job does what it is told: every parameter reaches the config (papermill and the
 command line), one way to name and resume a run, progress in the terminal, the runs root."""
+import ast
 import json
 import os
 import subprocess
@@ -9,6 +10,9 @@ import nbformat
 import pytest
 
 from adapterlib.__main__ import main
+from adapterlib.adapter import CONFIG_OPTIONS, architecture_options, build_adapter
+from adapterlib.base import load_base
+from adapterlib.checks import CHECK_FIELDS
 from adapterlib.config import FIELDS, PRESETS, RESUME_FIXED, RESUME_FREE, TrainConfig, make_config
 from adapterlib.paths import REPO_ROOT
 from adapterlib.runs import latest_checkpoint, read_config
@@ -95,43 +99,139 @@ def test_papermill_base_notebook_retrains_on_the_world_it_is_given(tmp_path):
 
 
 @pytest.mark.parametrize("notebook, own, names", [
-    ("01_dtype_zero_init_check.ipynb", "preset", {"preset", *FIELDS}), ("02_train.ipynb", "preset", {"preset", *FIELDS}),
+    ("01_dtype_zero_init_check.ipynb", "preset", {"preset", *CHECK_FIELDS}), ("02_train.ipynb", "preset", {"preset", *FIELDS}),
     ("03_resume.ipynb", "run_name", {"run_name", *RESUME_FREE})])
 def test_parameters_cells_list_every_field_they_take(notebook, own, names):
     """papermill learns a notebook's parameters from its parameters cell: each field is there (as None,
     "from the preset"), so `papermill --help-notebook` lists it and `-p` never warns."""
-    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    assigned = {}
-    exec(cell.source, {}, assigned)
+    assigned = _parameters(notebook)
     assert set(assigned) == names
     assert {k for k, v in assigned.items() if v is not None} == {own}      # every field: "not given"
 
 
+def _parameters(notebook) -> dict:
+    """The names the notebook's parameters cell assigns, with their values."""
+    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assigned = {}
+    exec(cell.source, {}, assigned)
+    return assigned
+
+
+def _code_after_parameters(notebook) -> list[ast.Module]:
+    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    return [ast.parse(c.source) for c in nb.cells[at + 1:] if c.cell_type == "code"]
+
+
+@pytest.mark.parametrize("notebook", ["00_base_model.ipynb", "06_throughput.ipynb"])
+def test_own_parameters_are_the_ones_the_notebook_reads(notebook):
+    """A notebook that builds no config: its parameters cell, the names `params.only` accepts and the names its
+    code reads afterwards are the same set (no parameter that does nothing, none read that papermill cannot set)."""
+    trees = _code_after_parameters(notebook)
+    only = [node for tree in trees for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and node.func.attr == "only"]
+    assert len(only) == 1
+    accepted = set(ast.literal_eval(only[0].keywords[0].value))
+    read = {node.id for tree in trees for node in ast.walk(tree) if isinstance(node, ast.Name)
+            and isinstance(node.ctx, ast.Load)}
+    assert set(_parameters(notebook)) == accepted
+    assert accepted <= read, f"parameters the notebook never reads: {sorted(accepted - read)}"
+
+
+def test_notebook_01_parameters_are_what_its_checks_use():
+    """01 takes the base, the adapter's architecture (each one reaches build_adapter through
+    architecture_options), the data, device and precision: each is read from the config in its code."""
+    trees = _code_after_parameters("01_dtype_zero_init_check.ipynb")
+    read = {node.attr for tree in trees for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "cfg"}
+    calls = {node.func.id for tree in trees for node in ast.walk(tree)
+             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    assert "architecture_options" in calls
+    used = read | set(CONFIG_OPTIONS)
+    assert set(_parameters("01_dtype_zero_init_check.ipynb")) - {"preset"} <= used
+    assert set(CHECK_FIELDS) <= used, f"fields 01 takes and never uses: {sorted(set(CHECK_FIELDS) - used)}"
+
+
 def _config_cells(notebook):
-    """The capture, parameters and config cells of a notebook, as code (the config cell calls params.config())."""
+    """The capture, parameters and config cells of a notebook, as code (the config cell calls params.config)."""
     nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
     code = [c.source for c in nb.cells if c.cell_type == "code"]
-    end = next(i for i, s in enumerate(code) if "params.config()" in s)
+    end = next(i for i, s in enumerate(code) if "params.config(" in s)
     return code[:end + 1]
 
 
-@pytest.mark.parametrize("notebook", ["01_dtype_zero_init_check.ipynb", "02_train.ipynb"])
-def test_steps_alone_gives_the_shapes_preset(notebook, monkeypatch):
-    """The notebook's own cells, with the cell papermill injects for `-p steps 25000`, as a user runs
-    them (no test harness preset): the shapes preset with only steps changed."""
-    monkeypatch.delenv("ADAPTERLIB_DEFAULT_PRESET", raising=False)
-    cells = _config_cells(notebook)
-    params_at = 1                                            # capture cell, then the parameters cell
+def _run_config_cells(notebook, injected: str) -> dict:
+    """The notebook's own cells up to its config, with `injected` as papermill's injected-parameters cell."""
     namespace = {}
-    for i, source in enumerate(cells):
+    for i, source in enumerate(_config_cells(notebook)):
         exec(source.replace("print(", "(lambda *a, **k: None)("), namespace)
-        if i == params_at:
-            exec("steps = 25000", namespace)                 # papermill's injected-parameters cell
-    cfg = namespace["cfg"]
-    expected = make_config("shapes", steps=25000)
+        if i == 1:                                           # capture cell, then the parameters cell
+            exec(injected, namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("notebook, injected, override", [
+    ("01_dtype_zero_init_check.ipynb", "adapter_depth = 'learned'", dict(adapter_depth="learned")),
+    ("02_train.ipynb", "steps = 25000", dict(steps=25000))])
+def test_one_field_alone_gives_the_shapes_preset(notebook, injected, override, monkeypatch):
+    """The notebook's own cells, with the cell papermill injects for `-p steps 25000` (01: `-p adapter_depth
+    learned`), as a user runs them (no test harness preset): the shapes preset with only that field changed."""
+    monkeypatch.delenv("ADAPTERLIB_DEFAULT_PRESET", raising=False)
+    cfg = _run_config_cells(notebook, injected)["cfg"]
+    expected = make_config("shapes", **override)
     assert {k: v for k, v in cfg.to_dict().items() if k != "run_name"} == \
         {k: v for k, v in expected.to_dict().items() if k != "run_name"}
+
+
+def test_notebook_01_refuses_a_field_it_does_not_use():
+    """`-p lr 0.1` (or `-p steps 25000`) to notebook 01 would change nothing it checks: an error naming it."""
+    for injected, name in (("lr = 0.1", "lr"), ("steps = 25000", "steps")):
+        with pytest.raises(ValueError, match=f"\\['{name}'\\] \\(\\['{name}'\\]: config fields this notebook does not use"):
+            _run_config_cells("01_dtype_zero_init_check.ipynb", injected)
+
+
+def test_papermill_architecture_fields_reach_the_adapter_notebook_01_builds(tmp_path):
+    """`-p adapter_attention cross -p adapter_depth learned ...` to 01: the adapter it checks is the one a run with
+    those fields trains (`tests/test_checks.py` holds a trained run's adapter to the same builder)."""
+    given = dict(adapter_attention="cross", adapter_depth="learned", adapter_norm="rmsnorm", adapter_feedforward=False,
+                 max_objects=4)
+    done = papermill("01_dtype_zero_init_check.ipynb", tmp_path / "out.ipynb", given)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Passed unknown parameter" not in done.stderr
+    printed = _outputs(tmp_path / "out.ipynb")
+    line = next(l for l in printed.splitlines() if l.startswith("adapter: "))
+    built = json.loads(line[len("adapter: "):])
+    assert (built["attention"], built["depth"], built["norm"], built["feedforward"], built["max_objects"]) == \
+        ("cross", "learned", "rmsnorm", False, 4)
+    adapter = build_adapter(load_base("shapes-tiny"), **architecture_options(make_config("smoke", **given)))
+    assert built == {k: v for k, v in adapter.config.items() if k != "blocks"}
+    assert "held-out layouts of shapes-v2" in printed and "all checks PASS" in printed
+
+
+def test_papermill_notebook_01_on_an_sd_base_checks_with_the_manifest_captions(tmp_path, tiny_sd_folder):
+    """On a Stable Diffusion base with `-p data MANIFEST`: the checks run on the manifest's captions and boxes,
+    not on Shapes layouts."""
+    from adapterlib.data import GroundedObject, Record, write_manifest
+    manifest = write_manifest(tmp_path / "data.jsonl", [
+        Record("a kayak on a lake", (GroundedObject("a kayak", (0.2, 0.5, 0.8, 0.7)),)),
+        Record("a lamp beside a bed", (GroundedObject("a lamp", (0.0, 0.1, 0.3, 0.6)),
+                                       GroundedObject("a bed", (0.3, 0.4, 1.0, 1.0))))])
+    done = papermill("01_dtype_zero_init_check.ipynb", tmp_path / "out.ipynb",
+                     dict(preset="sd15", base_model=tiny_sd_folder, data=manifest, mixed_precision="no"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = _outputs(tmp_path / "out.ipynb")
+    assert f"2 layouts: the first 2 records of {manifest}" in printed
+    assert "'a kayak on a lake': ['a kayak']" in printed and "'a lamp beside a bed': ['a lamp', 'a bed']" in printed
+    assert "held-out" not in printed                                             # and the sd15 preset's adapter:
+    assert f'"attention": "{PRESETS["sd15"]["adapter_attention"]}"' in printed
+    assert "all checks PASS" in printed
+
+
+def _outputs(notebook) -> str:
+    """Everything the executed notebook printed."""
+    nb = nbformat.read(notebook, as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
 
 
 def test_resume_notebook_extends_a_run_and_refuses_a_fixed_field(runs_root, tmp_path):
