@@ -15,7 +15,7 @@
     python -m adapterlib import odvg --jsonl FILE --images DIR --out DIR   # -> DIR/data.jsonl (a manifest)
     python -m adapterlib evaluate --gligen GLIGEN_DIR --base SD_DIR  # a diffusers GLIGEN folder, same table
     python -m adapterlib export <run> [--checkpoint STEP] --out DIR [--measure N]   # weights, config, model card
-    python -m adapterlib bench [--size tiny|sd15] [--device auto] [--batch 16] [--rounds 5] [--compile]  # samples/s
+    python -m adapterlib bench [--size tiny|sd15|sdxl] [--device auto] [--batch 16] [--rounds 5] [--compile]  # samples/s
 
 A run is a name under the runs root ($ADAPTERLIB_RUNS, default runs/) or a path.
 
@@ -447,10 +447,12 @@ def _bench_parser(commands) -> None:
     be.set_defaults(command=_bench, command_name="bench")
     be.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     be.add_argument("--size", choices=SIZES, default="tiny",
-                    help="tiny: the shipped base, 32x32 pixels; sd15: a random-weight SD 1.5-size UNet, 64x64 latents")
+                    help="tiny: the shipped base, 32x32 pixels; sd15: a random-weight SD 1.5-size UNet, 64x64 latents; "
+                         "sdxl: a random-weight SDXL-size UNet, 128x128 latents (about 10 GB in fp32 and as much "
+                         "again for the peer: a GPU)")
     be.add_argument("--batch", type=int, default=16, help="samples a step (default 16)")
     be.add_argument("--objects", type=int, default=None,
-                    help="grounding slots a sample (default: tiny 3, all present; sd15 30, ~30%% present)")
+                    help="grounding slots a sample (default: tiny 3, all present; sd15 and sdxl 30, ~30%% present)")
     be.add_argument("--rounds", type=int, default=5, help="interleaved rounds; a row's number is the median (default 5)")
     be.add_argument("--steps", type=int, default=10, help="steps of each row in a round (default 10)")
     be.add_argument("--warmup", type=int, default=2, help="untimed steps of each row first (default 2)")

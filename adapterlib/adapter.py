@@ -354,6 +354,7 @@ class AdaptedUNet(nn.Module):
 
         model = AdaptedUNet(base.unet, adapter)
         pred = model(noisy, t, context, grounding, scale)      # (B, C, h, w)
+        pred = model(noisy, t, context, grounding, scale, base.added_cond(pooled, time_ids))   # SDXL
 
     Only the adapter's parameters train; the UNet's are frozen. With `grounding=None` (or a scale of
     exactly 0) the forward is the base UNet's, bit for bit."""
@@ -368,25 +369,27 @@ class AdaptedUNet(nn.Module):
                              "act; detach() it first, or load the checkpoint on this base")
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                grounding: Grounding | None = None, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+                grounding: Grounding | None = None, scale: float | torch.Tensor = 1.0,
+                added: dict | None = None) -> torch.Tensor:
+        """`added`: the UNet's `added_cond_kwargs` (SDXL's `text_embeds` and `time_ids`; None for SD)."""
         if grounding is None or (isinstance(scale, (int, float)) and scale == 0):
-            return self.unet(noisy, t, encoder_hidden_states=context).sample
+            return self.unet(noisy, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
         tokens = self.adapter.tokenizer(grounding)
         scale = torch.as_tensor(scale, dtype=torch.float32, device=tokens.device).reshape(-1, 1, 1)
         self.adapter.injection = Injection(tokens, grounding.present, grounding.boxes, scale,
                                            tuple(noisy.shape[-2:]))
         try:
-            return self.unet(noisy, t, encoder_hidden_states=context).sample
+            return self.unet(noisy, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
         finally:
             self.adapter.injection = None
 
 
 def build_adapter(base, **options) -> SpatialAdapter:
-    """An adapter sized for `base` (its UNet blocks and text encoder width), attached and on its device.
+    """An adapter sized for `base` (its UNet blocks and phrase embedding width), attached and on its device.
     Its weights are fp32 whatever the base's dtype: they are the master weights. `attention="gligen"`:
     diffusers' own GLIGEN modules with the same interface (adapterlib/gligen.py)."""
     kind = GligenAdapter if options.get("attention") == "gligen" else SpatialAdapter
-    adapter = kind(base.unet, base.text_encoder.config.hidden_size, **options)
+    adapter = kind(base.unet, base.phrase_dim, **options)
     return adapter.to(base.device, torch.float32).attach(base.unet)
 
 

@@ -2,6 +2,7 @@
 
     result = run_bench("tiny", batch=16, objects=3, rounds=5)     # the shipped base, pixel space 32x32
     result = run_bench("sd15", device="cuda", batch=16)          # a random-weight SD 1.5-size UNet, 64x64 latents
+    result = run_bench("sdxl", device="cuda", batch=4)           # a random-weight SDXL-size UNet, 128x128 latents
     print(format_table(result))
 
 Every row is one full training step on the same batch, the same frozen weights and the same device:
@@ -52,9 +53,9 @@ from .config import TrainConfig
 from .gligen import GligenAdapter
 from .precision import autocast, precision_policy, resolve_device
 
-SIZES = ("tiny", "sd15")
-DEFAULT_OBJECTS = {"tiny": 3, "sd15": 30}            # grounding slots per sample
-PRESENT_SHARE = {"tiny": 1.0, "sd15": 0.3}           # share of the slots holding a real object (the rest: padding)
+SIZES = ("tiny", "sd15", "sdxl")
+DEFAULT_OBJECTS = {"tiny": 3, "sd15": 30, "sdxl": 30}          # grounding slots per sample
+PRESENT_SHARE = {"tiny": 1.0, "sd15": 0.3, "sdxl": 0.3}        # share of the slots holding a real object (the rest: padding)
 VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, False)) + (("gligen", True),)
 DEFAULT_VARIANT = (TrainConfig.adapter_attention, TrainConfig.adapter_feedforward)
 GATE_OPEN = 0.1
@@ -95,6 +96,7 @@ class Workload:
     peer_phrases: torch.Tensor       # (B, N, cross_attention_dim): diffusers' position_net takes this width
     scale: torch.Tensor              # (B,) injection scale per sample, drawn as training draws it
     base: object | None = None       # the loaded BaseModel (tiny), for the train_step row
+    added: dict | None = None        # the UNet's added_cond_kwargs (SDXL: pooled text_embeds, time_ids)
 
     @property
     def batch(self) -> int:
@@ -109,10 +111,26 @@ def sd15_unet_config() -> dict:
     return dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8)
 
 
+def sdxl_unet_config() -> dict:
+    """Stable Diffusion XL base's UNet (its released config: 70 transformer blocks, 2048-wide context,
+    text_time added conditioning of 6 ids x 256 + a 1280-wide pooled text embedding), 128x128 latents."""
+    return dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+                cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)
+
+
+SDXL_POOLED = 1280        # text_encoder_2's projection: SDXL's text_embeds, and our phrase width on SDXL
+
+
 def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch: int = 16,
                   objects: int | None = None, seed: int = 0) -> Workload:
     """The frozen UNet of `size` and one seeded batch: `tiny` is the shipped base (pixel space 32x32),
-    `sd15` a random-weight SD 1.5-size UNet (64x64 latents, 77 context tokens, 30 slots ~30% present)."""
+    `sd15` a random-weight SD 1.5-size UNet (64x64 latents, 77 context tokens, 30 slots ~30% present), `sdxl`
+    a random-weight SDXL-size UNet (128x128 latents, 77 tokens of 2048, its pooled text embedding and size /
+    crop ids for 1024 px, 30 slots ~30% present; our phrases are 1280 wide, encoder 2's pooled output)."""
     if size not in SIZES:
         raise ValueError(f"size {size!r}: choose one of {SIZES}")
     if batch < 1:
@@ -128,11 +146,11 @@ def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch
         unet, text_dim, context_len = base.unet, base.text_encoder.config.hidden_size, base.tokenizer.model_max_length
     else:
         with torch.device(device):
-            unet = UNet2DConditionModel(**sd15_unet_config())
+            unet = UNet2DConditionModel(**(sd15_unet_config() if size == "sd15" else sdxl_unet_config()))
         if compute_dtype != torch.float32:
             unet = unet.to(dtype=compute_dtype)
         unet = unet.requires_grad_(False).eval()
-        base, text_dim, context_len = None, 768, 77
+        base, text_dim, context_len = None, 768 if size == "sd15" else SDXL_POOLED, 77
     cfg = unet.config
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=gen)
@@ -153,7 +171,15 @@ def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch
         t=torch.randint(0, 1000, (B,), generator=gen).to(device),
         context=torch.randn(B, context_len, ctx_dim, generator=gen).to(device),
         target=torch.randn(B, cfg.out_channels, side, side, generator=gen).to(device),
-        grounding=grounding, peer_phrases=peer_phrases.to(device), scale=(0.5 + 0.5 * rand(B)).to(device), base=base)
+        grounding=grounding, peer_phrases=peer_phrases.to(device), scale=(0.5 + 0.5 * rand(B)).to(device), base=base,
+        added=_sdxl_added(unet, B, gen, device) if size == "sdxl" else None)
+
+
+def _sdxl_added(unet, batch: int, gen: torch.Generator, device) -> dict:
+    """SDXL's added conditioning for a batch: random pooled embeddings, the size / crop ids of 1024 px images."""
+    side = unet.config.sample_size * 8
+    ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).expand(batch, 6)
+    return {"text_embeds": torch.randn(batch, SDXL_POOLED, generator=gen).to(device), "time_ids": ids.to(device)}
 
 
 @dataclass
@@ -181,7 +207,7 @@ def floor_step(w: Workload, *, compile: bool = False) -> Step:
     def run():
         x = w.noisy.clone().requires_grad_(True)
         with w.autocast():
-            out = unet(x, w.t, encoder_hidden_states=w.context).sample
+            out = unet(x, w.t, encoder_hidden_states=w.context, added_cond_kwargs=w.added).sample
         F.mse_loss(out.float(), w.target).backward()
     return Step("floor", run, {}, w.unet, compile)
 
@@ -223,7 +249,8 @@ def peer_step(w: Workload, *, compile: bool = False, peer: nn.Module | None = No
 
     def run():
         with w.autocast():
-            out = model(w.noisy, w.t, encoder_hidden_states=w.context, cross_attention_kwargs={"gligen": gligen}).sample
+            out = model(w.noisy, w.t, encoder_hidden_states=w.context, cross_attention_kwargs={"gligen": gligen},
+                        added_cond_kwargs=w.added).sample
         F.mse_loss(out.float(), w.target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -250,7 +277,7 @@ def adapter_step(w: Workload, attention: str, feedforward: bool, *, compile: boo
 
     def run():
         with w.autocast():
-            out = call(w.noisy, w.t, w.context, w.grounding, w.scale)
+            out = call(w.noisy, w.t, w.context, w.grounding, w.scale, w.added)
         F.mse_loss(out.float(), w.target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -194,6 +194,7 @@ def load_adapter(checkpoint: Path, base: BaseModel) -> SpatialAdapter:
     path = Path(checkpoint)
     path = path / "adapter.safetensors" if path.is_dir() else path
     config = adapter_config(path)
+    _check_base_shape(path, config, base)
     options = {k: config[k] for k in ("attention", "norm", "feedforward", "max_objects", "fourier_freqs", "mlp_width")}
     options["depth"] = config.get("depth", "none")
     adapter = build_adapter(base, **options)
@@ -203,6 +204,32 @@ def load_adapter(checkpoint: Path, base: BaseModel) -> SpatialAdapter:
         raise ValueError(f"checkpoint {path} was trained on another base: {diff} differ")
     adapter.load_state_dict(load_file(str(path), device=str(base.device)))
     return adapter
+
+
+def _base_shape(text_dim, token_dim, blocks) -> str:
+    return f"phrase width {text_dim}, context width {token_dim}, {len(blocks)} transformer blocks"
+
+
+def _check_base_shape(path: Path, saved: dict, base: BaseModel) -> None:
+    """The adapter saved at `path` fits `base` (phrase and context widths, transformer blocks), or an error
+    naming both: e.g. an SD 1.5 adapter loaded onto (or resumed on) an SDXL folder."""
+    from .adapter import transformer_blocks
+    token_dim = base.unet.config.cross_attention_dim
+    token_dim = token_dim[0] if isinstance(token_dim, (list, tuple)) else token_dim
+    blocks = list(transformer_blocks(base.unet))
+    if (saved.get("text_dim"), saved.get("token_dim"), saved.get("blocks")) != (base.phrase_dim, token_dim, blocks):
+        kind = "an SDXL" if base.is_sdxl else "an SD 1.x/2.x" if base.vae is not None else "a pixel-space"
+        raise ValueError(f"adapter {path} does not fit the base {base.path} ({kind} base): the adapter was trained "
+                         f"with {_base_shape(saved.get('text_dim'), saved.get('token_dim'), saved.get('blocks') or [])}"
+                         f", this base has {_base_shape(base.phrase_dim, token_dim, blocks)}. Load it on the base "
+                         "it was trained on (its run's config.json names it), or train an adapter for this base")
+
+
+def check_adapter_fits(checkpoint: Path, base: BaseModel) -> None:
+    """Before a resume does any work: the checkpoint's adapter fits `base` (`_check_base_shape`)."""
+    path = Path(checkpoint)
+    path = path / "adapter.safetensors" if path.is_dir() else path
+    _check_base_shape(path, adapter_config(path), base)
 
 
 def load_run_base(run: Path, device: str | None = None) -> BaseModel:

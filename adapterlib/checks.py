@@ -84,7 +84,7 @@ def dtype_table(base, adapter: SpatialAdapter) -> pd.DataFrame:
     as a whole, the adapter's parameters grouped by name across its layers."""
     trainable = {id(p) for p in adapter.trainable_parameters().values()}
     rows = []
-    for module_name in ("unet", "text_encoder", "vae"):
+    for module_name in ("unet", "text_encoder", "vae", "text_encoder_2"):
         module = getattr(base, module_name)
         if module is None:
             continue
@@ -109,14 +109,15 @@ def _dtype_problems(base, adapter: SpatialAdapter, compute_dtype: torch.dtype) -
         if not p.requires_grad:
             problems.append((f"trainable parameter {name} does not require grad",
                              "adapter.trainable_parameters() must list only parameters that train"))
-    for module_name in ("unet", "text_encoder", "vae"):
+    for module_name in ("unet", "text_encoder", "vae", "text_encoder_2"):
         module = getattr(base, module_name)
         for name, p in (module.named_parameters() if module is not None else []):
             if p.requires_grad:
                 problems.append((f"frozen base.{module_name}.{name} requires grad",
                                  "freeze the base (base.freeze()); only adapter parameters train"))
                 break
-            if p.dtype != compute_dtype:
+            upcast = module_name == "vae" and base.vae_upcast and p.dtype == torch.float32   # SDXL's VAE under fp16
+            if p.dtype != compute_dtype and not upcast:
                 problems.append((f"frozen base.{module_name}.{name} is {p.dtype}, not the compute dtype {compute_dtype}",
                                  "load the base with dtype=precision_policy(...).compute_dtype"))
                 break
@@ -136,7 +137,8 @@ def check_dtypes(base, adapter: SpatialAdapter, compute_dtype: torch.dtype) -> t
 # 2-4. identity, gradient, mixed precision: one random UNet batch for the records
 
 def _unet_batch(base, records, generator: torch.Generator):
-    """Random latents and timesteps, the records' captions; a diffusion target for them."""
+    """Random latents and timesteps, the records' captions (and SDXL's added conditioning, else None); a
+    diffusion target for them."""
     B, cfg = len(records), base.unet.config
     x0 = torch.randn(B, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
@@ -145,27 +147,28 @@ def _unet_batch(base, records, generator: torch.Generator):
     target = base.scheduler.get_velocity(x0, noise, t) \
         if base.scheduler.config.prediction_type == "v_prediction" else noise
     with torch.no_grad():
-        context = base.encode_captions([r.caption for r in records])        # (B, L, D)
+        context, pooled = base.encode_text([r.caption for r in records])     # (B, L, D); SDXL: (B, P)
     to = lambda x: x.to(base.device)
-    return to(noisy).to(base.unet.dtype), to(t), context, to(target)
+    return to(noisy).to(base.unet.dtype), to(t), context, to(target), base.added_cond(pooled)
 
 
 def identity_at_init(base, adapter: SpatialAdapter, records, seed: int = 0) -> float:
     """max |adapted - base| of the UNet output on random latents and timesteps, with the records'
     captions and boxes. Exactly 0.0 for a fresh adapter (every gate is 0)."""
-    latents, t, context, _ = _unet_batch(base, records, torch.Generator().manual_seed(seed))
+    latents, t, context, _, added = _unet_batch(base, records, torch.Generator().manual_seed(seed))
     grounding = ground(base, records, max_objects=adapter.max_objects)
     model = AdaptedUNet(base.unet, adapter)
     with torch.no_grad(), autocast_for(base):
-        plain = base.unet(latents, t, encoder_hidden_states=context).sample
-        adapted = model(latents, t, context, grounding)
+        plain = base.unet(latents, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        adapted = model(latents, t, context, grounding, added=added)
     return (adapted.float() - plain.float()).abs().max().item()
 
 
 def _adapter_loss(base, adapter: SpatialAdapter, records, seed: int = 0) -> torch.Tensor:
     """The training loss of one adapted forward (random x0: a check of the mechanics, not learning)."""
-    latents, t, context, target = _unet_batch(base, records, torch.Generator().manual_seed(seed))
-    pred = AdaptedUNet(base.unet, adapter)(latents, t, context, ground(base, records, max_objects=adapter.max_objects))
+    latents, t, context, target, added = _unet_batch(base, records, torch.Generator().manual_seed(seed))
+    pred = AdaptedUNet(base.unet, adapter)(latents, t, context, ground(base, records, max_objects=adapter.max_objects),
+                                           added=added)
     return F.mse_loss(pred.float(), target.float())
 
 

@@ -2,7 +2,8 @@
 and the command line's flags.
 
 A config is a preset (`shapes`, the embedded default; `sd15`, the training plan's values for Stable
-Diffusion 1.5 on one GPU; `smoke`, a seconds-long run for tests) with overrides. Every field given
+Diffusion 1.5 on one GPU; `sdxl`, the same on Stable Diffusion XL; `smoke`, a seconds-long run for tests)
+with overrides. Every field given
 (`-p NAME VALUE` to papermill, `--NAME VALUE` to `python -m adapterlib train`) reaches the config and
 the run's config.json; a name that is not a field is an error that lists the fields.
 
@@ -177,6 +178,11 @@ PRESETS = {
     # seconds on a CPU: what the tests and nbval run (chosen by the test harness, never a user default)
     "smoke": dict(steps=40, batch_size=4, n_train=256, save_every=20, log_every=5, n_samples=4, warmup=10),
 }
+
+# Stable Diffusion XL base (docs/sdxl.md): sd15's values and recipe at the base's own resolution (SDXL base: 1024 px,
+# 128x128 latents), batch 2 and bf16 as on SD 1.5 (bf16 keeps SDXL's VAE in range; under fp16 the VAE stays fp32), and
+# a centre crop rather than a stretch: the crop's offset and the original size reach the UNet as SDXL's conditioning
+PRESETS["sdxl"] = {**PRESETS["sd15"], "crop": "center"}
 
 # The preset used when none is named. Unset for users ("shapes"); the test harness sets it to "smoke".
 DEFAULT_PRESET_ENV = "ADAPTERLIB_DEFAULT_PRESET"

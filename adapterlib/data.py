@@ -359,6 +359,12 @@ class TransformReport:
     dropped: int = 0
     flipped: bool = False
     side_words: int = 0
+    # where the sample sits in its image (SDXL's size and crop conditioning, `encodings.time_ids`): the image
+    # file's (height, width), the resized image's, and the square crop's (top, left) in the resized image
+    # before any flip
+    original_size: tuple[int, int] = (0, 0)
+    resized_size: tuple[int, int] = (0, 0)
+    crop_top_left: tuple[int, int] = (0, 0)
 
 
 def transform_sample(image, record: Record, resolution: int, crop: str = "none", flip: bool = False,
@@ -383,6 +389,7 @@ def transform_sample(image, record: Record, resolution: int, crop: str = "none",
     image = image.convert("RGB")
     R = resolution
     objects, dropped = record.objects, 0
+    original, resized, (ox, oy) = image.size[::-1], (R, R), (0, 0)
     if crop == "none":
         if image.size != (R, R):
             image = image.resize((R, R), Image.BICUBIC)
@@ -396,6 +403,7 @@ def transform_sample(image, record: Record, resolution: int, crop: str = "none",
             ox, oy = (nw - R) // 2, (nh - R) // 2
         else:
             ox, oy = int(rng.integers(0, nw - R + 1)), int(rng.integers(0, nh - R + 1))
+        resized = (nh, nw)
         if (nw, nh) != (R, R):
             image = image.crop((ox, oy, ox + R, oy + R))
         kept = []
@@ -417,7 +425,7 @@ def transform_sample(image, record: Record, resolution: int, crop: str = "none",
         side_words = sum(names_a_side(o.phrase) for o in objects)
     if objects is not record.objects:
         record = dataclasses.replace(record, objects=objects)
-    return np.asarray(image), record, TransformReport(dropped, do_flip, side_words)
+    return np.asarray(image), record, TransformReport(dropped, do_flip, side_words, original, resized, (oy, ox))
 
 
 class ManifestImages:
@@ -482,13 +490,18 @@ class ManifestImages:
         `positions`: each sample's position in the data stream (training passes step * batch_size + i);
         the crop offset and flip coin of a sample come from (seed, position) only (`sample_rng`). Without
         positions, a sample's position is its index (epoch 0)."""
+        images, records, _ = self.load_reports(indices, positions)
+        return images, records
+
+    def load_reports(self, indices, positions=None) -> tuple[np.ndarray, list[Record], list[TransformReport]]:
+        """`load`, with each sample's TransformReport (where its crop sits: SDXL's size and crop conditioning)."""
         from PIL import Image
         indices = [int(i) for i in indices]
         positions = indices if positions is None else [int(p) for p in positions]
         if len(positions) != len(indices):
             raise ValueError(f"{len(indices)} indices but {len(positions)} positions")
         random = self.crop == "random" or self.flip
-        images, records = [], []
+        images, records, reports = [], [], []
         for i, pos in zip(indices, positions):
             rng = sample_rng(self.seed, pos, len(self.records)) if random else None
             with Image.open(resolve_image(self.manifest, self.records[i])) as im:
@@ -499,4 +512,5 @@ class ManifestImages:
             self.side_words_flipped += report.side_words
             images.append(image)
             records.append(record)
-        return np.stack(images), records
+            reports.append(report)
+        return np.stack(images), records, reports

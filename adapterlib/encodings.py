@@ -38,7 +38,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import GroundedObject, ManifestImages, Record, names_a_side, read_manifest_report, resolve_image, sample_rng
+from .base import SDXL_PARTS
+from .data import (GroundedObject, ManifestImages, Record, TransformReport, names_a_side, read_manifest_report,
+                   resolve_image, sample_rng)
 from .jsonio import write_json
 
 CACHE_VERSION = 1
@@ -67,13 +69,16 @@ def base_identity(base_path: str | Path) -> str:
     the tokenizer (not the UNet: the adapter trains against it, it does not shape the inputs)."""
     base_path = Path(base_path)
     h = hashlib.sha256()
-    for part in ("vae", "text_encoder", "tokenizer"):
+    for part in ("vae", "text_encoder", "tokenizer", *SDXL_PARTS):    # SD folders have no SDXL part: same key
         folder = base_path / part
         if not folder.is_dir():
             continue
         for f in sorted(p for p in folder.rglob("*") if p.is_file()):
             h.update(f"{part}/{f.relative_to(folder).as_posix()}\0".encode())
             _sha256_file(f, h)
+    if (base_path / "text_encoder_2").is_dir():          # SDXL: the empty caption's policy is in model_index.json
+        index = base_path / "model_index.json"
+        h.update(b"model_index.json\0" + (index.read_bytes() if index.is_file() else b""))
     return h.hexdigest()
 
 
@@ -178,9 +183,9 @@ def _build(base, manifest, folder, key, parts, crop, dtype, max_objects, on_bad_
             write(name, {k: torch.cat(v) for k, v in chunks.items()})
 
     # the VAE's latent moments (or a pixel-space base's pixels), then the captions' hidden states
-    encode_shards("images", n_images, lambda lo, hi: _encode_images(base, data.load(first_of_image[lo:hi])[0], store))
+    encode_shards("images", n_images, lambda lo, hi: _encode_images(base, data, first_of_image[lo:hi], store))
     captions = list(caption_rows)
-    encode_shards("captions", n_captions, lambda lo, hi: {"hidden": base.encode_captions(captions[lo:hi]).to(store)})
+    encode_shards("captions", n_captions, lambda lo, hi: _encode_captions(base, captions[lo:hi], store))
     bar.close()
     # --- the records as trained on (the crop applied to their boxes), and their phrases
     for i, r in enumerate(data.records):
@@ -197,10 +202,10 @@ def _build(base, manifest, folder, key, parts, crop, dtype, max_objects, on_bad_
     if wanted("phrases.safetensors"):
         with torch.no_grad():
             emb = [base.encode_phrases(phrases[b:b + ENCODE_BATCH]).to(store) for b in range(0, len(phrases), ENCODE_BATCH)]
-            empty = base.encode_captions([""]).to(store)
-        dim = base.text_encoder.config.hidden_size
-        write("phrases.safetensors", {"phrases": torch.cat(emb) if emb else torch.zeros(0, dim, dtype=store),
-                                      "empty_caption": empty})
+            empty = _encode_captions(base, [""], store)
+        dim = base.phrase_dim
+        empty = {"empty_caption": empty["hidden"], **({"empty_pooled": empty["pooled"]} if "pooled" in empty else {})}
+        write("phrases.safetensors", {"phrases": torch.cat(emb) if emb else torch.zeros(0, dim, dtype=store), **empty})
     shards.append(dict(file="phrases.safetensors", kind="phrases", start=0, stop=len(phrases)))
     tmp = folder / f".records.jsonl.{os.getpid()}.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in out_records))
@@ -220,7 +225,40 @@ def _build(base, manifest, folder, key, parts, crop, dtype, max_objects, on_bad_
     return folder
 
 
-def _encode_images(base, images: np.ndarray, store: torch.dtype) -> dict[str, torch.Tensor]:
+def _encode_captions(base, captions: list[str], store: torch.dtype) -> dict[str, torch.Tensor]:
+    """The captions' hidden states (`hidden`), and on SDXL their pooled embeddings (`pooled`)."""
+    if not base.is_sdxl:
+        return {"hidden": base.encode_captions(captions).to(store)}
+    hidden, pooled = base.encode_text(captions)
+    return {"hidden": hidden.to(store), "pooled": pooled.to(store)}
+
+
+def time_ids(report: TransformReport, resolution: int) -> list[int]:
+    """SDXL's size and crop conditioning of one sample, as diffusers' SDXL training example computes it: the
+    image file's (height, width), the square crop's (top, left) in the resized image (after a flip, measured
+    from the flipped image's left edge, as the example crops after flipping), and the target (height, width)."""
+    (top, left), (_, resized_w) = report.crop_top_left, report.resized_size
+    if report.flipped:
+        left = resized_w - resolution - left
+    return [*report.original_size, top, left, resolution, resolution]
+
+
+def _time_ids(reports, resolution: int) -> torch.Tensor:
+    return torch.tensor([time_ids(r, resolution) for r in reports], dtype=torch.float32).reshape(-1, 6)
+
+
+def _encode_images(base, data: ManifestImages, indices: list[int], store: torch.dtype) -> dict[str, torch.Tensor]:
+    """The images at `indices`: as they are (pixel-space base) or the VAE's latent mean and std; on SDXL with
+    their time ids, unflipped and flipped (a cached sample is flipped at training time)."""
+    images, _, reports = data.load_reports(indices)
+    out = _encode_pixels(base, images, store)
+    if base.is_sdxl:
+        out["time_ids"] = _time_ids(reports, data.resolution)
+        out["time_ids_flipped"] = _time_ids([dataclasses.replace(r, flipped=True) for r in reports], data.resolution)
+    return out
+
+
+def _encode_pixels(base, images: np.ndarray, store: torch.dtype) -> dict[str, torch.Tensor]:
     """(B, H, W, 3) uint8 -> the pixels as they are (pixel-space base) or the VAE's latent mean and std."""
     if base.vae is None:
         return {"pixels": torch.from_numpy(images)}
@@ -258,6 +296,11 @@ class Batch:
     phrases: torch.Tensor | None = None       # (objects, D) cached phrase embeddings, records' order
     empty_caption: torch.Tensor | None = None # (1, L, D) the empty caption's hidden states (cached)
     report: tuple[int, int, int] = (0, 0, 0)  # crop drops, flips, side words (from the image path)
+    # SDXL: the cached pooled caption embeddings (B, P) and the empty caption's (1, P); each sample's size and
+    # crop conditioning (B, 6) (`time_ids`: from the cache, or from the crop as the images are read)
+    pooled: torch.Tensor | None = None
+    empty_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
 
 class CachedSource:
@@ -289,6 +332,7 @@ class CachedSource:
         with safe_open(str(self.folder / "phrases.safetensors"), framework="pt") as f:
             self.phrase_table = f.get_tensor("phrases")
             self.empty_caption = f.get_tensor("empty_caption")
+            self.empty_pooled = f.get_tensor("empty_pooled") if "empty_pooled" in f.keys() else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -309,7 +353,8 @@ class CachedSource:
         records = [self.records[i] for i in indices]
         self.dropped_by_crop += sum(self._rows[i][3] for i in indices)
         images = self._rows_of("images", [self._rows[i][0] for i in indices])
-        captions = self._rows_of("captions", [self._rows[i][1] for i in indices])["hidden"]
+        ids, ids_flipped = images.pop("time_ids", None), images.pop("time_ids_flipped", None)     # SDXL caches
+        captions = self._rows_of("captions", [self._rows[i][1] for i in indices])
         rows = [p for i in indices for p in self._rows[i][2]]
         phrases = self.phrase_table[rows] if rows else self.phrase_table[:0]
         if self.flip:
@@ -317,12 +362,15 @@ class CachedSource:
             for b, flipped in enumerate(coins):
                 if flipped:
                     records[b] = flip_record(records[b])
+                    if ids is not None:
+                        ids[b] = ids_flipped[b]
                     for k, v in images.items():      # pixels (B, H, W, 3): width is dim 2; moments (B, C, h, w): dim 3
                         images[k][b] = v[b].flip(1 if k == "pixels" else 2)
             self.flipped += sum(coins)
             self.side_words_flipped += sum(names_a_side(o.phrase) for r, c in zip(records, coins) if c for o in r.objects)
         return Batch(records, pixels=images.get("pixels"), mean=images.get("mean"), std=images.get("std"),
-                     captions=captions, phrases=phrases, empty_caption=self.empty_caption)
+                     captions=captions["hidden"], phrases=phrases, empty_caption=self.empty_caption,
+                     pooled=captions.get("pooled"), empty_pooled=self.empty_pooled, time_ids=ids)
 
 
 def flip_record(record: Record) -> Record:
@@ -355,9 +403,10 @@ class ImageSource:
 
     def batch(self, indices: list[int], positions: list[int]) -> Batch:
         before = (self.data.dropped_by_crop, self.data.flipped, self.data.side_words_flipped)
-        images, records = self.data.load(indices, positions)
+        images, records, reports = self.data.load_reports(indices, positions)
         after = (self.data.dropped_by_crop, self.data.flipped, self.data.side_words_flipped)
-        return Batch(records, pixels=torch.from_numpy(images), report=tuple(a - b for a, b in zip(after, before)))
+        return Batch(records, pixels=torch.from_numpy(images), report=tuple(a - b for a, b in zip(after, before)),
+                     time_ids=_time_ids(reports, self.data.resolution))
 
     def count(self, batch: Batch) -> None:
         """Add the counts of a batch loaded in a worker process (its counters are the worker's)."""
@@ -437,14 +486,21 @@ def step_batches(source, *, seed: int, batch_size: int, start: int, stop: int, w
 
 
 def text_inputs(base, batch: Batch, drop: torch.Tensor, device, compute_dtype, amp_dtype):
-    """(caption hidden states (B, L, D), phrase embeddings (objects, D)) of a batch: read from the cache,
-    or encoded now. Samples whose `drop` is set get the empty caption (caption dropout)."""
+    """(caption hidden states (B, L, D), phrase embeddings (objects, D), the UNet's added conditioning) of a
+    batch: read from the cache, or encoded now. Samples whose `drop` is set get the empty caption (caption
+    dropout). The added conditioning is None for SD; for SDXL, `base.added_cond` of the pooled captions (the
+    empty caption's where dropped) and the batch's size / crop `time_ids`."""
     if batch.captions is not None:
         context = torch.where(drop[:, None, None], batch.empty_caption, batch.captions)
-        return context.to(device, compute_dtype), batch.phrases.to(device)
+        pooled = None
+        if batch.pooled is not None:
+            pooled = torch.where(drop[:, None], batch.empty_pooled, batch.pooled).to(device, compute_dtype)
+        return context.to(device, compute_dtype), batch.phrases.to(device), base.added_cond(pooled, batch.time_ids)
     captions = ["" if d else r.caption for d, r in zip(drop.tolist(), batch.records)]
     with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-        return base.encode_captions(captions), base.encode_phrases([o.phrase for r in batch.records for o in r.objects])
+        context, pooled = base.encode_text(captions)
+        return (context, base.encode_phrases([o.phrase for r in batch.records for o in r.objects]),
+                base.added_cond(pooled, batch.time_ids))
 
 
 def sample_latents(base, batch: Batch, generator: torch.Generator, device, compute_dtype, amp_dtype,
@@ -457,8 +513,9 @@ def sample_latents(base, batch: Batch, generator: torch.Generator, device, compu
         x0 = batch.pixels.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
         if base.vae is None:
             return x0
-        with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None):
-            dist = base.vae.encode(x0.to(compute_dtype)).latent_dist
+        upcast = base.vae.dtype != compute_dtype          # SDXL's fp32 VAE under fp16 (force_upcast); SD: never
+        with torch.no_grad(), torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None and not upcast):
+            dist = base.vae.encode(x0.to(base.vae.dtype)).latent_dist
         mean, std = dist.mean, dist.std
     else:
         mean, std = batch.mean, batch.std

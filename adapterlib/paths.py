@@ -2,22 +2,48 @@
 
 papermill runs a notebook in the caller's working directory and nbval in `notebooks/`, so a
 notebook parameter like "../runs/base-retrain" would land in different places. Every relative path
-a notebook or the command line takes is resolved against the repository root instead.
+a notebook or the command line takes is resolved against the project root instead:
+
+- in a checkout of the repository (also an editable install, `pip install -e .`, which `make` uses):
+  the repository root, wherever the command runs;
+- in a non-editable install (`pip install adapterlib-*.whl`: the package sits in site-packages, there
+  is no repository): the current working directory, read at each call. So `runs/` (the runs root), a
+  manifest "data/x.jsonl" or a base "models/sd15" are the working directory's, as for any command.
+
+What the package itself reads at run time (the held-out layouts, the shipped tiny base) lives inside
+the package and is found from `__file__`, installed or not.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _is_repository(root: Path) -> bool:
+    """The package sits in a checkout of the repository (not in site-packages)."""
+    return (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir()
+
+
+IN_REPOSITORY = _is_repository(PACKAGE_DIR.parent)
+# the repository root; in a non-editable install, the working directory when adapterlib was imported
+# (code that resolves paths calls project_root(), which follows later changes of directory)
+REPO_ROOT = PACKAGE_DIR.parent if IN_REPOSITORY else Path.cwd()
 FIGURES = REPO_ROOT / "figures"   # the figures the notebooks write (run folders: runs.runs_root())
 
 
+def project_root() -> Path:
+    """What relative paths are relative to: the repository root, or (non-editable install) the working directory."""
+    return REPO_ROOT if IN_REPOSITORY else Path.cwd()
+
+
 def repo_path(path: str | Path) -> Path:
-    """An absolute path: `path` itself if absolute (or ~), else relative to the repository root.
-    One leading "../", as written from inside `notebooks/` ("../runs/x"), means the same as "runs/x"."""
+    """An absolute path: `path` itself if absolute (or ~), else relative to the project root (the
+    repository root; the working directory in a non-editable install). In the repository, one leading
+    "../", as written from inside `notebooks/` ("../runs/x"), means the same as "runs/x"."""
     path = Path(path).expanduser()
     if path.is_absolute():
         return path
-    if path.parts[:1] == ("..",):          # notebooks sit one level below the root
+    if IN_REPOSITORY and path.parts[:1] == ("..",):          # notebooks sit one level below the root
         path = Path(*path.parts[1:])
-    return (REPO_ROOT / path).resolve()
+    return (project_root() / path).resolve()

@@ -2,7 +2,8 @@
 
 A run is named the same way everywhere (notebooks 02-05, the command line, the API): a plain name is
 a folder under the runs root, anything with a path separator ("runs/x", "/data/x", "~/x") is a path. The
-runs root is `$ADAPTERLIB_RUNS` when set, else `runs/` of the repository.
+runs root is `$ADAPTERLIB_RUNS` when set, else `runs/` of the repository (of the working directory
+in a non-editable install).
 
 While a run trains it appends to `train.log` (human-readable, `tail -f`) and `metrics.csv` (one row
 per logging interval, read with `read_metrics`, also while it is being written).
@@ -18,15 +19,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from .paths import REPO_ROOT, repo_path
+from .paths import project_root, repo_path
 
 RUNS_ENV = "ADAPTERLIB_RUNS"
 
 
 def runs_root() -> Path:
-    """The folder run names resolve in: $ADAPTERLIB_RUNS, else runs/ of the repository."""
+    """The folder run names resolve in: $ADAPTERLIB_RUNS, else runs/ of the repository (in a non-editable
+    install, which has no repository: runs/ of the working directory)."""
     root = os.environ.get(RUNS_ENV)
-    return repo_path(root) if root else REPO_ROOT / "runs"
+    return repo_path(root) if root else project_root() / "runs"
 
 
 def run_dir(name_or_path: str | Path) -> Path:

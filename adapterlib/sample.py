@@ -106,24 +106,34 @@ def generate(base: BaseModel, records: list[Record], seeds: list[int], *, adapte
     return np.concatenate(out) if out else np.zeros((0, base.resolution, base.resolution, 3), np.uint8)
 
 
+def _halves(added: dict | None, n: int) -> tuple[dict | None, dict | None]:
+    """The unconditional and conditional rows of an [uncond; cond] added conditioning (None: None, None)."""
+    if added is None:
+        return None, None
+    return ({k: v[:n] for k, v in added.items()}, {k: v[n:] for k, v in added.items()})
+
+
 def _generate_batch(base, model, records, seeds, s: Sampling):
     scheduler = ddim_scheduler(base, s.steps)
     n = len(records)
     with autocast_for(base):
-        context = base.encode_captions([""] * n + [r.caption for r in records])   # (2n, L, D): [uncond; cond]
+        context, pooled = base.encode_text([""] * n + [r.caption for r in records])   # (2n, L, D): [uncond; cond]
         grounding = ground(base, records, max_objects=model.adapter.max_objects) if model else None   # (n, ...)
+    added = base.added_cond(pooled)        # SDXL: pooled captions, uncropped at the base's size; SD: None
+    uncond_added, cond_added = _halves(added, n)
     latents = initial_noise(base, seeds) * scheduler.init_noise_sigma
     grounded_steps = round(s.tau * len(scheduler.timesteps))
     for i, t in enumerate(scheduler.timesteps):
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         with autocast_for(base):
             if model is None or s.scale == 0 or i >= grounded_steps:
-                pred = base.unet(model_in, t, encoder_hidden_states=context).sample
+                pred = base.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
             elif s.grounding_guidance:       # unconditional: the base alone; conditional: caption and grounding
-                pred = torch.cat([base.unet(model_in[:n], t, encoder_hidden_states=context[:n]).sample,
-                                  model(model_in[n:], t, context[n:], grounding, s.scale)])
+                pred = torch.cat([base.unet(model_in[:n], t, encoder_hidden_states=context[:n],
+                                            added_cond_kwargs=uncond_added).sample,
+                                  model(model_in[n:], t, context[n:], grounding, s.scale, cond_added)])
             else:                            # both branches grounded: only the caption is guided
-                pred = model(model_in, t, context, grounding.repeat(2), s.scale)
+                pred = model(model_in, t, context, grounding.repeat(2), s.scale, added)
         uncond, cond = pred.float().chunk(2)
         latents = scheduler.step(uncond + s.guidance * (cond - uncond), t, latents).prev_sample
     with autocast_for(base):

@@ -215,6 +215,8 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
                          "VAE, so an object's pixels are not the prediction's cells: use box_loss_region = 'box'")
     adapter = build_adapter(base, attention=cfg.adapter_attention, norm=cfg.adapter_norm,
                             feedforward=cfg.adapter_feedforward, max_objects=cfg.max_objects, depth=cfg.adapter_depth)
+    if run.resume:              # a checkpoint of another base (an SD 1.5 adapter, the folder now SDXL): refused now
+        checkpoint.check_adapter_fits(run.latest[1], base)
     if cfg.init_from and not run.resume:                     # a diffusers GLIGEN folder's weights (a resume reads its own)
         from .gligen import load_gligen_weights
         load_gligen_weights(adapter, repo_path(cfg.init_from))
@@ -268,7 +270,7 @@ def step_loss(s: Setup, batch: encodings.Batch, gen: torch.Generator) -> tuple[t
     cfg, shard, device, base = s.cfg, s.shard, s.device, s.base
     # --- inputs: captions (caption dropout), grounding (phrase dropout), latents, noise, timesteps, scales
     drop = shard.take(torch.rand(cfg.batch_size, generator=gen)) < cfg.caption_dropout
-    context, phrase_embeddings = encodings.text_inputs(base, batch, drop, device, s.compute_dtype, s.amp_dtype)
+    context, phrase_embeddings, added = encodings.text_inputs(base, batch, drop, device, s.compute_dtype, s.amp_dtype)
     grounding = Grounding.from_records(batch.records, phrase_embeddings, max_objects=cfg.max_objects,
                                        phrase_dropout=cfg.phrase_dropout, generator=gen,
                                        part=shard.part(batch.records), pad_to=s.slots)
@@ -283,7 +285,7 @@ def step_loss(s: Setup, batch: encodings.Batch, gen: torch.Generator) -> tuple[t
               "sample": latents}[prediction]
     # --- forward: the frozen UNet with the adapter, through the one module
     with torch.autocast(device.type, s.amp_dtype, enabled=s.amp_dtype is not None):
-        pred = s.model(noisy.to(s.compute_dtype), t, context, grounding, scale)
+        pred = s.model(noisy.to(s.compute_dtype), t, context, grounding, scale, added)   # added: SDXL's; SD: None
     loss = F.mse_loss(pred.float(), target)
     if cfg.box_loss_weight > 0:
         # several processes: each adds its objects' errors over the global batch's object count, times the

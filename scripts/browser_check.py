@@ -5,10 +5,23 @@
    notebooks (so neither autosave nor a run touches notebooks/);
 3. notebook 05: opens unmodified, runs to the slider, moves the scale handle with the mouse and picks
    another layout; each time the status line shows it is rendering, the image changes, and it is
-   `GateSlider.render(scale, layout, seed, tau)` for the values the browser shows, at its own pixel size;
-4. notebook 02: opens unmodified, its parameters cell set to a short smoke run, runs; the progress bar
-   and the live plot update while it trains, and the last plot is the final state (`LivePlot.png`);
+   `GateSlider.render(scale, layout, seed, tau)` for the values the browser shows, at its own pixel size.
+   What the slider shows (its layouts, seeds, sampling settings and checkpoint) is read from the notebook's
+   kernel (the one GateSlider in its namespace), never restated here; this process renders the same values
+   on its own copy of that checkpoint to compare, and checks the layouts are the run's (`run_layouts`);
+4. notebook 02: opens unmodified, its parameters cell (the cell tagged `parameters`) set to a short smoke
+   run as a user would type it (a field's line is replaced, or added when the cell has none), runs; the
+   progress bar and the live plot (the output of the cell that calls `LivePlot(`) update while it trains,
+   the run has the fields typed, and the last plot is the final state (`LivePlot.png`);
 5. screenshots to docs/browser_05_slider.png and docs/browser_02_live_plot.png.
+
+What it assumes of the notebooks (keep these true, or change this script with them):
+- 05 runs top to bottom with its default parameters on a short smoke run (`run_name` "" picks the only run)
+  and leaves exactly one `adapterlib.slider.GateSlider` in its namespace, displayed (an ipywidgets image,
+  scale and tau sliders, a layout dropdown, a seed box); it shows at least 3 layouts, the run's own;
+- 02 has a code cell tagged `parameters` in which a line `name = value` sets a TrainConfig field (fields not
+  listed there may be added as such lines), a cell whose source contains `LivePlot(` (the live plot, an image
+  output) and a progress bar (an ipywidgets progress widget with a text label) while `train` runs.
 
 Every process it starts is stopped; any failure exits non-zero with a message.
 Needs /usr/bin/chromium and /usr/bin/chromedriver (Debian: chromium chromium-driver) and selenium.
@@ -44,8 +57,14 @@ class CheckFailed(Exception):
     pass
 
 
+T0 = time.monotonic()
+# the longest waits (a whole notebook, a training run): generous, for a loaded machine (2 shared cores ran
+# notebook 05 in about 15 minutes with 6 other jobs; about 1-2 minutes alone)
+NOTEBOOK_05_S, NOTEBOOK_02_S, RENDER_S = 1800, 900, 180
+
+
 def say(text: str) -> None:
-    print(f"[browser-check] {text}", flush=True)
+    print(f"[browser-check {time.monotonic() - T0:5.0f} s] {text}", flush=True)
 
 
 def check(condition, message: str) -> None:
@@ -98,7 +117,7 @@ def start_lab(root: Path, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
                 return r.status == 200
         except OSError:
             return False
-    wait_for("JupyterLab to answer", up, 90, 0.5)
+    wait_for("JupyterLab to answer", up, 300, 0.5)
     say(f"JupyterLab {url} (pid {proc.pid}, log {log})")
     return proc, f"{url}/lab/tree/{{}}?token={token}"
 
@@ -124,7 +143,8 @@ def start_browser():
                 "--disable-gpu", "--hide-scrollbars"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    driver.set_script_timeout(60)
+    driver.set_script_timeout(120)
+    driver.command_executor.client_config.timeout = 600     # a page busy on a loaded machine answers late (default 120 s)
     return driver
 
 
@@ -144,7 +164,7 @@ def open_notebook(driver, url_of: str, path: str) -> None:
         return !!(panel && panel.context && panel.context.path.endsWith(arguments[0]) && panel.sessionContext
                   && panel.sessionContext.session && panel.sessionContext.session.kernel
                   && panel.sessionContext.session.kernel.status === 'idle'
-                  && panel.content.widgets.length > 0);""", path), 120, 0.5)
+                  && panel.content.widgets.length > 0);""", path), 300, 0.5)
     time.sleep(3)                        # what JupyterLab does after the kernel is up (language_info, ...)
 
 
@@ -178,6 +198,48 @@ def cell_errors(driver) -> list[str]:
         return panel.content.widgets.filter(c => c.model.type === 'code')
             .flatMap(c => c.model.outputs.toJSON()).filter(o => o.output_type === 'error')
             .map(o => o.ename + ': ' + o.evalue);""")
+
+
+def kernel_value(driver, expression: str):
+    """The value of a Python expression in the open notebook's kernel (a literal: dict, list, str, number),
+    evaluated silently (`user_expressions`): no cell, output or execution count of the notebook changes."""
+    import ast
+    reply = driver.execute_async_script(PANEL + """
+        const done = arguments[arguments.length - 1];
+        const future = panel.sessionContext.session.kernel.requestExecute(
+            {code: '', silent: true, store_history: false, user_expressions: {value: arguments[0]}});
+        future.done.then(r => done(JSON.stringify(r.content.user_expressions.value)))
+                   .catch(e => done(JSON.stringify({status: 'error', ename: 'browser', evalue: String(e)})));""",
+                                        expression)
+    value = json.loads(reply)
+    if value.get("status") != "ok":
+        raise CheckFailed(f"the kernel could not evaluate {expression[:80]}...: {value.get('ename')}: {value.get('evalue')}")
+    return ast.literal_eval(value["data"]["text/plain"])
+
+
+# what notebook 05's slider shows, from its kernel: the one GateSlider in the namespace (whatever its name;
+# IPython's output history `_`, `_25`, ... holds the same object again),
+# pickled (layouts and sampling settings), and the checkpoint(s) in the namespace whose adapter it drives
+SLIDER_IN_KERNEL = """(lambda g: (lambda found: {'count': len(found)} if len(found) != 1 else (lambda s: {
+    'count': 1,
+    'pickle': __import__('base64').b64encode(__import__('pickle').dumps(dict(
+        layouts=s.layouts, steps=s.steps, guidance=s.guidance, upscale=s.upscale))).decode(),
+    'checkpoints': sorted({(str(v.run_dir), int(v.step)) for v in list(g.values())
+                           if getattr(v, 'adapter', None) is s.adapter and hasattr(v, 'run_dir')})})(found[0]))(
+    list({id(v): v for v in list(g.values()) if type(v).__name__ == 'GateSlider'
+          and type(v).__module__ == 'adapterlib.slider'}.values())))(globals())"""
+
+
+def shown_slider(driver):
+    """What notebook 05's slider shows: (layouts, render settings, run folder, checkpoint step)."""
+    import pickle
+    found = kernel_value(driver, SLIDER_IN_KERNEL)
+    check(found["count"] == 1, f"notebook 05 holds one GateSlider ({found['count']} found in its namespace)")
+    check(len(found["checkpoints"]) == 1,
+          f"the slider's adapter is that of one loaded checkpoint ({found['checkpoints']})")
+    shown = pickle.loads(base64.b64decode(found["pickle"]))
+    run_dir, step = found["checkpoints"][0]
+    return shown.pop("layouts"), shown, Path(run_dir), step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +307,33 @@ def watch_change(driver, before_src: str, timeout: float) -> tuple[dict, bool]:
     raise CheckFailed(f"the slider image did not change within {timeout:.0f} s")
 
 
-def check_slider(driver, url_of: str, expected_render) -> None:
+def slider_reference(driver, runs_root: Path):
+    """render(state) -> PNG bytes: what the slider should show for the browser's values, computed in this
+    process from what the notebook's slider holds (its layouts, settings and checkpoint)."""
+    from adapterlib.checkpoint import load_checkpoint
+    from adapterlib.data import png_bytes
+    from adapterlib.evaluate import run_layouts
+    from adapterlib.slider import GateSlider
+
+    layouts, settings, run_dir, step = shown_slider(driver)
+    check(run_dir == runs_root / RUN, f"notebook 05 loaded the run {RUN!r} (it loaded {run_dir}), step {step}")
+    own = run_layouts(run_dir, len(layouts))
+    same = [r.to_json() for r in layouts.records] == [r.to_json() for r in own.records] and layouts.seeds == own.seeds
+    check(same, f"the slider shows the run's own layouts ({len(layouts)} of {own.source}: "
+                f"{[r.caption for r in layouts.records[:3]]} ...; the run's: {[r.caption for r in own.records[:3]]} ...)")
+    check(len(layouts) >= 3, f"the slider offers at least 3 layouts ({len(layouts)})")
+    ck = load_checkpoint(run_dir, step)
+    reference = GateSlider(ck.base, ck.adapter, layouts, **settings)
+    say(f"reference: {ck.name}, {len(layouts)} layouts of {layouts.source}, {settings}")
+
+    def render(state):
+        return png_bytes(reference.render(scale=float(state["scale"]), layout=int(state["layout"]),
+                                          seed=int(state["seed"]), tau=float(state["tau"])))
+    render.seeds = layouts.seeds
+    return render
+
+
+def check_slider(driver, url_of: str, runs_root: Path) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.support.ui import Select
 
@@ -255,10 +343,11 @@ def check_slider(driver, url_of: str, expected_render) -> None:
     check(report is None, f"{nb} opens unmodified" + (f" (it is modified: {report})" if report else ""))
     say("running notebook 05 (the grid, the curves, then the slider) ...")
     run_all(driver)
-    wait_for("notebook 05 to run to the end", lambda: kernel_idle(driver) and slider_state(driver), 600, 1)
+    wait_for("notebook 05 to run to the end", lambda: kernel_idle(driver) and slider_state(driver), NOTEBOOK_05_S, 1)
     errors = cell_errors(driver)
     check(not errors, "notebook 05 ran without errors" + (f": {errors}" if errors else ""))
-    state = wait_for("the slider's first image", lambda: (s := slider_state(driver)) and s["src"] and s, 60)
+    expected_render = slider_reference(driver, runs_root)
+    state = wait_for("the slider's first image", lambda: (s := slider_state(driver)) and s["src"] and s, RENDER_S)
     check(state["natural"][0] > 0 and abs(state["width"] - state["natural"][0]) <= 1,
           f"the slider image is shown at its own size ({state['width']:.0f} px for {state['natural'][0]} px, "
           f"cell {state['cell_width']:.0f} px wide)")
@@ -272,20 +361,21 @@ def check_slider(driver, url_of: str, expected_render) -> None:
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", handle)
     before = state
     ActionChains(driver).click_and_hold(handle).move_by_offset(-25, 0).pause(0.2).release().perform()
-    state, busy = watch_change(driver, before["src"], 60)
+    state, busy = watch_change(driver, before["src"], RENDER_S)
     check(state["scale"] != before["scale"], f"dragging the handle moved the scale ({before['scale']} -> {state['scale']})")
     check(busy, "the status line said 'rendering ...' while the new image was computed")
     ok, detail = same_image(image_bytes(driver, state["src"]), expected_render(state))
     check(ok, f"the new image is render{values(state)} ({detail})")
     shot(driver, "browser_05_slider.png")
 
-    # pick another layout: the seed follows (layout i: seed i), the image changes
+    # pick another layout: the seed follows (the layout's evaluation seed), the image changes
     before = state
     select = driver.find_element("css selector", ".widget-image").find_element(
         "xpath", "ancestor::div[contains(@class,'widget-vbox')][1]").find_element("css selector", ".widget-dropdown select")
     Select(select).select_by_index(2)
-    state, busy = watch_change(driver, before["src"], 60)
-    check(state["layout"] == 2 and state["seed"] == "2", f"layout 2 picked, seed {state['seed']} (its evaluation seed)")
+    state, busy = watch_change(driver, before["src"], RENDER_S)
+    check(state["layout"] == 2 and state["seed"] == str(expected_render.seeds[2]),
+          f"layout 2 picked, seed {state['seed']} (its evaluation seed {expected_render.seeds[2]})")
     ok, detail = same_image(image_bytes(driver, state["src"]), expected_render(state))
     check(ok, f"the new image is render{values(state)} ({detail})")
     check(state["bottom"] <= state["window"], "the controls and the image fit on one screen (1600x1000 window)")
@@ -314,15 +404,24 @@ def check_live_plot(driver, url_of: str, runs_root: Path) -> None:
     open_notebook(driver, url_of, nb)
     report = dirty_report(driver)
     check(report is None, f"{nb} opens unmodified" + (f" (it is modified: {report})" if report else ""))
-    # the parameters cell: a short smoke run (as a user would type it)
-    js(driver, """
-        const cell = panel.content.widgets.find(c => (c.model.metadata.tags || c.model.getMetadata('tags') || [])
-                                                     .includes('parameters'));
+    # the parameters cell (tagged `parameters`): a short smoke run, typed as a user would: a field's line
+    # `name = ...` gets the value; a field the cell does not list is added as a line of its own
+    source = js(driver, """
+        const cell = panel.content.widgets.find(c => c.model.type === 'code'
+            && ((c.model.getMetadata && c.model.getMetadata('tags')) || c.model.metadata.tags || []).includes('parameters'));
+        if (!cell) return null;
         let src = cell.model.sharedModel.getSource();
         for (const [name, value] of Object.entries(arguments[0])) {
-            src = src.replace(new RegExp('^' + name + '(\\\\s*)= *(None|"")', 'm'), name + '$1= ' + value);
+            const line = new RegExp('^' + name + '([ \\t]*)=[^#\\n]*', 'm');
+            src = line.test(src) ? src.replace(line, name + '$1= ' + value + ' ')
+                                 : src.replace(/\\n*$/, '\\n') + name + ' = ' + value + '\\n';
         }
-        cell.model.sharedModel.setSource(src);""", LIVE_PARAMS)
+        cell.model.sharedModel.setSource(src);
+        return cell.model.sharedModel.getSource();""", LIVE_PARAMS)
+    check(source is not None, f"{nb} has a code cell tagged 'parameters'")
+    import re
+    missing = [n for n, v in LIVE_PARAMS.items() if not re.search(rf"^{n}[ \t]*= {re.escape(v)}(?=[ \t#]|$)", source, re.M)]
+    check(not missing, f"the parameters cell now sets {LIVE_PARAMS}" + (f" (not set: {missing})" if missing else ""))
     run_all(driver)
     bars, plots, t0 = [], [], time.monotonic()
     while not kernel_idle(driver) or time.monotonic() - t0 < 5:
@@ -333,11 +432,14 @@ def check_live_plot(driver, url_of: str, runs_root: Path) -> None:
             plots.append(s["plot"])
             if len(plots) == 2:
                 shot(driver, "browser_02_live_plot.png", scroll_to="LivePlot(")
-        if time.monotonic() - t0 > 300:
-            raise CheckFailed("notebook 02 did not finish its short run in 300 s")
+        if time.monotonic() - t0 > NOTEBOOK_02_S:
+            raise CheckFailed(f"notebook 02 did not finish its short run in {NOTEBOOK_02_S} s")
         time.sleep(0.2)
     errors = cell_errors(driver)
     check(not errors, "notebook 02 ran without errors" + (f": {errors}" if errors else ""))
+    config = json.loads((runs_root / LIVE_RUN / "config.json").read_text())
+    wrong = {n: config.get(n) for n, v in LIVE_PARAMS.items() if json.loads(v) != config.get(n)}
+    check(not wrong, f"the run {LIVE_RUN!r} has the fields typed into the parameters cell" + (f" (it has {wrong})" if wrong else ""))
     say(f"progress bar states seen: {len(bars)}, first {bars[:1]}, last {bars[-1:]}")
     check(len(bars) >= 3, f"the progress bar updated while it trained ({len(bars)} states seen)")
     check(len(plots) >= 2, f"the live plot updated while it trained ({len(plots)} images seen)")
@@ -384,18 +486,7 @@ def main() -> int:
         lab, url_of = start_lab(lab_root, env, tmp / "jupyterlab.log")
         driver = start_browser()
         say(f"browser: {driver.capabilities.get('browserName')} {driver.capabilities.get('browserVersion')}")
-
-        from adapterlib.checkpoint import load_checkpoint
-        from adapterlib.data import png_bytes
-        from adapterlib.evaluate import heldout_layouts
-        from adapterlib.slider import GateSlider
-        ck = load_checkpoint(RUN)
-        reference = GateSlider(ck.base, ck.adapter, heldout_layouts(10))    # notebook 05: max(n_layouts, 10)
-
-        def expected_render(state):
-            return png_bytes(reference.render(scale=float(state["scale"]), layout=int(state["layout"]),
-                                              seed=int(state["seed"]), tau=float(state["tau"])))
-        check_slider(driver, url_of, expected_render)
+        check_slider(driver, url_of, runs_root)
         check_live_plot(driver, url_of, runs_root)
     except subprocess.CalledProcessError as error:
         print(f"browser-check FAILED: {error.cmd} exited {error.returncode}\n{error.stderr[-2000:]}", file=sys.stderr)
