@@ -4,8 +4,9 @@
     python -m adapterlib evaluate --reference base             # the base alone (no adapter)
     python -m adapterlib evaluate --reference base --base /path/to/stable-diffusion --limit 20
     python -m adapterlib evaluate runs/<run> [--checkpoint latest|final|STEP] [--scale 1.0] [--tau 1.0]
-    python -m adapterlib evaluate runs/<run> --checkpoint all   # grounding vs step (checkpoint tests)
+    python -m adapterlib evaluate runs/<run> --checkpoint all [--detector DIR]   # grounding vs step (checkpoint tests)
     python -m adapterlib evaluate runs/<run> --layouts data.jsonl --detector /path/to/owlv2   # real images
+    (a run's own layouts and detector: its `heldout` and `detector` fields; docs/real-data.md)
     python -m adapterlib status <run> [--json]                  # where a run stands
     python -m adapterlib train [--preset P] [--FIELD VALUE ...]   # train a new run (fields of TrainConfig)
     python -m adapterlib train --resume <run> [--steps N ...]     # continue a run (only free fields may change)
@@ -63,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                                          "held-out layouts; the last line of stdout is a JSON object.")
     ev.set_defaults(command=_evaluate, command_name="evaluate")
     ev.add_argument("run", nargs="?", help="a run name or folder: evaluate its adapter (latest checkpoint by default)")
-    ev.add_argument("--checkpoint", default="latest", help="latest | final | a step number | all (every checkpoint: grounding vs step, cached under checkpoint_test/)")
+    ev.add_argument("--checkpoint", default="latest", help="latest | final | a step number | all (every checkpoint: "
+                                                           "grounding vs step, cached under checkpoint_test/; with "
+                                                           "--detector and --layouts too)")
     ev.add_argument("--scale", type=float, default=1.0, help="injection scale over all gates (with a run)")
     ev.add_argument("--tau", type=float, default=1.0,
                     help="scheduled sampling: grounding on for the first tau of the steps (with a run)")
@@ -80,11 +83,12 @@ def _parser() -> argparse.ArgumentParser:
                          "GLIGEN samples (with a run)")
     ev.add_argument("--layouts", "--manifest", dest="layouts", default=None, metavar="v1|v2|MANIFEST",
                     help="the layouts: v1 (the 200 shipped held-out layouts), v2 (220 held-out layouts by object count "
-                         "1-6 x overlap) or a manifest (JSON Lines) path; default: a run's own layouts (the held-out "
-                         "set of its Shapes world: v2 for shapes-v2, v1 for shapes; else its manifest), else v1")
-    ev.add_argument("--detector", default="color",
-                    help="'color' (the Shapes colour detector, default) or a folder with a local OWL-ViT / OWLv2 "
-                         "model (transformers format)")
+                         "1-6 x overlap) or a manifest (JSON Lines) path; default: a run's own layouts (its `heldout` "
+                         "field; else the held-out set of its Shapes world: v2 for shapes-v2, v1 for shapes; else its "
+                         "first training records, marked 'not held out'), else v1")
+    ev.add_argument("--detector", default=None,
+                    help="'color' (the Shapes colour detector) or a folder with a local OWL-ViT / OWLv2 model "
+                         "(transformers format); default: a run's `detector` field, else 'color'")
     ev.add_argument("--device", default=None, help="torch device for sampling (default: cuda if available, else cpu)")
     ev.add_argument("--gligen", default=None, metavar="DIR",
                     help="evaluate a diffusers GLIGEN folder (its fusers and position net) on --base, e.g. the released "
@@ -312,7 +316,7 @@ def _evaluate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     layouts = _layouts(args)
-    detector = load_detector(args.detector, args.device)
+    detector = load_detector(evaluate.detector_spec(args.detector), args.device)
     ceiling, _ = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
     if args.reference == "ground-truth":
         name, extra, (table, summary) = "ground truth", {}, (ceiling, _)
@@ -323,11 +327,12 @@ def _evaluate(args: argparse.Namespace) -> int:
               f"({args.steps} steps, guidance {args.guidance})", file=sys.stderr, flush=True)
         table, summary = evaluate.evaluate(layouts, reference="base", base=base, detector=detector, steps=args.steps,
                                            guidance=args.guidance)
+    print(f"on {layouts.title}")
     print(evaluate.format_summary({name: summary}))
     report = bucket_report(layouts.records, table, ceiling=ceiling)
     print(f"\nby bucket (objects x overlap; the ceiling is the ground truth's):\n{format_buckets(report, measured=name)}")
-    _print_json({**summary, "reference": args.reference, "layouts": layouts.source, "detector": args.detector,
-                 **extra, "buckets": bucket_rows(report)})
+    _print_json({**summary, "reference": args.reference, "layouts": layouts.source,
+                 "detector": evaluate.detector_spec(args.detector), **extra, "buckets": bucket_rows(report)})
     return 0
 
 
@@ -341,24 +346,27 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     if args.checkpoint == "all":
         return _evaluate_all_checkpoints(args, run_dir)
     layouts = _layouts(args, run_dir)
-    detector = load_detector(args.detector, args.device)
+    spec = evaluate.run_detector(run_dir, args.detector)
+    detector = load_detector(spec, args.device)
+    evaluate.check_measurable(detector, layouts)                 # before anything is sampled
     ckpt = load_checkpoint(run_dir, args.checkpoint, device=args.device)
-    print(f"sampling {len(layouts)} layouts: base alone, then {ckpt.name} (scale {args.scale}, tau {args.tau}, "
-          f"guidance {args.guidance}, grounding guidance {args.grounding_guidance})",
-          file=sys.stderr, flush=True)
+    print(f"sampling {len(layouts)} layouts ({layouts.source}): base alone (or its cached samples), then "
+          f"{ckpt.name} (scale {args.scale}, tau {args.tau}, guidance {args.guidance}, grounding guidance "
+          f"{args.grounding_guidance})", file=sys.stderr, flush=True)
     sampling = dict(steps=args.steps, guidance=args.guidance)
     ceiling, truth = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
     base_table, base_alone = evaluate.evaluate(layouts, reference="base", base=ckpt.base, detector=detector, **sampling)
     table, adapter = evaluate.evaluate(layouts, reference="adapter", base=ckpt.base, adapter=ckpt.adapter,
                                        detector=detector, scale=args.scale, tau=args.tau,
                                        grounding_guidance=args.grounding_guidance == "on", **sampling)
+    print(f"{run_dir.name} on {layouts.title}, by {detector.name}")
     print(evaluate.format_summary({"ground truth": truth, "base alone (scale 0)": base_alone,
                                    f"adapter step {ckpt.step}": adapter}))
     report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
     print(f"\nby bucket (objects x overlap; ratio = adapter / ceiling):\n{format_buckets(report)}")
     _print_json({**adapter, "run": str(run_dir), "step": ckpt.step, "scale": args.scale, "tau": args.tau,
                  "guidance": args.guidance, "grounding_guidance": args.grounding_guidance == "on",
-                 "layouts": layouts.source, "detector": args.detector,
+                 "layouts": layouts.source, "held_out": layouts.held_out, "detector": spec,
                  "base_success_rate": base_alone["success_rate"], "ground_truth_success_rate": truth["success_rate"],
                  "buckets": bucket_rows(report)})
     return 0
@@ -404,32 +412,27 @@ def _print_json(result: dict) -> None:
 
 def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
     """The checkpoint test of every checkpoint (probe.grounding_vs_step; cached tests are reused):
-    the run's first N layouts (--limit, default 10; `evaluate.run_layouts`), the same for every checkpoint."""
+    the run's first N layouts (--limit, default 10; `evaluate.run_layouts`, or --layouts), the same for every
+    checkpoint, measured by the run's detector (or --detector)."""
     from .probe import grounding_vs_step
 
-    if args.layouts is not None:
-        raise ValueError("--checkpoint all tests the run's own layouts; --layouts is not supported with it")
-    if args.detector != "color":
-        raise ValueError("--checkpoint all measures with the colour detector; --detector is not supported with it")
     n = args.limit or 10
-    print(f"checkpoint tests of {run_dir.name}: its first {n} layouts per checkpoint", file=sys.stderr, flush=True)
-    table = grounding_vs_step(run_dir, n, device=args.device, steps=args.steps, guidance=args.guidance,
-                              scale=args.scale, tau=args.tau, grounding_guidance=args.grounding_guidance == "on")
+    print(f"checkpoint tests of {run_dir.name}: {n} layouts per checkpoint", file=sys.stderr, flush=True)
+    table = grounding_vs_step(run_dir, n, device=args.device, layouts=args.layouts, detector=args.detector,
+                              steps=args.steps, guidance=args.guidance, scale=args.scale, tau=args.tau,
+                              grounding_guidance=args.grounding_guidance == "on")
+    print(table.attrs["title"])
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    _print_json({"run": str(run_dir), "n_layouts": n, "rows": table.drop(columns="cached").to_dict("records")})
+    _print_json({"run": str(run_dir), "n_layouts": n, "title": table.attrs["title"],
+                 "rows": table.drop(columns="cached").to_dict("records")})
     return 0
 
 
-HELDOUT_SETS = {"v1": 1, "heldout": 1, "v2": 2, "heldout-v2": 2}
-
-
 def _layouts(args: argparse.Namespace, run_dir: Path | None = None) -> evaluate.Layouts:
-    """The layouts asked for (a held-out set or a manifest), else the run's (held-out for a Shapes run, else its
-    manifest's), else held-out v1; one seed each (see the module docstring)."""
-    if args.layouts in HELDOUT_SETS:
-        return evaluate.heldout_layouts(args.limit, HELDOUT_SETS[args.layouts])
+    """The layouts asked for (a held-out set or a manifest), else the run's (`evaluate.run_layouts`), else
+    held-out v1; one seed each (see the module docstring)."""
     if args.layouts is not None:
-        return evaluate.manifest_layouts(args.layouts, args.limit)
+        return evaluate.named_layouts(args.layouts, args.limit)
     return evaluate.run_layouts(run_dir, args.limit) if run_dir is not None else evaluate.heldout_layouts(args.limit)
 
 

@@ -86,6 +86,12 @@ class TrainConfig:
     tensorboard: bool = False            # also log metrics and checkpoint samples to RUN/tensorboard/ (needs tensorboard)
     log_every: int = 25
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
+    # --- how the run is measured (checkpoint tests, notebooks 04/05, evaluate; docs/real-data.md)
+    heldout: str = ""                    # the layouts it is judged on: a manifest path (e.g. an imported COCO val), v1
+                                         # or v2; "" -> its Shapes world's held-out set, or for a manifest run its own
+                                         # first training records, marked "(training records: not held out)"
+    detector: str = ""                   # what measures grounding: "" (or "color") the Shapes colour detector, or a
+                                         # folder with a local zero-shot OWL-ViT / OWLv2 model (real images)
     # --- reliability
     on_bad_record: str = "error"         # error | skip: a manifest record that fails its checks (skip: counted, logged)
     keep_last: int = 0                   # keep only the newest N checkpoints (0: keep all; the newest valid one always stays)
@@ -125,6 +131,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "save_every", "log_every", "n_train", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        from .evalspec import check_detector, check_heldout
+        check_heldout(self.heldout)              # both checked here, before any work: a typo found now, not
+        check_detector(self.detector)            # after the training, at the first checkpoint test
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,8 +159,10 @@ RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "
                 "flip", "init_from")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.
+# How it is measured (heldout, detector) is free too: training never reads them, so a run trained without
+# them can be given a held-out set or a detector later, and a moved held-out manifest pointed to again.
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
-               "max_nonfinite_steps", "cache", "num_workers", "compile", "tensorboard")
+               "max_nonfinite_steps", "cache", "num_workers", "compile", "tensorboard", "heldout", "detector")
 # The subset of RESUME_FIXED that a checkpoint's adapter is built from.
 ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapter_feedforward", "adapter_depth",
                        "adapter_blocks", "max_objects")

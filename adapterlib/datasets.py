@@ -83,13 +83,15 @@ def ground_truth_images(records: list[Record]):
 
 
 def load_detector(spec: str | Path | Detector = "color", device: str | None = None) -> Detector:
-    """A detector: "color" (the Shapes colour detector), a folder with a local OWL-ViT / OWLv2 model
+    """A detector: "color" or "" (the Shapes colour detector), a folder with a local OWL-ViT / OWLv2 model
     (`detectors.ZeroShotDetector`, on `device`), or a Detector, returned as it is."""
     if isinstance(spec, Detector):
         return spec
-    if str(spec) == "color":
+    if str(spec) in ("color", ""):
         from .shapes.detector import ColorDetector
-        return ColorDetector()
+        detector = ColorDetector()
+        detector.spec = "color"
+        return detector
     return ZeroShotDetector(spec, device=device)
 
 

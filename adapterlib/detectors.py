@@ -158,12 +158,15 @@ class ZeroShotDetector(Detector):
 
         self.path = Path(path)
         self.name = f"zero-shot ({self.path.name})"
-        self.model_type = _zero_shot_model_type(self.path)
+        self.spec = str(self.path)
+        self.model_type = check_detector_folder(self.path)
         self.device = resolve_device(device)
+        from .base import _quiet_loading
         try:
-            self.processor = AutoProcessor.from_pretrained(self.path, local_files_only=True)
-            model = AutoModelForZeroShotObjectDetection.from_pretrained(self.path, local_files_only=True,
-                                                                        use_safetensors=True)  # no pickle
+            with _quiet_loading():                  # no loading progress bar in a notebook's output
+                self.processor = AutoProcessor.from_pretrained(self.path, local_files_only=True)
+                model = AutoModelForZeroShotObjectDetection.from_pretrained(self.path, local_files_only=True,
+                                                                            use_safetensors=True)  # no pickle
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"detector folder {self.path}: could not load a {self.model_type} model and its "
                              f"processor ({EXPECTED_FILES}): {e}") from e
@@ -197,15 +200,37 @@ class ZeroShotDetector(Detector):
         return detections
 
 
-def _zero_shot_model_type(path: Path) -> str:
+def check_detector_folder(path: str | Path, field: str = "detector") -> str:
+    """A zero-shot detector folder checked before anything loads (or any sampling starts): it exists, its
+    config.json names OWL-ViT or OWLv2, and the weights (safetensors), the image processor's config and the
+    tokenizer files are there; a clear error naming the folder and what is missing otherwise. Returns the
+    model_type."""
+    path = Path(path)
+    model_type = _zero_shot_model_type(path, field)
+    missing = [name for name, present in (
+        ("model.safetensors", (path / "model.safetensors").is_file()
+         or (path / "model.safetensors.index.json").is_file()),
+        ("preprocessor_config.json", (path / "preprocessor_config.json").is_file()),
+        ("tokenizer.json or vocab.json + merges.txt", (path / "tokenizer.json").is_file()
+         or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()))) if not present]
+    if missing:
+        raise FileNotFoundError(f"{field}: detector folder {path} lacks {', '.join(missing)}: expected {_HINT} "
+                                "(a pickled pytorch_model.bin is not loaded)")
+    return model_type
+
+
+_HINT = ("a local transformers zero-shot detection model (OWL-ViT or OWLv2) with "
+         f"{EXPECTED_FILES}, e.g. `hf download google/owlv2-base-patch16-ensemble --local-dir DIR`")
+
+
+def _zero_shot_model_type(path: Path, field: str = "detector") -> str:
     """The model_type of a detector folder, checked before anything loads: a clear error otherwise."""
-    hint = ("a local transformers zero-shot detection model (OWL-ViT or OWLv2) with "
-            f"{EXPECTED_FILES}, e.g. `huggingface-cli download google/owlv2-base-patch16-ensemble --local-dir DIR`")
+    hint = _HINT
     if not path.is_dir():
-        raise FileNotFoundError(f"detector {str(path)!r} is not 'color' nor a folder: expected {hint}")
+        raise FileNotFoundError(f"{field} {str(path)!r} is not 'color' nor a folder: expected {hint}")
     config = path / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"detector folder {path} has no config.json: expected {hint}")
+        raise FileNotFoundError(f"{field}: detector folder {path} has no config.json: expected {hint}")
     try:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:

@@ -92,6 +92,85 @@ def tiny_sd_folder(tmp_path_factory) -> Path:
     return build_tiny_sd_folder(tmp_path_factory.mktemp("tiny-sd"))
 
 
+def write_coco_fixture(root: Path, n: int = 8, first: int = 0) -> Path:
+    """A COCO-format data set under `root`: n pictures (ids and file names from `first` on) of a dog (red) and
+    a cat (blue) as rectangles, with instances.json and captions.json (`python -m adapterlib import coco`)."""
+    from PIL import Image, ImageDraw
+
+    (root / "images").mkdir(parents=True)
+    images, anns = [], []
+    for i in range(first, first + n):
+        w, h = 48 + 4 * (i % 8), 40
+        im = Image.new("RGB", (w, h), "white")
+        draw = ImageDraw.Draw(im)
+        dog, cat = [2 + i % 8, 4, 20, 20], [24, 10 + i % 3, 18, 16]
+        for box, colour in ((dog, "red"), (cat, "blue")):
+            draw.rectangle([box[0], box[1], box[0] + box[2] - 1, box[1] + box[3] - 1], fill=colour)
+        im.save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        anns += [{"id": 10 * i + k, "image_id": i + 1, "category_id": k, "bbox": box, "iscrowd": 0,
+                  "area": box[2] * box[3]} for k, box in ((1, dog), (2, cat))]
+    (root / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}]}))
+    (root / "captions.json").write_text(json.dumps(
+        {"annotations": [{"id": 100 + i, "image_id": i + 1, "caption": f"a dog and a cat, picture {i}"}
+                         for i in range(first, first + n)]}))
+    return root
+
+
+def import_coco_fixture(root: Path, n: int = 8, first: int = 0) -> Path:
+    """`write_coco_fixture` imported as a user does (`python -m adapterlib import coco`): root/data/data.jsonl."""
+    from adapterlib.__main__ import main
+
+    coco = write_coco_fixture(root / "coco", n, first)
+    assert main(["import", "coco", "--instances", str(coco / "instances.json"), "--images", str(coco / "images"),
+                 "--captions", str(coco / "captions.json"), "--out", str(root / "data")]) == 0
+    return root / "data" / "data.jsonl"
+
+
+# --- a tiny zero-shot detector (OWL-ViT / OWLv2) folder, built from configs, offline
+
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+OWL_MODELS = {"owlvit": ("OwlViTConfig", "OwlViTForObjectDetection", "OwlViTImageProcessor"),
+              "owlv2": ("Owlv2Config", "Owlv2ForObjectDetection", "Owlv2ImageProcessor")}
+
+
+def build_tiny_owl_folder(folder, kind: str = "owlvit"):
+    """A random-weight OWL-ViT (or OWLv2) folder as a hub download looks: config.json + safetensors, a CLIP
+    tokenizer, preprocessor_config.json (32 x 32 input, 4 x 4 patches). The random box and logit heads are
+    tamed so that boxes stay near their patch's grid box and scores near sigmoid(cosine): untamed, they
+    saturate (boxes on the image border, scores all exactly 1.0), which would hide coordinate mistakes."""
+    import transformers
+    config_name, model_name, processor = OWL_MODELS[kind]
+    config_class, model_class = getattr(transformers, config_name), getattr(transformers, model_name)
+    folder = Path(folder)
+    vocab = write_clip_tokenizer(folder)
+    torch.manual_seed(0)
+    model = model_class(config_class(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=32))
+    with torch.no_grad():
+        for layer in (model.box_head.dense2, model.class_head.logit_shift, model.class_head.logit_scale):
+            layer.weight.mul_(0.01)
+            layer.bias.zero_()
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": processor, "do_resize": True, "size": {"height": 32, "width": 32},
+        "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "do_pad": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_owl_folder(tmp_path_factory) -> Path:
+    """A tiny random-weight OWL-ViT folder on disk, built once per test session."""
+    return build_tiny_owl_folder(tmp_path_factory.mktemp("tiny-owlvit"))
+
+
 # --- the shipped base and adapters on it, shared by the adapter, checks, evaluation and slider tests
 
 @pytest.fixture(scope="session")

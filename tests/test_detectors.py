@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from transformers import Owlv2Config, Owlv2ForObjectDetection, OwlViTConfig, OwlViTForObjectDetection
 
 from adapterlib import shapes
 from adapterlib.__main__ import main
@@ -18,39 +17,7 @@ from adapterlib.datasets import load_detector, measure
 from adapterlib.detectors import Detector, ZeroShotDetector, average_precision, score_grounding
 from adapterlib.evaluate import SUMMARY_KEYS, evaluate, manifest_layouts
 from adapterlib.shapes.detector import ColorDetector, evaluate_grounding
-from conftest import write_clip_tokenizer
-
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-MODELS = {"owlvit": (OwlViTConfig, OwlViTForObjectDetection, "OwlViTImageProcessor"),
-          "owlv2": (Owlv2Config, Owlv2ForObjectDetection, "Owlv2ImageProcessor")}
-
-
-def build_tiny_owl_folder(folder, kind: str = "owlvit"):
-    """A random-weight OWL-ViT (or OWLv2) folder as a hub download looks: config.json + safetensors, a CLIP
-    tokenizer, preprocessor_config.json (32 x 32 input, 4 x 4 patches). The random box and logit heads are
-    tamed so that boxes stay near their patch's grid box and scores near sigmoid(cosine): untamed, they
-    saturate (boxes on the image border, scores all exactly 1.0), which would hide coordinate mistakes."""
-    config_class, model_class, processor = MODELS[kind]
-    vocab = write_clip_tokenizer(folder)
-    torch.manual_seed(0)
-    model = model_class(config_class(
-        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab - 2,
-                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=32))
-    with torch.no_grad():
-        for layer in (model.box_head.dense2, model.class_head.logit_shift, model.class_head.logit_scale):
-            layer.weight.mul_(0.01)
-            layer.bias.zero_()
-    model.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": processor, "do_resize": True, "size": {"height": 32, "width": 32},
-        "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "do_pad": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}))
-    return folder
-
+from conftest import build_tiny_owl_folder
 
 @pytest.fixture(scope="module")
 def owl_folder(tmp_path_factory):
@@ -214,7 +181,8 @@ def test_cli_evaluates_a_manifest_with_a_detector_folder(owl_folder, tmp_path, c
     result = json.loads(out[-1])
     assert result["detector"] == str(owl_folder) and result["layouts"] == str(manifest)
     assert result["n_objects"] == 6 and 0.0 <= result["ap50"] <= 1.0 and result["color_presence"] is None
-    assert "ap50" in out[0] and out[1].startswith("ground truth")          # the table's header and row
+    assert out[0] == f"on 3 layouts of {manifest}"                           # the title: which layouts
+    assert "ap50" in out[1] and out[2].startswith("ground truth")          # the table's header and row
 
 
 def test_bad_detector_folders_are_clear_errors(owl_folder, tmp_path, capsys):
@@ -227,13 +195,20 @@ def test_bad_detector_folders_are_clear_errors(owl_folder, tmp_path, capsys):
     with pytest.raises(ValueError, match=re.escape("model_type 'bert' is not supported; expected one of ['owlvit'")):
         load_detector(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "owlvit"}))     # no weights, no processor
-    with pytest.raises(ValueError, match=re.escape(f"detector folder {tmp_path}: could not load a owlvit model")):
+    with pytest.raises(FileNotFoundError, match=re.escape(
+            f"detector folder {tmp_path} lacks model.safetensors, preprocessor_config.json, tokenizer.json or "
+            "vocab.json + merges.txt")):
         load_detector(tmp_path)
     pickled = tmp_path / "pickled"                                          # weights as pickle only: refused
     shutil.copytree(owl_folder, pickled, ignore=shutil.ignore_patterns("model.safetensors"))
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(ValueError, match=re.escape(f"detector folder {pickled}: could not load a owlvit model")):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"detector folder {pickled} lacks model.safetensors:")):
         load_detector(pickled)
+    broken = tmp_path / "broken"                                            # every file there, one unreadable
+    shutil.copytree(owl_folder, broken)
+    (broken / "preprocessor_config.json").write_text("{")
+    with pytest.raises(ValueError, match=re.escape(f"detector folder {broken}: could not load a owlvit model")):
+        load_detector(broken)
     # through the CLI: exit 2 and the message, before any work
     assert main(["evaluate", "--reference", "ground-truth", "--limit", "2", "--detector", str(tmp_path / "nope")]) == 2
     assert f"detector '{tmp_path / 'nope'}' is not 'color' nor a folder" in capsys.readouterr().err

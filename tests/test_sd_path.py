@@ -9,36 +9,13 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from PIL import Image, ImageDraw
 
 from adapterlib.__main__ import main
 from adapterlib.checkpoint import verify_checkpoint
 from adapterlib.runs import list_checkpoints
 
-from test_detectors import build_tiny_owl_folder
+from conftest import build_tiny_owl_folder, import_coco_fixture, write_coco_fixture
 from test_headless import papermill
-
-
-def _coco(root: Path, n: int = 8) -> Path:
-    """n pictures of a dog (red) and a cat (blue) as rectangles, with COCO instances and captions files."""
-    (root / "images").mkdir(parents=True)
-    images, anns = [], []
-    for i in range(n):
-        w, h = 48 + 4 * i, 40
-        im = Image.new("RGB", (w, h), "white")
-        draw = ImageDraw.Draw(im)
-        dog, cat = [2 + i, 4, 20, 20], [24, 10 + i % 3, 18, 16]
-        for box, colour in ((dog, "red"), (cat, "blue")):
-            draw.rectangle([box[0], box[1], box[0] + box[2] - 1, box[1] + box[3] - 1], fill=colour)
-        im.save(root / "images" / f"{i}.png")
-        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
-        anns += [{"id": 10 * i + k, "image_id": i + 1, "category_id": k, "bbox": box, "iscrowd": 0,
-                  "area": box[2] * box[3]} for k, box in ((1, dog), (2, cat))]
-    (root / "instances.json").write_text(json.dumps(
-        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}]}))
-    (root / "captions.json").write_text(json.dumps(
-        {"annotations": [{"id": 100 + i, "image_id": i + 1, "caption": f"a dog and a cat, picture {i}"} for i in range(n)]}))
-    return root
 
 
 def _outputs(notebook: Path) -> str:
@@ -50,7 +27,7 @@ def _outputs(notebook: Path) -> str:
 def test_coco_import_then_notebooks_02_to_05_on_a_tiny_sd(tmp_path, monkeypatch, tiny_sd_folder, capsys):
     runs = tmp_path / "runs"
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
-    coco = _coco(tmp_path / "coco")
+    coco = write_coco_fixture(tmp_path / "coco")
     assert main(["import", "coco", "--instances", str(coco / "instances.json"), "--images", str(coco / "images"),
                  "--captions", str(coco / "captions.json"), "--out", str(tmp_path / "data")]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -76,27 +53,32 @@ def test_coco_import_then_notebooks_02_to_05_on_a_tiny_sd(tmp_path, monkeypatch,
     assert [s for s, _ in list_checkpoints(run)] == [2, 4, 6]
     assert verify_checkpoint(list_checkpoints(run)[-1][1]) is None     # every file matches its checksum
 
-    # 04: gate analysis with the checkpoint test on the run's own layouts
-    done = papermill("04_gate_analysis.ipynb", tmp_path / "04.ipynb", dict(run_name="sd", n_probe=2), env)
+    # 04: gate analysis with the checkpoint test on the run's own layouts (no held-out manifest: its training
+    # records, which the titles say), measured by a zero-shot detector (a tiny OWL-ViT): the colour detector
+    # measures no "dog" (tests/test_real_eval.py)
+    detector = build_tiny_owl_folder(tmp_path / "owl")
+    done = papermill("04_gate_analysis.ipynb", tmp_path / "04.ipynb", dict(run_name="sd", n_probe=2,
+                                                                           detector=detector), env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((run / "checkpoint_test" / "step_0000006" / "results.json").read_text())
     assert result["layouts"] == [r["id"] for r in map(json.loads, manifest.read_text().splitlines()[:2])]
+    assert result["held_out"] is False and "(training records: not held out)" in _outputs(tmp_path / "04.ipynb")
 
-    # 05: the gate-effect grid on the run's own layouts, measured by a zero-shot detector (tiny OWL-ViT)
-    detector = build_tiny_owl_folder(tmp_path / "owl")
+    # 05: the gate-effect grid on the run's own layouts, measured by the zero-shot detector
     done = papermill("05_gate_effect_grid.ipynb", tmp_path / "05.ipynb", dict(
-        run_name="sd", n_layouts=2, n_eval=2, steps=3, scales="0,1", taus="1.0", detector=detector), env)
+        run_name="sd", n_layouts=2, n_eval=2, sampling_steps=3, scales="0,1", taus="1.0", detector=detector), env)
     assert done.returncode == 0, done.stderr[-3000:]
     text = _outputs(tmp_path / "05.ipynb")
     assert "a dog and a cat, picture 0" in text and "ap50" in text
+    assert f"detector: zero-shot ({detector.name})" in text                  # -p detector measured it
+    # each image sampled once: the adapter at scale 1 with grounding guidance on and off, 2 layouts each (the grid,
+    # the curve, tau 1.0, the buckets and the side-by-side share them; the base alone comes from its cache)
+    assert "images sampled in this notebook: 4 " in text
 
 
 def _imported(tmp_path: Path) -> Path:
     """The COCO fixture imported: the manifest a user trains SD on."""
-    coco = _coco(tmp_path / "coco")
-    assert main(["import", "coco", "--instances", str(coco / "instances.json"), "--images", str(coco / "images"),
-                 "--captions", str(coco / "captions.json"), "--out", str(tmp_path / "data")]) == 0
-    return tmp_path / "data" / "data.jsonl"
+    return import_coco_fixture(tmp_path)
 
 
 def test_the_visible_box_loss_is_refused_on_a_latent_base_before_any_step(tmp_path, monkeypatch, tiny_sd_folder):

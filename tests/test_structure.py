@@ -10,7 +10,8 @@ import adapterlib
 PACKAGE = Path(adapterlib.__file__).parent
 # the generic path: base loading, the adapter, training, sampling, checkpoints, the evaluation core and its detectors
 GENERIC = ["base", "adapter", "train", "sample", "checkpoint", "evaluate", "detectors", "config", "runs", "precision",
-           "data", "progress", "figures", "gates", "jsonio", "paths", "buckets", "encodings", "distributed"]
+           "data", "progress", "figures", "gates", "jsonio", "paths", "buckets", "encodings", "distributed", "basecache",
+           "evalspec"]
 
 
 def module_name(path: Path) -> str:

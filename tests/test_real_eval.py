@@ -1,0 +1,123 @@
+"""Checkpoint tests and evaluation on real data: a tiny-SD run on an imported COCO fixture that names its held-out
+manifest, measured by a tiny OWL-ViT. Notebook 04 under papermill gives a non-empty grounding-vs-step table on
+the held-out records with the detector given by `-p detector`; the colour detector, which can measure no
+"dog", is a clear error before any sampling, never an empty table; `evaluate --checkpoint all` takes
+`--detector`; a manifest run with no held-out manifest says "(training records: not held out)"; bad
+`heldout` / `detector` values are errors when the config is made; both fields may change on resume."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import nbformat
+import pytest
+
+from adapterlib.__main__ import main
+from adapterlib.config import RESUME_FREE, make_config
+from adapterlib.evaluate import NOT_HELD_OUT, run_layouts
+from adapterlib.probe import grounding_vs_step
+from adapterlib.runs import list_checkpoints
+
+from conftest import import_coco_fixture
+from test_headless import papermill
+
+
+@pytest.fixture(scope="module")
+def coco_run(tmp_path_factory, tiny_sd_folder, tiny_owl_folder):
+    """A tiny-SD run (checkpoints 2, 4) on 8 imported COCO pictures, with 3 other pictures as its held-out
+    manifest; the runs root is the module's own."""
+    root = tmp_path_factory.mktemp("real")
+    train_manifest = import_coco_fixture(root / "train", n=8)
+    heldout = import_coco_fixture(root / "val", n=3, first=100)
+    runs = root / "runs"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADAPTERLIB_RUNS", str(runs))
+        from adapterlib.train import train
+        run = train(make_config("sd15", run_name="coco", base_model=str(tiny_sd_folder), data=str(train_manifest),
+                                heldout=str(heldout), steps=4, save_every=2, log_every=1, n_samples=0, batch_size=2,
+                                crop="center", warmup=1), progress=False)
+    return dict(run=run, runs=runs, heldout=heldout, train=train_manifest, owl=tiny_owl_folder)
+
+
+def _ids(manifest, n):
+    return [json.loads(line)["id"] for line in manifest.read_text().splitlines()[:n]]
+
+
+def test_notebook_04_gives_a_grounding_vs_step_table_on_the_heldout_records_with_the_given_detector(coco_run, tmp_path):
+    run, out = coco_run["run"], tmp_path / "04.ipynb"
+    done = papermill("04_gate_analysis.ipynb", out, dict(run_name="coco", n_probe=2, detector=coco_run["owl"]),
+                     {"ADAPTERLIB_RUNS": str(coco_run["runs"])})
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the table as the notebook shows it: a row per checkpoint (and step 0, the base alone), with numbers
+    cells = nbformat.read(out, as_version=4).cells
+    shown = next(c for c in cells if c.cell_type == "code" and "grounding_vs_step(" in c.source)
+    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in shown.outputs)
+    assert f"grounding on 2 layouts of {coco_run['heldout']}, by detector {coco_run['owl'].name}" in text
+    shown_table = text.split("success_rate", 1)[1].split("\n\n")[0]          # the first block of the repr
+    table = [line.split() for line in shown_table.splitlines()[1:]]
+    assert [row[1] for row in table] == ["0", "2", "4"]                 # index, step
+    assert all(0 <= float(row[2]) <= 1 and not math.isnan(float(row[3])) and row[5] == "4" for row in table)
+    # success, mIoU, n_objects
+    # the probe files: every checkpoint measured on the held-out records, by the -p detector
+    steps = [0] + [s for s, _ in list_checkpoints(run)]
+    for step in steps:
+        result = json.loads((run / "checkpoint_test" / f"step_{step:07d}" / "results.json").read_text())
+        assert result["detector"] == str(coco_run["owl"]) and result["settings"]["detector"] == str(coco_run["owl"])
+        assert result["layouts"] == _ids(coco_run["heldout"], 2) != _ids(coco_run["train"], 2)
+        assert result["held_out"] is True and result["grounding"]["n_objects"] == 4
+        assert 0 <= result["grounding"]["success_rate"] <= 1
+
+
+def test_the_colour_detector_on_phrases_with_no_colour_is_an_error_before_any_sampling(coco_run, monkeypatch):
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(coco_run["runs"]))
+    import adapterlib.sample
+    monkeypatch.setattr(adapterlib.sample, "generate", lambda *a, **k: pytest.fail("sampled"))
+    for detector in (None, "color"):                                  # the run names none: the colour detector
+        with pytest.raises(ValueError, match=r"color detector can measure none of the 4 objects of 2 layouts of .*val.*\(e\.g\. 'dog'"):
+            grounding_vs_step(coco_run["run"], n=2, detector=detector)
+
+
+def test_evaluate_checkpoint_all_takes_the_detector(coco_run, monkeypatch, capsys):
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(coco_run["runs"]))
+    assert main(["evaluate", "coco", "--checkpoint", "all", "--limit", "2", "--steps", "2",
+                 "--detector", str(coco_run["owl"])]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [row["step"] for row in last["rows"]] == [0, 2, 4]
+    assert all(row["n_objects"] == 4 and row["success_rate"] is not None for row in last["rows"])
+    assert str(coco_run["heldout"]) in last["title"] and coco_run["owl"].name in last["title"]
+
+
+def test_a_manifest_run_without_heldout_is_measured_on_its_training_records_and_says_so(coco_run, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
+    copy = tmp_path / "no-heldout"
+    shutil.copytree(coco_run["run"], copy, ignore=shutil.ignore_patterns("checkpoint_test"))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "heldout": ""}))
+    layouts = run_layouts(copy, 2)
+    assert layouts.held_out is False and layouts.source == f"{coco_run['train']} {NOT_HELD_OUT}"
+    table = grounding_vs_step(copy, n=2, steps=2, detector=coco_run["owl"])
+    assert NOT_HELD_OUT in table.attrs["title"] and table.n_objects.tolist() == [4, 4, 4]
+
+
+def test_bad_heldout_or_detector_is_an_error_when_the_config_is_made(tmp_path, tiny_owl_folder):
+    with pytest.raises(FileNotFoundError, match=r"heldout = '.*nope.jsonl'.* is not a file"):
+        make_config("smoke", heldout=str(tmp_path / "nope.jsonl"))
+    broken = tmp_path / "owl"
+    shutil.copytree(tiny_owl_folder, broken)
+    (broken / "model.safetensors").unlink()
+    (broken / "preprocessor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"detector folder {broken} lacks model.safetensors, "
+                                                r"preprocessor_config.json"):
+        make_config("smoke", detector=str(broken))
+    with pytest.raises(FileNotFoundError, match="is not 'color' nor a folder"):
+        make_config("smoke", detector=str(tmp_path / "missing"))
+    make_config("smoke", heldout="v1", detector="color")               # the named sets and the colour detector
+
+
+def test_heldout_and_detector_may_change_on_resume(coco_run, tmp_path):
+    from adapterlib.train import resume_config
+    assert {"heldout", "detector"} <= set(RESUME_FREE)
+    cfg = resume_config(coco_run["run"], heldout="v2", detector=str(coco_run["owl"]))
+    assert (cfg.heldout, cfg.detector) == ("v2", str(coco_run["owl"]))
