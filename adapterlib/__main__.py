@@ -383,7 +383,7 @@ def _evaluate_gligen(args: argparse.Namespace) -> int:
         raise ValueError("give a run or --gligen DIR, not both")
     read_gligen_folder(args.gligen)                      # a bad folder is an error before the base loads
     layouts = _layouts(args)
-    detector = load_detector(args.detector, args.device)
+    detector = load_detector(args.detector or "", args.device)          # no run: the colour detector unless given
     base = evaluate.load_base_for(args.base, args.device)
     adapter = load_gligen_weights(build_adapter(base, attention="gligen"), args.gligen)
     print(f"sampling {len(layouts)} layouts: base alone, then GLIGEN {args.gligen} (scale {args.scale}, tau {args.tau}, "
@@ -399,7 +399,7 @@ def _evaluate_gligen(args: argparse.Namespace) -> int:
     print(f"\nby bucket (objects x overlap; ratio = GLIGEN / ceiling):\n{format_buckets(report)}")
     _print_json({**measured, "gligen": str(args.gligen), "base": args.base, "scale": args.scale, "tau": args.tau,
                  "guidance": args.guidance, "grounding_guidance": args.grounding_guidance == "on",
-                 "layouts": layouts.source, "detector": args.detector,
+                 "layouts": layouts.source, "detector": args.detector or "color",
                  "base_success_rate": base_alone["success_rate"], "ground_truth_success_rate": truth["success_rate"],
                  "buckets": bucket_rows(report)})
     return 0
