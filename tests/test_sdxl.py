@@ -22,7 +22,7 @@ from adapterlib.base import load_base
 from adapterlib.data import GroundedObject, ManifestImages, Record, transform_sample
 
 from test_cache import _photo_manifest
-from test_sd_path import _coco
+from conftest import write_coco_fixture as _coco
 from tiny_sdxl import SDXL_RESOLUTION, build_tiny_sdxl_folder, unet_config
 
 
