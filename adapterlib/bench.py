@@ -61,7 +61,7 @@ VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, F
 DEFAULT_VARIANT = (TrainConfig.adapter_attention, TrainConfig.adapter_feedforward)
 # "ours" at each size: the default variant with the blocks of the preset that trains that base
 DEFAULT_BLOCKS = {size: PRESETS[preset].get("adapter_blocks", TrainConfig.adapter_blocks)
-                  for size, preset in (("tiny", "shapes"), ("sd15", "sd15"))}
+                  for size, preset in (("tiny", "shapes"), ("sd15", "sd15"), ("sdxl", "sdxl"))}
 GATE_OPEN = 0.1
 
 
@@ -400,7 +400,7 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     samples_per_s, s_per_step, per-round seconds, peak/step memory in MiB or None, trainable_params,
     x_floor and x_peer against the floor and peer of the same mode, eager or compiled, note) and the
     headline numbers (`ours_samples_per_s` is the default variant, masked+FF, eager, at the size's default blocks,
-    `DEFAULT_BLOCKS`: the `shapes` preset's for tiny, the `sd15` preset's for sd15).
+    `DEFAULT_BLOCKS`: the `shapes` preset's for tiny, the `sd15` preset's for sd15, the `sdxl` preset's for sdxl).
     `blocks`: the block choices of our rows (every variant at each; the size's default is always measured).
     `extra`: {name: make(workload) -> step()}: more rows, each step one training step on
     `workload.batch` samples, timed in the same rounds."""
