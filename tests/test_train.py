@@ -117,9 +117,9 @@ def test_cli_grounding_guidance_flag_reaches_the_sampler(runs, capsys, monkeypat
     run = train(tiny("guided", steps=2, n_samples=0), progress=False)
     seen, original = [], sample.generate
 
-    def recording(base, records, seeds, *, adapter=None, **settings):
-        seen.append((adapter is not None, sample.Sampling.of(**settings).grounding_guidance))
-        return original(base, records, seeds, adapter=adapter, **settings)
+    def recording(base, records, seeds, *, adapter=None, sampling=None, batch_size=64, **settings):
+        seen.append((adapter is not None, sample.Sampling.of(sampling, **settings).grounding_guidance))
+        return original(base, records, seeds, adapter=adapter, sampling=sampling, batch_size=batch_size, **settings)
     monkeypatch.setattr(sample, "generate", recording)
     assert main(["evaluate", str(run), "--limit", "2", "--steps", "2", "--grounding-guidance", "off"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
