@@ -101,8 +101,10 @@ def fresh_venv(wheel, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("venv")
     venv = tmp / "venv"
     # this venv's pip installs into the fresh one (`pip --python`, pip >= 22.3); an older pip: the fresh venv's own
-    import pip
-    own_pip = tuple(int(p) for p in pip.__version__.split(".")[:2]) < (22, 3)
+    # pip's version from its metadata: importing pip here would switch setuptools' distutils hack off for the rest
+    # of the pytest process, and a later torch.compile (inductor imports setuptools) would then fail
+    from importlib.metadata import version
+    own_pip = tuple(int(p) for p in version("pip").split(".")[:2]) < (22, 3)
     _run([sys.executable, "-m", "venv", *([] if own_pip else ["--without-pip"]), venv])
     python = venv / "bin" / "python"
     installer = [python, "-m", "pip"] if own_pip else [sys.executable, "-m", "pip", "--python", python]

@@ -310,7 +310,7 @@ def test_notebooks_01_to_05_on_a_tiny_sdxl(tmp_path, tiny_sdxl_folder):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (runs / "xl" / "checkpoint_test" / "step_0000004" / "results.json").is_file()
     done = papermill("05_gate_effect_grid.ipynb", tmp_path / "05.ipynb", dict(
-        run_name="xl", n_layouts=2, n_eval=2, steps=2, scales="0,1", taus="1.0",
+        run_name="xl", n_layouts=2, n_eval=2, sampling_steps=2, scales="0,1", taus="1.0",
         detector=build_tiny_owl_folder(tmp_path / "owl")), env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "a red box and a blue box 0" in _outputs(tmp_path / "05.ipynb")
