@@ -463,6 +463,9 @@ def _bench_parser(commands) -> None:
                     help="block choices of our rows, e.g. all,decoder,low,migc (every variant at each; a list of "
                          "blocks joined by +: mid_block+up_blocks.1). Default: the preset's for the size (tiny: "
                          "shapes, sd15: sd15), always measured; it is the JSON's ours_*")
+    be.add_argument("--side", type=int, default=None, metavar="N",
+                    help="sd15 / sdxl: the latents' side instead of the base's own (64 / 128); e.g. sdxl --side 64 "
+                         "(512 px) where a 1024-px step does not fit in memory")
     be.add_argument("--compile", action="store_true",
                     help="also every row torch.compile'd (n/a with the reason when it fails)")
     be.add_argument("--train-step", action="store_true",
@@ -475,8 +478,9 @@ def _bench(args: argparse.Namespace) -> int:
     result = run_bench(args.size, device=args.device, batch=args.batch, objects=args.objects, rounds=args.rounds,
                        steps_per_round=args.steps, warmup=args.warmup, compile=args.compile,
                        variants=VARIANTS if args.variants is None else parse_variants(args.variants),
-                       blocks=None if args.blocks is None else parse_blocks(args.blocks), with_train_step=args.train_step)
-    print(f"{result['size']} on {result['device_name']} ({result['threads']} threads), torch {result['torch']}, "
+                       blocks=None if args.blocks is None else parse_blocks(args.blocks), with_train_step=args.train_step,
+                       side=args.side)
+    print(f"{result['size']} (latents {result['side']}x{result['side']}) on {result['device_name']} ({result['threads']} threads), torch {result['torch']}, "
           f"batch {result['batch']}, {result['objects']} slots ({result['objects_present']} objects in the batch), "
           f"median of {result['rounds']} rounds x {result['steps_per_round']} steps")
     print(format_table(result))

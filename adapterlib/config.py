@@ -169,16 +169,18 @@ ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapt
 
 PRESETS = {
     # the embedded default, sized for a 2-core CPU (see README for what it reaches and why these values); the
-    # cosine decay and the layered box loss are this recipe's (measured on Shapes), so a run saved before
-    # `lr_schedule` or `box_loss_region` existed, which has no such field, still resumes with what it trained
-    # with (the field's default)
-    "shapes": dict(lr_schedule="cosine", box_loss_region="layered"),
+    # cosine decay, the layered box loss and the decoder-only blocks (docs/blocks.md) are this recipe's (measured on
+    # Shapes), so a run saved before `lr_schedule`, `box_loss_region` or `adapter_blocks` existed, which has no such
+    # field, still resumes with what it trained with (the field's default)
+    "shapes": dict(lr_schedule="cosine", box_loss_region="layered", adapter_blocks="decoder"),
     # Stable Diffusion 1.5 on one GPU: the training plan's values (steps, batch, lr, dropouts, scales, checkpoints) with
     # the recipe that grounds on Shapes (masked attention, the per-object box loss over boxes, the cosine decay, gates
-    # at 10x); your data must be given (data=PATH: training refuses none). Why each: docs/recipe.md
+    # at 10x, the mid and up blocks only: docs/blocks.md); your data must be given (data=PATH: training refuses none).
+    # Why each: docs/recipe.md
     "sd15": dict(data="", steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
                  save_every=2000, warmup=500, log_every=50, mixed_precision="bf16", adapter_attention="masked",
-                 box_loss_weight=1.0, box_loss_region="box", lr_schedule="cosine", gate_lr_scale=10.0),
+                 box_loss_weight=1.0, box_loss_region="box", lr_schedule="cosine", gate_lr_scale=10.0,
+                 adapter_blocks="decoder"),
     # seconds on a CPU: what the tests and nbval run (chosen by the test harness, never a user default)
     "smoke": dict(steps=40, batch_size=4, n_train=256, save_every=20, log_every=5, n_samples=4, warmup=10),
 }

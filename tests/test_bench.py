@@ -38,17 +38,17 @@ def test_cli_last_line_is_json_with_every_row_positive(capsys):
     result = json.loads(lines[-1])
     for key in ("ours_samples_per_s", "peer_samples_per_s", "floor_samples_per_s", "ours_x_peer", "ours_x_floor"):
         assert result[key] > 0 and math.isfinite(result[key]), key
-    assert result["ours_variant"] == "ours masked+FF"          # the config's default adapter
+    assert result["ours_variant"] == "ours masked+FF [decoder]"     # the shapes preset's adapter (docs/blocks.md)
     assert (result["batch"], result["objects"], result["device_name"]) == (2, 3, "cpu")
     assert result["torch"] == torch.__version__
     names = [r["name"] for r in result["rows"]]
     assert names[:2] == ["floor", "peer"]
-    assert set(names[2:]) == {bench.variant_name(a, ff) for a, ff in bench.VARIANTS}
+    assert set(names[2:]) == {bench.variant_name(a, ff, "decoder") for a, ff in bench.VARIANTS}
     for row in result["rows"]:
         assert row["samples_per_s"] > 0 and row["s_per_step"] > 0 and len(row["round_s"]) == 1, row
         assert row["peak_mib"] is None                          # the CPU reports no peak memory
     by_name = {r["name"]: r for r in result["rows"]}
-    assert by_name["ours masked+FF"]["samples_per_s"] == result["ours_samples_per_s"]
+    assert by_name["ours masked+FF [decoder]"]["samples_per_s"] == result["ours_samples_per_s"]
     assert by_name["floor"]["trainable_params"] == 0 and by_name["peer"]["trainable_params"] > 0
     assert any(line.startswith("peer ") for line in lines)      # the table is printed before the JSON
 
@@ -64,8 +64,10 @@ def test_the_peer_is_diffusers_gated_gligen_on_the_base_weights(workload):
     assert trained and set(step.trainable) == trained             # exactly fuser + position_net
     base = workload.unet.state_dict()
     assert set(base) == names - trained                          # every other weight is a base weight ...
-    for key, value in base.items():                              # ... loaded as it is
-        assert torch.equal(peer.state_dict()[key], value), key
+    for key, value in base.items():                              # ... the base's own tensor, shared, not copied
+        assert peer.state_dict()[key].data_ptr() == value.data_ptr(), key
+    assert not any(t.is_meta for t in (*peer.parameters(), *peer.buffers()))
+    assert all(p.dtype == torch.float32 and p.device == workload.device for p in step.trainable.values())
     # one step: the gradient reaches every trained parameter (grounded through cross_attention_kwargs)
     assert grads_reaching(step.trainable, step.run) == trained
     assert not any(p.requires_grad for n, p in peer.named_parameters() if n not in trained)
@@ -131,11 +133,11 @@ def test_extra_and_train_step_rows_are_timed_in_the_same_rounds():
     result = bench.run_bench("tiny", device="cpu", batch=2, rounds=2, steps_per_round=1, warmup=0,
                              variants=[("masked", True)], with_train_step=True, extra={"cached": make})
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == ["floor", "peer", "ours masked+FF", "train_step", "cached"]
+    assert list(rows) == ["floor", "peer", "ours masked+FF [decoder]", "train_step", "cached"]
     assert made[0].batch == 2 and made[0].unet is made[0].base.unet        # the extra row got the same workload
     for name in ("train_step", "cached"):
         assert rows[name]["samples_per_s"] > 0 and len(rows[name]["round_s"]) == 2
-    assert rows["train_step"]["trainable_params"] == rows["ours masked+FF"]["trainable_params"]
+    assert rows["train_step"]["trainable_params"] == rows["ours masked+FF [decoder]"]["trainable_params"]
 
 
 def test_bad_settings_are_refused_before_any_work():
