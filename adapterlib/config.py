@@ -125,6 +125,10 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
         check_max_objects(self.max_objects)
+        if self.adapter_attention == "gligen" and self.adapter_blocks != "all":
+            raise ValueError(f"adapter_attention = 'gligen' puts diffusers' fuser in every transformer block, as GLIGEN "
+                             f"does (and as its diffusers export needs): give adapter_blocks = 'all', not "
+                             f"{self.adapter_blocks!r} (the shapes and sd15 presets adapt the decoder only)")
         if self.init_from and self.adapter_attention != "gligen":
             raise ValueError(f"init_from = {self.init_from!r} (a diffusers GLIGEN folder) needs adapter_attention = "
                              f"'gligen', not {self.adapter_attention!r}")
