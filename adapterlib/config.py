@@ -128,7 +128,7 @@ class TrainConfig:
         if self.adapter_attention == "gligen" and self.adapter_blocks != "all":
             raise ValueError(f"adapter_attention = 'gligen' puts diffusers' fuser in every transformer block, as GLIGEN "
                              f"does (and as its diffusers export needs): give adapter_blocks = 'all', not "
-                             f"{self.adapter_blocks!r} (the shapes and sd15 presets adapt the decoder only)")
+                             f"{self.adapter_blocks!r}")
         if self.init_from and self.adapter_attention != "gligen":
             raise ValueError(f"init_from = {self.init_from!r} (a diffusers GLIGEN folder) needs adapter_attention = "
                              f"'gligen', not {self.adapter_attention!r}")
@@ -215,14 +215,17 @@ def unknown_fields_error(names, own=(), fields=FIELDS) -> ValueError:
 
 def make_config(preset: str = "", **overrides) -> TrainConfig:
     """A preset ("" or None: the default preset) with overrides; unknown names are an error that
-    lists the fields."""
+    lists the fields. `adapter_attention gligen` without `adapter_blocks` takes every block (GLIGEN's placement)."""
     preset = preset or default_preset()
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: choose one of {list(PRESETS)}")
     unknown = set(overrides) - set(FIELDS)
     if unknown:
         raise unknown_fields_error(unknown)
-    return TrainConfig(**{**PRESETS[preset], **overrides, "preset": preset})
+    values = {**PRESETS[preset], **overrides, "preset": preset}
+    if overrides.get("adapter_attention") == "gligen" and "adapter_blocks" not in overrides:
+        values["adapter_blocks"] = "all"     # GLIGEN's own placement, not the preset's blocks for our layer
+    return TrainConfig(**values)
 
 
 def resume_changes(saved: dict, changes: dict, where) -> dict:

@@ -247,3 +247,49 @@ def test_init_from_is_fixed_on_resume():
     saved = make_config("shapes", run_name="r", adapter_attention="gligen", init_from="gligen-a").to_dict()
     with pytest.raises(ValueError, match=r"cannot change init_from \(saved 'gligen-a', asked 'gligen-b'\)"):
         resume_changes(saved, {"init_from": "gligen-b"}, "r")
+
+
+def test_gligen_takes_every_block_whatever_the_presets_blocks_and_refuses_fewer():
+    """The shapes and sd15 presets adapt the decoder only (docs/blocks.md); GLIGEN has a fuser in every block."""
+    assert make_config("shapes").adapter_blocks == "decoder" and make_config("sd15").adapter_blocks == "decoder"
+    assert make_config("shapes", adapter_attention="gligen").adapter_blocks == "all"
+    assert make_config("sd15", adapter_attention="gligen").adapter_blocks == "all"
+    with pytest.raises(ValueError, match="adapter_attention = 'gligen' puts diffusers' fuser in every transformer "
+                                         "block.*give adapter_blocks = 'all', not 'decoder'"):
+        make_config("shapes", adapter_attention="gligen", adapter_blocks="decoder")
+
+
+def test_notebooks_01_to_05_with_the_gligen_variant_on_a_tiny_sd(tmp_path, tiny_sd_folder):
+    """Everything the other variants have, through papermill as a user runs it: 01's identity-at-init check, 02
+    trains (every block), 03 resumes, 04 reads the tanh(alpha) gates and runs the checkpoint test, 05 the grid."""
+    from conftest import build_tiny_owl_folder, import_coco_fixture
+    from test_headless import papermill
+    from test_sd_path import _outputs
+    from adapterlib.runs import list_checkpoints
+    runs = tmp_path / "runs"
+    env = {"ADAPTERLIB_RUNS": str(runs)}
+    manifest = import_coco_fixture(tmp_path)
+    given = dict(preset="sd15", base_model=tiny_sd_folder, adapter_attention="gligen")
+    done = papermill("01_dtype_zero_init_check.ipynb", tmp_path / "01.ipynb", dict(**given, data=manifest), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "all checks PASS" in _outputs(tmp_path / "01.ipynb")
+    done = papermill("02_train.ipynb", tmp_path / "02.ipynb", dict(
+        **given, data=manifest, steps=2, save_every=2, log_every=1, n_samples=2, batch_size=2, crop="center",
+        run_name="g"), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((runs / "g" / "config.json").read_text())
+    assert (config["adapter_attention"], config["adapter_blocks"]) == ("gligen", "all")
+    done = papermill("03_resume.ipynb", tmp_path / "03.ipynb", dict(run_name="g", steps=4), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(runs / "g")] == [2, 4]
+    detector = build_tiny_owl_folder(tmp_path / "owl")
+    done = papermill("04_gate_analysis.ipynb", tmp_path / "04.ipynb", dict(run_name="g", n_probe=2,
+                                                                           detector=detector), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (runs / "g" / "checkpoint_test" / "step_0000004" / "results.json").is_file()
+    metrics = pd.read_csv(runs / "g" / "metrics.csv")
+    assert {"gate_0_attn", "gate_0_ff"} <= set(metrics.columns)          # tanh(alpha_attn), tanh(alpha_dense)
+    done = papermill("05_gate_effect_grid.ipynb", tmp_path / "05.ipynb", dict(
+        run_name="g", n_layouts=2, n_eval=2, sampling_steps=2, scales="0,1", taus="0.5,1.0", detector=detector), env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ap50" in _outputs(tmp_path / "05.ipynb")
