@@ -156,6 +156,27 @@ def test_training_on_sdxl_from_the_cache_is_training_from_the_images(tmp_path, m
         torch.testing.assert_close(finals[True][k], finals[False][k], atol=2e-5, rtol=0)
 
 
+def test_two_processes_on_sdxl_train_what_one_does(tmp_path, monkeypatch, tiny_sdxl_folder):
+    """`accelerate launch` with 2 CPU processes on the tiny SDXL: each rank takes its rows of the global batch with
+    their pooled embeddings and time_ids (SDXL's added conditioning), so the job trains what one process does."""
+    from test_distributed import TOLERANCE, _accelerate, _max_diff
+    from adapterlib.config import make_config
+    from adapterlib.train import train
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
+    manifest = _photo_manifest(tmp_path / "d")
+    settings = dict(base_model=str(tiny_sdxl_folder), data=str(manifest), steps=3, batch_size=4, save_every=3,
+                    log_every=1, n_samples=0, device="cpu", mixed_precision="no", lr=1e-3)
+    one = train(make_config("sdxl", run_name="one", **settings), progress=False)
+    done = _accelerate(runs, ["--preset", "sdxl", "--run_name", "two",
+                              *[f for k, v in settings.items() for f in (f"--{k}", str(v))]])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "global batch 4 = 2 processes x 2" in (runs / "two" / "train.log").read_text()
+    a, b = (load_file(str(r / "final" / "adapter.safetensors")) for r in (one, runs / "two"))
+    assert max(b[k].abs().max().item() for k in b if "gate" in k) > 0          # it trained
+    assert _max_diff(a, b) < TOLERANCE
+
+
 # ---------------------------------------------------------------------------------------------
 # as a user runs it: import -> cache -> train -> --resume -> evaluate, and the sampler
 
