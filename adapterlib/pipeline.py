@@ -37,7 +37,7 @@ from .base import BaseModel, load_base
 from .checkpoint import load_adapter, load_checkpoint
 from .data import GroundedObject, Record
 from .precision import autocast_for
-from .sample import ground, to_uint8
+from .sample import ground, halves, to_uint8
 
 UNCONDITIONAL = ("base", "grounded", "null")
 
@@ -48,20 +48,26 @@ class GroundedPipelineOutput(BaseOutput):
 
 
 class GroundedPipeline(DiffusionPipeline):
-    """The base's parts (vae may be None: a pixel-space base), a scheduler, and an attached adapter."""
+    """The base's parts (vae may be None: a pixel-space base; text_encoder_2 / tokenizer_2: SDXL's), a scheduler,
+    and an attached adapter."""
+    _optional_components = ["vae", "text_encoder_2", "tokenizer_2"]
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter=None, base_path: str = ""):
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter=None, base_path: str = "",
+                 text_encoder_2=None, tokenizer_2=None, zero_empty_prompt: bool = False):
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.adapter = adapter          # not a registered component: it stays fp32 whatever .to() casts
         self.base_path = base_path
+        self.zero_empty_prompt = zero_empty_prompt     # SDXL: an empty prompt is zeros (the folder's own setting)
 
     # --- building
     @classmethod
     def from_base(cls, base: BaseModel, adapter) -> "GroundedPipeline":
         scheduler = DDIMScheduler.from_config(base.scheduler.config, timestep_spacing="trailing", clip_sample=False,
                                               set_alpha_to_one=False)          # our sampler's DDIM
-        return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, scheduler, adapter, base.path)
+        return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, scheduler, adapter, base.path,
+                   base.text_encoder_2, base.tokenizer_2, base.zero_empty_prompt)
 
     @classmethod
     def from_run(cls, run=None, checkpoint: str | int = "latest", *, device: str | None = None) -> "GroundedPipeline":
@@ -100,6 +106,9 @@ class GroundedPipeline(DiffusionPipeline):
 
     def to(self, *args, **kwargs) -> "GroundedPipeline":
         super().to(*args, **kwargs)
+        base = self._base()
+        if base.is_sdxl and base.unet.dtype == torch.float16:
+            base.to(dtype=torch.float16)        # SDXL's VAE back to fp32 where its config says force_upcast
         if self.adapter is not None:
             self.adapter.to(device=self.unet.device, dtype=torch.float32)
         return self
@@ -145,7 +154,8 @@ class GroundedPipeline(DiffusionPipeline):
         return records, negatives
 
     def _base(self) -> BaseModel:
-        return BaseModel(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae, self.base_path)
+        return BaseModel(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae, self.base_path,
+                         self.text_encoder_2, self.tokenizer_2, self.zero_empty_prompt)
 
     @torch.no_grad()
     def __call__(self, prompt, phrases=None, boxes=None, *, scale: float = 1.0, tau: float = 1.0,
@@ -164,8 +174,10 @@ class GroundedPipeline(DiffusionPipeline):
         base, n = self._base(), len(records)
         device = base.device
         with autocast_for(base):
-            context = base.encode_captions(negatives + [r.caption for r in records])     # [uncond; cond]
+            context, pooled = base.encode_text(negatives + [r.caption for r in records])     # [uncond; cond]
             grounding = ground(base, records, max_objects=self.adapter.max_objects) if self.adapter else None
+        added = base.added_cond(pooled)           # SDXL: pooled captions, size / crop ids of the base's size; SD: None
+        uncond_added, cond_added = halves(added, n)
         model = AdaptedUNet(self.unet, self.adapter) if self.adapter is not None else None
         shape = (n, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         if latents is None:
@@ -182,15 +194,16 @@ class GroundedPipeline(DiffusionPipeline):
             model_in = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
             with autocast_for(base):
                 if model is None or scale == 0 or i >= grounded_steps:
-                    pred = self.unet(model_in, t, encoder_hidden_states=context).sample
+                    pred = self.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
                 elif unconditional == "base":
-                    pred = torch.cat([self.unet(model_in[:n], t, encoder_hidden_states=context[:n]).sample,
-                                      model(model_in[n:], t, context[n:], grounding, scale)])
+                    pred = torch.cat([self.unet(model_in[:n], t, encoder_hidden_states=context[:n],
+                                                added_cond_kwargs=uncond_added).sample,
+                                      model(model_in[n:], t, context[n:], grounding, scale, cond_added)])
                 elif unconditional == "grounded":
-                    pred = model(model_in, t, context, grounding.repeat(2), scale)
+                    pred = model(model_in, t, context, grounding.repeat(2), scale, added)
                 else:
                     null = replace(grounding, present=torch.zeros_like(grounding.present))
-                    pred = model(model_in, t, context, _cat(null, grounding), scale)
+                    pred = model(model_in, t, context, _cat(null, grounding), scale, added)
             uncond, cond = pred.float().chunk(2)
             latents = self.scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents,
                                           **step_kwargs).prev_sample

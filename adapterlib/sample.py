@@ -106,7 +106,7 @@ def generate(base: BaseModel, records: list[Record], seeds: list[int], *, adapte
     return np.concatenate(out) if out else np.zeros((0, base.resolution, base.resolution, 3), np.uint8)
 
 
-def _halves(added: dict | None, n: int) -> tuple[dict | None, dict | None]:
+def halves(added: dict | None, n: int) -> tuple[dict | None, dict | None]:
     """The unconditional and conditional rows of an [uncond; cond] added conditioning (None: None, None)."""
     if added is None:
         return None, None
@@ -120,7 +120,7 @@ def _generate_batch(base, model, records, seeds, s: Sampling):
         context, pooled = base.encode_text([""] * n + [r.caption for r in records])   # (2n, L, D): [uncond; cond]
         grounding = ground(base, records, max_objects=model.adapter.max_objects) if model else None   # (n, ...)
     added = base.added_cond(pooled)        # SDXL: pooled captions, uncropped at the base's size; SD: None
-    uncond_added, cond_added = _halves(added, n)
+    uncond_added, cond_added = halves(added, n)
     latents = initial_noise(base, seeds) * scheduler.init_noise_sigma
     grounded_steps = round(s.tau * len(scheduler.timesteps))
     for i, t in enumerate(scheduler.timesteps):

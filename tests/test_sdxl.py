@@ -229,6 +229,36 @@ def test_generate_on_sdxl_grounds_through_the_adapter_and_scale_0_is_the_base(sd
         adapter.detach()
 
 
+def test_the_pipeline_on_sdxl_gives_generates_images_and_any_scheduler_swaps_in(sdxl):
+    """GroundedPipeline on an SDXL base: both encoders, the pooled embedding and the size / crop ids reach the UNet
+    as in `generate` (the same images with its DDIM and noise), and a diffusers scheduler swaps in."""
+    from diffusers import DPMSolverMultistepScheduler
+    from adapterlib.pipeline import GroundedPipeline
+    from adapterlib.sample import generate, initial_noise
+    records = [Record("a dog and a cat", (GroundedObject("dog", (0.0, 0.0, 0.5, 0.5)),
+                                          GroundedObject("cat", (0.5, 0.5, 1.0, 1.0)))),
+               Record("a dog", (GroundedObject("dog", (0.2, 0.2, 0.8, 0.9)),))]
+    torch.manual_seed(0)
+    adapter = build_adapter(sdxl)
+    try:
+        with torch.no_grad():
+            for gate in adapter.gate_parameters().values():
+                gate.fill_(1.0)
+        pipe = GroundedPipeline.from_base(sdxl, adapter)
+        pipe.set_progress_bar_config(disable=True)
+        assert pipe.text_encoder_2 is sdxl.text_encoder_2 and pipe.tokenizer_2 is sdxl.tokenizer_2
+        call = dict(prompt=[r.caption for r in records], phrases=[[o.phrase for o in r.objects] for r in records],
+                    boxes=[[o.box for o in r.objects] for r in records], num_inference_steps=3)
+        ours = pipe(**call, latents=initial_noise(sdxl, [0, 1]), output_type="np").images
+        assert np.array_equal(ours, generate(sdxl, records, [0, 1], adapter=adapter, steps=3))
+        assert not np.array_equal(ours, generate(sdxl, records, [0, 1], steps=3))          # the adapter acts
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        images = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        assert len(images) == 2 and images[0].size == (sdxl.resolution, sdxl.resolution)
+    finally:
+        adapter.detach()
+
+
 # ---------------------------------------------------------------------------------------------
 # the bench at SDXL size
 
