@@ -209,54 +209,52 @@ def test_coco_import_cache_train_resume_evaluate_on_a_tiny_sdxl(tmp_path, monkey
     assert result["n_images"] == 2 and "ap50" in result
 
 
-def test_generate_on_sdxl_grounds_through_the_adapter_and_scale_0_is_the_base(sdxl):
-    from adapterlib.sample import generate
-    records = [Record("a dog and a cat", (GroundedObject("dog", (0.0, 0.0, 0.5, 0.5)),
-                                          GroundedObject("cat", (0.5, 0.5, 1.0, 1.0))))]
+DOG_AND_CAT = Record("a dog and a cat", (GroundedObject("dog", (0.0, 0.0, 0.5, 0.5)),
+                                          GroundedObject("cat", (0.5, 0.5, 1.0, 1.0))))
+
+
+@pytest.fixture
+def open_sdxl_adapter(sdxl):
+    """A fresh adapter on the tiny SDXL with every gate at 1 (so it acts), detached afterwards."""
     torch.manual_seed(0)
     adapter = build_adapter(sdxl)
-    try:
-        with torch.no_grad():
-            for gate in adapter.gate_parameters().values():
-                gate.fill_(1.0)
-        plain = generate(sdxl, records, [0], steps=3)
-        assert plain.shape == (1, 16, 16, 3)
-        assert np.array_equal(generate(sdxl, records, [0], adapter=adapter, steps=3, scale=0.0), plain)
-        assert not np.array_equal(generate(sdxl, records, [0], adapter=adapter, steps=3), plain)
-        assert not np.array_equal(generate(sdxl, records, [0], adapter=adapter, steps=3, grounding_guidance=False),
-                                  plain)
-    finally:
-        adapter.detach()
+    with torch.no_grad():
+        for gate in adapter.gate_parameters().values():
+            gate.fill_(1.0)
+    yield adapter
+    adapter.detach()
 
 
-def test_the_pipeline_on_sdxl_gives_generates_images_and_any_scheduler_swaps_in(sdxl):
+def test_generate_on_sdxl_grounds_through_the_adapter_and_scale_0_is_the_base(sdxl, open_sdxl_adapter):
+    from adapterlib.sample import generate
+    records, adapter = [DOG_AND_CAT], open_sdxl_adapter
+    plain = generate(sdxl, records, [0], steps=3)
+    assert plain.shape == (1, 16, 16, 3)
+    assert np.array_equal(generate(sdxl, records, [0], adapter=adapter, steps=3, scale=0.0), plain)
+    assert not np.array_equal(generate(sdxl, records, [0], adapter=adapter, steps=3), plain)
+    assert not np.array_equal(generate(sdxl, records, [0], adapter=adapter, steps=3, grounding_guidance=False),
+                              plain)
+
+
+def test_the_pipeline_on_sdxl_gives_generates_images_and_any_scheduler_swaps_in(sdxl, open_sdxl_adapter):
     """GroundedPipeline on an SDXL base: both encoders, the pooled embedding and the size / crop ids reach the UNet
     as in `generate` (the same images with its DDIM and noise), and a diffusers scheduler swaps in."""
     from diffusers import DPMSolverMultistepScheduler
     from adapterlib.pipeline import GroundedPipeline
     from adapterlib.sample import generate, initial_noise
-    records = [Record("a dog and a cat", (GroundedObject("dog", (0.0, 0.0, 0.5, 0.5)),
-                                          GroundedObject("cat", (0.5, 0.5, 1.0, 1.0)))),
-               Record("a dog", (GroundedObject("dog", (0.2, 0.2, 0.8, 0.9)),))]
-    torch.manual_seed(0)
-    adapter = build_adapter(sdxl)
-    try:
-        with torch.no_grad():
-            for gate in adapter.gate_parameters().values():
-                gate.fill_(1.0)
-        pipe = GroundedPipeline.from_base(sdxl, adapter)
-        pipe.set_progress_bar_config(disable=True)
-        assert pipe.text_encoder_2 is sdxl.text_encoder_2 and pipe.tokenizer_2 is sdxl.tokenizer_2
-        call = dict(prompt=[r.caption for r in records], phrases=[[o.phrase for o in r.objects] for r in records],
-                    boxes=[[o.box for o in r.objects] for r in records], num_inference_steps=3)
-        ours = pipe(**call, latents=initial_noise(sdxl, [0, 1]), output_type="np").images
-        assert np.array_equal(ours, generate(sdxl, records, [0, 1], adapter=adapter, steps=3))
-        assert not np.array_equal(ours, generate(sdxl, records, [0, 1], steps=3))          # the adapter acts
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-        images = pipe(**call, generator=torch.Generator().manual_seed(0)).images
-        assert len(images) == 2 and images[0].size == (sdxl.resolution, sdxl.resolution)
-    finally:
-        adapter.detach()
+    records = [DOG_AND_CAT, Record("a dog", (GroundedObject("dog", (0.2, 0.2, 0.8, 0.9)),))]
+    adapter = open_sdxl_adapter
+    pipe = GroundedPipeline.from_base(sdxl, adapter)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_encoder_2 is sdxl.text_encoder_2 and pipe.tokenizer_2 is sdxl.tokenizer_2
+    call = dict(prompt=[r.caption for r in records], phrases=[[o.phrase for o in r.objects] for r in records],
+                boxes=[[o.box for o in r.objects] for r in records], num_inference_steps=3)
+    ours = pipe(**call, latents=initial_noise(sdxl, [0, 1]), output_type="np").images
+    assert np.array_equal(ours, generate(sdxl, records, [0, 1], adapter=adapter, steps=3))
+    assert not np.array_equal(ours, generate(sdxl, records, [0, 1], steps=3))          # the adapter acts
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    images = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert len(images) == 2 and images[0].size == (sdxl.resolution, sdxl.resolution)
 
 
 # ---------------------------------------------------------------------------------------------
