@@ -463,6 +463,9 @@ def _bench_parser(commands) -> None:
                     help="block choices of our rows, e.g. all,decoder,low,migc (every variant at each; a list of "
                          "blocks joined by +: mid_block+up_blocks.1). Default: the preset's for the size (tiny: "
                          "shapes, sd15: sd15), always measured; it is the JSON's ours_*")
+    be.add_argument("--ff-mult", default=None, metavar="LIST",
+                    help="feed-forward widths of our rows with FF, e.g. 4,2 (each at every block choice). Default: "
+                         "the preset's adapter_ff_mult for the size, always measured")
     be.add_argument("--side", type=int, default=None, metavar="N",
                     help="sd15 / sdxl: the latents' side instead of the base's own (64 / 128); e.g. sdxl --side 64 "
                          "(512 px) where a 1024-px step does not fit in memory")
@@ -473,13 +476,14 @@ def _bench_parser(commands) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import VARIANTS, format_table, parse_blocks, parse_variants, run_bench
+    from .bench import VARIANTS, format_table, parse_blocks, parse_ff_mults, parse_variants, run_bench
 
     result = run_bench(args.size, device=args.device, batch=args.batch, objects=args.objects, rounds=args.rounds,
                        steps_per_round=args.steps, warmup=args.warmup, compile=args.compile,
                        variants=VARIANTS if args.variants is None else parse_variants(args.variants),
-                       blocks=None if args.blocks is None else parse_blocks(args.blocks), with_train_step=args.train_step,
-                       side=args.side)
+                       blocks=None if args.blocks is None else parse_blocks(args.blocks),
+                       ff_mults=None if args.ff_mult is None else parse_ff_mults(args.ff_mult),
+                       with_train_step=args.train_step, side=args.side)
     print(f"{result['size']} (latents {result['side']}x{result['side']}) on {result['device_name']} ({result['threads']} threads), torch {result['torch']}, "
           f"batch {result['batch']}, {result['objects']} slots ({result['objects_present']} objects in the batch), "
           f"median of {result['rounds']} rounds x {result['steps_per_round']} steps")

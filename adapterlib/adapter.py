@@ -169,7 +169,7 @@ class GatedLayer(nn.Module):
     """One gated grounding layer for a transformer block of width `dim`."""
 
     def __init__(self, dim: int, token_dim: int, heads: int, attention: str, norm: str, feedforward: bool,
-                 depth: str = "none"):
+                 depth: str = "none", ff_mult: int = 4):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"adapter_attention {attention!r}: choose one of {ATTENTIONS}")
@@ -182,8 +182,8 @@ class GatedLayer(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.nothing = nn.Parameter(torch.zeros(1, 1, dim)) if attention != "self" else None
         self.gate_attn = zero_gate()
-        self.ff = nn.Sequential(make_norm(norm, dim), nn.Linear(dim, 4 * dim), nn.GELU(),
-                                nn.Linear(4 * dim, dim)) if feedforward else None
+        self.ff = nn.Sequential(make_norm(norm, dim), nn.Linear(dim, ff_mult * dim), nn.GELU(),
+                                nn.Linear(ff_mult * dim, dim)) if feedforward else None
         self.gate_ff = zero_gate() if feedforward else None
         if depth == "learned" and attention == "self":
             raise ValueError("adapter_depth 'learned' needs a cross or masked adapter_attention")
@@ -266,8 +266,10 @@ class SpatialAdapter(nn.Module):
 
     def __init__(self, unet, text_dim: int, *, attention: str = "masked", norm: str = "layernorm",
                  feedforward: bool = True, max_objects: int = MAX_OBJECTS, fourier_freqs: int = 8,
-                 mlp_width: int | None = None, depth: str = "none", blocks: str = "all"):
+                 mlp_width: int | None = None, depth: str = "none", blocks: str = "all", ff_mult: int = 4):
         super().__init__()
+        if ff_mult < 1:
+            raise ValueError(f"adapter_ff_mult = {ff_mult}: give a width multiple >= 1")
         all_blocks = transformer_blocks(unet)
         if not all_blocks:
             raise ValueError("this UNet has no transformer blocks: nothing to attach a spatial adapter to")
@@ -282,13 +284,15 @@ class SpatialAdapter(nn.Module):
                            token_dim=token_dim, blocks=list(all_blocks))
         if depth != "none":                      # written only when set: older checkpoints read as "none"
             self.config["depth"] = depth
+        if feedforward and ff_mult != 4:          # written only when not GLIGEN's 4: older checkpoints read as 4
+            self.config["ff_mult"] = ff_mult
         if chosen != list(all_blocks):           # written only when not every block: older checkpoints read as all
             self.config["adapted_blocks"] = chosen
         self.block_names = chosen                # the blocks with a layer, in the UNet's order (one per layer)
         self.tokenizer = GroundingTokenizer(text_dim, token_dim, mlp_width, fourier_freqs)
         self.layers = nn.ModuleList(
             GatedLayer(all_blocks[n].norm1.normalized_shape[0], token_dim, all_blocks[n].attn1.heads, attention, norm,
-                       feedforward, depth)
+                       feedforward, depth, ff_mult)
             for n in chosen)
         self.max_objects = max_objects
         self._handles: list = []
@@ -466,9 +470,10 @@ def build_adapter(base, **options) -> SpatialAdapter:
     the master weights. `attention="gligen"`: diffusers' own GLIGEN modules with the same interface
     (adapterlib/gligen.py), in every block."""
     kind = GligenAdapter if options.get("attention") == "gligen" else SpatialAdapter
-    if kind is GligenAdapter and options.pop("blocks", "all") != "all":
-        raise ValueError("adapter_attention 'gligen' is diffusers' GLIGEN as it is, a layer in every block: leave "
-                         "adapter_blocks at 'all'")
+    for option, value in (("blocks", "all"), ("ff_mult", 4)) if kind is GligenAdapter else ():
+        if options.pop(option, value) != value:
+            raise ValueError(f"adapter_attention 'gligen' is diffusers' GLIGEN as it is (a layer in every block, its "
+                             f"own feed-forward): leave {option} at {value!r}")
     adapter = kind(base.unet, base.phrase_dim, **options)
     return adapter.to(base.device, torch.float32).attach(base.unet)
 
@@ -476,7 +481,8 @@ def build_adapter(base, **options) -> SpatialAdapter:
 # build_adapter's option for each architecture field of the training config (config.ARCHITECTURE_FIELDS, less
 # base_model: the base is build_adapter's first argument)
 CONFIG_OPTIONS = dict(adapter_attention="attention", adapter_norm="norm", adapter_feedforward="feedforward",
-                      adapter_depth="depth", adapter_blocks="blocks", max_objects="max_objects")
+                      adapter_ff_mult="ff_mult", adapter_depth="depth", adapter_blocks="blocks",
+                      max_objects="max_objects")
 
 
 def architecture_options(cfg) -> dict:

@@ -11,9 +11,10 @@ Every row is one full training step on the same batch, the same frozen weights a
 - `peer`: diffusers' GLIGEN, `UNet2DConditionModel(attention_type="gated")` on the base's config with
   the base's weights loaded, `fuser` (a gated self-attention + feed-forward per transformer block) and
   `position_net` trained, grounded through `cross_attention_kwargs={"gligen": ...}`;
-- `ours <attention>[+FF] [<blocks>]`: `AdaptedUNet(unet, adapter)` for each adapter variant (`adapter.build_adapter`'s
+- `ours <attention>[+FF[xM]] [<blocks>]`: `AdaptedUNet(unet, adapter)` for each adapter variant (`adapter.build_adapter`'s
   attention and feedforward options) at each block choice (`blocks`: all, decoder, low, migc or a list; the name
-  carries it unless it is all), only the adapter's parameters trained; `ours gligen` is the peer's own
+  carries it unless it is all) and feed-forward width (`ff_mults`; the name carries it, `xM`, unless it is 4),
+  only the adapter's parameters trained; `ours gligen` is the peer's own
   modules (fusers + position net) lent to the frozen base through our forward (adapterlib/gligen.py): its
   cost against `peer` is what our route adds or saves (GLIGEN's 30 slots, as diffusers' pipeline pads);
 - `train_step` (optional): what `adapterlib.train` does per step once a batch is in memory: captions and
@@ -59,16 +60,30 @@ DEFAULT_OBJECTS = {"tiny": 3, "sd15": 30, "sdxl": 30}          # grounding slots
 PRESENT_SHARE = {"tiny": 1.0, "sd15": 0.3, "sdxl": 0.3}        # share of the slots holding a real object (the rest: padding)
 VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, False)) + (("gligen", True),)
 DEFAULT_VARIANT = (TrainConfig.adapter_attention, TrainConfig.adapter_feedforward)
-# "ours" at each size: the default variant with the blocks of the preset that trains that base
-DEFAULT_BLOCKS = {size: PRESETS[preset].get("adapter_blocks", TrainConfig.adapter_blocks)
-                  for size, preset in (("tiny", "shapes"), ("sd15", "sd15"), ("sdxl", "sdxl"))}
+# "ours" at each size: the default variant with the blocks and feed-forward width of the preset that trains that base
+SIZE_PRESETS = {"tiny": "shapes", "sd15": "sd15", "sdxl": "sdxl"}
+DEFAULT_BLOCKS = {size: PRESETS[p].get("adapter_blocks", TrainConfig.adapter_blocks) for size, p in SIZE_PRESETS.items()}
+DEFAULT_FF_MULT = {size: PRESETS[p].get("adapter_ff_mult", TrainConfig.adapter_ff_mult)
+                   for size, p in SIZE_PRESETS.items()}
 GATE_OPEN = 0.1
 
 
-def variant_name(attention: str, feedforward: bool, blocks: str = "all") -> str:
+def variant_name(attention: str, feedforward: bool, blocks: str = "all", ff_mult: int = 4) -> str:
     if attention == "gligen":              # diffusers' GLIGEN modules on our frozen base (always with its dense part)
         return "ours gligen"
-    return f"ours {attention}{'+FF' if feedforward else ''}" + ("" if blocks == "all" else f" [{blocks}]")
+    ff = ("+FF" + ("" if ff_mult == 4 else f"x{ff_mult}")) if feedforward else ""
+    return f"ours {attention}{ff}" + ("" if blocks == "all" else f" [{blocks}]")
+
+
+def parse_ff_mults(text: str) -> tuple[int, ...]:
+    """"4,2" -> (4, 2): the feed-forward widths of our rows with FF, each a whole multiple >= 1."""
+    try:
+        out = tuple(dict.fromkeys(int(item) for item in text.split(",") if item.strip()))
+    except ValueError:
+        raise ValueError(f"ff-mult {text!r}: give whole numbers, e.g. 4,2") from None
+    if not out or min(out) < 1:
+        raise ValueError(f"ff-mult {text!r}: give at least one width multiple, each >= 1")
+    return out
 
 
 def parse_blocks(text: str) -> tuple[str, ...]:
@@ -212,6 +227,7 @@ class Step:
     model: nn.Module | None = None           # what the step calls (AdaptedUNet for ours, the gated UNet for the peer)
     compiled: bool = False
     blocks: str | None = None                # our rows: the block choice
+    ff_mult: int | None = None               # our rows with FF: the feed-forward's width multiple
 
 
 def _optimizer(params, device: torch.device) -> torch.optim.Optimizer:
@@ -294,10 +310,11 @@ def peer_step(w: Workload, *, compile: bool = False, peer: nn.Module | None = No
     return Step("peer", run, trainable, peer, compile)
 
 
-def make_adapter(w: Workload, attention: str, feedforward: bool, blocks: str = "all") -> SpatialAdapter:
+def make_adapter(w: Workload, attention: str, feedforward: bool, blocks: str = "all", ff_mult: int = 4) -> SpatialAdapter:
     """An fp32 adapter for the workload's UNet (as `build_adapter` makes one), attached, gates opened."""
     kind = GligenAdapter if attention == "gligen" else SpatialAdapter
-    options = {} if attention == "gligen" else dict(blocks=blocks)        # GLIGEN: every block, as diffusers has it
+    # GLIGEN: every block and its own feed-forward, as diffusers has it
+    options = {} if attention == "gligen" else dict(blocks=blocks, ff_mult=ff_mult)
     adapter = kind(w.unet, w.text_dim, attention=attention, feedforward=feedforward, **options)
     adapter = adapter.to(w.device, torch.float32).attach(w.unet)
     for p in adapter.gate_parameters().values():
@@ -305,9 +322,10 @@ def make_adapter(w: Workload, attention: str, feedforward: bool, blocks: str = "
     return adapter
 
 
-def adapter_step(w: Workload, attention: str, feedforward: bool, *, blocks: str = "all", compile: bool = False) -> Step:
+def adapter_step(w: Workload, attention: str, feedforward: bool, *, blocks: str = "all", ff_mult: int = 4,
+                 compile: bool = False) -> Step:
     """Our step through `AdaptedUNet(unet, adapter).forward(noisy, t, context, grounding, scale)`."""
-    adapter = make_adapter(w, attention, feedforward, blocks)
+    adapter = make_adapter(w, attention, feedforward, blocks, ff_mult)
     model = AdaptedUNet(w.unet, adapter)
     trainable = adapter.trainable_parameters()
     opt = _optimizer(list(trainable.values()), w.device)
@@ -319,7 +337,8 @@ def adapter_step(w: Workload, attention: str, feedforward: bool, *, blocks: str 
         F.mse_loss(out.float(), w.target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return Step(variant_name(attention, feedforward, blocks), run, trainable, model, compile, blocks)
+    return Step(variant_name(attention, feedforward, blocks, ff_mult), run, trainable, model, compile, blocks,
+                ff_mult if feedforward and attention != "gligen" else None)
 
 
 def train_step(w: Workload) -> Step:
@@ -331,7 +350,7 @@ def train_step(w: Workload) -> Step:
         raise ValueError(f"train_step needs a loaded base with its text encoder (size 'tiny'), not size {w.size!r}")
     base, B, N = w.base, w.batch, w.grounding.present.shape[1]
     cfg = TrainConfig()
-    adapter = make_adapter(w, *DEFAULT_VARIANT, DEFAULT_BLOCKS[w.size])
+    adapter = make_adapter(w, *DEFAULT_VARIANT, DEFAULT_BLOCKS[w.size], DEFAULT_FF_MULT[w.size])
     model = AdaptedUNet(w.unet, adapter)
     trainable, gates = adapter.trainable_parameters(), adapter.gate_parameters()
     opt = torch.optim.AdamW([{"params": [p for n, p in trainable.items() if n not in gates]},
@@ -363,7 +382,7 @@ def train_step(w: Workload) -> Step:
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
         opt.step()
         sched.step()
-    return Step("train_step", run, trainable, model, blocks=DEFAULT_BLOCKS[w.size])
+    return Step("train_step", run, trainable, model, blocks=DEFAULT_BLOCKS[w.size], ff_mult=DEFAULT_FF_MULT[w.size])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +436,7 @@ def measure(steps: Mapping[str, Callable[[], object]], device: torch.device, *, 
 def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch: int = 16, objects: int | None = None,
               rounds: int = 5, steps_per_round: int = 10, warmup: int = 2, compile: bool = False,
               variants: Sequence[tuple[str, bool]] = VARIANTS, blocks: Sequence[str] | None = None,
-              with_train_step: bool = False, side: int | None = None,
+              ff_mults: Sequence[int] | None = None, with_train_step: bool = False, side: int | None = None,
               extra: Mapping[str, Callable[[Workload], Callable[[], object]]] | None = None, seed: int = 0) -> dict:
     """Measure every row (module docstring) in one process; a JSON-ready dict: `rows` (one per row: name,
     samples_per_s, s_per_step, per-round seconds, peak/step memory in MiB or None, trainable_params,
@@ -425,6 +444,8 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     headline numbers (`ours_samples_per_s` is the default variant, masked+FF, eager, at the size's default blocks,
     `DEFAULT_BLOCKS`: the `shapes` preset's for tiny, the `sd15` preset's for sd15, the `sdxl` preset's for sdxl).
     `blocks`: the block choices of our rows (every variant at each; the size's default is always measured).
+    `ff_mults`: the feed-forward widths of our rows with FF (each at every block choice; the size's default, the
+    preset's `adapter_ff_mult`, is always measured).
     `side`: the latents' side at sd15 / sdxl size (`make_workload`).
     `extra`: {name: make(workload) -> step()}: more rows, each step one training step on
     `workload.batch` samples, timed in the same rounds."""
@@ -442,9 +463,13 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     blocks = tuple(dict.fromkeys((default_blocks, *(blocks or ()))))
     for spec in blocks:
         check_blocks_spec(spec)
-    ours = variant_name(*DEFAULT_VARIANT, default_blocks)
+    default_ff = DEFAULT_FF_MULT[size]
+    ff_mults = tuple(dict.fromkeys((default_ff, *(ff_mults or ()))))
+    ours_rows = list(dict.fromkeys((a, ff, b, m if ff and a != "gligen" else 4)
+                                   for a, ff in variants for b in blocks for m in ff_mults))
+    ours = variant_name(*DEFAULT_VARIANT, default_blocks, default_ff)
     modes = (False, True) if compile else (False,)
-    taken = {name + tag for name in ("floor", "peer", *(variant_name(*v, b) for v in variants for b in blocks))
+    taken = {name + tag for name in ("floor", "peer", *(variant_name(*r) for r in ours_rows))
              for tag in ("", " compiled")} | {"train_step"}
     if set(extra or {}) & taken:
         raise ValueError(f"extra rows {sorted(set(extra) & taken)}: those names are taken")
@@ -454,7 +479,7 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     for compiled in modes:
         tag = " compiled" if compiled else ""
         for step in (floor_step(w, compile=compiled), peer_step(w, compile=compiled, peer=peer),
-                     *(adapter_step(w, a, ff, blocks=b, compile=compiled) for a, ff in variants for b in blocks)):
+                     *(adapter_step(w, a, ff, blocks=b, ff_mult=m, compile=compiled) for a, ff, b, m in ours_rows)):
             rows[step.name + tag] = step
     if with_train_step:
         rows["train_step"] = train_step(w)
@@ -467,7 +492,7 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     for name, step in rows.items():
         t = timed[name]
         sec = statistics.median(t["seconds"]) if t["seconds"] else None
-        table.append(dict(name=name, compiled=step.compiled, blocks=step.blocks, samples_per_s=None if sec is None else batch / sec,
+        table.append(dict(name=name, compiled=step.compiled, blocks=step.blocks, ff_mult=step.ff_mult, samples_per_s=None if sec is None else batch / sec,
                           s_per_step=sec, round_s=t["seconds"], peak_mib=mib(t["peak"]), step_mib=mib(t["above"]),
                           trainable_params=sum(p.numel() for p in step.trainable.values()), note=t["note"]))
     by_name = {r["name"]: r["samples_per_s"] for r in table}
@@ -480,6 +505,7 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
         ours_samples_per_s=by_name[ours], peer_samples_per_s=by_name["peer"], floor_samples_per_s=by_name["floor"],
         ours_x_peer=by_name[ours] / by_name["peer"], ours_x_floor=by_name[ours] / by_name["floor"],
         peer_compiled_samples_per_s=by_name.get("peer compiled"), ours_variant=ours, ours_blocks=default_blocks,
+        ours_ff_mult=default_ff,
         size=size, batch=batch, side=w.noisy.shape[-1],
         objects=w.grounding.present.shape[1], objects_present=int(w.grounding.present.sum()),
         device=str(w.device), device_name=torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else "cpu",

@@ -68,6 +68,8 @@ class TrainConfig:
     adapter_attention: str = "masked"    # self | cross | masked | gligen (diffusers' own GLIGEN modules: adapterlib/gligen.py)
     adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
     adapter_feedforward: bool = True
+    adapter_ff_mult: int = 4             # the gated feed-forward's width, a multiple of the block's (GLIGEN's: 4);
+                                         # 2 halves its cost (docs/blocks.md)
     init_from: str = ""                  # adapter_attention gligen: start from the fusers and position net of a diffusers
                                          # GLIGEN folder (e.g. masterful/gligen-1-4-generation-text-box on disk) to fine-tune it
     adapter_depth: str = "none"          # masked attention, a token inside several boxes: none (all of them) |
@@ -125,14 +127,17 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
         check_max_objects(self.max_objects)
-        if self.adapter_attention == "gligen" and self.adapter_blocks != "all":
-            raise ValueError(f"adapter_attention = 'gligen' puts diffusers' fuser in every transformer block, as GLIGEN "
-                             f"does (and as its diffusers export needs): give adapter_blocks = 'all', not "
-                             f"{self.adapter_blocks!r}")
+        if self.adapter_attention == "gligen":
+            for name, value in GLIGEN_FIXED.items():
+                if getattr(self, name) != value:
+                    raise ValueError(f"adapter_attention = 'gligen' is diffusers' GLIGEN as it is (a fuser in every "
+                                     f"transformer block, its own feed-forward, as its diffusers export needs): give "
+                                     f"{name} = {value!r}, not {getattr(self, name)!r}")
         if self.init_from and self.adapter_attention != "gligen":
             raise ValueError(f"init_from = {self.init_from!r} (a diffusers GLIGEN folder) needs adapter_attention = "
                              f"'gligen', not {self.adapter_attention!r}")
-        for name in ("steps", "batch_size", "save_every", "log_every", "n_train", "max_nonfinite_steps"):
+        for name in ("steps", "batch_size", "save_every", "log_every", "n_train", "max_nonfinite_steps",
+                     "adapter_ff_mult"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
         from .evalspec import check_detector, check_heldout
@@ -159,8 +164,8 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
                 "warmup", "lr_schedule", "box_loss_weight", "box_loss_region", "timesteps", "grad_clip", "adapter_attention",
-                "adapter_norm", "adapter_feedforward", "adapter_depth", "adapter_blocks", "max_objects", "on_bad_record", "crop",
-                "flip", "init_from")
+                "adapter_norm", "adapter_feedforward", "adapter_ff_mult", "adapter_depth", "adapter_blocks", "max_objects",
+                "on_bad_record", "crop", "flip", "init_from")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.
 # How it is measured (heldout, detector) is free too: training never reads them, so a run trained without
@@ -168,8 +173,8 @@ RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
                "max_nonfinite_steps", "cache", "num_workers", "compile", "tensorboard", "heldout", "detector")
 # The subset of RESUME_FIXED that a checkpoint's adapter is built from.
-ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapter_feedforward", "adapter_depth",
-                       "adapter_blocks", "max_objects")
+ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapter_feedforward", "adapter_ff_mult",
+                       "adapter_depth", "adapter_blocks", "max_objects")
 
 PRESETS = {
     # the embedded default, sized for a 2-core CPU (see README for what it reaches and why these values); the
@@ -194,6 +199,10 @@ PRESETS = {
 # a centre crop rather than a stretch: the crop's offset and the original size reach the UNet as SDXL's conditioning
 PRESETS["sdxl"] = {**PRESETS["sd15"], "crop": "center"}
 
+# What `adapter_attention gligen` (diffusers' GLIGEN modules as they are) fixes: a fuser in every block, its own
+# feed-forward (width 4). `make_config` gives a gligen run these where the user names none; any other is refused.
+GLIGEN_FIXED = dict(adapter_blocks="all", adapter_ff_mult=4)
+
 # The preset used when none is named. Unset for users ("shapes"); the test harness sets it to "smoke".
 DEFAULT_PRESET_ENV = "ADAPTERLIB_DEFAULT_PRESET"
 
@@ -215,7 +224,7 @@ def unknown_fields_error(names, own=(), fields=FIELDS) -> ValueError:
 
 def make_config(preset: str = "", **overrides) -> TrainConfig:
     """A preset ("" or None: the default preset) with overrides; unknown names are an error that
-    lists the fields. `adapter_attention gligen` without `adapter_blocks` takes every block (GLIGEN's placement)."""
+    lists the fields. `adapter_attention gligen` takes GLIGEN_FIXED's values for the fields not given."""
     preset = preset or default_preset()
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: choose one of {list(PRESETS)}")
@@ -223,8 +232,8 @@ def make_config(preset: str = "", **overrides) -> TrainConfig:
     if unknown:
         raise unknown_fields_error(unknown)
     values = {**PRESETS[preset], **overrides, "preset": preset}
-    if overrides.get("adapter_attention") == "gligen" and "adapter_blocks" not in overrides:
-        values["adapter_blocks"] = "all"     # GLIGEN's own placement, not the preset's blocks for our layer
+    if overrides.get("adapter_attention") == "gligen":   # GLIGEN's own placement and width, not the preset's for our layer
+        values.update({name: value for name, value in GLIGEN_FIXED.items() if name not in overrides})
     return TrainConfig(**values)
 
 

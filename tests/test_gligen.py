@@ -249,14 +249,18 @@ def test_init_from_is_fixed_on_resume():
         resume_changes(saved, {"init_from": "gligen-b"}, "r")
 
 
-def test_gligen_takes_every_block_whatever_the_presets_blocks_and_refuses_fewer():
-    """The shapes and sd15 presets adapt the decoder only (docs/blocks.md); GLIGEN has a fuser in every block."""
+def test_gligen_takes_its_own_blocks_and_width_whatever_the_preset_and_refuses_others():
+    """The shapes and sd15 presets adapt the decoder only (docs/blocks.md); GLIGEN has a fuser in every block and
+    its own feed-forward (width 4), whatever the preset's choice for our layer."""
+    from adapterlib.config import GLIGEN_FIXED
     assert make_config("shapes").adapter_blocks == "decoder" and make_config("sd15").adapter_blocks == "decoder"
-    assert make_config("shapes", adapter_attention="gligen").adapter_blocks == "all"
-    assert make_config("sd15", adapter_attention="gligen").adapter_blocks == "all"
-    with pytest.raises(ValueError, match="adapter_attention = 'gligen' puts diffusers' fuser in every transformer "
-                                         "block.*give adapter_blocks = 'all', not 'decoder'"):
-        make_config("shapes", adapter_attention="gligen", adapter_blocks="decoder")
+    for preset in ("shapes", "sd15", "sdxl"):
+        cfg = make_config(preset, adapter_attention="gligen")
+        assert (cfg.adapter_blocks, cfg.adapter_ff_mult) == ("all", 4) == tuple(GLIGEN_FIXED.values())
+    for name, other in (("adapter_blocks", "decoder"), ("adapter_ff_mult", 2)):
+        with pytest.raises(ValueError, match=f"adapter_attention = 'gligen' is diffusers' GLIGEN as it is .*every "
+                                             f"transformer block.*give {name} = {GLIGEN_FIXED[name]!r}, not {other!r}"):
+            make_config("shapes", adapter_attention="gligen", **{name: other})
 
 
 def test_notebooks_01_to_05_with_the_gligen_variant_on_a_tiny_sd(tmp_path, tiny_sd_folder):
