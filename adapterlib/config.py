@@ -178,10 +178,10 @@ ARCHITECTURE_FIELDS = ("base_model", "adapter_attention", "adapter_norm", "adapt
 
 PRESETS = {
     # the embedded default, sized for a 2-core CPU (see README for what it reaches and why these values); the
-    # cosine decay, the layered box loss and the decoder-only blocks (docs/blocks.md) are this recipe's (measured on
-    # Shapes), so a run saved before `lr_schedule`, `box_loss_region` or `adapter_blocks` existed, which has no such
-    # field, still resumes with what it trained with (the field's default)
-    "shapes": dict(lr_schedule="cosine", box_loss_region="layered", adapter_blocks="decoder"),
+    # cosine decay, the layered box loss, the decoder-only blocks and the 2x feed-forward (docs/blocks.md) are this
+    # recipe's (measured on Shapes), so a run saved before `lr_schedule`, `box_loss_region`, `adapter_blocks` or
+    # `adapter_ff_mult` existed, which has no such field, still resumes with what it trained with (the field's default)
+    "shapes": dict(lr_schedule="cosine", box_loss_region="layered", adapter_blocks="decoder", adapter_ff_mult=2),
     # Stable Diffusion 1.5 on one GPU: the training plan's values (steps, batch, lr, dropouts, scales, checkpoints) with
     # the recipe that grounds on Shapes (masked attention, the per-object box loss over boxes, the cosine decay, gates
     # at 10x, the mid and up blocks only: docs/blocks.md); your data must be given (data=PATH: training refuses none).

@@ -38,17 +38,17 @@ def test_cli_last_line_is_json_with_every_row_positive(capsys):
     result = json.loads(lines[-1])
     for key in ("ours_samples_per_s", "peer_samples_per_s", "floor_samples_per_s", "ours_x_peer", "ours_x_floor"):
         assert result[key] > 0 and math.isfinite(result[key]), key
-    assert result["ours_variant"] == "ours masked+FF [decoder]"     # the shapes preset's adapter (docs/blocks.md)
+    assert result["ours_variant"] == "ours masked+FFx2 [decoder]"   # the shapes preset's adapter (docs/blocks.md)
     assert (result["batch"], result["objects"], result["device_name"]) == (2, 3, "cpu")
     assert result["torch"] == torch.__version__
     names = [r["name"] for r in result["rows"]]
     assert names[:2] == ["floor", "peer"]
-    assert set(names[2:]) == {bench.variant_name(a, ff, "decoder") for a, ff in bench.VARIANTS}
+    assert set(names[2:]) == {bench.variant_name(a, ff, "decoder", 2) for a, ff in bench.VARIANTS}
     for row in result["rows"]:
         assert row["samples_per_s"] > 0 and row["s_per_step"] > 0 and len(row["round_s"]) == 1, row
         assert row["peak_mib"] is None                          # the CPU reports no peak memory
     by_name = {r["name"]: r for r in result["rows"]}
-    assert by_name["ours masked+FF [decoder]"]["samples_per_s"] == result["ours_samples_per_s"]
+    assert by_name["ours masked+FFx2 [decoder]"]["samples_per_s"] == result["ours_samples_per_s"]
     assert by_name["floor"]["trainable_params"] == 0 and by_name["peer"]["trainable_params"] > 0
     assert any(line.startswith("peer ") for line in lines)      # the table is printed before the JSON
 
@@ -133,11 +133,11 @@ def test_extra_and_train_step_rows_are_timed_in_the_same_rounds():
     result = bench.run_bench("tiny", device="cpu", batch=2, rounds=2, steps_per_round=1, warmup=0,
                              variants=[("masked", True)], with_train_step=True, extra={"cached": make})
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == ["floor", "peer", "ours masked+FF [decoder]", "train_step", "cached"]
+    assert list(rows) == ["floor", "peer", "ours masked+FFx2 [decoder]", "train_step", "cached"]
     assert made[0].batch == 2 and made[0].unet is made[0].base.unet        # the extra row got the same workload
     for name in ("train_step", "cached"):
         assert rows[name]["samples_per_s"] > 0 and len(rows[name]["round_s"]) == 2
-    assert rows["train_step"]["trainable_params"] == rows["ours masked+FF [decoder]"]["trainable_params"]
+    assert rows["train_step"]["trainable_params"] == rows["ours masked+FFx2 [decoder]"]["trainable_params"]
 
 
 def test_bad_settings_are_refused_before_any_work():

@@ -179,12 +179,12 @@ def test_bench_rows_carry_their_blocks_and_bad_choices_are_refused():
     result = bench.run_bench("tiny", device="cpu", batch=1, rounds=1, steps_per_round=1, warmup=0,
                              variants=[("masked", True)], blocks=["decoder", "mid_block,up_blocks.1"])
     rows = {r["name"]: r for r in result["rows"]}
-    default = bench.DEFAULT_BLOCKS["tiny"]
-    assert result["ours_blocks"] == default and result["ours_variant"] == bench.variant_name("masked", True, default)
-    assert {"ours masked+FF [decoder]", "ours masked+FF [mid_block,up_blocks.1]", result["ours_variant"]} <= set(rows)
-    assert rows["ours masked+FF [decoder]"]["blocks"] == "decoder"
-    assert rows["ours masked+FF [mid_block,up_blocks.1]"]["trainable_params"] < \
-        rows["ours masked+FF [decoder]"]["trainable_params"]
+    default, ff = bench.DEFAULT_BLOCKS["tiny"], bench.DEFAULT_FF_MULT["tiny"]
+    assert result["ours_blocks"] == default and result["ours_variant"] == bench.variant_name("masked", True, default, ff)
+    decoder, listed = (bench.variant_name("masked", True, b, ff) for b in ("decoder", "mid_block,up_blocks.1"))
+    assert {decoder, listed, result["ours_variant"]} <= set(rows) and listed.endswith("[mid_block,up_blocks.1]")
+    assert rows[decoder]["blocks"] == "decoder"
+    assert rows[listed]["trainable_params"] < rows[decoder]["trainable_params"]
     assert bench.parse_blocks("all, decoder,mid_block+up_blocks.1") == ("all", "decoder", "mid_block,up_blocks.1")
     with pytest.raises(ValueError, match="'encoder' is not a block"):
         bench.parse_blocks("all,encoder")

@@ -194,16 +194,16 @@ def test_notebook_01_refuses_a_field_it_does_not_use():
 def test_papermill_architecture_fields_reach_the_adapter_notebook_01_builds(tmp_path):
     """`-p adapter_attention cross -p adapter_depth learned ...` to 01: the adapter it checks is the one a run with
     those fields trains (`tests/test_checks.py` holds a trained run's adapter to the same builder)."""
-    given = dict(adapter_attention="cross", adapter_depth="learned", adapter_norm="rmsnorm", adapter_feedforward=False,
-                 max_objects=4)
+    given = dict(adapter_attention="cross", adapter_depth="learned", adapter_norm="rmsnorm", adapter_feedforward=True,
+                 adapter_ff_mult=3, max_objects=4)
     done = papermill("01_dtype_zero_init_check.ipynb", tmp_path / "out.ipynb", given)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Passed unknown parameter" not in done.stderr
     printed = _outputs(tmp_path / "out.ipynb")
     line = next(l for l in printed.splitlines() if l.startswith("adapter: "))
     built = json.loads(line[len("adapter: "):])
-    assert (built["attention"], built["depth"], built["norm"], built["feedforward"], built["max_objects"]) == \
-        ("cross", "learned", "rmsnorm", False, 4)
+    assert (built["attention"], built["depth"], built["norm"], built["feedforward"], built["ff_mult"],
+            built["max_objects"]) == ("cross", "learned", "rmsnorm", True, 3, 4)
     adapter = build_adapter(load_base("shapes-tiny"), **architecture_options(make_config("smoke", **given)))
     assert built == {k: v for k, v in adapter.config.items() if k != "blocks"}
     assert "held-out layouts of shapes-v2" in printed and "all checks PASS" in printed
