@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call for issue 25 (speed at real size); results in $OUT/results.tgz:
 #   1. `bench` at SD 1.5 size, batch 16, eager: the frozen-UNet floor, diffusers' GLIGEN (the peer), ours masked+FF
-#      and self+FF at each block choice (all, decoder, low, migc), interleaved in one process;
+#      and self+FF at each block choice (all, decoder, low, migc) and feed-forward width (4x, 2x), in one process;
 #   2. an SD 1.5-architecture folder with random weights (built from configs) and a manifest of >= 1,000 generated
 #      512-px images (scripts/gpu_sd15_folder.py);
 #   3. the encoding cache built ahead, timed (images/s);
@@ -26,7 +26,7 @@ fi
 left() { echo $((TOTAL - SECONDS)); }
 
 echo "== 1. bench, SD 1.5 size, batch 16, eager: floor, peer, ours at each block choice" | tee "$R/speed.txt"
-timeout $(($(left) / 3)) $PY "${BENCH[@]}" --variants masked+ff,self+ff --blocks all,decoder,low,migc 2>&1 | tee "$R/bench.txt"
+timeout $(($(left) / 3)) $PY "${BENCH[@]}" --variants masked+ff,self+ff --blocks all,decoder,low,migc --ff-mult 4,2 2>&1 | tee "$R/bench.txt"
 
 echo "== 2. SD 1.5-architecture folder (random weights) and $IMAGES generated images" | tee -a "$R/speed.txt"
 timeout $(($(left) / 3)) $PY scripts/gpu_sd15_folder.py "${FOLDER_ARGS[@]}" 2>&1 | tee -a "$R/speed.txt"
