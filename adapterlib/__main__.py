@@ -40,7 +40,7 @@ import typing
 from pathlib import Path
 
 from . import evaluate
-from .config import FIELDS, PRESETS, RESUME_FREE, TrainConfig
+from .config import BENCH_SIZES, FIELDS, PRESETS, RESUME_FREE, TrainConfig
 from .data import ManifestError
 from .jsonio import dumps
 from .lock import RunLocked
@@ -437,7 +437,6 @@ def _layouts(args: argparse.Namespace, run_dir: Path | None = None) -> evaluate.
 
 
 def _bench_parser(commands) -> None:
-    from .bench import SIZES
 
     be = commands.add_parser("bench", help="training-step throughput: ours, diffusers' GLIGEN, the frozen UNet",
                              description="Times a full adapter training step (forward, backward, AdamW) for every "
@@ -446,7 +445,7 @@ def _bench_parser(commands) -> None:
                                          "a table and, as the last line, a JSON object.")
     be.set_defaults(command=_bench, command_name="bench")
     be.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
-    be.add_argument("--size", choices=SIZES, default="tiny",
+    be.add_argument("--size", choices=tuple(BENCH_SIZES), default="tiny",
                     help="tiny: the shipped base, 32x32 pixels; sd15: a random-weight SD 1.5-size UNet, 64x64 latents; "
                          "sdxl: a random-weight SDXL-size UNet, 128x128 latents (about 10 GB in fp32 and as much "
                          "again for the peer: a GPU)")

@@ -51,20 +51,20 @@ from torch import nn
 
 from .adapter import ATTENTIONS, AdaptedUNet, Grounding, SpatialAdapter
 from .base import load_base
-from .config import PRESETS, TrainConfig, check_blocks_spec
+from .config import BENCH_SIZES, PRESETS, TrainConfig, check_blocks_spec
 from .gligen import GligenAdapter
 from .precision import autocast, precision_policy, resolve_device
 
-SIZES = ("tiny", "sd15", "sdxl")
+SIZES = tuple(BENCH_SIZES)
 DEFAULT_OBJECTS = {"tiny": 3, "sd15": 30, "sdxl": 30}          # grounding slots per sample
 PRESENT_SHARE = {"tiny": 1.0, "sd15": 0.3, "sdxl": 0.3}        # share of the slots holding a real object (the rest: padding)
 VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, False)) + (("gligen", True),)
 DEFAULT_VARIANT = (TrainConfig.adapter_attention, TrainConfig.adapter_feedforward)
 # "ours" at each size: the default variant with the blocks and feed-forward width of the preset that trains that base
-SIZE_PRESETS = {"tiny": "shapes", "sd15": "sd15", "sdxl": "sdxl"}
-DEFAULT_BLOCKS = {size: PRESETS[p].get("adapter_blocks", TrainConfig.adapter_blocks) for size, p in SIZE_PRESETS.items()}
+DEFAULT_BLOCKS = {size: PRESETS[p].get("adapter_blocks", TrainConfig.adapter_blocks)
+                  for size, p in BENCH_SIZES.items()}
 DEFAULT_FF_MULT = {size: PRESETS[p].get("adapter_ff_mult", TrainConfig.adapter_ff_mult)
-                   for size, p in SIZE_PRESETS.items()}
+                   for size, p in BENCH_SIZES.items()}
 GATE_OPEN = 0.1
 
 

@@ -203,6 +203,10 @@ PRESETS["sdxl"] = {**PRESETS["sd15"], "crop": "center"}
 # feed-forward (width 4). `make_config` gives a gligen run these where the user names none; any other is refused.
 GLIGEN_FIXED = dict(adapter_blocks="all", adapter_ff_mult=4)
 
+# The sizes `python -m adapterlib bench` measures, each with the preset that trains such a base (whose blocks and
+# feed-forward width its "ours" row takes)
+BENCH_SIZES = {"tiny": "shapes", "sd15": "sd15", "sdxl": "sdxl"}
+
 # The preset used when none is named. Unset for users ("shapes"); the test harness sets it to "smoke".
 DEFAULT_PRESET_ENV = "ADAPTERLIB_DEFAULT_PRESET"
 

@@ -110,3 +110,13 @@ def test_importing_adapterlib_changes_nothing_in_the_process():
             "print(d.is_progress_bar_enabled(), t.is_progress_bar_enabled())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "True True"
+
+
+def test_the_command_line_parses_without_loading_diffusers_or_the_bench():
+    """`python -m adapterlib status RUN` or `--help` parses its arguments without importing diffusers (seconds on a
+    small CPU): the commands import what they run when they run it."""
+    code = ("import sys; from adapterlib.__main__ import _parser; _parser(); "
+            "print(sorted(m for m in ('diffusers', 'transformers', 'adapterlib.bench') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout
