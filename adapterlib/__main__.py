@@ -437,7 +437,6 @@ def _layouts(args: argparse.Namespace, run_dir: Path | None = None) -> evaluate.
 
 
 def _bench_parser(commands) -> None:
-
     be = commands.add_parser("bench", help="training-step throughput: ours, diffusers' GLIGEN, the frozen UNet",
                              description="Times a full adapter training step (forward, backward, AdamW) for every "
                                          "adapter variant, diffusers' GLIGEN on the same base and the frozen UNet "

@@ -11,10 +11,10 @@ Every row is one full training step on the same batch, the same frozen weights a
 - `peer`: diffusers' GLIGEN, `UNet2DConditionModel(attention_type="gated")` on the base's config with
   the base's weights loaded, `fuser` (a gated self-attention + feed-forward per transformer block) and
   `position_net` trained, grounded through `cross_attention_kwargs={"gligen": ...}`;
-- `ours <attention>[+FF[xM]] [<blocks>]`: `AdaptedUNet(unet, adapter)` for each adapter variant (`adapter.build_adapter`'s
-  attention and feedforward options) at each block choice (`blocks`: all, decoder, low, migc or a list; the name
-  carries it unless it is all) and feed-forward width (`ff_mults`; the name carries it, `xM`, unless it is 4),
-  only the adapter's parameters trained; `ours gligen` is the peer's own
+- `ours <attention>[+FF[xM]] [<blocks>]`: `AdaptedUNet(unet, adapter)` for each adapter variant
+  (`adapter.build_adapter`'s attention and feedforward options) at each block choice (`blocks`: all, decoder,
+  low, migc or a list; the name carries it unless it is all) and feed-forward width (`ff_mults`; the name
+  carries it, `xM`, unless it is 4), only the adapter's parameters trained; `ours gligen` is the peer's own
   modules (fusers + position net) lent to the frozen base through our forward (adapterlib/gligen.py): its
   cost against `peer` is what our route adds or saves (GLIGEN's 30 slots, as diffusers' pipeline pads);
 - `train_step` (optional): what `adapterlib.train` does per step once a batch is in memory: captions and
@@ -310,7 +310,8 @@ def peer_step(w: Workload, *, compile: bool = False, peer: nn.Module | None = No
     return Step("peer", run, trainable, peer, compile)
 
 
-def make_adapter(w: Workload, attention: str, feedforward: bool, blocks: str = "all", ff_mult: int = 4) -> SpatialAdapter:
+def make_adapter(w: Workload, attention: str, feedforward: bool, blocks: str = "all",
+                 ff_mult: int = 4) -> SpatialAdapter:
     """An fp32 adapter for the workload's UNet (as `build_adapter` makes one), attached, gates opened."""
     kind = GligenAdapter if attention == "gligen" else SpatialAdapter
     # GLIGEN: every block and its own feed-forward, as diffusers has it
@@ -441,8 +442,9 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     """Measure every row (module docstring) in one process; a JSON-ready dict: `rows` (one per row: name,
     samples_per_s, s_per_step, per-round seconds, peak/step memory in MiB or None, trainable_params,
     x_floor and x_peer against the floor and peer of the same mode, eager or compiled, note) and the
-    headline numbers (`ours_samples_per_s` is the default variant, masked+FF, eager, at the size's default blocks,
-    `DEFAULT_BLOCKS`: the `shapes` preset's for tiny, the `sd15` preset's for sd15, the `sdxl` preset's for sdxl).
+    headline numbers (`ours_samples_per_s` is the default variant, masked+FF, eager, at the size's default blocks and
+    feed-forward width, `DEFAULT_BLOCKS` and `DEFAULT_FF_MULT`: the `shapes` preset's for tiny, the `sd15` preset's for
+    sd15, the `sdxl` preset's for sdxl).
     `blocks`: the block choices of our rows (every variant at each; the size's default is always measured).
     `ff_mults`: the feed-forward widths of our rows with FF (each at every block choice; the size's default, the
     preset's `adapter_ff_mult`, is always measured).
@@ -492,7 +494,8 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     for name, step in rows.items():
         t = timed[name]
         sec = statistics.median(t["seconds"]) if t["seconds"] else None
-        table.append(dict(name=name, compiled=step.compiled, blocks=step.blocks, ff_mult=step.ff_mult, samples_per_s=None if sec is None else batch / sec,
+        table.append(dict(name=name, compiled=step.compiled, blocks=step.blocks, ff_mult=step.ff_mult,
+                          samples_per_s=None if sec is None else batch / sec,
                           s_per_step=sec, round_s=t["seconds"], peak_mib=mib(t["peak"]), step_mib=mib(t["above"]),
                           trainable_params=sum(p.numel() for p in step.trainable.values()), note=t["note"]))
     by_name = {r["name"]: r["samples_per_s"] for r in table}

@@ -164,8 +164,8 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
                 "warmup", "lr_schedule", "box_loss_weight", "box_loss_region", "timesteps", "grad_clip", "adapter_attention",
-                "adapter_norm", "adapter_feedforward", "adapter_ff_mult", "adapter_depth", "adapter_blocks", "max_objects",
-                "on_bad_record", "crop", "flip", "init_from")
+                "adapter_norm", "adapter_feedforward", "adapter_ff_mult", "adapter_depth", "adapter_blocks",
+                "max_objects", "on_bad_record", "crop", "flip", "init_from")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.
 # How it is measured (heldout, detector) is free too: training never reads them, so a run trained without
@@ -236,7 +236,7 @@ def make_config(preset: str = "", **overrides) -> TrainConfig:
     if unknown:
         raise unknown_fields_error(unknown)
     values = {**PRESETS[preset], **overrides, "preset": preset}
-    if overrides.get("adapter_attention") == "gligen":   # GLIGEN's own placement and width, not the preset's for our layer
+    if overrides.get("adapter_attention") == "gligen":    # GLIGEN's own placement and width, not the preset's
         values.update({name: value for name, value in GLIGEN_FIXED.items() if name not in overrides})
     return TrainConfig(**values)
 
