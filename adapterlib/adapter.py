@@ -470,10 +470,6 @@ def build_adapter(base, **options) -> SpatialAdapter:
     the master weights. `attention="gligen"`: diffusers' own GLIGEN modules with the same interface
     (adapterlib/gligen.py), in every block."""
     kind = GligenAdapter if options.get("attention") == "gligen" else SpatialAdapter
-    for option, value in (("blocks", "all"), ("ff_mult", 4)) if kind is GligenAdapter else ():
-        if options.pop(option, value) != value:
-            raise ValueError(f"adapter_attention 'gligen' is diffusers' GLIGEN as it is (a layer in every block, its "
-                             f"own feed-forward): leave {option} at {value!r}")
     adapter = kind(base.unet, base.phrase_dim, **options)
     return adapter.to(base.device, torch.float32).attach(base.unet)
 

@@ -313,10 +313,8 @@ def peer_step(w: Workload, *, compile: bool = False, peer: nn.Module | None = No
 def make_adapter(w: Workload, attention: str, feedforward: bool, blocks: str = "all",
                  ff_mult: int = 4) -> SpatialAdapter:
     """An fp32 adapter for the workload's UNet (as `build_adapter` makes one), attached, gates opened."""
-    kind = GligenAdapter if attention == "gligen" else SpatialAdapter
-    # GLIGEN: every block and its own feed-forward, as diffusers has it
-    options = {} if attention == "gligen" else dict(blocks=blocks, ff_mult=ff_mult)
-    adapter = kind(w.unet, w.text_dim, attention=attention, feedforward=feedforward, **options)
+    kind = GligenAdapter if attention == "gligen" else SpatialAdapter      # GLIGEN: every block, width 4, as diffusers
+    adapter = kind(w.unet, w.text_dim, attention=attention, feedforward=feedforward, blocks=blocks, ff_mult=ff_mult)
     adapter = adapter.to(w.device, torch.float32).attach(w.unet)
     for p in adapter.gate_parameters().values():
         p.data.fill_(GATE_OPEN)
@@ -467,7 +465,7 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
         check_blocks_spec(spec)
     default_ff = DEFAULT_FF_MULT[size]
     ff_mults = tuple(dict.fromkeys((default_ff, *(ff_mults or ()))))
-    ours_rows = list(dict.fromkeys((a, ff, b, m if ff and a != "gligen" else 4)
+    ours_rows = list(dict.fromkeys((a, ff, b, m if ff else 4) if a != "gligen" else (a, ff, "all", 4)   # one GLIGEN
                                    for a, ff in variants for b in blocks for m in ff_mults))
     ours = variant_name(*DEFAULT_VARIANT, default_blocks, default_ff)
     modes = (False, True) if compile else (False,)

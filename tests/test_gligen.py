@@ -10,7 +10,7 @@ from diffusers import DDIMScheduler, StableDiffusionGLIGENPipeline, UNet2DCondit
 from safetensors.torch import load_file, save_file
 
 from adapterlib.__main__ import main
-from adapterlib.adapter import AdaptedUNet, build_adapter
+from adapterlib.adapter import AdaptedUNet, build_adapter, transformer_blocks
 from adapterlib.base import load_base
 from adapterlib.checkpoint import load_adapter, save_checkpoint
 from adapterlib.checks import identity_at_init
@@ -261,6 +261,14 @@ def test_gligen_takes_its_own_blocks_and_width_whatever_the_preset_and_refuses_o
         with pytest.raises(ValueError, match=f"adapter_attention = 'gligen' is diffusers' GLIGEN as it is .*every "
                                              f"transformer block.*give {name} = {GLIGEN_FIXED[name]!r}, not {other!r}"):
             make_config("shapes", adapter_attention="gligen", **{name: other})
+
+
+def test_the_gligen_modules_refuse_other_blocks_or_width_before_hooking_the_base(base):
+    """Below the config too (build_adapter, load_adapter): GligenAdapter itself takes every block and width 4."""
+    for option, value in (("blocks", "decoder"), ("ff_mult", 2)):
+        with pytest.raises(ValueError, match=f"GLIGEN as it is: .*'adapter_{option}': {value!r}.* cannot be set"):
+            build_adapter(base, attention="gligen", **{option: value})
+        assert not any(b._forward_hooks for b in transformer_blocks(base.unet).values())
 
 
 def test_notebooks_01_to_05_with_the_gligen_variant_on_a_tiny_sd(tmp_path, tiny_sd_folder):
