@@ -317,32 +317,3 @@ def test_compiled_training_pads_every_batch_to_max_objects_and_trains(runs, monk
     assert pd.read_csv(run / "metrics.csv").step.tolist() == [1, 2, 3]
     assert json.loads((run / "config.json").read_text())["compile"] is True
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weights(run).items() if "gate" in k)
-
-
-# sha256 of final/adapter.safetensors of the runs below, trained by `train()` while it was one ~250-line function
-# (main at 79e34ed; torch 2.13.0+cpu, CPU capability AVX2, one thread): the loop in parts must train bitwise the same
-ONE_FUNCTION_ADAPTERS = {
-    "masked": "6a4e0dcce2fc08a4edfc6e4e092b693b7307236381a68d014ea332645b0415f5",
-    "self-box": "d4494f356d4f2e9f899f2168b389bbec296f5f195a83a2922d713d5b9f0bcb7e",
-}
-
-
-@pytest.mark.skipif((torch.__version__, torch.backends.cpu.get_cpu_capability()) != ("2.13.0+cpu", "AVX2"),
-                    reason="the reference adapters were trained with torch 2.13.0+cpu on an AVX2 CPU")
-def test_the_loop_in_parts_trains_bitwise_what_the_one_function_trained(runs):
-    import hashlib
-    # every block, the 4x feed-forward: the references were trained before the shapes preset took the decoder only
-    # and the 2x feed-forward
-    settings = dict(steps=6, batch_size=2, n_train=16, save_every=4, log_every=1, n_samples=2, warmup=2,
-                    adapter_blocks="all", adapter_ff_mult=4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        runs_made = {"masked": train(make_config("shapes", run_name="masked", **settings), progress=False),
-                     "self-box": train(make_config("shapes", run_name="self-box", adapter_attention="self",
-                                                   box_loss_region="box", **settings), progress=False)}
-    finally:
-        torch.set_num_threads(threads)
-    for name, folder in runs_made.items():
-        digest = hashlib.sha256((folder / "final" / "adapter.safetensors").read_bytes()).hexdigest()
-        assert digest == ONE_FUNCTION_ADAPTERS[name], f"{name}: the final adapter is not the one-function loop's"

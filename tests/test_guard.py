@@ -1,0 +1,52 @@
+"""The bitwise guard of the training loop, on every machine: the shipped base's runs trained by today's code must
+give bitwise the adapters that the pinned commit's code gives, both trained here, in this test, on this CPU.
+
+A reference hash trained once elsewhere only holds on a CPU with the same capability *and* the same math libraries'
+code paths (an AVX2 reference did not match this AVX-512 machine even with torch, oneDNN and MKL held to AVX2), so
+the reference is computed: the pinned commit's `adapterlib/` is taken out of git (`git archive`) into a temporary
+folder and runs the same script first on PYTHONPATH. Re-pin `PINNED` (and say why in the commit) only when a change
+is meant to change what training computes.
+"""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import io
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).parent / "guard" / "train_three.py"
+PINNED = "4388587"   # main before issue 32's restructure: the flat modules, the last intended change to training
+
+
+def _run(pythonpath: Path | None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    done = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _pinned_package(into: Path) -> Path:
+    have = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{PINNED}^{{commit}}"], capture_output=True)
+    if have.returncode != 0:
+        pytest.fail(f"the guard needs the pinned commit {PINNED} in this clone's history (a shallow clone lacks "
+                    f"it: `git fetch --unshallow`)")
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", PINNED, "adapterlib"],
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
+def test_todays_loop_trains_bitwise_what_the_pinned_commit_trains(tmp_path):
+    pinned = _run(_pinned_package(tmp_path / "pinned"))
+    today = _run(None)
+    assert pinned["package"] == str(tmp_path / "pinned" / "adapterlib"), "the pinned code did not run"
+    assert Path(today["package"]) == REPO / "adapterlib"
+    for name in ("masked-all-4x", "self-box-all-4x", "preset"):
+        assert today[name] == pinned[name], f"{name}: today's final adapter differs from commit {PINNED}'s"
