@@ -39,11 +39,11 @@ import sys
 import typing
 from pathlib import Path
 
-from . import evaluate
-from .config import BENCH_SIZES, FIELDS, PRESETS, RESUME_FREE, TrainConfig
-from .data import ManifestError
-from .jsonio import dumps
-from .lock import RunLocked
+from adapterlib.evaluation import evaluate
+from adapterlib.training.config import BENCH_SIZES, FIELDS, PRESETS, RESUME_FREE, TrainConfig
+from adapterlib.data.manifest import ManifestError
+from adapterlib.files import dumps
+from adapterlib.training.lock import RunLocked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +139,7 @@ def _export_parser(commands) -> None:
                                             "card; a gligen run also as diffusers' GLIGEN pipeline folder)",
                              description="Writes OUT/adapter.safetensors, OUT/adapter_config.json, OUT/README.md (a "
                                          "model card) and, for a gligen run on a latent base, OUT/diffusers/ (loads "
-                                         "with StableDiffusionGLIGENPipeline.from_pretrained). adapterlib/export.py")
+                                         "with StableDiffusionGLIGENPipeline.from_pretrained). adapterlib/interop/export.py")
     ex.set_defaults(command=_export, command_name="export")
     ex.add_argument("run", help="a run name or folder")
     ex.add_argument("--checkpoint", default="latest", help="latest | final | a step number")
@@ -151,7 +151,7 @@ def _export_parser(commands) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export
+    from adapterlib.interop.export import export
 
     _print_json(export(args.run, args.out, checkpoint=args.checkpoint, measure=args.measure, device=args.device,
                        overwrite=args.overwrite))
@@ -177,7 +177,7 @@ def _given_fields(args: argparse.Namespace) -> dict:
 
 
 def _import_parser(commands) -> None:
-    from .data import MAX_OBJECTS
+    from adapterlib.options import MAX_OBJECTS
 
     im = commands.add_parser("import", help="import COCO or ODVG into a manifest (OUT/data.jsonl)",
                              description="Write OUT/data.jsonl in the manifest format from a COCO or ODVG data set "
@@ -223,7 +223,7 @@ def _import_parser(commands) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from . import importers
+    from adapterlib.data.manifest import importers
 
     shared = dict(max_objects=args.max_objects, drop_empty=args.drop_empty, skip_bad=args.skip_bad,
                   check_sizes=args.check_sizes, overwrite=args.overwrite)
@@ -247,8 +247,8 @@ def _parse_bool(text: str) -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import make_config
-    from .train import resume_config, train
+    from adapterlib.training.config import make_config
+    from adapterlib.training.train import resume_config, train
 
     fields = _given_fields(args)
     if args.resume is not None:
@@ -267,18 +267,18 @@ def _train(args: argparse.Namespace) -> int:
 def _cache(args: argparse.Namespace) -> int:
     import json
 
-    from . import datasets
-    from .base import load_base
-    from .config import make_config
-    from .encodings import build_cache
-    from .precision import precision_policy, resolve_device
-    from .runs import runs_root
+    from adapterlib.training import worlds
+    from adapterlib.model.base import load_base
+    from adapterlib.training.config import make_config
+    from adapterlib.training.cache import build_cache
+    from adapterlib.model.precision import precision_policy, resolve_device
+    from adapterlib.runs import runs_root
 
     cfg = make_config(args.preset or "", **_given_fields(args))
     device = resolve_device(cfg.device)
     compute_dtype = precision_policy(device, cfg.mixed_precision)[0]
     base = load_base(cfg.base_model, device=device, dtype=compute_dtype)
-    manifest = datasets.training_manifest(cfg.data, cfg.n_train, runs_root())
+    manifest = worlds.training_manifest(cfg.data, cfg.n_train, runs_root())
     folder = build_cache(base, manifest, runs_root(), crop=cfg.crop, dtype=str(compute_dtype).removeprefix("torch."),
                          max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record, verify=args.verify)
     meta = json.loads((folder / "meta.json").read_text())
@@ -291,8 +291,8 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .monitor import format_status, run_status
-    from .runs import resolve_run
+    from adapterlib.notebook.monitor import format_status, run_status
+    from adapterlib.runs import resolve_run
 
     status = run_status(resolve_run(args.run), stalled_after_s=args.stalled_after)
     print(format_status(status))
@@ -302,8 +302,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .buckets import bucket_report, bucket_rows, format_buckets
-    from .datasets import load_detector
+    from adapterlib.data.buckets import bucket_report, bucket_rows, format_buckets
+    from adapterlib.training.worlds import load_detector
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit {args.limit}: give a positive number of layouts")
@@ -337,10 +337,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_run(args: argparse.Namespace) -> int:
-    from .buckets import bucket_report, bucket_rows, format_buckets
-    from .checkpoint import load_checkpoint
-    from .datasets import load_detector
-    from .runs import resolve_run
+    from adapterlib.data.buckets import bucket_report, bucket_rows, format_buckets
+    from adapterlib.training.checkpoint import load_checkpoint
+    from adapterlib.training.worlds import load_detector
+    from adapterlib.runs import resolve_run
 
     run_dir = resolve_run(args.run)
     if args.checkpoint == "all":
@@ -374,10 +374,10 @@ def _evaluate_run(args: argparse.Namespace) -> int:
 
 def _evaluate_gligen(args: argparse.Namespace) -> int:
     """A diffusers GLIGEN folder's fusers and position net on --base, measured like a run's adapter."""
-    from .adapter import build_adapter
-    from .buckets import bucket_report, bucket_rows, format_buckets
-    from .datasets import load_detector
-    from .gligen import load_gligen_weights, read_gligen_folder
+    from adapterlib.model.adapter import build_adapter
+    from adapterlib.data.buckets import bucket_report, bucket_rows, format_buckets
+    from adapterlib.training.worlds import load_detector
+    from adapterlib.model.gligen import load_gligen_weights, read_gligen_folder
 
     if args.run is not None:
         raise ValueError("give a run or --gligen DIR, not both")
@@ -414,7 +414,7 @@ def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
     """The checkpoint test of every checkpoint (probe.grounding_vs_step; cached tests are reused):
     the run's first N layouts (--limit, default 10; `evaluate.run_layouts`, or --layouts), the same for every
     checkpoint, measured by the run's detector (or --detector)."""
-    from .probe import grounding_vs_step
+    from adapterlib.evaluation.checkpoint_test import grounding_vs_step
 
     n = args.limit or 10
     print(f"checkpoint tests of {run_dir.name}: {n} layouts per checkpoint", file=sys.stderr, flush=True)
@@ -440,7 +440,7 @@ def _bench_parser(commands) -> None:
     be = commands.add_parser("bench", help="training-step throughput: ours, diffusers' GLIGEN, the frozen UNet",
                              description="Times a full adapter training step (forward, backward, AdamW) for every "
                                          "adapter variant, diffusers' GLIGEN on the same base and the frozen UNet "
-                                         "alone, in one process, interleaved rounds (adapterlib/bench.py). Prints "
+                                         "alone, in one process, interleaved rounds (adapterlib/evaluation/bench.py). Prints "
                                          "a table and, as the last line, a JSON object.")
     be.set_defaults(command=_bench, command_name="bench")
     be.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
@@ -474,7 +474,7 @@ def _bench_parser(commands) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import VARIANTS, format_table, parse_blocks, parse_ff_mults, parse_variants, run_bench
+    from adapterlib.evaluation.bench import VARIANTS, format_table, parse_blocks, parse_ff_mults, parse_variants, run_bench
 
     result = run_bench(args.size, device=args.device, batch=args.batch, objects=args.objects, rounds=args.rounds,
                        steps_per_round=args.steps, warmup=args.warmup, compile=args.compile,

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .paths import project_root, repo_path
+from adapterlib.files import atomic_write
+from adapterlib.paths import project_root, repo_path
 
 RUNS_ENV = "ADAPTERLIB_RUNS"
 
@@ -166,12 +167,12 @@ class RunLog:
 
     def _write_rows(self, rows):
         """Rewrite metrics.csv through a temporary file: a kill here never loses the logged history."""
-        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.csv_path)
+        def write(tmp):
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, self.columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_write(self.csv_path, write)
 
     def text(self, line: str) -> None:
         with self.log_path.open("a") as f:

@@ -17,7 +17,7 @@
 
 What it assumes of the notebooks (keep these true, or change this script with them):
 - 05 runs top to bottom with its default parameters on a short smoke run (`run_name` "" picks the only run)
-  and leaves exactly one `adapterlib.slider.GateSlider` in its namespace, displayed (an ipywidgets image,
+  and leaves exactly one `adapterlib.notebook.slider.GateSlider` in its namespace, displayed (an ipywidgets image,
   scale and tau sliders, a layout dropdown, a seed box); it shows at least 3 layouts, the run's own;
 - 02 has a code cell tagged `parameters` in which a line `name = value` sets a TrainConfig field (fields not
   listed there may be added as such lines), a cell whose source contains `LivePlot(` (the live plot, an image
@@ -227,7 +227,7 @@ SLIDER_IN_KERNEL = """(lambda g: (lambda found: {'count': len(found)} if len(fou
     'checkpoints': sorted({(str(v.run_dir), int(v.step)) for v in list(g.values())
                            if getattr(v, 'adapter', None) is s.adapter and hasattr(v, 'run_dir')})})(found[0]))(
     list({id(v): v for v in list(g.values()) if type(v).__name__ == 'GateSlider'
-          and type(v).__module__ == 'adapterlib.slider'}.values())))(globals())"""
+          and type(v).__module__ == 'adapterlib.notebook.slider'}.values())))(globals())"""
 
 
 def shown_slider(driver):
@@ -310,10 +310,10 @@ def watch_change(driver, before_src: str, timeout: float) -> tuple[dict, bool]:
 def slider_reference(driver, runs_root: Path):
     """render(state) -> PNG bytes: what the slider should show for the browser's values, computed in this
     process from what the notebook's slider holds (its layouts, settings and checkpoint)."""
-    from adapterlib.checkpoint import load_checkpoint
-    from adapterlib.data import png_bytes
-    from adapterlib.evaluate import run_layouts
-    from adapterlib.slider import GateSlider
+    from adapterlib.training.checkpoint import load_checkpoint
+    from adapterlib.data.manifest import png_bytes
+    from adapterlib.evaluation.evaluate import run_layouts
+    from adapterlib.notebook.slider import GateSlider
 
     layouts, settings, run_dir, step = shown_slider(driver)
     check(run_dir == runs_root / RUN, f"notebook 05 loaded the run {RUN!r} (it loaded {run_dir}), step {step}")
@@ -443,7 +443,7 @@ def check_live_plot(driver, url_of: str, runs_root: Path) -> None:
     say(f"progress bar states seen: {len(bars)}, first {bars[:1]}, last {bars[-1:]}")
     check(len(bars) >= 3, f"the progress bar updated while it trained ({len(bars)} states seen)")
     check(len(plots) >= 2, f"the live plot updated while it trained ({len(plots)} images seen)")
-    from adapterlib.monitor import LivePlot
+    from adapterlib.notebook.monitor import LivePlot
     final = LivePlot().png(runs_root / LIVE_RUN)
     shown = base64.b64decode(plots[-1].split(",", 1)[1])
     ok, detail = same_image(shown, final)

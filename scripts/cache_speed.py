@@ -28,9 +28,9 @@ def main() -> None:
     os.environ["ADAPTERLIB_RUNS"] = str(tmp / "runs")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import build_tiny_sd_folder               # the tests' tiny SD-architecture folder
-    from adapterlib.config import make_config
+    from adapterlib.training.config import make_config
     from adapterlib.shapes import write_dataset
-    from adapterlib.train import train
+    from adapterlib.training.train import train
 
     manifest = write_dataset(tmp / "shapes", 512, seed=0)
     cases = {"shapes-tiny (pixel space, 32 px)": "shapes-tiny",

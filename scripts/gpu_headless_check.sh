@@ -14,10 +14,11 @@ echo "== 1. checks on $DEV" | tee "$R/checks.txt"
 for mp in bf16 fp16; do
   timeout 120 $PY - "$DEV" "$mp" <<'PYEOF' 2>&1 | tee -a "$R/checks.txt"
 import sys
-from adapterlib import checks, shapes
-from adapterlib.adapter import build_adapter
-from adapterlib.base import load_base
-from adapterlib.precision import precision_policy
+from adapterlib.evaluation import checks
+from adapterlib import shapes
+from adapterlib.model.adapter import build_adapter
+from adapterlib.model.base import load_base
+from adapterlib.model.precision import precision_policy
 device, mp = sys.argv[1], sys.argv[2]
 policy = precision_policy(device, mp)
 base = load_base("shapes-tiny", device, dtype=policy.compute_dtype)

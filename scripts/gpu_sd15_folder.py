@@ -35,7 +35,7 @@ def build_sd15_folder(folder: Path, device: str) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from adapterlib.bench import sd15_unet_config
+    from adapterlib.evaluation.bench import sd15_unet_config
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -65,7 +65,7 @@ def build_sd15_folder(folder: Path, device: str) -> Path:
 
 def write_images(folder: Path, n: int, side: int) -> Path:
     """n Shapes v2 layouts (crowded: 2-6 objects), scaled to side x side px, and their manifest."""
-    from adapterlib.data import Record, write_manifest
+    from adapterlib.data.manifest import Record, write_manifest
     from adapterlib.shapes.world import render_batch
 
     (folder / "images").mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@
 OUT=${OUT:-/tmp/gpu-speed-out}
 source "$(dirname "$0")/gpu_common.sh"
 TOTAL=${TOTAL:-540}; IMAGES=${IMAGES:-1000}; LOOP16=${LOOP16:-200}; LOOP2=${LOOP2:-300}; LOOP_SKIP=${LOOP_SKIP:-50}
-BLOCKS=${BLOCKS:-$($PY -c "from adapterlib.config import make_config; print(make_config('sd15').adapter_blocks)")}
+BLOCKS=${BLOCKS:-$($PY -c "from adapterlib.training.config import make_config; print(make_config('sd15').adapter_blocks)")}
 BENCH=(-m adapterlib bench --device "$DEV" --size sd15 --batch 16 --rounds 3 --steps 5)
 FOLDER_ARGS=(--out "$R/real" --images "$IMAGES")
 if [ -n "${SMALL:-}" ]; then
@@ -44,9 +44,9 @@ loop() {  # name batch steps: the real loop, then its steady samples/s, peak mem
   timeout "$s" $PY - "$1" "$2" "$3" "$SD" "$DATA" "$DEV" "$BLOCKS" "$LOOP_SKIP" <<'PYEOF' 2>&1 | tee "$R/loop_$1.txt" | tail -n 3
 import json, sys, time
 import pandas as pd, torch
-from adapterlib.config import make_config
-from adapterlib.train import train
-from adapterlib.bench import projected_minutes
+from adapterlib.training.config import make_config
+from adapterlib.training.train import train
+from adapterlib.evaluation.bench import projected_minutes
 name, batch, steps, base, data, device, blocks, skip = sys.argv[1:]
 batch, steps, skip = int(batch), int(steps), int(skip)
 cfg = make_config("sd15", run_name=name, base_model=base, data=data, device=device, batch_size=batch, steps=steps,

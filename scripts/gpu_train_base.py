@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
-from adapterlib import sample, shapes
-from adapterlib.base import load_base
+from adapterlib.model import sample
+
+from adapterlib import shapes
+from adapterlib.model.base import load_base
 from adapterlib.shapes.detector import evaluate_grounding
 from adapterlib.shapes.tiny_base import PretrainConfig, train_base
 

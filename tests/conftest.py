@@ -175,7 +175,7 @@ def tiny_owl_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def base():
-    from adapterlib.base import load_base
+    from adapterlib.model.base import load_base
     return load_base("shapes-tiny")
 
 
@@ -188,7 +188,7 @@ def records():
 @pytest.fixture
 def fresh_adapter(base):
     """A just-built adapter (all gates exactly zero), detached after the test."""
-    from adapterlib.adapter import build_adapter
+    from adapterlib.model.adapter import build_adapter
     adapter = build_adapter(base)
     yield adapter
     adapter.detach()
@@ -199,7 +199,7 @@ def open_adapter(base):
     """An untrained adapter with every gate at 1.0, so that it visibly changes the images."""
     import torch
 
-    from adapterlib.adapter import build_adapter
+    from adapterlib.model.adapter import build_adapter
     torch.manual_seed(0)
     adapter = build_adapter(base)
     with torch.no_grad():

@@ -9,13 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterlib import checks, shapes
-from adapterlib.adapter import ATTENTIONS, AdaptedUNet, GatedLayer, build_adapter, fourier_embed, region_mask
-from adapterlib.base import load_base
-from adapterlib.config import TrainConfig
-from adapterlib.data import GroundedObject, Record
-from adapterlib.precision import precision_policy
-from adapterlib.sample import ground
+from adapterlib.evaluation import checks
+
+from adapterlib import shapes
+from adapterlib.options import ATTENTIONS
+from adapterlib.model.adapter import AdaptedUNet, GatedLayer, build_adapter, fourier_embed, region_mask
+from adapterlib.model.base import load_base
+from adapterlib.training.config import TrainConfig
+from adapterlib.data.manifest import GroundedObject, Record
+from adapterlib.model.precision import precision_policy
+from adapterlib.model.sample import ground
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,7 +213,7 @@ def test_a_record_without_objects_is_accepted(base, adapter):
 
 
 def test_smaller_front_keeps_only_the_smallest_box_covering_a_token():
-    from adapterlib.adapter import front_only, region_mask
+    from adapterlib.model.adapter import front_only, region_mask
     boxes = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.25, 0.25]]])  # big, quarter, tiny
     present = torch.tensor([[True, True, False]])                   # the tiny box is padding
     region = region_mask(boxes, 4, 4)                               # (1, 16, 3)
@@ -224,9 +227,9 @@ def test_smaller_front_keeps_only_the_smallest_box_covering_a_token():
 
 @pytest.mark.parametrize("depth", ["smaller-front", "learned"])
 def test_depth_adapter_is_the_identity_at_init_and_round_trips_a_checkpoint(base, records, tmp_path, depth):
-    from adapterlib.adapter import AdaptedUNet, build_adapter
-    from adapterlib.checkpoint import load_adapter, save_checkpoint
-    from adapterlib.sample import ground
+    from adapterlib.model.adapter import AdaptedUNet, build_adapter
+    from adapterlib.training.checkpoint import load_adapter, save_checkpoint
+    from adapterlib.model.sample import ground
     adapter = build_adapter(base, depth=depth)
     try:
         g = ground(base, records)
@@ -247,7 +250,7 @@ def test_depth_adapter_is_the_identity_at_init_and_round_trips_a_checkpoint(base
 
 
 def test_learned_depth_starts_as_no_preference_and_its_bias_prefers_the_smaller_box():
-    from adapterlib.adapter import GatedLayer, region_mask
+    from adapterlib.model.adapter import GatedLayer, region_mask
     torch.manual_seed(0)
     plain = GatedLayer(16, 8, 2, "masked", "layernorm", False)
     learned = GatedLayer(16, 8, 2, "masked", "layernorm", False, depth="learned")
@@ -271,7 +274,7 @@ def test_learned_depth_starts_as_no_preference_and_its_bias_prefers_the_smaller_
 
 
 def test_learned_depth_learns_with_the_gates_and_needs_cross_attention(base):
-    from adapterlib.adapter import build_adapter
+    from adapterlib.model.adapter import build_adapter
     adapter = build_adapter(base, depth="learned")
     try:
         fast = adapter.fast_parameters()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adapterlib.data import ManifestError, ManifestImages, read_manifest, read_manifest_report
+from adapterlib.data.manifest import ManifestError, ManifestImages, read_manifest, read_manifest_report
 
 
 def _record(i, **overrides):

@@ -5,8 +5,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from adapterlib import sample, shapes
-from adapterlib.base import SHIPPED_BASE, load_base
+from adapterlib.model import sample
+
+from adapterlib import shapes
+from adapterlib.model.base import SHIPPED_BASE, load_base
 from adapterlib.shapes.tiny_base import build_tiny_base
 from conftest import SD_RESOLUTION
 
@@ -67,7 +69,7 @@ def test_shipped_base_loads():
 
 
 def test_base_training_renders_its_world_and_fine_tunes_a_base(tmp_path):
-    from adapterlib.buckets import bucket_of
+    from adapterlib.data.buckets import bucket_of
     from adapterlib.shapes.tiny_base import PretrainConfig, render_world, train_base
     images, records = render_world("mix", 40)
     assert images.shape == (40, 32, 32, 3) and len(records) == 40

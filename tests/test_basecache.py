@@ -1,4 +1,4 @@
-"""The base alone's samples of an evaluation are kept on disk (adapterlib/basecache.py): a second
+"""The base alone's samples of an evaluation are kept on disk (adapterlib/evaluation/basecache.py): a second
 `evaluate RUN` reads them instead of sampling (same numbers), a changed setting, layout or base samples
 again, a damaged image is sampled again, and the cached images are exactly the sampled ones."""
 from __future__ import annotations
@@ -9,12 +9,12 @@ import shutil
 import numpy as np
 import pytest
 
-import adapterlib.sample
+import adapterlib.model.sample
 from adapterlib.__main__ import main
-from adapterlib.basecache import base_identity, base_images, cache_root
-from adapterlib.config import make_config
-from adapterlib.evaluate import heldout_layouts
-from adapterlib.train import train
+from adapterlib.evaluation.basecache import base_identity, base_images, cache_root
+from adapterlib.training.config import make_config
+from adapterlib.evaluation.evaluate import heldout_layouts
+from adapterlib.training.train import train
 
 TINY = dict(steps=2, batch_size=2, n_train=16, save_every=2, log_every=1, n_samples=0, warmup=1)
 
@@ -29,13 +29,13 @@ def runs(tmp_path, monkeypatch):
 def base_calls(monkeypatch):
     """Counts the calls of `sample.generate` that sample the base alone (no adapter)."""
     calls = []
-    real = adapterlib.sample.generate
+    real = adapterlib.model.sample.generate
 
     def counting(base, records, seeds, *, adapter=None, **kwargs):
         if adapter is None:
             calls.append(len(records))
         return real(base, records, seeds, adapter=adapter, **kwargs)
-    monkeypatch.setattr(adapterlib.sample, "generate", counting)
+    monkeypatch.setattr(adapterlib.model.sample, "generate", counting)
     return calls
 
 
@@ -80,7 +80,7 @@ def test_cached_images_are_exactly_the_sampled_ones_and_a_damaged_one_is_sampled
 
 
 def test_the_base_is_identified_by_its_files(runs, tmp_path):
-    from adapterlib.base import SHIPPED_BASE
+    from adapterlib.model.base import SHIPPED_BASE
     copy = shutil.copytree(SHIPPED_BASE, tmp_path / "copy")
     assert base_identity(copy, runs) == base_identity(SHIPPED_BASE, runs)     # the same bytes: the same base
     config = copy / "scheduler" / "scheduler_config.json"

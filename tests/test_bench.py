@@ -9,9 +9,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock, GatedSelfAttentionDense
 
-from adapterlib import bench
+from adapterlib.evaluation import bench
 from adapterlib.__main__ import main
-from adapterlib.adapter import AdaptedUNet
+from adapterlib.model.adapter import AdaptedUNet
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,14 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from adapterlib import bench
-from adapterlib.adapter import AdaptedUNet, build_adapter, select_blocks, transformer_blocks
-from adapterlib.base import load_base
-from adapterlib.checkpoint import load_adapter, load_checkpoint, save_adapter
-from adapterlib.config import ARCHITECTURE_FIELDS, RESUME_FIXED, make_config
-from adapterlib.sample import ground
-from adapterlib.train import resume_config, train
+from adapterlib.evaluation import bench
+from adapterlib.model.adapter import AdaptedUNet, build_adapter, select_blocks
+from adapterlib.model.hooks import transformer_blocks
+from adapterlib.model.base import load_base
+from adapterlib.training.checkpoint import load_adapter, load_checkpoint, save_adapter
+from adapterlib.training.config import ARCHITECTURE_FIELDS, RESUME_FIXED, make_config
+from adapterlib.model.sample import ground
+from adapterlib.training.train import resume_config, train
 
 TINY = dict(steps=2, batch_size=2, n_train=16, save_every=2, log_every=1, n_samples=0, warmup=1)
 

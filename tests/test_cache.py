@@ -1,4 +1,4 @@
-"""The encoding cache (adapterlib/encodings.py): what it stores equals what the encoders give, it is reused,
+"""The encoding cache (adapterlib/training/cache.py): what it stores equals what the encoders give, it is reused,
 any change to what it depends on gives a new one, a damaged shard is found and rebuilt alone, and training
 from it is training from the images."""
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from adapterlib import encodings
-from adapterlib.base import load_base
-from adapterlib.data import GroundedObject, ManifestImages, Record, write_manifest
-from adapterlib.encodings import CachedSource, CacheError, ImageSource, build_cache, step_batches
+from adapterlib.training import cache
+from adapterlib.model.base import load_base
+from adapterlib.data.manifest import GroundedObject, ManifestImages, Record, write_manifest
+from adapterlib.training.cache import CachedSource, CacheError, ImageSource, build_cache, step_batches
 
 
 def _shapes_manifest(folder: Path, n: int = 12) -> Path:
@@ -88,8 +88,8 @@ def test_vae_moments_are_cached_and_every_epoch_draws_a_new_latent(tmp_path, sd_
     assert [r.objects for r in batch.records] == [r.objects for r in records]    # boxes after the crop
     g = torch.Generator().manual_seed(0)
     dev = torch.device("cpu")
-    first = encodings.sample_latents(sd_base, batch, g, dev, torch.float32, None)
-    second = encodings.sample_latents(sd_base, batch, g, dev, torch.float32, None)
+    first = cache.sample_latents(sd_base, batch, g, dev, torch.float32, None)
+    second = cache.sample_latents(sd_base, batch, g, dev, torch.float32, None)
     assert not torch.equal(first, second)                              # a new sample each time
     expected = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(first, expected * sd_base.vae.config.scaling_factor, atol=1e-5, rtol=1e-5)
@@ -166,7 +166,7 @@ def test_flip_on_the_cache_is_the_flip_on_the_images(tmp_path, shapes_base):
     plain = ImageSource(ManifestImages(manifest, shapes_base.resolution, progress=False, flip=True, seed=3))
     flipped = 0
     for step in range(4):
-        idx, pos = encodings.batch_indices(3, len(plain), step * 5, 5), list(range(step * 5, step * 5 + 5))
+        idx, pos = cache.batch_indices(3, len(plain), step * 5, 5), list(range(step * 5, step * 5 + 5))
         a, b = cached.batch(idx, pos), plain.batch(idx, pos)
         assert torch.equal(a.pixels, b.pixels)
         assert [r.objects for r in a.records] == [r.objects for r in b.records]
@@ -177,7 +177,7 @@ def test_random_crops_are_not_cached(tmp_path, shapes_base):
     manifest = _shapes_manifest(tmp_path / "d")
     with pytest.raises(CacheError, match="random"):
         _build(shapes_base, manifest, tmp_path / "runs", crop="random")
-    source, note = encodings.training_source(
+    source, note = cache.training_source(
         shapes_base, manifest, tmp_path / "runs", cache=True, crop="random", flip=False, seed=0, max_objects=30,
         on_bad_record="error", compute_dtype=torch.float32, progress=False)
     assert isinstance(source, ImageSource) and "random" in note
@@ -203,8 +203,8 @@ def test_training_from_the_cache_is_training_from_the_images(tmp_path, monkeypat
     float rounding (measured: 0 on the pixel base, 5e-7 on the tiny SD). The pixel base flips too (exact
     on pixels); on a VAE the cache flips latents, which is not the latent of the flipped image, so the SD
     run compares without flip."""
-    from adapterlib.config import make_config
-    from adapterlib.train import train
+    from adapterlib.training.config import make_config
+    from adapterlib.training.train import train
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
     manifest = _shapes_manifest(tmp_path / "d") if base_name == "shapes" else _photo_manifest(tmp_path / "d")
     base_model = "shapes-tiny" if base_name == "shapes" else str(tiny_sd_folder)
@@ -229,7 +229,7 @@ def test_cache_command_builds_what_training_uses(tmp_path, monkeypatch, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["records"] == 12 and Path(result["folder"]).parent == tmp_path / "runs" / "_cache"
     base = load_base("shapes-tiny")
-    source, note = encodings.training_source(
+    source, note = cache.training_source(
         base, manifest, tmp_path / "runs", cache=True, crop="none", flip=False, seed=0, max_objects=30,
         on_bad_record="error", compute_dtype=torch.float32, progress=False)
     assert str(source.folder) == result["folder"]

@@ -4,10 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterlib import checks, shapes
-from adapterlib.adapter import build_adapter
-from adapterlib.base import load_base
-from adapterlib.precision import precision_policy
+from adapterlib.evaluation import checks
+
+from adapterlib import shapes
+from adapterlib.model.adapter import build_adapter
+from adapterlib.model.base import load_base
+from adapterlib.model.precision import precision_policy
 from adapterlib.shapes.tiny_base import tiny_unet_config
 
 
@@ -85,19 +87,19 @@ def test_adapter_size_table_counts_what_build_adapter_builds(base):
 # what notebook 01 builds and checks with: the adapter a run trains, captions that fit the base
 
 def test_architecture_options_cover_every_architecture_field():
-    from adapterlib.adapter import CONFIG_OPTIONS
-    from adapterlib.config import ARCHITECTURE_FIELDS
-    assert set(CONFIG_OPTIONS) == set(ARCHITECTURE_FIELDS) - {"base_model"}
+    from adapterlib.options import ARCHITECTURE
+    from adapterlib.training.config import ARCHITECTURE_FIELDS, RESUME_FIXED
+    assert ARCHITECTURE_FIELDS == tuple(ARCHITECTURE) and set(ARCHITECTURE) <= set(RESUME_FIXED)
     assert set(checks.CHECK_FIELDS) >= set(ARCHITECTURE_FIELDS)
 
 
 def test_the_adapter_built_from_a_config_is_the_one_its_run_trains(tmp_path, monkeypatch, base):
     """A run with every architecture field off its default saves an adapter whose config (what a checkpoint loads
     by) is the one `build_adapter(base, **architecture_options(cfg))` builds: notebook 01 checks that adapter."""
-    from adapterlib.adapter import architecture_options
-    from adapterlib.checkpoint import adapter_config
-    from adapterlib.config import make_config
-    from adapterlib.train import train
+    from adapterlib.model.adapter import architecture_options
+    from adapterlib.training.checkpoint import adapter_config
+    from adapterlib.training.config import make_config
+    from adapterlib.training.train import train
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
     cfg = make_config("smoke", run_name="arch", steps=1, save_every=1, n_samples=0, n_train=16, batch_size=2,
                       adapter_attention="cross", adapter_norm="rmsnorm", adapter_feedforward=False,
@@ -113,7 +115,7 @@ def test_the_adapter_built_from_a_config_is_the_one_its_run_trains(tmp_path, mon
 
 
 def test_check_records_fit_the_data_and_the_base(tmp_path, base, tiny_sd_folder):
-    from adapterlib.data import GroundedObject, Record, write_manifest
+    from adapterlib.data.manifest import GroundedObject, Record, write_manifest
     # a Shapes world on a Shapes base: that world's held-out layouts, no more objects than the adapter takes
     records, source = checks.check_records("shapes-v2", base, n=4, max_objects=2)
     assert records and all(len(r.objects) <= 2 for r in records) and "held-out layouts of shapes-v2" in source

@@ -2,8 +2,10 @@
 
 import numpy as np
 
-from adapterlib import evaluate, shapes
-from adapterlib.data import box_iou
+from adapterlib.evaluation import evaluate
+
+from adapterlib import shapes
+from adapterlib.data.manifest import box_iou
 from adapterlib.shapes.detector import evaluate_grounding
 from adapterlib.shapes.world import color_of
 

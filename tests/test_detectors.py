@@ -12,10 +12,10 @@ from PIL import Image, ImageDraw
 
 from adapterlib import shapes
 from adapterlib.__main__ import main
-from adapterlib.data import GroundedObject, Record, write_manifest
-from adapterlib.datasets import load_detector, measure
-from adapterlib.detectors import Detector, ZeroShotDetector, average_precision, score_grounding
-from adapterlib.evaluate import SUMMARY_KEYS, evaluate, manifest_layouts
+from adapterlib.data.manifest import GroundedObject, Record, write_manifest
+from adapterlib.training.worlds import load_detector, measure
+from adapterlib.model.detectors import Detector, ZeroShotDetector, average_precision, score_grounding
+from adapterlib.evaluation.evaluate import SUMMARY_KEYS, evaluate, manifest_layouts
 from adapterlib.shapes.detector import ColorDetector, evaluate_grounding
 from conftest import build_tiny_owl_folder
 

@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapterlib import distributed
-from adapterlib.checkpoint import verify_checkpoint
-from adapterlib.config import make_config
+from adapterlib.training import distributed
+from adapterlib.training.checkpoint import verify_checkpoint
+from adapterlib.training.config import make_config
 from adapterlib.paths import REPO_ROOT
 from adapterlib.runs import list_checkpoints, read_metrics
-from adapterlib.train import resume_config, train
+from adapterlib.training.train import resume_config, train
 
 TOLERANCE = 1e-5
 SETTINGS = dict(batch_size=4, n_train=32, save_every=2, log_every=1, n_samples=0, device="cpu")
@@ -105,7 +105,7 @@ def test_two_processes_match_one_and_resume(runs):
 def test_a_two_process_job_is_one_writer_and_stops_whole_when_the_run_is_held(runs):
     """Rank 0 takes the run's lock for the job (rank 1 never competes for it); when another process holds it,
     both ranks stop at once with the message, before any write."""
-    from adapterlib.lock import RunLock, holder
+    from adapterlib.training.lock import RunLock, holder
     run = train(make_config("smoke", run_name="shared", steps=2, **SETTINGS), progress=False)
     with RunLock(run):
         refused = _accelerate(runs, ["--resume", "shared", "--steps", "4"])
@@ -147,7 +147,7 @@ def test_sigterm_to_one_process_stops_both_after_a_step_and_rank_0_saves(runs, t
 
 
 def test_notebook_launcher_trains_on_two_processes(runs):
-    code = ("from adapterlib.config import make_config\nfrom adapterlib.train import launch\n"
+    code = ("from adapterlib.training.config import make_config\nfrom adapterlib.training.train import launch\n"
             f"cfg = make_config('smoke', run_name='nb', steps=2, **{SETTINGS!r})\n"
             f"print('run folder:', launch(cfg, num_processes=2, use_port='{_free_port()}'))\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_env(runs), capture_output=True, text=True,
@@ -165,7 +165,7 @@ def test_batch_not_divisible_by_processes_is_an_error_before_any_work(runs, monk
         train(make_config("smoke", run_name="odd", batch_size=5), progress=False)
     assert not (runs / "odd").exists()
     with pytest.raises(ValueError, match="divisible"):
-        from adapterlib.train import launch
+        from adapterlib.training.train import launch
         launch(make_config("smoke", run_name="odd", batch_size=5), num_processes=2)
 
 
@@ -178,8 +178,8 @@ def test_one_process_shard_is_the_identity():
 
 
 def test_phrase_dropout_of_batch_parts_is_the_whole_batch_draw():
-    from adapterlib.adapter import BatchPart, Grounding
-    from adapterlib.data import GroundedObject, Record
+    from adapterlib.model.adapter import BatchPart, Grounding
+    from adapterlib.data.manifest import GroundedObject, Record
 
     records = [Record("c", [GroundedObject(f"p{i}{j}", [0.1, 0.1, 0.5, 0.5]) for j in range(n)]) for i, n in
                enumerate([1, 3, 0, 2])]

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from adapterlib.config import FIELDS, RESUME_FIXED, RESUME_FREE, make_config
+from adapterlib.training.config import FIELDS, RESUME_FIXED, RESUME_FREE, make_config
 from adapterlib.paths import REPO_ROOT
 
 REFERENCE = REPO_ROOT / "docs" / "reference.md"

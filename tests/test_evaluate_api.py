@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from adapterlib import shapes
-from adapterlib.adapter import build_adapter
-from adapterlib.base import load_base
-from adapterlib.data import Record, write_manifest
-from adapterlib.checkpoint import parse_checkpoint_spec
-from adapterlib.evaluate import compare, evaluate, heldout_layouts, images_for, manifest_layouts
+from adapterlib.model.adapter import build_adapter
+from adapterlib.model.base import load_base
+from adapterlib.data.manifest import Record, write_manifest
+from adapterlib.training.checkpoint import parse_checkpoint_spec
+from adapterlib.evaluation.evaluate import compare, evaluate, heldout_layouts, images_for, manifest_layouts
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3   # enough to sample; the claims here hold at any step count
@@ -33,7 +33,7 @@ def test_ground_truth_on_heldout_layouts_succeeds_everywhere():
 
 
 def test_ground_truth_evaluation_does_not_import_torch():
-    code = ("import sys; from adapterlib.evaluate import evaluate, heldout_layouts; "
+    code = ("import sys; from adapterlib.evaluation.evaluate import evaluate, heldout_layouts; "
             "print(evaluate(heldout_layouts(5), reference='ground-truth')[1]['success_rate']); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

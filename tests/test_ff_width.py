@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from adapterlib import bench
+from adapterlib.evaluation import bench
 from adapterlib.__main__ import main
-from adapterlib.adapter import build_adapter
-from adapterlib.checkpoint import load_adapter, load_checkpoint, save_adapter
-from adapterlib.config import ARCHITECTURE_FIELDS, RESUME_FIXED, TrainConfig
-from adapterlib.train import resume_config
+from adapterlib.model.adapter import build_adapter
+from adapterlib.training.checkpoint import load_adapter, load_checkpoint, save_adapter
+from adapterlib.training.config import ARCHITECTURE_FIELDS, RESUME_FIXED, TrainConfig
+from adapterlib.training.train import resume_config
 
 
 def ff_widths(adapter) -> set[int]:

@@ -3,8 +3,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adapterlib.figures import plot_gate_heatmap, plot_gates
-from adapterlib.gates import detect_phases
+from adapterlib.analysis.figures import plot_gate_heatmap, plot_gates
+from adapterlib.analysis.gates import detect_phases
 
 SPREAD = np.array([0.5, 1.0, 1.0, 1.5])                  # per-layer |gate| relative to the mean
 

@@ -10,16 +10,17 @@ from diffusers import DDIMScheduler, StableDiffusionGLIGENPipeline, UNet2DCondit
 from safetensors.torch import load_file, save_file
 
 from adapterlib.__main__ import main
-from adapterlib.adapter import AdaptedUNet, build_adapter, transformer_blocks
-from adapterlib.base import load_base
-from adapterlib.checkpoint import load_adapter, save_checkpoint
-from adapterlib.checks import identity_at_init
-from adapterlib.config import make_config
-from adapterlib.data import GroundedObject, Record
-from adapterlib.export import export
-from adapterlib.gligen import gated_unet, load_gligen_weights, read_gligen_folder
-from adapterlib.sample import generate, ground, initial_noise
-from adapterlib.train import resume_config, train
+from adapterlib.model.adapter import AdaptedUNet, build_adapter
+from adapterlib.model.hooks import transformer_blocks
+from adapterlib.model.base import load_base
+from adapterlib.training.checkpoint import load_adapter, save_checkpoint
+from adapterlib.evaluation.checks import identity_at_init
+from adapterlib.training.config import make_config
+from adapterlib.data.manifest import GroundedObject, Record
+from adapterlib.interop.export import export
+from adapterlib.model.gligen import gated_unet, load_gligen_weights, read_gligen_folder
+from adapterlib.model.sample import generate, ground, initial_noise
+from adapterlib.training.train import resume_config, train
 
 TINY = dict(steps=6, batch_size=2, n_train=16, save_every=4, log_every=1, n_samples=0, warmup=2)
 
@@ -232,7 +233,7 @@ def test_bad_gligen_folders_are_refused_naming_the_folder_or_key(tmp_path, base,
 
 
 def test_the_bench_gligen_row_trains_exactly_the_peers_parameters():
-    from adapterlib import bench
+    from adapterlib.evaluation import bench
     assert bench.parse_variants("gligen") == (("gligen", True),)
     result = bench.run_bench("tiny", device="cpu", batch=2, rounds=1, steps_per_round=1, warmup=0,
                              variants=bench.parse_variants("gligen"))
@@ -242,7 +243,7 @@ def test_the_bench_gligen_row_trains_exactly_the_peers_parameters():
 
 
 def test_init_from_is_fixed_on_resume():
-    from adapterlib.config import RESUME_FIXED, resume_changes
+    from adapterlib.training.config import RESUME_FIXED, resume_changes
     assert "init_from" in RESUME_FIXED
     saved = make_config("shapes", run_name="r", adapter_attention="gligen", init_from="gligen-a").to_dict()
     with pytest.raises(ValueError, match=r"cannot change init_from \(saved 'gligen-a', asked 'gligen-b'\)"):
@@ -252,7 +253,7 @@ def test_init_from_is_fixed_on_resume():
 def test_gligen_takes_its_own_blocks_and_width_whatever_the_preset_and_refuses_others():
     """The shapes and sd15 presets adapt the decoder only (docs/blocks.md); GLIGEN has a fuser in every block and
     its own feed-forward (width 4), whatever the preset's choice for our layer."""
-    from adapterlib.config import GLIGEN_FIXED
+    from adapterlib.training.config import GLIGEN_FIXED
     assert make_config("shapes").adapter_blocks == "decoder" and make_config("sd15").adapter_blocks == "decoder"
     for preset in ("shapes", "sd15", "sdxl"):
         cfg = make_config(preset, adapter_attention="gligen")

@@ -10,10 +10,11 @@ import nbformat
 import pytest
 
 from adapterlib.__main__ import main
-from adapterlib.adapter import CONFIG_OPTIONS, architecture_options, build_adapter
-from adapterlib.base import load_base
-from adapterlib.checks import CHECK_FIELDS
-from adapterlib.config import FIELDS, PRESETS, RESUME_FIXED, RESUME_FREE, TrainConfig, make_config
+from adapterlib.model.adapter import architecture_options, build_adapter
+from adapterlib.options import ARCHITECTURE
+from adapterlib.model.base import load_base
+from adapterlib.evaluation.checks import CHECK_FIELDS
+from adapterlib.training.config import FIELDS, PRESETS, RESUME_FIXED, RESUME_FREE, TrainConfig, make_config
 from adapterlib.paths import REPO_ROOT
 from adapterlib.runs import latest_checkpoint, read_config
 
@@ -148,7 +149,7 @@ def test_notebook_01_parameters_are_what_its_checks_use():
     calls = {node.func.id for tree in trees for node in ast.walk(tree)
              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
     assert "architecture_options" in calls
-    used = read | set(CONFIG_OPTIONS)
+    used = read | set(ARCHITECTURE)
     assert set(_parameters("01_dtype_zero_init_check.ipynb")) - {"preset"} <= used
     assert set(CHECK_FIELDS) <= used, f"fields 01 takes and never uses: {sorted(set(CHECK_FIELDS) - used)}"
 
@@ -212,7 +213,7 @@ def test_papermill_architecture_fields_reach_the_adapter_notebook_01_builds(tmp_
 def test_papermill_notebook_01_on_an_sd_base_checks_with_the_manifest_captions(tmp_path, tiny_sd_folder):
     """On a Stable Diffusion base with `-p data MANIFEST`: the checks run on the manifest's captions and boxes,
     not on Shapes layouts."""
-    from adapterlib.data import GroundedObject, Record, write_manifest
+    from adapterlib.data.manifest import GroundedObject, Record, write_manifest
     manifest = write_manifest(tmp_path / "data.jsonl", [
         Record("a kayak on a lake", (GroundedObject("a kayak", (0.2, 0.5, 0.8, 0.7)),)),
         Record("a lamp beside a bed", (GroundedObject("a lamp", (0.0, 0.1, 0.3, 0.6)),
@@ -291,7 +292,7 @@ def test_cli_prints_progress_and_writes_nothing_to_repo_runs(runs_root):
 # a run killed before its first checkpoint
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again(runs_root):
-    from adapterlib.train import train
+    from adapterlib.training.train import train
     killed = runs_root / "early"
     killed.mkdir(parents=True)                    # what a run killed at step 3 of 10 (save_every 5) leaves
     cfg = make_config("smoke", run_name="early", steps=4, save_every=2, n_samples=0)

@@ -6,10 +6,10 @@ import json
 import pytest
 from PIL import Image, ImageDraw
 
-from adapterlib import data
+from adapterlib.data import manifest
 from adapterlib.__main__ import main
-from adapterlib.config import TrainConfig, make_config
-from adapterlib.data import MAX_OBJECTS, ManifestError, ManifestImages, read_manifest
+from adapterlib.training.config import TrainConfig, make_config
+from adapterlib.data.manifest import MAX_OBJECTS, ManifestError, ManifestImages, read_manifest
 
 # ---------------------------------------------------------------------------------------------
 # fixtures
@@ -280,7 +280,7 @@ def test_odvg_bad_records_name_the_line_and_field(odvg, tmp_path, capsys, line, 
 # the object limit: one setting, and training on an import
 
 def test_the_object_limit_is_one_setting(coco, tmp_path, capsys, monkeypatch):
-    assert TrainConfig().max_objects == MAX_OBJECTS == data.MAX_OBJECTS
+    assert TrainConfig().max_objects == MAX_OBJECTS == manifest.MAX_OBJECTS
     out = tmp_path / "five"
     code, summary, _, _ = _run(_coco_args(coco, out)[:-1] + ["5"], capsys)    # --max-objects 5: b keeps all 5
     assert code == 0 and summary["kept_largest"] == 0
@@ -296,7 +296,7 @@ def test_the_object_limit_is_one_setting(coco, tmp_path, capsys, monkeypatch):
     # set once in the config, it reaches the reader: refused before any training step
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
     from adapterlib.runs import latest_checkpoint
-    from adapterlib.train import train
+    from adapterlib.training.train import train
     cfg = make_config("smoke", data=str(manifest), steps=2, n_samples=0, max_objects=3, run_name="limit")
     with pytest.raises(ManifestError, match="more than the object limit max_objects=3"):
         train(cfg, progress=False)
@@ -308,7 +308,7 @@ def test_a_short_run_trains_on_an_imported_coco_set(coco, tmp_path, capsys, monk
     assert main(_coco_args(coco, out)) == 0
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
     from adapterlib.runs import latest_checkpoint
-    from adapterlib.train import train
+    from adapterlib.training.train import train
     cfg = make_config("smoke", data=str(out / "data.jsonl"), steps=2, n_samples=0, save_every=2, run_name="coco")
     run = train(cfg, progress=False)
     assert latest_checkpoint(run) is not None

@@ -1,6 +1,6 @@
 """One run, one writer: a second training process on a run that is being trained refuses before it writes.
 
-The lock is `flock` on RUN/.writer.lock (adapterlib/lock.py): released by the holder's death, never taken by readers.
+The lock is `flock` on RUN/.writer.lock (adapterlib/training/lock.py): released by the holder's death, never taken by readers.
 """
 import os
 import subprocess
@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from adapterlib.__main__ import main
-from adapterlib.config import make_config
-from adapterlib.lock import LOCK_FILE, RunLock, RunLocked, holder
-from adapterlib.train import resume_config, train
+from adapterlib.training.config import make_config
+from adapterlib.training.lock import LOCK_FILE, RunLock, RunLocked, holder
+from adapterlib.training.train import resume_config, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(steps=4, batch_size=2, n_train=16, save_every=2, log_every=1, n_samples=0, warmup=1)

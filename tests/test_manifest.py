@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from adapterlib.data import MAX_OBJECTS, GroundedObject, ManifestError, Record, read_manifest, write_manifest
+from adapterlib.data.manifest import MAX_OBJECTS, GroundedObject, ManifestError, Record, read_manifest, write_manifest
 
 
 def _good(**overrides):

@@ -132,7 +132,7 @@ def test_installed_wheel_runs_outside_the_repository(fresh_venv, tmp_path):
     def adapterlib(*args, timeout=300):
         return _run([fresh_venv, "-m", "adapterlib", *args], cwd=work, env=env, timeout=timeout)
 
-    probe = ("import json, sys, adapterlib, adapterlib.paths as p, adapterlib.runs as r, adapterlib.evaluate as e\n"
+    probe = ("import json, sys, adapterlib, adapterlib.paths as p, adapterlib.runs as r, adapterlib.evaluation.evaluate as e\n"
              "print(json.dumps([adapterlib.__file__, sys.path, p.IN_REPOSITORY, str(r.runs_root()),\n"
              "                  len(e.heldout_layouts(None, 1)), len(e.heldout_layouts(None, 2))]))")
     module, path, in_repository, runs_root, *heldout = json.loads(_run([fresh_venv, "-c", probe], cwd=work, env=env).stdout)

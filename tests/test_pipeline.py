@@ -1,16 +1,16 @@
-"""Our diffusers pipeline (adapterlib/pipeline.py): the sampler's images, any scheduler, batches of prompts with
+"""Our diffusers pipeline (adapterlib/interop/pipeline.py): the sampler's images, any scheduler, batches of prompts with
 different object counts, diffusers' GLIGEN pipeline's images for a GLIGEN folder, and bad input refused early."""
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionGLIGENPipeline
 
-from adapterlib.adapter import build_adapter
-from adapterlib.base import load_base
-from adapterlib.data import GroundedObject, Record
-from adapterlib.export import export
-from adapterlib.pipeline import GroundedPipeline
-from adapterlib.sample import generate, initial_noise
+from adapterlib.model.adapter import build_adapter
+from adapterlib.model.base import load_base
+from adapterlib.data.manifest import GroundedObject, Record
+from adapterlib.interop.export import export
+from adapterlib.interop.pipeline import GroundedPipeline
+from adapterlib.model.sample import generate, initial_noise
 
 from test_gligen import opened, write_run
 

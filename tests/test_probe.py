@@ -4,9 +4,9 @@ import json
 import pytest
 
 from adapterlib.__main__ import main
-from adapterlib.config import make_config
-from adapterlib.probe import grounding_vs_step, probe_checkpoint
-from adapterlib.train import train
+from adapterlib.training.config import make_config
+from adapterlib.evaluation.checkpoint_test import grounding_vs_step, probe_checkpoint
+from adapterlib.training.train import train
 
 TINY = dict(steps=6, batch_size=2, n_train=16, save_every=4, log_every=1, n_samples=0, warmup=2)
 FAST = dict(n=3, steps=3)                                    # 3 layouts, 3 DDIM steps

@@ -14,9 +14,9 @@ import nbformat
 import pytest
 
 from adapterlib.__main__ import main
-from adapterlib.config import RESUME_FREE, make_config
-from adapterlib.evaluate import NOT_HELD_OUT, run_layouts
-from adapterlib.probe import grounding_vs_step
+from adapterlib.training.config import RESUME_FREE, make_config
+from adapterlib.evaluation.evaluate import NOT_HELD_OUT, run_layouts
+from adapterlib.evaluation.checkpoint_test import grounding_vs_step
 from adapterlib.runs import list_checkpoints
 
 from conftest import import_coco_fixture
@@ -33,7 +33,7 @@ def coco_run(tmp_path_factory, tiny_sd_folder, tiny_owl_folder):
     runs = root / "runs"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ADAPTERLIB_RUNS", str(runs))
-        from adapterlib.train import train
+        from adapterlib.training.train import train
         run = train(make_config("sd15", run_name="coco", base_model=str(tiny_sd_folder), data=str(train_manifest),
                                 heldout=str(heldout), steps=4, save_every=2, log_every=1, n_samples=0, batch_size=2,
                                 crop="center", warmup=1), progress=False)
@@ -71,8 +71,8 @@ def test_notebook_04_gives_a_grounding_vs_step_table_on_the_heldout_records_with
 
 def test_the_colour_detector_on_phrases_with_no_colour_is_an_error_before_any_sampling(coco_run, monkeypatch):
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(coco_run["runs"]))
-    import adapterlib.sample
-    monkeypatch.setattr(adapterlib.sample, "generate", lambda *a, **k: pytest.fail("sampled"))
+    import adapterlib.model.sample
+    monkeypatch.setattr(adapterlib.model.sample, "generate", lambda *a, **k: pytest.fail("sampled"))
     for detector in (None, "color"):                                  # the run names none: the colour detector
         with pytest.raises(ValueError, match=r"color detector can measure none of the 4 objects of 2 layouts of .*val.*\(e\.g\. 'dog'"):
             grounding_vs_step(coco_run["run"], n=2, detector=detector)
@@ -117,7 +117,7 @@ def test_bad_heldout_or_detector_is_an_error_when_the_config_is_made(tmp_path, t
 
 
 def test_heldout_and_detector_may_change_on_resume(coco_run, tmp_path):
-    from adapterlib.train import resume_config
+    from adapterlib.training.train import resume_config
     assert {"heldout", "detector"} <= set(RESUME_FREE)
     cfg = resume_config(coco_run["run"], heldout="v2", detector=str(coco_run["owl"]))
     assert (cfg.heldout, cfg.detector) == ("v2", str(coco_run["owl"]))

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapterlib import checkpoint
+from adapterlib.training import checkpoint
 from adapterlib.__main__ import main
-from adapterlib.base import load_base
-from adapterlib.config import make_config
+from adapterlib.model.base import load_base
+from adapterlib.training.config import make_config
 from adapterlib.runs import list_checkpoints, read_metrics
-from adapterlib.train import NonFiniteLoss, resume_config, train
+from adapterlib.training.train import NonFiniteLoss, resume_config, train
 
 
 @pytest.fixture
@@ -113,7 +113,7 @@ def test_a_full_disk_during_a_save_is_a_clear_error_and_the_previous_checkpoint_
 
 
 def test_repeated_non_finite_losses_stop_the_run_naming_the_step(runs, monkeypatch):
-    from adapterlib.adapter import AdaptedUNet
+    from adapterlib.model.adapter import AdaptedUNet
     original = AdaptedUNet.forward
     calls = []
     def overflowing(self, *args, **kw):
@@ -211,7 +211,7 @@ def test_a_kill_while_resume_rewrites_metrics_never_loses_the_history(runs, monk
 
 
 def test_a_manifest_writer_killed_midway_leaves_no_manifest(tmp_path, monkeypatch):
-    from adapterlib.data import GroundedObject, Record, write_manifest
+    from adapterlib.data.manifest import GroundedObject, Record, write_manifest
     def records():
         yield Record("a red circle", (GroundedObject("red circle", (0.1, 0.1, 0.5, 0.5)),), image="a.png")
         raise KeyboardInterrupt("killed mid-write")
@@ -232,13 +232,13 @@ def test_final_is_written_as_a_whole(runs):
 
 @pytest.fixture
 def sync_free(monkeypatch):
-    import adapterlib.train as train_module
+    import adapterlib.training.train as train_module
     monkeypatch.setattr(train_module, "SYNC_FREE_DEVICES", ("cuda", "cpu"))
 
 
 def _nan_at(monkeypatch, steps):
     """AdaptedUNet's training forwards at these 1-based steps give NaN."""
-    from adapterlib.adapter import AdaptedUNet
+    from adapterlib.model.adapter import AdaptedUNet
     original = AdaptedUNet.forward
     calls = []
     def forward(self, *args, **kw):
@@ -254,7 +254,7 @@ def _nan_at(monkeypatch, steps):
 def test_sync_free_step_skips_a_non_finite_step_like_the_host_check(runs, monkeypatch, sync_free):
     calls = _nan_at(monkeypatch, {3})
     train(small("free", steps=6, log_every=3), progress=False)
-    monkeypatch.setattr("adapterlib.train.SYNC_FREE_DEVICES", ("cuda",))
+    monkeypatch.setattr("adapterlib.training.train.SYNC_FREE_DEVICES", ("cuda",))
     calls.clear()
     train(small("host", steps=6, log_every=3), progress=False)
     free, host = (load_file(str(runs / n / "final" / "adapter.safetensors")) for n in ("free", "host"))
@@ -278,8 +278,8 @@ def test_sync_free_step_stops_on_repeated_non_finite_losses(runs, monkeypatch, s
 
 
 def test_out_of_memory_says_what_to_lower_and_keeps_the_checkpoint(runs, monkeypatch):
-    from adapterlib.adapter import AdaptedUNet
-    from adapterlib.train import OutOfMemory
+    from adapterlib.model.adapter import AdaptedUNet
+    from adapterlib.training.train import OutOfMemory
     original = AdaptedUNet.forward
     calls = []
     def forward(self, *args, **kw):

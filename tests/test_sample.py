@@ -11,7 +11,7 @@ import pytest
 from adapterlib import shapes
 from adapterlib.__main__ import main
 from adapterlib.shapes.tiny_base import build_tiny_base
-from adapterlib.sample import generate
+from adapterlib.model.sample import generate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_sampling_runs_on_a_bf16_base(untrained_base):
 
     import torch
 
-    from adapterlib.adapter import build_adapter
+    from adapterlib.model.adapter import build_adapter
     from adapterlib.shapes import heldout_records
     base = copy.deepcopy(untrained_base).to(dtype=torch.bfloat16)
     records = heldout_records(2)
@@ -84,7 +84,7 @@ def test_sampling_runs_on_a_bf16_base(untrained_base):
 
 
 def test_grounding_guidance_is_the_default_and_its_unconditional_branch_is_the_base_alone(base, open_adapter):
-    from adapterlib.sample import Sampling
+    from adapterlib.model.sample import Sampling
     assert Sampling().grounding_guidance is True
     records, seeds = shapes.heldout_records(3), [0, 1, 2]
     # guidance 0 keeps only the unconditional prediction: with grounding guidance it is the base's own

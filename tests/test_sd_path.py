@@ -11,7 +11,7 @@ import nbformat
 import pytest
 
 from adapterlib.__main__ import main
-from adapterlib.checkpoint import verify_checkpoint
+from adapterlib.training.checkpoint import verify_checkpoint
 from adapterlib.runs import list_checkpoints
 
 from conftest import build_tiny_owl_folder, import_coco_fixture, write_coco_fixture
@@ -82,8 +82,8 @@ def _imported(tmp_path: Path) -> Path:
 
 
 def test_the_visible_box_loss_is_refused_on_a_latent_base_before_any_step(tmp_path, monkeypatch, tiny_sd_folder):
-    from adapterlib.config import make_config
-    from adapterlib.train import train
+    from adapterlib.training.config import make_config
+    from adapterlib.training.train import train
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
     data = str(_imported(tmp_path))
     for region in ("visible", "exclusive", "layered"):

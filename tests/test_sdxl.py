@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from adapterlib import encodings
+from adapterlib.training import cache
 from adapterlib.__main__ import main
-from adapterlib.adapter import AdaptedUNet, build_adapter
-from adapterlib.base import load_base
-from adapterlib.data import GroundedObject, ManifestImages, Record, transform_sample
+from adapterlib.model.adapter import AdaptedUNet, build_adapter
+from adapterlib.model.base import load_base
+from adapterlib.data.manifest import GroundedObject, ManifestImages, Record, transform_sample
 
 from test_cache import _photo_manifest
 from conftest import write_coco_fixture as _coco
@@ -75,12 +75,12 @@ def test_time_ids_are_the_original_size_the_crop_offset_and_the_target_size():
     _, _, report = transform_sample(image, record, R, crop="center")
     # shorter side 40 -> 16: the resized image is 19 x 16, the centre crop starts 1 px from its left
     assert (report.original_size, report.resized_size, report.crop_top_left) == ((40, 48), (16, 19), (0, 1))
-    assert encodings.time_ids(report, R) == [40, 48, 0, 1, 16, 16]
+    assert cache.time_ids(report, R) == [40, 48, 0, 1, 16, 16]
     # flipped after the crop: the offset measured from the flipped image's left edge (19 - 16 - 1)
     flipped = transform_sample(image, record, R, crop="center", flip=True, rng=_rng_flipping())[2]
-    assert flipped.flipped and encodings.time_ids(flipped, R) == [40, 48, 0, 2, 16, 16]
+    assert flipped.flipped and cache.time_ids(flipped, R) == [40, 48, 0, 2, 16, 16]
     # stretched (crop none): no offset
-    assert encodings.time_ids(transform_sample(image, record, R)[2], R) == [40, 48, 0, 0, 16, 16]
+    assert cache.time_ids(transform_sample(image, record, R)[2], R) == [40, 48, 0, 0, 16, 16]
 
 
 def _rng_flipping():
@@ -90,7 +90,7 @@ def _rng_flipping():
 
 
 def test_a_fresh_adapter_on_sdxl_is_the_base_exactly_and_its_phrases_are_1280_wide_at_full_size(sdxl):
-    from adapterlib import checks
+    from adapterlib.evaluation import checks
     from adapterlib.shapes import heldout_records
     adapter = build_adapter(sdxl)
     try:
@@ -108,14 +108,14 @@ def test_a_fresh_adapter_on_sdxl_is_the_base_exactly_and_its_phrases_are_1280_wi
 
 def test_the_sdxl_cache_stores_the_encoders_outputs_and_each_images_time_ids(tmp_path, sdxl):
     manifest = _photo_manifest(tmp_path / "d")
-    folder = encodings.build_cache(sdxl, manifest, tmp_path / "runs", crop="center", max_objects=30, progress=False)
-    source = encodings.CachedSource(folder, flip=True, seed=3)
+    folder = cache.build_cache(sdxl, manifest, tmp_path / "runs", crop="center", max_objects=30, progress=False)
+    source = cache.CachedSource(folder, flip=True, seed=3)
     batch = source.batch([0, 1, 2, 3], [0, 1, 2, 3])
     images = ManifestImages(manifest, sdxl.resolution, progress=False, crop="center", flip=True, seed=3)
     _, records, reports = images.load_reports([0, 1, 2, 3], [0, 1, 2, 3])
     assert {r.flipped for r in reports} == {True, False}              # both kinds in the batch
     assert batch.records == records
-    assert torch.equal(batch.time_ids, torch.tensor([encodings.time_ids(r, 16) for r in reports], dtype=torch.float32))
+    assert torch.equal(batch.time_ids, torch.tensor([cache.time_ids(r, 16) for r in reports], dtype=torch.float32))
     with torch.no_grad():
         context, pooled = sdxl.encode_text([r.caption for r in records])
         phrases = sdxl.encode_phrases([o.phrase for r in records for o in r.objects])
@@ -127,11 +127,11 @@ def test_the_sdxl_cache_stores_the_encoders_outputs_and_each_images_time_ids(tmp
 
 def test_caption_dropout_on_sdxl_gives_the_empty_captions_zeros_cached_or_not(tmp_path, sdxl):
     manifest = _photo_manifest(tmp_path / "d")
-    folder = encodings.build_cache(sdxl, manifest, tmp_path / "runs", crop="center", max_objects=30, progress=False)
+    folder = cache.build_cache(sdxl, manifest, tmp_path / "runs", crop="center", max_objects=30, progress=False)
     drop = torch.tensor([True, False])
-    batches = (encodings.CachedSource(folder).batch([0, 1], [0, 1]),
-               encodings.ImageSource(ManifestImages(manifest, 16, progress=False, crop="center")).batch([0, 1], [0, 1]))
-    out = [encodings.text_inputs(sdxl, b, drop, torch.device("cpu"), torch.float32, None) for b in batches]
+    batches = (cache.CachedSource(folder).batch([0, 1], [0, 1]),
+               cache.ImageSource(ManifestImages(manifest, 16, progress=False, crop="center")).batch([0, 1], [0, 1]))
+    out = [cache.text_inputs(sdxl, b, drop, torch.device("cpu"), torch.float32, None) for b in batches]
     for context, _, added in out:
         assert not context[0].any() and not added["text_embeds"][0].any() and added["text_embeds"][1].any()
     torch.testing.assert_close(out[0][0], out[1][0])
@@ -140,8 +140,8 @@ def test_caption_dropout_on_sdxl_gives_the_empty_captions_zeros_cached_or_not(tm
 
 
 def test_training_on_sdxl_from_the_cache_is_training_from_the_images(tmp_path, monkeypatch, tiny_sdxl_folder):
-    from adapterlib.config import make_config
-    from adapterlib.train import train
+    from adapterlib.training.config import make_config
+    from adapterlib.training.train import train
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
     manifest = _photo_manifest(tmp_path / "d")
     finals = {}
@@ -160,8 +160,8 @@ def test_two_processes_on_sdxl_train_what_one_does(tmp_path, monkeypatch, tiny_s
     """`accelerate launch` with 2 CPU processes on the tiny SDXL: each rank takes its rows of the global batch with
     their pooled embeddings and time_ids (SDXL's added conditioning), so the job trains what one process does."""
     from test_distributed import TOLERANCE, _accelerate, _max_diff
-    from adapterlib.config import make_config
-    from adapterlib.train import train
+    from adapterlib.training.config import make_config
+    from adapterlib.training.train import train
     runs = tmp_path / "runs"
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
     manifest = _photo_manifest(tmp_path / "d")
@@ -226,7 +226,7 @@ def open_sdxl_adapter(sdxl):
 
 
 def test_generate_on_sdxl_grounds_through_the_adapter_and_scale_0_is_the_base(sdxl, open_sdxl_adapter):
-    from adapterlib.sample import generate
+    from adapterlib.model.sample import generate
     records, adapter = [DOG_AND_CAT], open_sdxl_adapter
     plain = generate(sdxl, records, [0], steps=3)
     assert plain.shape == (1, 16, 16, 3)
@@ -240,8 +240,8 @@ def test_the_pipeline_on_sdxl_gives_generates_images_and_any_scheduler_swaps_in(
     """GroundedPipeline on an SDXL base: both encoders, the pooled embedding and the size / crop ids reach the UNet
     as in `generate` (the same images with its DDIM and noise), and a diffusers scheduler swaps in."""
     from diffusers import DPMSolverMultistepScheduler
-    from adapterlib.pipeline import GroundedPipeline
-    from adapterlib.sample import generate, initial_noise
+    from adapterlib.interop.pipeline import GroundedPipeline
+    from adapterlib.model.sample import generate, initial_noise
     records = [DOG_AND_CAT, Record("a dog", (GroundedObject("dog", (0.2, 0.2, 0.8, 0.9)),))]
     adapter = open_sdxl_adapter
     pipe = GroundedPipeline.from_base(sdxl, adapter)
@@ -263,8 +263,8 @@ def test_the_pipeline_on_sdxl_gives_generates_images_and_any_scheduler_swaps_in(
 def test_the_bench_sdxl_unet_is_sdxl_base_and_its_rows_pass_the_added_conditioning(monkeypatch):
     from diffusers import UNet2DConditionModel
 
-    from adapterlib import bench
-    from adapterlib.adapter import transformer_blocks
+    from adapterlib.evaluation import bench
+    from adapterlib.model.hooks import transformer_blocks
     with torch.device("meta"):
         unet = UNet2DConditionModel(**bench.sdxl_unet_config())
     assert len(transformer_blocks(unet)) == 70
@@ -318,9 +318,9 @@ def test_a_refiner_folder_is_refused_as_a_refiner(tmp_path, tiny_sdxl_folder):
 
 def test_an_sd15_adapter_loaded_onto_sdxl_or_resumed_on_it_is_refused_before_any_work(
         tmp_path, monkeypatch, tiny_sd_folder, tiny_sdxl_folder, sdxl):
-    from adapterlib.checkpoint import load_checkpoint
-    from adapterlib.config import make_config
-    from adapterlib.train import resume_config, train
+    from adapterlib.training.checkpoint import load_checkpoint
+    from adapterlib.training.config import make_config
+    from adapterlib.training.train import resume_config, train
     runs = tmp_path / "runs"
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
     manifest = _photo_manifest(tmp_path / "d")

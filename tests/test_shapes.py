@@ -3,7 +3,7 @@
 import numpy as np
 
 from adapterlib import shapes
-from adapterlib.data import read_manifest
+from adapterlib.data.manifest import read_manifest
 
 
 def test_same_seed_gives_same_bytes(tmp_path):

@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from adapterlib.adapter import build_adapter
-from adapterlib.base import load_base
-from adapterlib.evaluate import heldout_layouts
-from adapterlib.data import png_bytes
-from adapterlib.figures import boxed_grid
-from adapterlib.sample import generate
-from adapterlib.slider import GateSlider
+from adapterlib.model.adapter import build_adapter
+from adapterlib.model.base import load_base
+from adapterlib.evaluation.evaluate import heldout_layouts
+from adapterlib.data.manifest import png_bytes
+from adapterlib.analysis.figures import boxed_grid
+from adapterlib.model.sample import generate
+from adapterlib.notebook.slider import GateSlider
 
 STEPS = 3
 
@@ -98,7 +98,7 @@ def _fake_run(root, name, *, steps, logged, final=None, checkpoint=None):
 
 def test_the_live_plot_always_draws_the_first_and_the_final_step(tmp_path, monkeypatch):
     import IPython.display
-    from adapterlib.monitor import LivePlot
+    from adapterlib.notebook.monitor import LivePlot
     shown = []
     monkeypatch.setattr(IPython.display, "display", lambda obj, display_id=False: shown.append(obj) or _Handle(shown))
     run = _fake_run(tmp_path, "r", steps=20, logged=[5])

@@ -3,7 +3,7 @@ import json
 import os
 
 from adapterlib.__main__ import main
-from adapterlib.monitor import run_status
+from adapterlib.notebook.monitor import run_status
 from adapterlib.runs import RunLog, read_metrics
 
 LAYERS = ["gate_0_attn", "gate_0_ff"]

@@ -9,9 +9,15 @@ import adapterlib
 
 PACKAGE = Path(adapterlib.__file__).parent
 # the generic path: base loading, the adapter, training, sampling, checkpoints, the evaluation core and its detectors
-GENERIC = ["base", "adapter", "train", "sample", "checkpoint", "evaluate", "detectors", "config", "runs", "precision",
-           "data", "progress", "figures", "gates", "jsonio", "paths", "buckets", "encodings", "distributed", "basecache",
-           "evalspec"]
+GENERIC = ["model.base", "model.adapter", "training.train", "model.sample", "training.checkpoint",
+           "evaluation.evaluate", "model.detectors", "training.config", "runs", "model.precision", "data.manifest",
+           "training.progress", "analysis.figures", "analysis.gates", "files", "paths", "data.buckets",
+           "training.cache", "training.distributed", "evaluation.basecache", "training.evalspec", "training.losses",
+           "options"]
+# the floors of the house, lowest first: a module may import its own floor and the floors below, never above.
+# The top-level modules are leaves (they import no other floor); __main__ is the roof.
+FLOORS = ["leaves", "data", "model", "shapes", "analysis", "training", "evaluation", "interop", "notebook", "__main__"]
+LEAVES = {"options", "paths", "files", "runs"}
 
 
 def module_name(path: Path) -> str:
@@ -87,26 +93,58 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     # and the graph holds function-level imports: evaluate imports sample inside images_for
-    assert "adapterlib.sample" in graph()["adapterlib.evaluate"]
+    assert "adapterlib.model.sample" in graph()["adapterlib.evaluation.evaluate"]
 
 
 def test_the_generic_path_does_not_import_the_shapes_world():
     edges = graph()
     for name in GENERIC:
-        bad = {t for t in edges[f"adapterlib.{name}"] if t.startswith("adapterlib.shapes")}
+        bad = {t for t in edges.get(f"adapterlib.{name}", ()) if t.startswith("adapterlib.shapes")}
+        assert f"adapterlib.{name}" in edges, f"adapterlib.{name} is gone: update GENERIC"
         assert not bad, f"adapterlib.{name} imports {bad}"
     # at run time too: training on a manifest never loads it
-    code = ("import sys, adapterlib.train, adapterlib.evaluate, adapterlib.checkpoint; "
+    code = ("import sys, adapterlib.training.train, adapterlib.evaluation.evaluate, adapterlib.training.checkpoint; "
             "print(sorted(m for m in sys.modules if m.startswith('adapterlib.shapes')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def floor_of(module: str) -> int:
+    part = module.split(".")[1]
+    if part in LEAVES:
+        return 0
+    return FLOORS.index(part)
+
+
+def test_every_module_stands_on_a_floor_and_imports_nothing_above_it():
+    edges = graph()
+    for name, targets in edges.items():
+        if name == "adapterlib":
+            continue
+        part = name.split(".")[1]
+        assert part in LEAVES or part in FLOORS, f"{name}: not on a floor of FLOORS (add its package there)"
+        if part in LEAVES:
+            assert targets <= {f"adapterlib.{leaf}" for leaf in LEAVES}, f"leaf {name} imports {targets}"
+        up = {t for t in targets if floor_of(t) > floor_of(name)}
+        assert not up, f"{name} (floor {FLOORS[floor_of(name)]}) imports {sorted(up)} from above"
+
+
+def test_the_module_map_names_every_package_and_leaf():
+    """adapterlib/__init__.py is the map a newcomer reads first: it names every floor's package and every leaf."""
+    text = (PACKAGE / "__init__.py").read_text()
+    for part in [*FLOORS[1:-1], *sorted(LEAVES)]:
+        assert f"`{part}" in text, f"adapterlib/__init__.py does not name {part}"
+    for path in PACKAGE.glob("*/*.py"):
+        if path.name != "__init__.py" and path.parent.name != "models":
+            assert f"`{path.stem}`" in (path.parent / "__init__.py").read_text() or path.parent.name == "shapes", \
+                f"{path.parent.name}/__init__.py does not name {path.stem}"
 
 
 def test_importing_adapterlib_changes_nothing_in_the_process():
     code = ("import diffusers.utils.logging as d, transformers.utils.logging as t; "
             "import pkgutil, importlib, adapterlib; "
             "[importlib.import_module(m.name) for m in pkgutil.walk_packages(adapterlib.__path__, 'adapterlib.')]; "
-            "from adapterlib.base import load_base; load_base(); "
+            "from adapterlib.model.base import load_base; load_base(); "
             "print(d.is_progress_bar_enabled(), t.is_progress_bar_enabled())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "True True"
@@ -116,7 +154,7 @@ def test_the_command_line_parses_without_loading_diffusers_or_the_bench():
     """`python -m adapterlib status RUN` or `--help` parses its arguments without importing diffusers (seconds on a
     small CPU): the commands import what they run when they run it."""
     code = ("import sys; from adapterlib.__main__ import _parser; _parser(); "
-            "print(sorted(m for m in ('diffusers', 'transformers', 'adapterlib.bench') if m in sys.modules))")
+            "print(sorted(m for m in ('diffusers', 'transformers', 'adapterlib.evaluation.bench') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]", done.stdout

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from adapterlib.__main__ import main
-from adapterlib.checkpoint import load_adapter
-from adapterlib.config import TrainConfig, make_config
+from adapterlib.training.checkpoint import load_adapter
+from adapterlib.training.config import TrainConfig, make_config
 from adapterlib.runs import latest_checkpoint, list_checkpoints
-from adapterlib.train import resume_config, train
+from adapterlib.training.train import resume_config, train
 
 TINY = dict(steps=6, batch_size=2, n_train=16, save_every=4, log_every=1, n_samples=0, warmup=2)
 
@@ -102,7 +102,7 @@ def test_sd15_preset_keeps_the_seed_plan_values():
 
 def test_checkpoint_loads_back_into_an_adapter_and_the_cli_evaluates_it(runs, capsys):
     run = train(tiny("evaluated", steps=4), progress=False)
-    from adapterlib.base import load_base
+    from adapterlib.model.base import load_base
     adapter = load_adapter(latest_checkpoint(run)[1], load_base())
     saved = load_file(str(run / "final" / "adapter.safetensors"))
     assert all(torch.equal(p.detach(), saved[n]) for n, p in adapter.trainable_parameters().items())
@@ -113,7 +113,7 @@ def test_checkpoint_loads_back_into_an_adapter_and_the_cli_evaluates_it(runs, ca
 
 
 def test_cli_grounding_guidance_flag_reaches_the_sampler(runs, capsys, monkeypatch):
-    from adapterlib import sample
+    from adapterlib.model import sample
     run = train(tiny("guided", steps=2, n_samples=0), progress=False)
     seen, original = [], sample.generate
 
@@ -130,7 +130,7 @@ def test_cli_grounding_guidance_flag_reaches_the_sampler(runs, capsys, monkeypat
 def test_training_and_sampling_go_through_the_module_forward(runs, monkeypatch):
     """Every training step (and every grounded sampling step) calls AdaptedUNet.forward: the work
     DDP/Accelerate would synchronise and torch.compile would compile starts in that module."""
-    from adapterlib.adapter import AdaptedUNet
+    from adapterlib.model.adapter import AdaptedUNet
     calls = []
     original = AdaptedUNet.forward
 
@@ -144,8 +144,8 @@ def test_training_and_sampling_go_through_the_module_forward(runs, monkeypatch):
 
 
 def test_box_loss_is_the_mean_over_objects_of_the_error_inside_each_box():
-    from adapterlib.adapter import Grounding
-    from adapterlib.train import box_loss
+    from adapterlib.model.adapter import Grounding
+    from adapterlib.training.train import box_loss
     # a 4x4 error map, one channel: 1 everywhere, 9 in the top-left 2x2; objects: that quarter, the whole image
     pred, target = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
     pred[..., :2, :2] = 3.0
@@ -167,9 +167,9 @@ def test_box_loss_weight_reaches_training(runs):
 
 
 def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_training(runs, monkeypatch):
-    from adapterlib import train as train_module
-    from adapterlib.adapter import Grounding
-    from adapterlib.encodings import Batch
+    from adapterlib.training import train as train_module
+    from adapterlib.model.adapter import Grounding
+    from adapterlib.training.cache import Batch
     # error 9 in the top-left 2x2, 1 elsewhere; one object whose box is the whole image but shows only that corner
     pred, target = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
     pred[..., :2, :2] = 3.0
@@ -235,7 +235,7 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
 
 
 def test_cubic_timesteps_put_most_steps_at_high_noise_and_the_field_reaches_training(runs, monkeypatch):
-    from adapterlib import train as train_module
+    from adapterlib.training import train as train_module
     g = torch.Generator().manual_seed(0)
     uniform, cubic = (train_module.draw_timesteps(rule, 20_000, 1000, g) for rule in ("uniform", "cubic"))
     for t in (uniform, cubic):
@@ -253,7 +253,7 @@ def test_cubic_timesteps_put_most_steps_at_high_noise_and_the_field_reaches_trai
 
 
 def test_cosine_lr_schedule_decays_to_zero_and_the_field_reaches_training(runs):
-    from adapterlib.train import lr_factor
+    from adapterlib.training.train import lr_factor
     cfg = TrainConfig(steps=1100, warmup=100, lr_schedule="cosine")
     assert lr_factor(0, cfg) == pytest.approx(0.01) and lr_factor(99, cfg) == lr_factor(100, cfg) == 1.0
     assert lr_factor(600, cfg) == pytest.approx(0.5) and lr_factor(1100, cfg) == pytest.approx(0.0, abs=1e-12)
@@ -293,8 +293,8 @@ def test_compiled_training_pads_every_batch_to_max_objects_and_trains(runs, monk
     before), and the compiled model trains."""
     import shutil
 
-    from adapterlib.adapter import Grounding
-    from adapterlib.data import GroundedObject, Record
+    from adapterlib.model.adapter import Grounding
+    from adapterlib.data.manifest import GroundedObject, Record
     records = [Record(f"{k} objects", tuple(GroundedObject("red square", (0.1 * i, 0, 0.1 * i + 0.1, 0.1))
                                             for i in range(k))) for k in (1, 3)]
     padded = Grounding.from_records(records, torch.ones(4, 8), pad_to=5)

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from adapterlib.config import make_config
-from adapterlib.data import (MIN_KEPT_AREA, GroundedObject, ManifestImages, Record, names_a_side, sample_rng,
+from adapterlib.training.config import make_config
+from adapterlib.data.manifest import (MIN_KEPT_AREA, GroundedObject, ManifestImages, Record, names_a_side, sample_rng,
                              transform_sample)
-from adapterlib.train import resume_config, train
+from adapterlib.training.train import resume_config, train
 
 RED = (255, 0, 0)
 

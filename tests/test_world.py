@@ -9,9 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adapterlib import datasets, shapes
-from adapterlib.buckets import REPORT_COLUMNS, bucket_of, bucket_report, bucket_rows, boxes_intersect, format_buckets
-from adapterlib.data import GroundedObject, Record
+from adapterlib.training import worlds
+
+from adapterlib import shapes
+from adapterlib.data.buckets import REPORT_COLUMNS, bucket_of, bucket_report, bucket_rows, boxes_intersect, format_buckets
+from adapterlib.data.manifest import GroundedObject, Record
 from adapterlib.shapes import WorldOptions
 
 HARD = WorldOptions(max_objects=6, overlap=0.5, side=(0.1875, 0.5))
@@ -190,10 +192,10 @@ def test_heldout_v2_buckets_seeds_and_file():
     v1 = {r.seed for r in shapes.heldout_records()}
     assert len(set(seeds)) == len(seeds) and min(seeds) >= shapes.HELDOUT_V2_SEED0 == 20_000_000
     assert max(v1) < shapes.HELDOUT_V2_SEED0 and not v1 & set(seeds)   # training seeds are < HELDOUT_SEED0
-    assert datasets.heldout_records(5, version=2) == records[:5]
+    assert worlds.heldout_records(5, version=2) == records[:5]
     # v1 and v2 records render together, each in its own world, and match their layouts
     mixed = shapes.heldout_records(3) + records[:11]
-    assert datasets.ground_truth_images(mixed).shape == (14, 32, 32, 3)
+    assert worlds.ground_truth_images(mixed).shape == (14, 32, 32, 3)
     with pytest.raises(ValueError, match="does not match the layout of seed"):
         shapes.heldout_images(records[:11], options=WorldOptions())
 
@@ -231,7 +233,7 @@ def test_bucket_of_is_computed_from_the_boxes():
 
 
 def _table(rows) -> pd.DataFrame:
-    """A per-object table like datasets.measure's: (record, success, iou[, measurable])."""
+    """A per-object table like worlds.measure's: (record, success, iou[, measurable])."""
     return pd.DataFrame([dict(record=r, success=s, iou=i, measurable=m) for r, s, i, m in rows])
 
 
@@ -278,9 +280,9 @@ def test_bucket_report_edge_cases():
 
 
 def test_bucket_report_of_the_ground_truth_on_heldout_v2_and_its_figure():
-    from adapterlib.figures import plot_buckets
-    records = datasets.heldout_records(version=2)
-    table, summary = datasets.measure(datasets.ground_truth_images(records), records)
+    from adapterlib.analysis.figures import plot_buckets
+    records = worlds.heldout_records(version=2)
+    table, summary = worlds.measure(worlds.ground_truth_images(records), records)
     report = bucket_report(records, table, ceiling=table)
     assert len(report) == 11 and (report.n_layouts == 20).all()
     assert (report.n_objects == report.objects * 20).all()
@@ -297,11 +299,12 @@ def test_bucket_report_of_the_ground_truth_on_heldout_v2_and_its_figure():
 
 
 def test_a_run_can_train_on_the_harder_world_and_is_judged_on_its_held_out_set(tmp_path, monkeypatch):
-    from adapterlib import datasets, evaluate
-    from adapterlib.config import make_config
-    from adapterlib.data import read_manifest
-    from adapterlib.train import train
-    manifest = datasets.training_manifest("shapes-v2", 64, tmp_path)
+    from adapterlib.training import worlds
+    from adapterlib.evaluation import evaluate
+    from adapterlib.training.config import make_config
+    from adapterlib.data.manifest import read_manifest
+    from adapterlib.training.train import train
+    manifest = worlds.training_manifest("shapes-v2", 64, tmp_path)
     world = shapes.WORLDS["shapes-v2"]
     assert world.training == shapes.V2_TRAINING_OPTIONS and world.heldout == 2
     assert manifest.parent.name == f"shapes-v2-64-{shapes.options_tag(world.training)}"
@@ -312,21 +315,21 @@ def test_a_run_can_train_on_the_harder_world_and_is_judged_on_its_held_out_set(t
     assert sum(bucket_of(r)[1] for r in records) > len(records) / 2      # crowded: most training layouts overlap
     # a change of the world's options never reuses a set written under the old ones
     assert shapes.options_tag(world.training) != shapes.options_tag(shapes.HELDOUT_V2_OPTIONS)
-    assert datasets.training_manifest("shapes", 64, tmp_path).parent.name == \
+    assert worlds.training_manifest("shapes", 64, tmp_path).parent.name == \
         f"shapes-64-{shapes.options_tag(shapes.WorldOptions())}"
-    assert datasets.sample_records("shapes-v2", records, 3) == datasets.heldout_records(3, version=2)
+    assert worlds.sample_records("shapes-v2", records, 3) == worlds.heldout_records(3, version=2)
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
     run = train(make_config("smoke", run_name="v2", data="shapes-v2", n_train=32, steps=2, save_every=2,
                             n_samples=0), progress=False)
     layouts = evaluate.run_layouts(run, 11)
-    assert layouts.source == "heldout-v2" and layouts.records == datasets.heldout_records(11, version=2)
+    assert layouts.source == "heldout-v2" and layouts.records == worlds.heldout_records(11, version=2)
 
 
 def test_a_resume_keeps_the_set_it_started_with_when_the_world_changed_since(tmp_path, monkeypatch):
     import json as json_
-    from adapterlib.config import make_config
+    from adapterlib.training.config import make_config
     from adapterlib.runs import DATA_REPORT
-    from adapterlib.train import train
+    from adapterlib.training.train import train
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
     cfg = dict(run_name="r", data="shapes-v2", n_train=32, save_every=2, n_samples=0)
     run = train(make_config("smoke", steps=2, **cfg), progress=False)
@@ -342,6 +345,6 @@ def test_a_resume_keeps_the_set_it_started_with_when_the_world_changed_since(tmp
         train(make_config("smoke", steps=6, **cfg), resume=True, progress=False)
     # a resume on an unchanged world (or a run moved elsewhere: same set name) reads the world's set
     report.write_text(json_.dumps({**json_.loads(report.read_text()),
-                                   "manifest": f"/elsewhere/_datasets/{datasets.training_manifest('shapes-v2', 32, tmp_path / 'runs').parent.name}/data.jsonl"}))
+                                   "manifest": f"/elsewhere/_datasets/{worlds.training_manifest('shapes-v2', 32, tmp_path / 'runs').parent.name}/data.jsonl"}))
     train(make_config("smoke", steps=6, **cfg), resume=True, progress=False)
-    assert json_.loads(report.read_text())["manifest"] == str(datasets.training_manifest("shapes-v2", 32, tmp_path / "runs"))
+    assert json_.loads(report.read_text())["manifest"] == str(worlds.training_manifest("shapes-v2", 32, tmp_path / "runs"))

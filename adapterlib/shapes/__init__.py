@@ -6,7 +6,7 @@
 - `tiny_base`: the tiny text-to-image base model of this world and how it is trained.
 
 The generic path (base loading, the adapter, training, sampling, the evaluation core) imports none
-of this: a run reaches it only through `adapterlib.datasets`, when its data is "shapes".
+of this: a run reaches it only through `adapterlib.training.worlds`, when its data is "shapes".
 """
 from .world import (BACKGROUND, COLORS, HELDOUT_PATH, HELDOUT_SEED0, HELDOUT_V2_BUCKETS, HELDOUT_V2_OPTIONS,
                     HELDOUT_V2_PATH, HELDOUT_V2_PER_BUCKET, HELDOUT_V2_SEED0, RESOLUTION, SHAPES,

@@ -4,7 +4,7 @@ A miniature of GLIGEN's YOLO-AP evaluation for the Shapes world. Because every S
 at most once per image, a "detector" only has to find the largest blob of the phrase's colour: each
 pixel takes the nearest palette colour (if close enough, and closer than the background), blobs are
 4-connected components, and a requested object counts as a success when the found box overlaps the
-requested box with IoU >= 0.5. `ColorDetector` is this detector behind the `adapterlib.detectors`
+requested box with IoU >= 0.5. `ColorDetector` is this detector behind the `adapterlib.model.detectors`
 interface, so its table and summary come from the scoring shared with every detector.
 
 Images are uint8 RGB numpy arrays, (N, H, W, 3) or a list of (H, W, 3).
@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from ..data import Record
-from ..detectors import Box, Detection, Detector, score_grounding
+from adapterlib.data.manifest import Record
+from adapterlib.model.detectors import Box, Detection, Detector, score_grounding
 from .world import BACKGROUND, COLORS, SHAPES, color_of, shape_masks, shape_of
 
 COLOR_TOLERANCE = 90  # max RGB euclidean distance from a palette colour

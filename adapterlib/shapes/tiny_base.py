@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from ..base import BaseModel, load_base
+from adapterlib.model.base import BaseModel, load_base
 from . import world as shapes
 
 

@@ -42,8 +42,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..buckets import bucket_of
-from ..data import GroundedObject, Record, png_bytes, read_manifest, write_manifest
+from adapterlib.data.buckets import bucket_of
+from adapterlib.data.manifest import GroundedObject, Record, png_bytes, read_manifest, write_manifest
 
 RESOLUTION = 32
 BACKGROUND = (255, 255, 255)

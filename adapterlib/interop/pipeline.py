@@ -1,0 +1,220 @@
+"""A diffusers `DiffusionPipeline` for every adapter variant: a run, an exported folder or a diffusers GLIGEN
+folder, on a base.
+
+    from adapterlib.interop.pipeline import GroundedPipeline
+    pipe = GroundedPipeline.from_run("my-run")                        # or .from_adapter(EXPORT_DIR, base=SD_DIR)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)   # any diffusers scheduler
+    pipe = pipe.to("cuda", torch.bfloat16)                          # the base cast, the adapter kept fp32 (autocast)
+    images = pipe(["a red circle", "two squares"], phrases=[["red circle"], ["square", "square"]],
+                  boxes=[[(0.1, 0.1, 0.5, 0.5)], [(0, 0, .4, .4), (.5, .5, 1, 1)]], scale=1.0, tau=1.0,
+                  negative_prompt="", num_inference_steps=25, guidance_scale=3.0,
+                  generator=torch.Generator().manual_seed(0)).images
+
+With its default scheduler (our sampler's DDIM) and `latents=sample.initial_noise(base, seeds)`, a call gives
+`sample.generate`'s images. `unconditional` says what classifier-free guidance subtracts: "base" (the base
+alone: guidance strengthens the grounding with the caption; our default), "grounded" (the same grounding:
+only the caption is guided) or "null" (the grounding with every object replaced by the null one: diffusers'
+StableDiffusionGLIGENPipeline). Inputs are checked before any work: a bad box, phrase count or prompt list is a
+ValueError naming the argument.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from adapterlib.model.adapter import AdaptedUNet, build_adapter
+from adapterlib.model.base import BaseModel, load_base
+from adapterlib.training.checkpoint import load_adapter, load_checkpoint
+from adapterlib.data.manifest import GroundedObject, Record
+from adapterlib.model.precision import autocast_for
+from adapterlib.model.sample import ground, halves, to_uint8
+
+UNCONDITIONAL = ("base", "grounded", "null")
+
+
+@dataclass
+class GroundedPipelineOutput(BaseOutput):
+    images: list  # PIL images, or (B, H, W, 3) uint8 with output_type="np"
+
+
+class GroundedPipeline(DiffusionPipeline):
+    """The base's parts (vae may be None: a pixel-space base; text_encoder_2 / tokenizer_2: SDXL's), a scheduler,
+    and an attached adapter."""
+    _optional_components = ["vae", "text_encoder_2", "tokenizer_2"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter=None, base_path: str = "",
+                 text_encoder_2=None, tokenizer_2=None, zero_empty_prompt: bool = False):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        self.adapter = adapter          # not a registered component: it stays fp32 whatever .to() casts
+        self.base_path = base_path
+        self.zero_empty_prompt = zero_empty_prompt     # SDXL: an empty prompt is zeros (the folder's own setting)
+
+    # --- building
+    @classmethod
+    def from_base(cls, base: BaseModel, adapter) -> "GroundedPipeline":
+        scheduler = DDIMScheduler.from_config(base.scheduler.config, timestep_spacing="trailing", clip_sample=False,
+                                              set_alpha_to_one=False)          # our sampler's DDIM
+        return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, scheduler, adapter, base.path,
+                   base.text_encoder_2, base.tokenizer_2, base.zero_empty_prompt)
+
+    @classmethod
+    def from_run(cls, run=None, checkpoint: str | int = "latest", *, device: str | None = None) -> "GroundedPipeline":
+        """A run's adapter (latest | final | a step) on the run's base."""
+        ckpt = load_checkpoint(run, checkpoint, device=device)
+        return cls.from_base(ckpt.base, ckpt.adapter)
+
+    @classmethod
+    def from_adapter(cls, folder, base, *, device: str | None = "cpu") -> "GroundedPipeline":
+        """An exported adapter folder (or a checkpoint folder), or a diffusers GLIGEN folder, on `base` (a
+        BaseModel or a base name/folder). Another base than the one it was trained on is allowed when the
+        architecture matches (a fine-tune of it); a warning says so."""
+        folder = Path(folder)
+        base = base if isinstance(base, BaseModel) else load_base(base, device=device or "cpu")
+        if (folder / "adapter.safetensors").is_file():
+            info = folder / "adapter_config.json"
+            trained_on = json.loads(info.read_text()).get("base_model") if info.is_file() else None
+            adapter = load_adapter(folder, base)
+            if trained_on and Path(str(trained_on)).name != Path(base.path).name and trained_on != base.path:
+                warnings.warn(f"the adapter in {folder} was trained on {trained_on}; it is applied to {base.path}, a "
+                              "base of the same architecture: it loads, its grounding there is not measured")
+        else:
+            from adapterlib.model.gligen import load_gligen_weights, read_gligen_folder
+            if (folder / "unet").is_dir() or (folder / "config.json").is_file():
+                read_gligen_folder(folder)            # another architecture, no position net, a .bin: refused here
+                adapter = build_adapter(base, attention="gligen")
+                try:
+                    load_gligen_weights(adapter, folder)
+                except Exception:
+                    adapter.detach()
+                    raise
+            else:
+                raise FileNotFoundError(f"{folder}: no adapter.safetensors (an export or checkpoint folder) and no "
+                                        "unet/config.json (a diffusers GLIGEN folder)")
+        return cls.from_base(base, adapter)
+
+    def to(self, *args, **kwargs) -> "GroundedPipeline":
+        super().to(*args, **kwargs)
+        base = self._base()
+        if base.is_sdxl and base.unet.dtype == torch.float16:
+            base.to(dtype=torch.float16)        # SDXL's VAE back to fp32 where its config says force_upcast
+        if self.adapter is not None:
+            self.adapter.to(device=self.unet.device, dtype=torch.float32)
+        return self
+
+    # --- the checks, before any work
+    def _inputs(self, prompt, phrases, boxes, negative_prompt):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else None
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt: give a string or a list of strings, got {prompt!r}")
+        n = len(prompts)
+        phrases = [] if phrases is None else phrases
+        boxes = [] if boxes is None else boxes
+        nested = lambda v: len(v) > 0 and all(isinstance(x, (list, tuple)) and (not x or not isinstance(x[0], (int, float)))
+                                               for x in v)
+        phrases = [list(phrases)] * n if not (phrases and isinstance(phrases[0], (list, tuple))) else [list(p) for p in phrases]
+        boxes = [list(boxes)] * n if not nested(boxes) else [list(b) for b in boxes]
+        if len(phrases) != n or len(boxes) != n:
+            raise ValueError(f"phrases / boxes: {len(phrases)} and {len(boxes)} lists for {n} prompts; give one list "
+                             "per prompt (or one list for every prompt)")
+        limit = self.adapter.max_objects if self.adapter is not None else 0
+        records = []
+        for i, (caption, ph, bx) in enumerate(zip(prompts, phrases, boxes)):
+            if len(ph) != len(bx):
+                raise ValueError(f"prompt {i}: {len(ph)} phrases but {len(bx)} boxes; give one box per phrase")
+            if ph and self.adapter is None:
+                raise ValueError("phrases and boxes need an adapter: this pipeline has none")
+            if len(ph) > limit:
+                raise ValueError(f"phrases[{i}]: {len(ph)} phrases, more than this adapter's max_objects ({limit})")
+            for j, (p, b) in enumerate(zip(ph, bx)):
+                if not isinstance(p, str) or not p.strip():
+                    raise ValueError(f"phrases[{i}][{j}] = {p!r}: give a non-empty string")
+                if len(b) != 4 or not all(isinstance(v, (int, float)) for v in b):
+                    raise ValueError(f"boxes[{i}][{j}] = {b!r}: give 4 numbers x0, y0, x1, y1 in [0, 1]")
+                x0, y0, x1, y1 = (float(v) for v in b)
+                if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                    raise ValueError(f"boxes[{i}][{j}] = {list(b)}: need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
+                                     "(fractions of the image's width and height)")
+            records.append(Record(caption, tuple(GroundedObject(p, tuple(float(v) for v in b)) for p, b in zip(ph, bx))))
+        negatives = [negative_prompt or ""] * n if negative_prompt is None or isinstance(negative_prompt, str) \
+            else list(negative_prompt)
+        if len(negatives) != n:
+            raise ValueError(f"negative_prompt: {len(negatives)} for {n} prompts")
+        return records, negatives
+
+    def _base(self) -> BaseModel:
+        return BaseModel(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae, self.base_path,
+                         self.text_encoder_2, self.tokenizer_2, self.zero_empty_prompt)
+
+    @torch.no_grad()
+    def __call__(self, prompt, phrases=None, boxes=None, *, scale: float = 1.0, tau: float = 1.0,
+                 negative_prompt=None, num_inference_steps: int = 25, guidance_scale: float = 3.0,
+                 generator=None, latents: torch.Tensor | None = None, unconditional: str = "base",
+                 output_type: str = "pil", callback=None) -> GroundedPipelineOutput:
+        records, negatives = self._inputs(prompt, phrases, boxes, negative_prompt)
+        if unconditional not in UNCONDITIONAL:
+            raise ValueError(f"unconditional = {unconditional!r}: choose one of {UNCONDITIONAL}")
+        if not 0 <= tau <= 1:
+            raise ValueError(f"tau = {tau}: give a share of the steps in [0, 1]")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps = {num_inference_steps}: give at least 1")
+        if scale < 0:
+            raise ValueError(f"scale = {scale}: give a scale >= 0")
+        base, n = self._base(), len(records)
+        device = base.device
+        with autocast_for(base):
+            context, pooled = base.encode_text(negatives + [r.caption for r in records])     # [uncond; cond]
+            grounding = ground(base, records, max_objects=self.adapter.max_objects) if self.adapter else None
+        added = base.added_cond(pooled)           # SDXL: pooled captions, size / crop ids of the base's size; SD: None
+        uncond_added, cond_added = halves(added, n)
+        model = AdaptedUNet(self.unet, self.adapter) if self.adapter is not None else None
+        shape = (n, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents: shape {tuple(latents.shape)}, this base needs {shape}")
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters \
+            else {}
+        timesteps = self.scheduler.timesteps
+        grounded_steps = round(tau * len(timesteps))
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            model_in = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            with autocast_for(base):
+                if model is None or scale == 0 or i >= grounded_steps:
+                    pred = self.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+                elif unconditional == "base":
+                    pred = torch.cat([self.unet(model_in[:n], t, encoder_hidden_states=context[:n],
+                                                added_cond_kwargs=uncond_added).sample,
+                                      model(model_in[n:], t, context[n:], grounding, scale, cond_added)])
+                elif unconditional == "grounded":
+                    pred = model(model_in, t, context, grounding.repeat(2), scale, added)
+                else:
+                    null = replace(grounding, present=torch.zeros_like(grounding.present))
+                    pred = model(model_in, t, context, _cat(null, grounding), scale, added)
+            uncond, cond = pred.float().chunk(2)
+            latents = self.scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents,
+                                          **step_kwargs).prev_sample
+            if callback is not None:
+                callback(i, t, latents)
+        with autocast_for(base):
+            images = to_uint8(base.from_latents(latents))
+        return GroundedPipelineOutput(images=images if output_type == "np" else [Image.fromarray(a) for a in images])
+
+
+def _cat(a, b):
+    """Two groundings of the same slot count as one batch (a's rows first)."""
+    return type(a)(*(torch.cat([x, y]) for x, y in zip((a.phrases, a.boxes, a.present, a.keep_text),
+                                                       (b.phrases, b.boxes, b.present, b.keep_text))))

@@ -1,0 +1,59 @@
+"""What both adapters (ours in `adapter`, diffusers' GLIGEN modules in `gligen`) share: the UNet's transformer blocks
+by name, and hooks on them that are attached, detached and asked about in one way."""
+from __future__ import annotations
+
+from diffusers.models.attention import BasicTransformerBlock
+from torch import nn
+
+
+def transformer_blocks(unet) -> dict[str, BasicTransformerBlock]:
+    """The UNet's transformer blocks by module name, in the UNet's order."""
+    return {name: m for name, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)}
+
+
+class HookedAdapter(nn.Module):
+    """An adapter that lives in hooks on a UNet's transformer blocks. A subclass sets `config["blocks"]` (every
+    transformer block of the UNet it was built for) and implements `_hook_blocks(blocks)` (register its hooks,
+    return their handles); `_unhook()` undoes anything else it did to the blocks. `injection` is set by
+    `AdaptedUNet.forward` for the length of one forward; a hook with no injection leaves its block alone."""
+
+    def __init__(self):
+        super().__init__()
+        self._handles: list = []
+        self._unet_id: int | None = None   # which UNet the hooks are on (not a submodule: never saved or moved)
+        self.injection = None
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Every adapter parameter, by name; the base's parameters never train. The optimizer, checkpoints and the
+        dtype checks all take their list from here."""
+        return dict(self.named_parameters())
+
+    def attach(self, unet) -> "HookedAdapter":
+        if self._handles:
+            raise RuntimeError("adapter is already attached; detach() it first")
+        blocks = transformer_blocks(unet)
+        if list(blocks) != self.config["blocks"]:
+            raise ValueError("this UNet's transformer blocks differ from the ones the adapter was built for "
+                             f"({len(blocks)} vs {len(self.config['blocks'])}): build the adapter for this UNet")
+        self._handles = self._hook_blocks(blocks)
+        self._unet_id = id(unet)
+        return self
+
+    def _hook_blocks(self, blocks: dict) -> list:
+        raise NotImplementedError
+
+    def _unhook(self) -> None:
+        """Undo what attaching did besides the hooks (nothing, unless a subclass says)."""
+
+    def attached_to(self, unet) -> bool:
+        return self.attached and self._unet_id == id(unet)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._unhook()
+        self._handles = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)

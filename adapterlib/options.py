@@ -1,0 +1,36 @@
+"""Every option list a field, flag or builder takes, stated once (a leaf: it imports nothing).
+
+The config checks its fields against `FIELD_CHOICES`, the adapter, the manifest reader and the precision policy
+check their arguments against the same tuples, so a new choice is added here and nowhere else.
+"""
+MAX_OBJECTS = 30                                     # objects a record may hold: the manifest's, the adapter's slots
+
+ATTENTIONS = ("self", "cross", "masked")             # our adapter's attention variants
+ADAPTER_ATTENTIONS = (*ATTENTIONS, "gligen")         # the field also takes diffusers' own GLIGEN modules
+NORMS = ("layernorm", "rmsnorm")
+# masked attention, a token inside several boxes: none (it attends to every box covering it) | smaller-front (only
+# the smallest covering box: smaller objects in front) | learned (a learned per-head weight on the covering box's
+# -log(area), zero at init: training decides)
+DEPTHS = ("none", "smaller-front", "learned")
+BLOCK_CHOICES = ("all", "decoder", "low", "migc")    # the named block choices; else a comma list of blocks
+BLOCK_PARTS = ("down_blocks", "mid_block", "up_blocks")   # where a listed block name starts (diffusers' UNet)
+
+TIMESTEPS = ("uniform", "cubic")
+LR_SCHEDULES = ("constant", "cosine")
+BOX_LOSS_REGIONS = ("box", "visible", "exclusive", "layered")
+
+CROPS = ("none", "center", "random")
+ON_BAD_RECORD = ("error", "skip")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")                    # or cuda:N
+
+# The training config's fields that take one of a list, and the list
+FIELD_CHOICES = dict(adapter_attention=ADAPTER_ATTENTIONS, adapter_norm=NORMS, adapter_depth=DEPTHS,
+                     timesteps=TIMESTEPS, lr_schedule=LR_SCHEDULES, box_loss_region=BOX_LOSS_REGIONS,
+                     mixed_precision=MIXED_PRECISIONS, on_bad_record=ON_BAD_RECORD, crop=CROPS)
+
+# The architecture: the config fields a checkpoint's adapter is built from, each with its `build_adapter` option
+# (base_model is the base itself; None: not an adapter option). Fixed on resume.
+ARCHITECTURE = dict(base_model=None, adapter_attention="attention", adapter_norm="norm",
+                    adapter_feedforward="feedforward", adapter_ff_mult="ff_mult", adapter_depth="depth",
+                    adapter_blocks="blocks", max_objects="max_objects")
