@@ -145,16 +145,26 @@ def _export_parser(commands) -> None:
     ex.add_argument("--checkpoint", default="latest", help="latest | final | a step number")
     ex.add_argument("--out", required=True, type=Path, help="the folder to write (new, or empty)")
     ex.add_argument("--measure", type=int, default=0, metavar="N",
-                    help="measure the grounding on the run's first N layouts now and write it into the card")
+                    help="measure the grounding on the first N layouts now and write it into the card, as "
+                         "`evaluate RUN --limit N` does: the run's own layouts (its `heldout` field, ...) by its own "
+                         "detector (its `detector` field, else 'color'), unless --layouts / --detector say otherwise")
+    ex.add_argument("--layouts", default=None, metavar="v1|v2|MANIFEST",
+                    help="with --measure: these layouts instead of the run's own (as evaluate's --layouts)")
+    ex.add_argument("--detector", default=None,
+                    help="with --measure: 'color' or a local OWL-ViT / OWLv2 folder instead of the run's detector")
     ex.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    ex.add_argument("--device", default="cpu", help="torch device for loading (and --measure); default cpu")
+    ex.add_argument("--device", default="auto",
+                    help="torch device for loading (and --measure): auto (cuda if available, else cpu; the default), "
+                         "cpu, cuda or cuda:N")
 
 
 def _export(args: argparse.Namespace) -> int:
     from adapterlib.interop.export import export
 
+    if (args.layouts is not None or args.detector is not None) and args.measure <= 0:
+        raise ValueError("--layouts / --detector choose what --measure N measures: give --measure N too")
     _print_json(export(args.run, args.out, checkpoint=args.checkpoint, measure=args.measure, device=args.device,
-                       overwrite=args.overwrite))
+                       overwrite=args.overwrite, layouts=args.layouts, detector=args.detector))
     return 0
 
 
@@ -223,7 +233,7 @@ def _import_parser(commands) -> None:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from adapterlib.data.manifest import importers
+    from adapterlib.data import importers
 
     shared = dict(max_objects=args.max_objects, drop_empty=args.drop_empty, skip_bad=args.skip_bad,
                   check_sizes=args.check_sizes, overwrite=args.overwrite)

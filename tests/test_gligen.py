@@ -254,9 +254,9 @@ def test_gligen_takes_its_own_blocks_and_width_whatever_the_preset_and_refuses_o
     """The shapes and sd15 presets adapt the decoder only (docs/blocks.md); GLIGEN has a fuser in every block and
     its own feed-forward (width 4), whatever the preset's choice for our layer."""
     from adapterlib.training.config import GLIGEN_FIXED
-    assert make_config("shapes").adapter_blocks == "decoder" and make_config("sd15").adapter_blocks == "decoder"
+    assert make_config("shapes").adapter_blocks == "decoder" and make_config("sd15", base_model="sd").adapter_blocks == "decoder"
     for preset in ("shapes", "sd15", "sdxl"):
-        cfg = make_config(preset, adapter_attention="gligen")
+        cfg = make_config(preset, adapter_attention="gligen", **({} if preset == "shapes" else {"base_model": "sd"}))
         assert (cfg.adapter_blocks, cfg.adapter_ff_mult) == ("all", 4) == tuple(GLIGEN_FIXED.values())
     for name, other in (("adapter_blocks", "decoder"), ("adapter_ff_mult", 2)):
         with pytest.raises(ValueError, match=f"adapter_attention = 'gligen' is diffusers' GLIGEN as it is .*every "

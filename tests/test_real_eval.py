@@ -121,3 +121,61 @@ def test_heldout_and_detector_may_change_on_resume(coco_run, tmp_path):
     assert {"heldout", "detector"} <= set(RESUME_FREE)
     cfg = resume_config(coco_run["run"], heldout="v2", detector=str(coco_run["owl"]))
     assert (cfg.heldout, cfg.detector) == ("v2", str(coco_run["owl"]))
+
+
+# --- export --measure measures as `evaluate RUN` does (issue 32)
+
+def _with_detector(coco_run, tmp_path, detector: str):
+    """A copy of the COCO run whose config names `detector` (the runs root is tmp_path)."""
+    copy = tmp_path / "with-detector"
+    shutil.copytree(coco_run["run"], copy, ignore=shutil.ignore_patterns("checkpoint_test"))
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "detector": detector}))
+    return copy
+
+
+def test_export_measure_uses_the_runs_own_layouts_and_detector_and_names_them_in_the_card(coco_run, tmp_path,
+                                                                                          monkeypatch, capsys):
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
+    run = _with_detector(coco_run, tmp_path, str(coco_run["owl"]))
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out), "--measure", "2", "--device", "cpu"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    measured = config["grounding_at_export"]
+    assert measured["layouts"] == str(coco_run["heldout"]) and measured["n_layouts"] == 2
+    assert measured["detector"] == str(coco_run["owl"]) and measured["n_objects"] == 4
+    card = (out / "README.md").read_text()
+    assert f"by the zero-shot detector `{coco_run['owl']}`" in card and "colour detector" not in card
+    assert f"python -m adapterlib evaluate {run} --checkpoint 4 --limit 2`" in card      # evaluate's own choice
+    # --detector and --layouts override the run's, as evaluate's do, and the card's command says so
+    out2 = tmp_path / "export2"
+    assert main(["export", "coco", "--out", str(out2), "--measure", "1", "--device", "cpu",
+                 "--detector", str(coco_run["owl"]), "--layouts", str(coco_run["train"])]) == 2     # not a run here
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(coco_run["runs"]))
+    assert main(["export", "coco", "--out", str(out2), "--measure", "1", "--device", "cpu",
+                 "--detector", str(coco_run["owl"]), "--layouts", str(coco_run["train"])]) == 0
+    measured = json.loads((out2 / "adapter_config.json").read_text())["grounding_at_export"]
+    assert measured["layouts"] == str(coco_run["train"]) and measured["detector"] == str(coco_run["owl"])
+    assert f"--layouts {coco_run['train']} --detector {coco_run['owl']}`" in (out2 / "README.md").read_text()
+    capsys.readouterr()
+
+
+def test_export_measure_with_a_detector_that_measures_nothing_is_an_error_before_the_base_loads(coco_run, tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """The run names no detector: the colour detector, which finds no "dog"; refused before the SD base loads."""
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(coco_run["runs"]))
+    import adapterlib.interop.export
+    monkeypatch.setattr(adapterlib.interop.export, "load_run_base", lambda *a, **k: pytest.fail("loaded the base"))
+    out = tmp_path / "export"
+    assert main(["export", "coco", "--out", str(out), "--measure", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "color detector can measure none of the 4 objects of 2 layouts of" in err and "val" in err
+    assert not out.exists()
+    assert main(["export", "coco", "--out", str(out), "--detector", str(coco_run["owl"])]) == 2    # without --measure
+    assert "give --measure N too" in capsys.readouterr().err
+
+
+def test_export_loads_on_the_same_device_as_evaluate_by_default():
+    from adapterlib.__main__ import _parser
+    assert _parser().parse_args(["export", "r", "--out", "x"]).device == "auto"
+    assert _parser().parse_args(["evaluate", "r"]).device in (None, "auto")

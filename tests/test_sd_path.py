@@ -111,3 +111,22 @@ def test_stable_diffusion_without_data_is_refused_before_any_work(tmp_path, monk
     assert "is a latent model (it has a VAE)" in err and "data = 'shapes-v2' is the generated Shapes world" in err
     assert "give your manifest" in err
     assert not (tmp_path / "nodata").exists() and not (tmp_path / "shapes-on-sd").exists()
+
+
+@pytest.mark.parametrize("preset", ["sd15", "sdxl"])
+def test_a_stable_diffusion_preset_without_a_base_is_refused_before_any_work(preset, tmp_path, monkeypatch, capsys):
+    """`train --preset sd15 --data ...` with no --base_model never trains the shipped 32-px shapes-tiny base: the
+    sd15 and sdxl presets name no base, and the config refuses none, naming the flag (CLI and papermill)."""
+    from adapterlib.training.config import make_config
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
+    manifest = import_coco_fixture(tmp_path / "d", n=2)
+    import adapterlib.training.train
+    monkeypatch.setattr(adapterlib.training.train, "train", lambda *a, **k: pytest.fail("training started"))
+    assert main(["train", "--preset", preset, "--data", str(manifest), "--run_name", "nobase"]) == 2
+    err = capsys.readouterr().err
+    assert f"base_model is empty: the {preset!r} preset" in err and "--base_model FOLDER" in err
+    assert "-p base_model FOLDER" in err and not (tmp_path / "nobase").exists()
+    with pytest.raises(ValueError, match="base_model is empty"):
+        make_config(preset, data=str(manifest))
+    assert make_config(preset, data=str(manifest), base_model="models/sd").base_model == "models/sd"
+    assert make_config("shapes").base_model == "shapes-tiny"            # the embedded default keeps its base

@@ -95,7 +95,7 @@ def test_wrong_parameter_type_is_an_error_not_a_cast():
 
 
 def test_sd15_preset_keeps_the_seed_plan_values():
-    cfg = make_config("sd15")
+    cfg = make_config("sd15", base_model="models/sd15")
     assert (cfg.batch_size, cfg.lr, cfg.phrase_dropout, cfg.scale_min, cfg.scale_max, cfg.save_every, cfg.steps) == \
         (2, 1e-4, 0.1, 0.5, 1.0, 2000, 25_000)
 
@@ -158,7 +158,7 @@ def test_box_loss_is_the_mean_over_objects_of_the_error_inside_each_box():
 
 
 def test_box_loss_weight_reaches_training(runs):
-    assert TrainConfig().box_loss_weight == 1.0 and make_config("sd15").box_loss_weight == 1.0
+    assert TrainConfig().box_loss_weight == 1.0 and make_config("sd15", base_model="sd").box_loss_weight == 1.0
     for name, weight in (("plain", 0.0), ("default", None), ("double", 2.0)):
         train(tiny(name, steps=3) if weight is None else tiny(name, steps=3, box_loss_weight=weight))
     plain, default, double = (weights(runs / name) for name in ("plain", "default", "double"))
@@ -273,8 +273,8 @@ def test_cosine_lr_schedule_decays_to_zero_and_the_field_reaches_training(runs):
 def test_the_shapes_recipe_decays_its_rate_and_an_older_run_resumes_at_the_constant_one(runs):
     assert make_config("shapes").lr_schedule == "cosine"            # the default run's recipe (README)
     assert make_config("shapes").box_loss_region == "layered"
-    assert make_config("sd15").lr_schedule == "cosine"              # docs/recipe.md
-    assert make_config("sd15").box_loss_region == "box"
+    assert make_config("sd15", base_model="sd").lr_schedule == "cosine"              # docs/recipe.md
+    assert make_config("sd15", base_model="sd").box_loss_region == "box"
     folder = train(tiny("before-schedules", steps=4, save_every=2, warmup=1, lr_schedule="constant",
                         box_loss_region="box"), progress=False)
     saved = json.loads((folder / "config.json").read_text())

@@ -25,27 +25,36 @@ RECIPE = ("steps", "batch_size", "lr", "lr_schedule", "warmup", "gate_lr_scale",
           "mixed_precision")
 
 
-def export(run, out, *, checkpoint: str = "latest", measure: int = 0, device: str | None = "cpu",
-           overwrite: bool = False) -> dict:
+def export(run, out, *, checkpoint: str = "latest", measure: int = 0, device: str | None = "auto",
+           overwrite: bool = False, layouts: str | Path | None = None, detector: str | Path | None = None) -> dict:
     """Write the export folder `out` for `run` at `checkpoint`; returns what was written. `measure` > 0: the
-    grounding of the first `measure` of the run's layouts is measured now and written into the card."""
+    grounding of the first `measure` layouts is measured now and written into the card, exactly as `python -m
+    adapterlib evaluate RUN --limit N` measures it: on the run's own layouts (`evaluate.run_layouts`: its `heldout`
+    field, ...) by the run's own detector (`evaluate.run_detector`: its `detector` field, else the colour
+    detector), or on `layouts` / by `detector` when given; a detector that can measure none of the layouts'
+    objects is an error before the base loads. `device`: "auto" (CUDA when available), "cpu", "cuda:N"."""
     run_dir = resolve_run(run)
     step, path = resolve_checkpoint(run_dir, str(checkpoint))
     config = read_config(run_dir)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty: give a new folder (or --overwrite)")
+    if measure < 0:
+        raise ValueError(f"--measure {measure}: give a positive number of layouts (or 0: not measured)")
     weights = path / "adapter.safetensors"
     arch = adapter_config(weights)
     written = {"adapter": str(out / "adapter.safetensors")}
     base = None
     measured = None
+    if measure > 0:
+        measuring = _measuring(run_dir, measure, layouts, detector, device)    # before the base loads
     needs_base = measure > 0 or arch.get("attention") == "gligen"
     if needs_base:
         base = load_run_base(run_dir, device)
         adapter = load_adapter(path, base)           # refuses a checkpoint of another base before writing anything
     if measure > 0:
-        measured = _measure(run_dir, base, adapter, measure)
+        measured = _measure(run_dir, base, adapter, measure, *measuring, layouts_given=layouts,
+                            detector_given=detector)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -75,12 +84,37 @@ def export(run, out, *, checkpoint: str = "latest", measure: int = 0, device: st
     return {**written, "folder": str(out), "step": step, "variant": arch["attention"]}
 
 
-def _measure(run_dir: Path, base, adapter, n: int) -> dict:
+def _measuring(run_dir: Path, n: int, layouts, detector, device):
+    """What `--measure N` measures on and by, as `evaluate RUN` chooses them (`__main__._evaluate_run`): the
+    layouts (given, else the run's own), the detector spec (given, else the run's `detector` field, else
+    "color") and the loaded detector, checked able to measure the layouts' objects, all before any sampling."""
     from adapterlib.evaluation import evaluate
-    layouts = evaluate.run_layouts(run_dir, n)
-    _, summary = evaluate.evaluate(layouts, reference="adapter", base=base, adapter=adapter)
+    from adapterlib.training.worlds import load_detector
+    chosen = evaluate.named_layouts(layouts, n) if layouts not in (None, "") else evaluate.run_layouts(run_dir, n)
+    spec = evaluate.run_detector(run_dir, detector)
+    loaded = load_detector(spec, device)
+    evaluate.check_measurable(loaded, chosen)
+    return chosen, spec, loaded
+
+
+def _measure(run_dir: Path, base, adapter, n: int, layouts, spec: str, detector, *, layouts_given=None,
+             detector_given=None) -> dict:
+    from adapterlib.evaluation import evaluate
+    _, summary = evaluate.evaluate(layouts, reference="adapter", base=base, adapter=adapter, detector=detector)
+    command = f"python -m adapterlib evaluate {run_dir} --checkpoint <step> --limit {n}"
+    if layouts_given not in (None, ""):
+        command += f" --layouts {layouts_given}"
+    if detector_given not in (None, ""):
+        command += f" --detector {spec}"
     return {**json.loads(dumps(summary)), "layouts": layouts.source, "n_layouts": len(layouts),
-            "command": f"python -m adapterlib evaluate {run_dir} --checkpoint <step> --limit {n}"}
+            "detector": spec, "detector_name": detector.name, "command": command}
+
+
+def detector_words(spec: str) -> str:
+    """How a card names the detector of its measurement."""
+    if spec in ("", "color"):
+        return "the Shapes colour detector (`color`: it finds an object by the colour word in its phrase)"
+    return f"the zero-shot detector `{spec}`"
 
 
 def write_gligen_pipeline(base, adapter, folder: Path) -> Path:
@@ -113,9 +147,10 @@ def model_card(info: dict, diffusers_note: str = "") -> str:
     measured = info.get("grounding_at_export")
     if measured:
         rows = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |"
-                         for k, v in measured.items() if k != "command")
-        grounding = (f"Measured at export on {measured['n_layouts']} of the run's layouts ({measured['layouts']}), "
-                     f"25 DDIM steps, guidance 3, scale 1, colour detector:\n\n| measure | value |\n|---|---|\n{rows}\n\n"
+                         for k, v in measured.items() if k not in ("command", "detector_name"))
+        by = detector_words(measured.get("detector", "color"))
+        grounding = (f"Measured at export on {measured['n_layouts']} layouts ({measured['layouts']}), "
+                     f"25 DDIM steps, guidance 3, scale 1, by {by}:\n\n| measure | value |\n|---|---|\n{rows}\n\n"
                      f"Reproduce: `{measured['command'].replace('<step>', str(info['step']))}`\n")
     else:
         grounding = ("Not measured at export. Measure it with "

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 from adapterlib.paths import repo_path
 
 
-SHIPPED_BASE = Path(__file__).parent / "models" / "shapes-tiny"
+SHIPPED_BASE = Path(__file__).resolve().parents[1] / "models" / "shapes-tiny"   # adapterlib/models/
 DEFAULT_BASE = "shapes-tiny"  # the name `load_base` resolves to the shipped folder
 
 

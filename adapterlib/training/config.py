@@ -30,7 +30,8 @@ class TrainConfig:
     # --- the run
     preset: str = "shapes"               # the PRESETS entry the other fields started from
     run_name: str = ""                   # "" -> "<preset>-<date>-<time>"
-    base_model: str = "shapes-tiny"      # the shipped tiny base, or a diffusers-style SD folder path
+    base_model: str = "shapes-tiny"      # the shipped tiny base, or a diffusers-style SD folder path; "" (the sd15 and
+                                         # sdxl presets'): none given, which the config refuses (give the folder)
     data: str = "shapes-v2"              # a manifest (.jsonl) path, or a generated Shapes set: "shapes-v2" (1-6 objects,
                                          # some overlapping, smaller in front) or "shapes" (the first world: 1-3, apart);
                                          # "" (the sd15 preset's): none given, which training refuses
@@ -55,13 +56,13 @@ class TrainConfig:
     lr_schedule: str = "constant"        # after the warm-up: constant | cosine (down to 0 at `steps`; a resume that adds
                                          # steps stretches the rest of the decay over them)
     box_loss_weight: float = 1.0         # loss = MSE over the image + this x the mean over objects of the MSE inside each
-                                         # object's box: every object counts alike, however small (train.box_loss)
+                                         # object's box: every object counts alike, however small (losses.box_loss)
     box_loss_region: str = "box"         # the box loss's region of each object: box | visible (its own pixels in the
                                          # training image, found by its phrase's colour) | exclusive (its box less the
                                          # pixels other objects show) | layered (visible for an object hidden in part,
                                          # exclusive otherwise); all but box: Shapes data, a pixel base
     timesteps: str = "uniform"           # uniform | cubic: t = (1 - u^3) T, most steps at high noise, where the layout is
-                                         # decided (T2I-Adapter's schedule; train.draw_timesteps)
+                                         # decided (T2I-Adapter's schedule; losses.draw_timesteps)
     grad_clip: float = 1.0
     adapter_attention: str = "masked"    # self | cross | masked | gligen (diffusers' own GLIGEN modules: adapterlib/model/gligen.py)
     adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
@@ -99,6 +100,11 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self)
+        if not self.base_model.strip():
+            raise ValueError(
+                f"base_model is empty: the {self.preset!r} preset trains a Stable Diffusion base, and names none (it "
+                f"would not fall back to the 32-px shapes-tiny). Give its diffusers folder: --base_model FOLDER "
+                f"(python -m adapterlib train), -p base_model FOLDER (papermill), base_model=FOLDER (make_config)")
         if not self.run_name:
             self.run_name = f"{self.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         for name in ("phrase_dropout", "caption_dropout"):
@@ -177,9 +183,9 @@ PRESETS = {
     "shapes": dict(lr_schedule="cosine", box_loss_region="layered", adapter_blocks="decoder", adapter_ff_mult=2),
     # Stable Diffusion 1.5 on one GPU: the training plan's values (steps, batch, lr, dropouts, scales, checkpoints) with
     # the recipe that grounds on Shapes (masked attention, the per-object box loss over boxes, the cosine decay, gates
-    # at 10x, the mid and up blocks only: docs/blocks.md); your data must be given (data=PATH: training refuses none).
-    # Why each: docs/recipe.md
-    "sd15": dict(data="", steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
+    # at 10x, the mid and up blocks only: docs/blocks.md); your base and data must be given (base_model=FOLDER: the
+    # config refuses none; data=PATH: training refuses none). Why each: docs/recipe.md
+    "sd15": dict(base_model="", data="", steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
                  save_every=2000, warmup=500, log_every=50, mixed_precision="bf16", adapter_attention="masked",
                  box_loss_weight=1.0, box_loss_region="box", lr_schedule="cosine", gate_lr_scale=10.0,
                  adapter_blocks="decoder"),
