@@ -11,7 +11,6 @@ uninterrupted one (on CPU; GPU kernels are not bitwise deterministic).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,10 @@ from adapterlib.training import checkpoint
 from adapterlib.training import worlds
 from adapterlib.training import distributed
 from adapterlib.training import cache
-from adapterlib.model.adapter import AdaptedUNet, Grounding, architecture_options, build_adapter, region_mask
+from adapterlib.model.adapter import AdaptedUNet, Grounding, architecture_options, build_adapter
 from adapterlib.model.base import load_base, resolve_base_path
-from adapterlib.options import TIMESTEPS
 from adapterlib.training.config import FIELDS, TrainConfig, resume_changes
+from adapterlib.training.losses import box_loss, draw_timesteps, lr_factor, visible_region
 from adapterlib.analysis.figures import boxed_grid
 from adapterlib.analysis.gates import gate_stats
 from adapterlib.paths import repo_path
@@ -97,8 +96,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, prog
         run = open_run(cfg, folder, resume, shard)
         if lock_note:
             run.notes.append(lock_note)
-        s = set_up(cfg, shard, run, progress)
-        return _loop(s, run, progress, progress_every_s, on_log, stop_at_step)
+        training = set_up(cfg, shard, run, progress)
+        return _loop(training, run, progress, progress_every_s, on_log, stop_at_step)
     finally:
         lock.release()
 
@@ -183,7 +182,7 @@ def open_run(cfg: TrainConfig, folder: Path, resume: bool, shard: distributed.Sh
 
 
 @dataclass
-class Setup:
+class Training:
     """Everything a step needs: the frozen base and the adapter as one module, the optimiser, the data."""
     cfg: TrainConfig
     shard: distributed.Shard
@@ -206,7 +205,7 @@ class Setup:
         return self.shard.device
 
 
-def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress: bool) -> Setup:
+def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress: bool) -> Training:
     """The frozen base in the compute dtype, the fp32 adapter (master weights) and the optimiser, the data source
     (checked and cached before any step), and the resumed states."""
     device = shard.device
@@ -263,21 +262,21 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
         opt.load_state_dict(run.state["optimizer"])
         sched.load_state_dict(run.state["scheduler"])
         scaler.load_state_dict(run.state["scaler"])
-    return Setup(cfg, shard, base, adapter, model, params, opt, sched, scaler, compute_dtype, amp_dtype, sync_free,
+    return Training(cfg, shard, base, adapter, model, params, opt, sched, scaler, compute_dtype, amp_dtype, sync_free,
                  slots, source, eval_records)
 
 
-def step_loss(s: Setup, batch: cache.Batch, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def step_loss(training: Training, batch: cache.Batch, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch's loss and the global batch's (every process decides alike on it). The random numbers of the
     whole global batch are drawn in a fixed order from `gen` (several processes: each keeps its rows)."""
-    cfg, shard, device, base = s.cfg, s.shard, s.device, s.base
+    cfg, shard, device, base = training.cfg, training.shard, training.device, training.base
     # --- inputs: captions (caption dropout), grounding (phrase dropout), latents, noise, timesteps, scales
     drop = shard.take(torch.rand(cfg.batch_size, generator=gen)) < cfg.caption_dropout
-    context, phrase_embeddings, added = cache.text_inputs(base, batch, drop, device, s.compute_dtype, s.amp_dtype)
+    context, phrase_embeddings, added = cache.text_inputs(base, batch, drop, device, training.compute_dtype, training.amp_dtype)
     grounding = Grounding.from_records(batch.records, phrase_embeddings, max_objects=cfg.max_objects,
                                        phrase_dropout=cfg.phrase_dropout, generator=gen,
-                                       part=shard.part(batch.records), pad_to=s.slots)
-    latents = cache.sample_latents(base, batch, gen, device, s.compute_dtype, s.amp_dtype,
+                                       part=shard.part(batch.records), pad_to=training.slots)
+    latents = cache.sample_latents(base, batch, gen, device, training.compute_dtype, training.amp_dtype,
                                        draw=lambda shape: shard.take(torch.randn((cfg.batch_size, *shape[1:]), generator=gen)))
     noise = shard.take(torch.randn((cfg.batch_size, *latents.shape[1:]), generator=gen)).to(device)
     t = shard.take(draw_timesteps(cfg.timesteps, cfg.batch_size, base.scheduler.config.num_train_timesteps, gen)).to(device)
@@ -287,8 +286,8 @@ def step_loss(s: Setup, batch: cache.Batch, gen: torch.Generator) -> tuple[torch
     target = {"epsilon": noise, "v_prediction": base.scheduler.get_velocity(latents, noise, t),
               "sample": latents}[prediction]
     # --- forward: the frozen UNet with the adapter, through the one module
-    with torch.autocast(device.type, s.amp_dtype, enabled=s.amp_dtype is not None):
-        pred = s.model(noisy.to(s.compute_dtype), t, context, grounding, scale, added)   # added: SDXL's; SD: None
+    with torch.autocast(device.type, training.amp_dtype, enabled=training.amp_dtype is not None):
+        pred = training.model(noisy.to(training.compute_dtype), t, context, grounding, scale, added)   # added: SDXL's; SD: None
     loss = F.mse_loss(pred.float(), target)
     if cfg.box_loss_weight > 0:
         # several processes: each adds its objects' errors over the global batch's object count, times the
@@ -300,22 +299,30 @@ def step_loss(s: Setup, batch: cache.Batch, gen: torch.Generator) -> tuple[torch
     return loss, shard.mean(loss.detach())
 
 
-def update(s: Setup, loss: torch.Tensor, batch_loss: torch.Tensor, counted: "NonFiniteCount | None"):
-    """Backward, clip, the optimiser and schedule steps. On sync-free devices a non-finite loss is caught on the
-    device: the fused AdamW skips the update itself (`found_inf`) and `counted` counts it. Returns the gradient
-    norm and whether the loss was finite (both on the device)."""
-    s.scaler.scale(loss).backward()
-    s.scaler.unscale_(s.opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(s.params.values()), s.cfg.grad_clip)
+def update(training: Training, loss: torch.Tensor, batch_loss: torch.Tensor, counted: "NonFiniteCount | None"):
+    """Backward, clip, the optimiser and schedule steps, behind the one guard against a non-finite loss. Returns the
+    gradient norm (None: the step was skipped on the host) and whether the loss was finite (on the device).
+
+    The guard: where the host reads the loss at no cost (the CPU), a non-finite loss skips backward and the
+    optimiser step, and the schedule moves on. Where reading it would make every step wait for the device (CUDA:
+    `sync_free`), the check stays on the device: the update runs, and the fused AdamW skips its own parameter
+    update when its `found_inf` tensor is 1 -- the flag torch's loss scaler hands it under fp16; without a scaler
+    we set it ourselves for this one step, then remove it. `counted` counts the skips, read at log intervals."""
     good = torch.isfinite(batch_loss)
-    if s.sync_free:                              # checked on the device; the fused AdamW skips a bad step
-        if not s.scaler.is_enabled():            # (the loss scaler hands it its own found_inf)
-            s.opt.found_inf = (~good).float()
+    if not training.sync_free and not good:
+        training.sched.step()
+        return None, good
+    training.scaler.scale(loss).backward()
+    training.scaler.unscale_(training.opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(training.params.values()), training.cfg.grad_clip)
+    if training.sync_free:
+        if not training.scaler.is_enabled():
+            training.opt.found_inf = (~good).float()
         counted.add(~good)
-    s.scaler.step(s.opt)
-    s.opt.__dict__.pop("found_inf", None)
-    s.scaler.update()
-    s.sched.step()
+    training.scaler.step(training.opt)
+    training.opt.__dict__.pop("found_inf", None)
+    training.scaler.update()
+    training.sched.step()
     return grad_norm, good
 
 
@@ -324,16 +331,16 @@ class Meter:
     non-finite losses (checked every step on the CPU; counted on the device and read at intervals on CUDA), with
     the stop rule `max_nonfinite_steps`."""
 
-    def __init__(self, s: Setup, log, bar, skipped: int, last_saved: int):
-        self.s, self.log, self.bar, self.skipped, self.last_saved = s, log, bar, skipped, last_saved
+    def __init__(self, training: Training, log, bar, skipped: int, last_saved: int):
+        self.training, self.log, self.bar, self.skipped, self.last_saved = training, log, bar, skipped, last_saved
         self.skipped_before, self.in_a_row = skipped, 0
-        self.counted = NonFiniteCount(s.device) if s.sync_free else None
+        self.counted = NonFiniteCount(training.device) if training.sync_free else None
         self.t_start = time.perf_counter()
         self.restart()
 
     def restart(self) -> None:
         """A new window after a row: the loss sums and the clock."""
-        zero = lambda: torch.zeros((), device=self.s.device)
+        zero = lambda: torch.zeros((), device=self.training.device)
         self.loss_sum, self.loss_count = zero(), zero()
         self.restart_clock()
 
@@ -351,7 +358,7 @@ class Meter:
         """The CPU's per-step check found a non-finite loss: the step is skipped (no update)."""
         self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
         self.log.text(f"step {at_step}: non-finite loss {batch_loss.item()}, step skipped ({self.skipped} so far)")
-        if self.in_a_row >= self.s.cfg.max_nonfinite_steps:
+        if self.in_a_row >= self.training.cfg.max_nonfinite_steps:
             self.stop(self.in_a_row, at_step)
 
     def read_device_counts(self, at_step: int) -> None:
@@ -360,11 +367,11 @@ class Meter:
         self.skipped = self.skipped_before + total
         if new:
             self.log.text(f"steps up to {at_step}: {new} non-finite loss(es), steps skipped ({self.skipped} so far)")
-        if longest >= self.s.cfg.max_nonfinite_steps:
+        if longest >= self.training.cfg.max_nonfinite_steps:
             self.stop(longest, at_step)
 
     def stop(self, in_a_row: int, at_step: int):
-        cfg = self.s.cfg
+        cfg = self.training.cfg
         message = (f"{in_a_row} non-finite losses in a row, the last at step {at_step}: the numbers overflow. Check "
                    f"mixed_precision ({cfg.mixed_precision!r}: fp16 needs the loss scaler; try bf16 or no) and lower lr "
                    f"({cfg.lr:g}); the last checkpoint (step {self.last_saved}) is untouched")
@@ -374,9 +381,9 @@ class Meter:
 
     def row(self, step: int, batch_loss: torch.Tensor, grad_norm: torch.Tensor) -> dict:
         """The metrics.csv row of this window (gate statistics read now); the window restarts."""
-        stats = gate_stats(self.s.adapter)
+        stats = gate_stats(self.training.adapter)
         now = time.perf_counter()
-        row = dict(step=step, loss=batch_loss.item(), loss_avg=self.loss_avg(), lr=self.s.sched.get_last_lr()[0],
+        row = dict(step=step, loss=batch_loss.item(), loss_avg=self.loss_avg(), lr=self.training.sched.get_last_lr()[0],
                    grad_norm=grad_norm.item(), samples_per_s=self.samples_per_s(now), wall_s=now - self.t_start,
                    skipped=self.skipped, **stats)
         self.restart()
@@ -386,96 +393,71 @@ class Meter:
         return self.loss_sum.item() / max(1.0, self.loss_count.item())
 
     def samples_per_s(self, now: float | None = None) -> float:
-        return self.window_steps * self.s.cfg.batch_size / max((now or time.perf_counter()) - self.t_window, 1e-9)
+        return self.window_steps * self.training.cfg.batch_size / max((now or time.perf_counter()) - self.t_window, 1e-9)
 
 
 class Saver:
     """Writes a checkpoint (rank 0; the other processes wait), prunes old ones (`keep_last`), and draws the
     checkpoint's samples."""
 
-    def __init__(self, s: Setup, folder: Path, log, bar):
-        self.s, self.folder, self.log, self.bar = s, folder, log, bar
+    def __init__(self, training: Training, folder: Path, log, bar):
+        self.training, self.folder, self.log, self.bar = training, folder, log, bar
 
     def __call__(self, at_step: int, rng_state: torch.Tensor, skipped: int) -> None:
-        self.s.shard.main_only(self._save)(at_step, rng_state, skipped)
+        self.training.shard.main_only(self._save)(at_step, rng_state, skipped)
 
     def _save(self, at_step: int, rng_state: torch.Tensor, skipped: int) -> None:
-        s, cfg, folder, log = self.s, self.s.cfg, self.folder, self.log
-        state = dict(optimizer=s.opt.state_dict(), scheduler=s.sched.state_dict(), scaler=s.scaler.state_dict(),
+        training, cfg, folder, log = self.training, self.training.cfg, self.folder, self.log
+        state = dict(optimizer=training.opt.state_dict(), scheduler=training.sched.state_dict(), scaler=training.scaler.state_dict(),
                      rng=checkpoint.rng_state(rng_state), step=at_step, samples_seen=at_step * cfg.batch_size,
-                     skipped=skipped, processes=s.shard.world)
+                     skipped=skipped, processes=training.shard.world)
         try:
-            path = checkpoint.save_checkpoint(folder, at_step, s.adapter, state, cfg.to_dict())
+            path = checkpoint.save_checkpoint(folder, at_step, training.adapter, state, cfg.to_dict())
         except checkpoint.CheckpointError as e:
             log.text(f"checkpoint failed: {e}")
             self.bar.say(f"checkpoint failed: {e}")
             raise
         for gone in checkpoint.prune_checkpoints(folder, cfg.keep_last):      # under the run's lock
             log.text(f"checkpoint step {gone} deleted (keep_last {cfg.keep_last})")
-        if s.eval_records:
-            images = generate(s.base, s.eval_records, list(range(len(s.eval_records))), adapter=s.adapter,
+        if training.eval_records:
+            images = generate(training.base, training.eval_records, list(range(len(training.eval_records))), adapter=training.adapter,
                               batch_size=32)
             (folder / "samples").mkdir(exist_ok=True)
-            grid = boxed_grid(images, s.eval_records)
+            grid = boxed_grid(images, training.eval_records)
             grid.save(folder / "samples" / f"step_{at_step:07d}.png")
             log.image("samples", grid, at_step)
         log.text(f"checkpoint {path.relative_to(folder)}")
 
 
-def _loop(s: Setup, run: OpenedRun, progress: bool, progress_every_s: float, on_log, stop_at_step) -> Path:
+def _loop(training: Training, run: OpenedRun, progress: bool, progress_every_s: float, on_log, stop_at_step) -> Path:
     """The steps from the run's current step to `steps`, with logging and checkpoints, then the final adapter."""
-    cfg, shard, folder = s.cfg, s.shard, run.folder
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step, skipped = 0, 0
-    if run.resume:
-        step = run.latest[0]
-        checkpoint.set_rng_state(gen, run.state["rng"])
-        skipped = run.state["skipped"]
-    log = RunLog(folder, list(gate_stats(s.adapter))[3:], step if run.resume else None,
-                 tensorboard=cfg.tensorboard) if shard.main else distributed.SILENT
-    bar = Progress(folder.name, step, cfg.steps, every_s=progress_every_s, bar=progress) if shard.main else distributed.SILENT
-    notes = run.notes
-    if run.changes:
-        log.text(CHANGES + json.dumps({k: v for k, v in run.changes.items()}))
-        notes.append("with changes " + ", ".join(f"{k}={v!r}" for k, v in run.changes.items()))
-    summary = (f"{'; '.join(notes)} on {s.device} (base {cfg.base_model}, adapter {cfg.adapter_attention}/"
-               f"{cfg.adapter_norm}, {sum(p.numel() for p in s.params.values())} trainable parameters)")
-    log.text(summary)
-    bar.say(f"{summary}; run folder {folder}")
-    save = Saver(s, folder, log, bar)
-
-    # --- SIGTERM (a killed papermill job, a scheduler) checkpoints like Ctrl-C (several processes: after the step)
-    def on_sigterm(signum, frame):
-        raise Interrupted(f"signal {signum}")
-    restore_signals = shard.handle_signals(on_sigterm)
-    meter = Meter(s, log, bar, skipped, last_saved=step)
+    cfg, shard, folder = training.cfg, training.shard, run.folder
+    gen, step, log, bar, meter, save = _start(training, run, progress, progress_every_s)
     rng_done = gen.get_state()                 # RNG state after the last completed step: what a checkpoint holds
-    batches = cache.step_batches(s.source, seed=cfg.seed, batch_size=cfg.batch_size, start=step, stop=cfg.steps,
-                                     workers=cfg.num_workers, take=shard.take)
+    batches = cache.step_batches(training.source, seed=cfg.seed, batch_size=cfg.batch_size, start=step,
+                                 stop=cfg.steps, workers=cfg.num_workers, take=shard.take)
+    restore_signals = shard.handle_signals(_on_sigterm)
     try:
         while step < cfg.steps:
             if stop_at_step is not None and step == stop_at_step:
                 raise Interrupted(f"stop_at_step {stop_at_step}")
             if shard.stopping:
                 raise Interrupted(f"a signal to one of the {shard.world} processes")
-            # --- one step: the loss; a non-finite one is skipped (the CPU checks each step), else the update
-            loss, batch_loss = step_loss(s, next(batches), gen)
-            s.opt.zero_grad(set_to_none=True)
-            if not s.sync_free and not torch.isfinite(batch_loss):
-                meter.skip(batch_loss, step + 1)
-                s.sched.step()
-                step, rng_done = step + 1, gen.get_state()
-                continue
-            grad_norm, good = update(s, loss, batch_loss, meter.counted)
+            loss, batch_loss = step_loss(training, next(batches), gen)
+            training.opt.zero_grad(set_to_none=True)
+            grad_norm, good = update(training, loss, batch_loss, meter.counted)
             step, rng_done = step + 1, gen.get_state()   # the step is complete only now
+            if grad_norm is None:                        # non-finite, skipped on the host (update's guard)
+                meter.skip(batch_loss, step)
+                continue
             meter.add(batch_loss, good)
             bar.tick(step)
-            # --- log, progress line, checkpoint
             logging, due = step % cfg.log_every == 0 or step == cfg.steps, bar.due()
-            if s.sync_free and (logging or due or step % cfg.save_every == 0):
+            if training.sync_free and (logging or due or step % cfg.save_every == 0):
                 meter.read_device_counts(step)
             if due:
-                bar.line(meter.loss_avg(), gate_stats(s.adapter)["gate_mean"], meter.samples_per_s(), cfg.batch_size)
+                bar.line(meter.loss_avg(), gate_stats(training.adapter)["gate_mean"], meter.samples_per_s(),
+                         cfg.batch_size)
             if logging:
                 log.row(meter.row(step, batch_loss, grad_norm))
                 if on_log is not None and shard.main:
@@ -485,14 +467,7 @@ def _loop(s: Setup, run: OpenedRun, progress: bool, progress_every_s: float, on_
                 meter.last_saved = step
                 meter.restart_clock()
     except torch.OutOfMemoryError as e:
-        per = cfg.batch_size // shard.world
-        message = (f"out of {s.device.type} memory at step {step + 1} (batch {per} per process at {s.base.resolution} "
-                   f"px, mixed_precision {cfg.mixed_precision!r}): lower batch_size, keep mixed_precision bf16/fp16 on "
-                   f"a GPU, train at a lower resolution (a base with a smaller sample_size), or spread the batch over "
-                   f"more GPUs (accelerate launch); the last checkpoint (step {meter.last_saved}) is untouched")
-        log.text(f"stopped: {message}")
-        bar.say(f"stopped: {message}")
-        raise OutOfMemory(message) from e
+        raise _out_of_memory(training, step, meter, log, bar) from e
     except KeyboardInterrupt as stop:           # Ctrl-C, a kernel interrupt, SIGTERM, stop_at_step
         if step > meter.last_saved:
             save(step, rng_done, meter.skipped)
@@ -503,12 +478,61 @@ def _loop(s: Setup, run: OpenedRun, progress: bool, progress_every_s: float, on_
     finally:
         restore_signals()
         bar.close()
-    # --- the final adapter
     if step > meter.last_saved:
         save(step, rng_done, meter.skipped)
-    final = shard.main_only(checkpoint.save_final)(folder, s.adapter, dict(step=step, skipped=meter.skipped))
+    return _finish(training, run, step, meter, log, bar)
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM (a killed papermill job, a scheduler) checkpoints like Ctrl-C (several processes: after the step)."""
+    raise Interrupted(f"signal {signum}")
+
+
+def _start(training: Training, run: OpenedRun, progress: bool, progress_every_s: float):
+    """Before the first step: the random stream and the step where the run stands, the run's log and progress line
+    (rank 0), the first line saying what runs where, the meter and the saver."""
+    cfg, shard, folder = training.cfg, training.shard, run.folder
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, skipped = 0, 0
+    if run.resume:
+        step = run.latest[0]
+        checkpoint.set_rng_state(gen, run.state["rng"])
+        skipped = run.state["skipped"]
+    log = RunLog(folder, list(gate_stats(training.adapter))[3:], step if run.resume else None,
+                 tensorboard=cfg.tensorboard) if shard.main else distributed.SILENT
+    bar = (Progress(folder.name, step, cfg.steps, every_s=progress_every_s, bar=progress) if shard.main
+           else distributed.SILENT)
+    notes = run.notes
+    if run.changes:
+        log.text(CHANGES + json.dumps({k: v for k, v in run.changes.items()}))
+        notes.append("with changes " + ", ".join(f"{k}={v!r}" for k, v in run.changes.items()))
+    summary = (f"{'; '.join(notes)} on {training.device} (base {cfg.base_model}, adapter {cfg.adapter_attention}/"
+               f"{cfg.adapter_norm}, {sum(p.numel() for p in training.params.values())} trainable parameters)")
+    log.text(summary)
+    bar.say(f"{summary}; run folder {folder}")
+    return gen, step, log, bar, Meter(training, log, bar, skipped, last_saved=step), Saver(training, folder, log, bar)
+
+
+def _out_of_memory(training: Training, step: int, meter: "Meter", log, bar) -> OutOfMemory:
+    """The out-of-memory stop, logged, naming what to lower."""
+    cfg = training.cfg
+    per = cfg.batch_size // training.shard.world
+    message = (f"out of {training.device.type} memory at step {step + 1} (batch {per} per process at "
+               f"{training.base.resolution} px, mixed_precision {cfg.mixed_precision!r}): lower batch_size, keep "
+               f"mixed_precision bf16/fp16 on a GPU, train at a lower resolution (a base with a smaller sample_size), "
+               f"or spread the batch over more GPUs (accelerate launch); the last checkpoint (step {meter.last_saved}) "
+               f"is untouched")
+    log.text(f"stopped: {message}")
+    bar.say(f"stopped: {message}")
+    return OutOfMemory(message)
+
+
+def _finish(training: Training, run: OpenedRun, step: int, meter: "Meter", log, bar) -> Path:
+    """After the last step (its checkpoint written): the final adapter, the crop / flip counts, the last lines."""
+    cfg, shard, folder = training.cfg, training.shard, run.folder
+    final = shard.main_only(checkpoint.save_final)(folder, training.adapter, dict(step=step, skipped=meter.skipped))
     if cfg.crop != "none" or cfg.flip:
-        source = s.source
+        source = training.source
         counts = dict(cropped_away=shard.total(source.dropped_by_crop), flipped=shard.total(source.flipped),
                       side_words_flipped=shard.total(source.side_words_flipped))
         if shard.main:
@@ -519,7 +543,7 @@ def _loop(s: Setup, run: OpenedRun, progress: bool, progress_every_s: float, on_
     log.text(f"finished: {step} steps, final adapter in final/adapter.safetensors")
     bar.say(f"finished: {step} steps in {time.perf_counter() - meter.t_start:.0f} s; final adapter in {final}")
     log.close()            # after the final checkpoint's sample grid (each TensorBoard write is flushed as it goes)
-    s.adapter.detach()
+    training.adapter.detach()
     return folder
 
 
@@ -558,62 +582,3 @@ class NonFiniteCount:
         self.new.zero_()
         self.longest.copy_(self.run)
         return total, new, longest
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """The learning rate at `step` as a share of cfg.lr: a linear warm-up, then constant or a cosine down to 0."""
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    done = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * done))
-
-
-def draw_timesteps(rule: str, n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    """n training timesteps (int64) in [0, T): "uniform", or "cubic", t = floor((1 - u^3) T) with u uniform, which
-    puts 79% of the steps in the noisier half (T2I-Adapter's schedule: the layout is decided at high noise)."""
-    T = num_train_timesteps
-    if rule == "uniform":
-        return torch.randint(0, T, (n,), generator=generator)
-    if rule == "cubic":
-        u = torch.rand(n, generator=generator, dtype=torch.float64)
-        return ((1 - u ** 3) * T).long().clamp(0, T - 1)
-    raise ValueError(f"timesteps = {rule!r}: choose one of {TIMESTEPS}")
-
-
-def box_loss(pred: torch.Tensor, target: torch.Tensor, grounding: Grounding,
-             objects: torch.Tensor | None = None, region: torch.Tensor | None = None) -> torch.Tensor:
-    """The mean over the batch's objects of the squared error inside each object's box (on the prediction's grid, a
-    cell counting when it overlaps the box): a small object weighs as much as a large one, where the image's MSE
-    weighs it by its pixel count. `objects`: the count to divide by (default: this batch's objects). `region`
-    (B, h * w, N) bool: each object's cells instead of its box's (`visible_region`)."""
-    err = (pred - target).square().mean(dim=1).flatten(1)                     # (B, h * w)
-    inside = (region_mask(grounding.boxes, *pred.shape[-2:]) if region is None else region).float()  # (B, h * w, N)
-    per_box = (err[:, :, None] * inside).sum(1) / inside.sum(1).clamp(min=1)  # (B, N)
-    present = grounding.present.float()
-    return (per_box * present).sum() / (present.sum() if objects is None else objects).clamp(min=1)
-
-
-def visible_region(batch: cache.Batch, grounding: Grounding, grid: tuple[int, int],
-                   region: str = "visible") -> torch.Tensor:
-    """The box loss's region of each object, (B, h * w, N) bool, from the training images, on a pixel base (the
-    prediction's grid is the image's). `box_loss_region visible`: its own pixels, those of its phrase's colour
-    (`worlds.visible_masks`); `exclusive`: its box less the pixels other objects show (its own pixels and the
-    background inside its box); `layered`: its own pixels if it is hidden in part (some of its whole shape shows
-    another object, `worlds.hidden_in_part`), else exclusive. Either way an object hidden in part is not judged
-    on the object in front of it."""
-    if batch.pixels is None or tuple(batch.pixels.shape[1:3]) != tuple(grid):
-        raise ValueError(f"box_loss_region {region!r} needs a pixel base whose prediction grid is the image's "
-                         f"(here {tuple(grid)}); with a latent base use box_loss_region = 'box'")
-    masks = worlds.visible_masks(batch.pixels.numpy(), batch.records, grounding.boxes.shape[1])    # (B, N, H, W)
-    device = grounding.boxes.device
-    own = torch.from_numpy(masks).flatten(2).transpose(1, 2).to(device)                  # (B, h * w, N)
-    if region == "visible":
-        return own
-    background = ~own.any(-1, keepdim=True)                                                 # (B, h * w, 1)
-    exclusive = own | (region_mask(grounding.boxes, *grid) & background)
-    if region == "exclusive":
-        return exclusive
-    hidden = torch.from_numpy(worlds.hidden_in_part(masks, batch.records)).to(device)   # (B, N)
-    return torch.where(hidden[:, None, :], own, exclusive)
