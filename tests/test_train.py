@@ -145,7 +145,7 @@ def test_training_and_sampling_go_through_the_module_forward(runs, monkeypatch):
 
 def test_box_loss_is_the_mean_over_objects_of_the_error_inside_each_box():
     from adapterlib.model.adapter import Grounding
-    from adapterlib.training.train import box_loss
+    from adapterlib.training.losses import box_loss
     # a 4x4 error map, one channel: 1 everywhere, 9 in the top-left 2x2; objects: that quarter, the whole image
     pred, target = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
     pred[..., :2, :2] = 3.0
@@ -167,7 +167,7 @@ def test_box_loss_weight_reaches_training(runs):
 
 
 def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_training(runs, monkeypatch):
-    from adapterlib.training import train as train_module
+    from adapterlib.training import losses, train as train_module
     from adapterlib.model.adapter import Grounding
     from adapterlib.training.cache import Batch
     # error 9 in the top-left 2x2, 1 elsewhere; one object whose box is the whole image but shows only that corner
@@ -177,8 +177,8 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
                   present=torch.ones(1, 1, dtype=torch.bool), keep_text=torch.ones(1, 1, dtype=torch.bool))
     corner = torch.zeros(1, 16, 1, dtype=torch.bool)
     corner[0, [0, 1, 4, 5], 0] = True
-    assert train_module.box_loss(pred, target, g).item() == pytest.approx(3.0)           # the box: the image's mean
-    assert train_module.box_loss(pred, target, g, region=corner).item() == pytest.approx(9.0)
+    assert losses.box_loss(pred, target, g).item() == pytest.approx(3.0)           # the box: the image's mean
+    assert losses.box_loss(pred, target, g, region=corner).item() == pytest.approx(9.0)
     # on a rendered overlap: the visible region is each object's own colour; the exclusive one adds the background
     # inside its box and leaves out what the other object shows there
     from adapterlib import shapes
@@ -188,7 +188,7 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
     two = Grounding(phrases=torch.zeros(1, 2, 8), boxes=torch.tensor([[o.box for o in record.objects]]),
                     present=torch.ones(1, 2, dtype=torch.bool), keep_text=torch.ones(1, 2, dtype=torch.bool))
     batch = Batch(records=[record], pixels=torch.from_numpy(image[None].copy()))
-    own, excl, layered = (train_module.visible_region(batch, two, (32, 32), r)[0].T.reshape(2, 32, 32).numpy()
+    own, excl, layered = (losses.visible_region(batch, two, (32, 32), r)[0].T.reshape(2, 32, 32).numpy()
                           for r in ("visible", "exclusive", "layered"))
     red, blue = ((image == shapes.COLORS[c]).all(-1) for c in ("red", "blue"))
     background = (image == shapes.BACKGROUND).all(-1)
@@ -202,7 +202,7 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
     # circle, which nothing hides, on its box less the red pixels there (exclusive)
     assert (layered[0] == own[0]).all() and (layered[1] == excl[1]).all() and (excl[1] != own[1]).any()
     with pytest.raises(ValueError, match="box_loss_region 'visible' needs a pixel base"):
-        train_module.visible_region(Batch(records=[], mean=torch.zeros(1, 4, 4, 4)), g, (4, 4))
+        losses.visible_region(Batch(records=[], mean=torch.zeros(1, 4, 4, 4)), g, (4, 4))
     with pytest.raises(ValueError, match="box_loss_region"):
         TrainConfig(box_loss_region="mask")
     # a phrase naming no colour stops the run before any step, naming the record and the object
@@ -235,9 +235,9 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
 
 
 def test_cubic_timesteps_put_most_steps_at_high_noise_and_the_field_reaches_training(runs, monkeypatch):
-    from adapterlib.training import train as train_module
+    from adapterlib.training import losses, train as train_module
     g = torch.Generator().manual_seed(0)
-    uniform, cubic = (train_module.draw_timesteps(rule, 20_000, 1000, g) for rule in ("uniform", "cubic"))
+    uniform, cubic = (losses.draw_timesteps(rule, 20_000, 1000, g) for rule in ("uniform", "cubic"))
     for t in (uniform, cubic):
         assert t.dtype == torch.int64 and 0 <= int(t.min()) and int(t.max()) <= 999
     assert (uniform >= 500).float().mean().item() == pytest.approx(0.5, abs=0.02)
@@ -253,7 +253,7 @@ def test_cubic_timesteps_put_most_steps_at_high_noise_and_the_field_reaches_trai
 
 
 def test_cosine_lr_schedule_decays_to_zero_and_the_field_reaches_training(runs):
-    from adapterlib.training.train import lr_factor
+    from adapterlib.training.losses import lr_factor
     cfg = TrainConfig(steps=1100, warmup=100, lr_schedule="cosine")
     assert lr_factor(0, cfg) == pytest.approx(0.01) and lr_factor(99, cfg) == lr_factor(100, cfg) == 1.0
     assert lr_factor(600, cfg) == pytest.approx(0.5) and lr_factor(1100, cfg) == pytest.approx(0.0, abs=1e-12)
