@@ -178,7 +178,20 @@ def _field_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None =
         parser.add_argument(f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []),
                             dest=f"field_{f.name}", default=None, metavar=kind.__name__.upper(),
                             type=_parse_bool if kind is bool else kind,
-                            help=f"default: the preset's ({f.default!r} in shapes)")
+                            help=_preset_defaults(f.name).replace("%", "%%"))
+
+
+def _preset_defaults(name: str) -> str:
+    """A field flag's help: its value in each user preset, presets with the same value named together, e.g.
+    "default: the preset's: shapes 'layered'; sd15, sdxl 'box'" ("" where shapes has a value: none, give one)."""
+    from adapterlib.training.config import USER_PRESETS, preset_value
+
+    groups: dict[str, list[str]] = {}
+    for preset in USER_PRESETS:
+        value = preset_value(preset, name)
+        shown = "'' (none: give one)" if value == "" and preset_value("shapes", name) != "" else repr(value)
+        groups.setdefault(shown, []).append(preset)
+    return "default: the preset's: " + "; ".join(f"{', '.join(presets)} {shown}" for shown, presets in groups.items())
 
 
 def _given_fields(args: argparse.Namespace) -> dict:

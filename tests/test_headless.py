@@ -266,6 +266,47 @@ def test_cli_train_and_resume_use_the_same_run_folder(runs_root, capsys):
     assert "resume" in capsys.readouterr().err
 
 
+def test_train_help_gives_each_presets_own_value_of_every_field(monkeypatch, capsys):
+    """`train --help` names, for each field, the value each user preset starts from (the config `make_config`
+    builds), not the dataclass default the shapes preset overrides (lr_schedule, box_loss_region, ...)."""
+    import dataclasses
+    import re
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--help"])
+    assert stop.value.code == 0
+    entries = re.split(r"\n  (?=--)", capsys.readouterr().out)
+    helps = {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries if e.startswith("--")}
+    presets = ("shapes", "sd15", "sdxl")
+    needed = {"base_model": "models/sd", "data": "data.jsonl"}          # the sd15 and sdxl presets name none
+    configs = {p: make_config(p, **{k: v for k, v in needed.items() if PRESETS[p].get(k) == ""}) for p in presets}
+    checked = 0
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        text = helps[f"--{f.name}"].split("default: the preset's: ", 1)[1]
+        said = {}
+        for group in text.split("; "):
+            names, value = re.match(r"^((?:shapes|sd15|sdxl)(?:, (?:shapes|sd15|sdxl))*) (.*)$", group).groups()
+            said.update({name: value for name in names.split(", ")})
+        assert set(said) == set(presets), (f.name, text)
+        for preset in presets:
+            value = PRESETS[preset].get(f.name, f.default)
+            if f.name != "run_name":                                     # made at run time from the date
+                actual = getattr(configs[preset], f.name)
+                assert value == actual or (value == "" and f.name in needed), (preset, f.name, value, actual)
+            assert said[preset] == ("'' (none: give one)" if value == "" and f.name in needed else repr(value)), \
+                (preset, f.name, said[preset])
+            checked += 1
+    assert checked > 100
+    # the fields the shapes preset overrides say its value, not the dataclass default
+    assert helps["--lr_schedule"].endswith("default: the preset's: shapes, sd15, sdxl 'cosine'")
+    assert helps["--box_loss_region"].endswith("default: the preset's: shapes 'layered'; sd15, sdxl 'box'")
+    assert helps["--adapter_blocks"].endswith("default: the preset's: shapes, sd15, sdxl 'decoder'")
+    assert helps["--adapter_ff_mult"].endswith("default: the preset's: shapes 2; sd15, sdxl 4")
+    assert helps["--base_model"].endswith("shapes 'shapes-tiny'; sd15, sdxl '' (none: give one)")
+
+
 def test_cli_unknown_flag_and_bad_value_are_errors(runs_root):
     for argv in (["--preset", "smoke", "--learning_rate", "0.1"], ["--preset", "smoke", "--lr", "fast"],
                  ["--preset", "smoke", "--adapter_feedforward", "maybe"]):

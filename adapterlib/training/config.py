@@ -206,6 +206,15 @@ GLIGEN_FIXED = dict(adapter_blocks="all", adapter_ff_mult=4)
 # feed-forward width its "ours" row takes)
 BENCH_SIZES = {"tiny": "shapes", "sd15": "sd15", "sdxl": "sdxl"}
 
+# The presets a user picks (`smoke` is the test harness's), in the order `train --help` lists their values
+USER_PRESETS = ("shapes", "sd15", "sdxl")
+
+
+def preset_value(preset: str, name: str):
+    """The value field `name` has in `preset` before any override: the preset's own, else the field's default."""
+    return PRESETS[preset].get(name, TrainConfig.__dataclass_fields__[name].default)
+
+
 # The preset used when none is named. Unset for users ("shapes"); the test harness sets it to "smoke".
 DEFAULT_PRESET_ENV = "ADAPTERLIB_DEFAULT_PRESET"
 
