@@ -49,6 +49,7 @@ from adapterlib.training.lock import RunLocked
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _user_paths(args)
         return args.command(args)
     except (FileNotFoundError, FileExistsError, ManifestError, ValueError, TypeError, RunLocked) as e:
         print(f"adapterlib {args.command_name}: error: {e}", file=sys.stderr)
@@ -178,7 +179,8 @@ def _field_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] | None =
         parser.add_argument(f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []),
                             dest=f"field_{f.name}", default=None, metavar=kind.__name__.upper(),
                             type=_parse_bool if kind is bool else kind,
-                            help=_preset_defaults(f.name).replace("%", "%%"))
+                            help=(_preset_defaults(f.name) + (_RELATIVE if f"field_{f.name}" in _PATH_FLAGS else "")
+                                  ).replace("%", "%%"))
 
 
 def _preset_defaults(name: str) -> str:
@@ -199,6 +201,45 @@ def _given_fields(args: argparse.Namespace) -> dict:
             if getattr(args, f"field_{name}", None) is not None}
 
 
+# The flags that take a path (or a name: shapes-tiny, shapes-v2, v1, v2, color) and those that take a run (a name
+# under the runs root, or a path when it has a separator)
+_PATH_FLAGS = ("layouts", "detector", "base", "gligen", "field_base_model", "field_data", "field_heldout",
+               "field_detector", "field_init_from")
+_RUN_FLAGS = ("run", "resume", "field_run_name")
+_RELATIVE = "; a relative path is the working directory's (else the repository root's, where only it has one)"
+
+
+def _user_paths(args: argparse.Namespace) -> None:
+    """Relative paths on the command line are the working directory's (`paths.user_path`; one that exists only
+    under the repository root is found there), made absolute here, so that `import coco --out data/coco` and
+    `train --data data/coco/data.jsonl` run from the same directory meet, and a run's config names the file."""
+    from adapterlib.paths import user_path
+
+    for dest in (*_PATH_FLAGS, *_RUN_FLAGS):
+        value = getattr(args, dest, None)
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        path_like = "/" in value or "\\" in value or value.startswith(("~", "."))
+        if dest in _RUN_FLAGS:
+            if path_like:                                       # a plain name is a run under the runs root
+                setattr(args, dest, str(user_path(value)))
+            continue
+        if not path_like and "." not in value:                  # a name, unless the working directory has it
+            if not (Path.cwd() / value).exists() or _named(dest, value):
+                continue
+        setattr(args, dest, str(user_path(value)))
+
+
+def _named(dest: str, value: str) -> bool:
+    """`value` is one of the names the flag takes (never a path, even where a folder of that name exists)."""
+    if value in ("color", "shapes-tiny") or value in evaluate.HELDOUT_SETS:
+        return True
+    if dest == "field_data":
+        from adapterlib.training.worlds import is_shapes
+        return is_shapes(value)
+    return False
+
+
 def _import_parser(commands) -> None:
     from adapterlib.options import MAX_OBJECTS
 
@@ -210,7 +251,9 @@ def _import_parser(commands) -> None:
 
     def common(p):
         p.add_argument("--images", type=Path, required=True, help="the folder the source's file names are in")
-        p.add_argument("--out", type=Path, required=True, help="the folder to write data.jsonl to")
+        p.add_argument("--out", type=Path, required=True,
+                       help="the folder to write data.jsonl to (a relative path is the working directory's, where "
+                            "`train --data OUT/data.jsonl` run from the same directory reads it)")
         p.add_argument("--max-objects", type=int, default=MAX_OBJECTS, metavar="N",
                        help=f"the object limit (TrainConfig.max_objects; default {MAX_OBJECTS}): beyond it the "
                             f"largest boxes are kept")

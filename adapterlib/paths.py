@@ -12,6 +12,13 @@ a notebook or the command line takes is resolved against the project root instea
 
 What the package itself reads at run time (the held-out layouts, the shipped tiny base) lives inside
 the package and is found from `__file__`, installed or not.
+
+On the command line (`python -m adapterlib ...`) a relative path is the working directory's, as for any command:
+`import coco --out data/coco` writes ./data/coco, and `train --data data/coco/data.jsonl` run from the same place
+reads it. `user_path` turns such a path into an absolute one at the command line, before the library sees it
+(so a run's config.json names the file it trained on, whatever the directory a later command runs in); a path
+that exists only under the repository root (e.g. `data/x.jsonl` of the checkout, given from elsewhere) is
+still found there, as the fallback.
 """
 from __future__ import annotations
 
@@ -47,3 +54,17 @@ def repo_path(path: str | Path) -> Path:
     if IN_REPOSITORY and path.parts[:1] == ("..",):          # notebooks sit one level below the root
         path = Path(*path.parts[1:])
     return (project_root() / path).resolve()
+
+
+def user_path(path: str | Path) -> Path:
+    """A path given on the command line, absolute: as it is if absolute (or ~); else the working directory's
+    when it exists there; else the project root's (`repo_path`) when it exists only there; else the working
+    directory's (a path still to be made, or a missing one, which the error then names as the user meant it)."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    here = (Path.cwd() / path).resolve()
+    if here.exists():
+        return here
+    there = repo_path(path)
+    return there if there.exists() else here

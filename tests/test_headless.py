@@ -285,6 +285,9 @@ def test_train_help_gives_each_presets_own_value_of_every_field(monkeypatch, cap
         if f.name == "preset":
             continue
         text = helps[f"--{f.name}"].split("default: the preset's: ", 1)[1]
+        text, relative = text.split("; a relative path is the working directory's", 1) if "; a relative" in text \
+            else (text, None)
+        assert (relative is not None) == (f.name in ("base_model", "data", "heldout", "detector", "init_from")), f.name
         said = {}
         for group in text.split("; "):
             names, value = re.match(r"^((?:shapes|sd15|sdxl)(?:, (?:shapes|sd15|sdxl))*) (.*)$", group).groups()
@@ -304,7 +307,34 @@ def test_train_help_gives_each_presets_own_value_of_every_field(monkeypatch, cap
     assert helps["--box_loss_region"].endswith("default: the preset's: shapes 'layered'; sd15, sdxl 'box'")
     assert helps["--adapter_blocks"].endswith("default: the preset's: shapes, sd15, sdxl 'decoder'")
     assert helps["--adapter_ff_mult"].endswith("default: the preset's: shapes 2; sd15, sdxl 4")
-    assert helps["--base_model"].endswith("shapes 'shapes-tiny'; sd15, sdxl '' (none: give one)")
+    assert "default: the preset's: shapes 'shapes-tiny'; sd15, sdxl '' (none: give one); " in helps["--base_model"]
+
+
+def test_import_and_train_run_from_another_directory_meet_on_the_same_relative_path(tmp_path, monkeypatch, capsys):
+    """On the command line a relative path is the working directory's, for the paths `import` writes and those
+    `train` reads alike; one that exists only under the repository root is still found there."""
+    from conftest import write_coco_fixture
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    write_coco_fixture(work / "coco", n=4)
+    assert main(["import", "coco", "--instances", "coco/instances.json", "--images", "coco/images",
+                 "--captions", "coco/captions.json", "--out", "data/coco"]) == 0
+    assert (work / "data" / "coco" / "data.jsonl").is_file() and not (REPO_ROOT / "data" / "coco").exists()
+    assert main(["train", "--preset", "smoke", "--data", "data/coco/data.jsonl", "--run_name", "met", "--steps", "1",
+                 "--save_every", "1", "--batch_size", "2", "--n_samples", "0", "--box_loss_region", "box"]) == 0
+    assert read_config(runs / "met")["data"] == str(work / "data" / "coco" / "data.jsonl")   # the file it read
+    capsys.readouterr()
+    # a path of the checkout, given from elsewhere: found under the repository root (the fallback)
+    assert main(["evaluate", "--reference", "ground-truth", "--layouts", "adapterlib/shapes/heldout_v2.jsonl",
+                 "--limit", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layouts"] == \
+        str(REPO_ROOT / "adapterlib" / "shapes" / "heldout_v2.jsonl")
+    # a missing one is named as the user meant it: in the working directory
+    assert main(["train", "--preset", "smoke", "--data", "data/nope.jsonl", "--run_name", "nope"]) == 2
+    assert str(work / "data" / "nope.jsonl") in capsys.readouterr().err
 
 
 def test_cli_unknown_flag_and_bad_value_are_errors(runs_root):
