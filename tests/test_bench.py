@@ -140,6 +140,33 @@ def test_extra_and_train_step_rows_are_timed_in_the_same_rounds():
     assert rows["train_step"]["trainable_params"] == rows["ours masked+FFx2 [decoder]"]["trainable_params"]
 
 
+def test_the_train_step_row_is_the_training_loops_own_step(monkeypatch, tmp_path):
+    """bench's `train_step` row calls train.step_loss and train.update (what train._loop calls each step) on a
+    train.make_training of the preset: the same optimiser groups, schedule and box loss as a run."""
+    from adapterlib.training import train as train_module
+    calls, made = [], []
+    for name in ("step_loss", "update", "make_training"):
+        real = getattr(train_module, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            out = _real(*a, **k)
+            made.append(out) if _name == "make_training" else None
+            return out
+        monkeypatch.setattr(train_module, name, spy)
+    w = bench.make_workload("tiny", device="cpu", batch=4)
+    step = bench.train_step(w, root=tmp_path)
+    assert calls == ["make_training"]
+    step.run()
+    step.run()
+    assert calls == ["make_training", "step_loss", "update", "step_loss", "update"]
+    training = made[0]
+    assert training.cfg.preset == "shapes" and training.cfg.batch_size == 4 and training.sched.last_epoch == 2
+    groups = training.opt.param_groups
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(groups[0]["lr"] * training.cfg.gate_lr_scale)
+    assert step.trainable is training.params and step.model is training.model
+
+
 def test_bad_settings_are_refused_before_any_work():
     with pytest.raises(ValueError, match="rounds 0"):
         bench.run_bench("sd15", rounds=0)

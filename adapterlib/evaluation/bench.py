@@ -17,9 +17,9 @@ Every row is one full training step on the same batch, the same frozen weights a
   carries it, `xM`, unless it is 4), only the adapter's parameters trained; `ours gligen` is the peer's own
   modules (fusers + position net) lent to the frozen base through our forward (adapterlib/model/gligen.py): its
   cost against `peer` is what our route adds or saves (GLIGEN's 30 slots, as diffusers' pipeline pads);
-- `train_step` (optional): what `adapterlib.training.train` does per step once a batch is in memory: captions and
-  phrases through the text encoder, images to latents, noise, the default variant's step, gradient
-  clipping, LR schedule (the default variant at the size's default blocks);
+- `train_step` (optional): the training loop's own step, `train.step_loss` + `train.update` on a
+  `train.make_training` of the size's preset (its whole recipe: box loss, dropouts, AdamW groups, schedule,
+  clipping), fed one batch from the preset's own data source (the encoding cache); reading batches is left out;
 - `extra` rows: the caller's own, `extra={name: make}` with `make(workload)` returning the row's step
   callable (e.g. a step fed from cached encodings), timed in the same rounds.
 Forward, backward to the trainable parameters, and an AdamW step (fused on CUDA). On CUDA the frozen
@@ -37,10 +37,10 @@ on the CPU both are None.
 """
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import diffusers
@@ -341,48 +341,47 @@ def adapter_step(w: Workload, attention: str, feedforward: bool, *, blocks: str 
                 ff_mult if feedforward and attention != "gligen" else None)
 
 
-def train_step(w: Workload) -> Step:
-    """What `adapterlib.training.train` does per step once the batch's images and records are in memory (the
-    shipped base: tokenized captions and phrases through its text encoder, noise, the default variant's
-    forward, backward, gradient clipping, AdamW with the gate group, the LR schedule). Data loading and
-    tokenizing are left out. Needs a loaded base: size `tiny`."""
+def train_step(w: Workload, root: str | Path | None = None) -> Step:
+    """The training loop's own step, timed: `train.step_loss` then `train.update` (the calls `train._loop` makes),
+    on a `train.make_training` of the size's preset at the workload's batch (its blocks, feed-forward width,
+    box loss and region, dropouts, timestep density, AdamW groups, schedule, clipping, guard). The batch is one
+    the preset's data source gives (the encoding cache of a few generated Shapes records, under `root`, default a
+    temporary folder), read once: reading batches is left out. Needs the loaded base: size `tiny`."""
+    import tempfile
+
+    from adapterlib.model.adapter import architecture_options, build_adapter
+    from adapterlib.training import cache, worlds
+    from adapterlib.training.config import make_config
+    from adapterlib.training.distributed import Shard
+    from adapterlib.training.train import make_training, step_loss, update
+
     if w.base is None:
-        raise ValueError(f"train_step needs a loaded base with its text encoder (size 'tiny'), not size {w.size!r}")
-    base, B, N = w.base, w.batch, w.grounding.present.shape[1]
-    cfg = TrainConfig()
-    adapter = make_adapter(w, *DEFAULT_VARIANT, DEFAULT_BLOCKS[w.size], DEFAULT_FF_MULT[w.size])
-    model = AdaptedUNet(w.unet, adapter)
-    trainable, gates = adapter.trainable_parameters(), adapter.gate_parameters()
-    opt = torch.optim.AdamW([{"params": [p for n, p in trainable.items() if n not in gates]},
-                             {"params": list(gates.values()), "lr": cfg.lr * cfg.gate_lr_scale}],
-                            lr=cfg.lr, fused=w.device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
-    captions = base.tokenize(["a red circle above a blue square"] * B)
-    present = w.grounding.present
-    phrases = base.tokenize(["red circle"] * int(present.sum()))
-    images = w.noisy.clamp(-1, 1)
-    prediction = base.scheduler.config.prediction_type
+        raise ValueError(f"the train_step row needs a loaded base with its text encoder (size 'tiny'), not size "
+                         f"{w.size!r}")
+    cfg = make_config(BENCH_SIZES[w.size], run_name="bench", batch_size=w.batch, device=str(w.device),
+                      n_train=w.batch)
+    root = Path(root if root is not None else tempfile.mkdtemp(prefix="adapterlib-bench-"))
+    manifest = worlds.training_manifest(cfg.data, cfg.n_train, root)
+    source, _ = cache.training_source(w.base, manifest, root, cache=cfg.cache, crop=cfg.crop, flip=cfg.flip,
+                                      seed=cfg.seed, max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record,
+                                      compute_dtype=w.base.unet.dtype, progress=False)
+    batch = next(cache.step_batches(source, seed=cfg.seed, batch_size=cfg.batch_size, start=0, stop=1))
+    adapter = build_adapter(w.base, **architecture_options(cfg))
+    for p in adapter.gate_parameters().values():
+        p.data.fill_(GATE_OPEN)
+    training = make_training(cfg, Shard(w.device), w.base, adapter)
+    counted = None
+    if training.sync_free:
+        from adapterlib.training.train import NonFiniteCount
+        counted = NonFiniteCount(w.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
 
     def run():
-        with torch.no_grad(), w.autocast():
-            latents = base.to_latents(images).float()
-            context = base.text_encoder(captions)[0]
-            pooled = base.text_encoder(phrases).pooler_output.float()
-        embedded = torch.zeros(B, N, pooled.shape[-1], device=w.device)
-        embedded[present] = pooled
-        grounding = dataclasses.replace(w.grounding, phrases=embedded)
-        noise = torch.randn_like(latents)
-        noisy = base.scheduler.add_noise(latents, noise, w.t)
-        target = {"epsilon": noise, "v_prediction": base.scheduler.get_velocity(latents, noise, w.t),
-                  "sample": latents}[prediction]
-        with w.autocast():
-            pred = model(noisy, w.t, context, grounding, w.scale)
-        opt.zero_grad(set_to_none=True)
-        F.mse_loss(pred.float(), target).backward()
-        torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.grad_clip)
-        opt.step()
-        sched.step()
-    return Step("train_step", run, trainable, model, blocks=DEFAULT_BLOCKS[w.size], ff_mult=DEFAULT_FF_MULT[w.size])
+        loss, batch_loss = step_loss(training, batch, gen)
+        training.opt.zero_grad(set_to_none=True)
+        update(training, loss, batch_loss, counted)
+    return Step("train_step", run, training.params, training.model, blocks=cfg.adapter_blocks,
+                ff_mult=cfg.adapter_ff_mult)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,7 +535,7 @@ def format_table(result: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# the issue's targets, read off a result
+# the plan's run projected from a result
 
 PLAN_STEPS, PLAN_BATCH = 25_000, 2        # the training plan's SD 1.5 run (docs/training-plan.md)
 
@@ -545,34 +544,3 @@ def projected_minutes(samples_per_s: float, steps: int = PLAN_STEPS, batch: int 
     """Minutes of training steps for `steps` x `batch` samples at `samples_per_s` (data loading, encoders
     and checkpoints not included; samples/s measured at another batch size is taken as it is)."""
     return steps * batch / samples_per_s / 60
-
-
-def targets(result: dict) -> list[dict]:
-    """The throughput targets that apply to `result`, each with the measured value and whether it is met:
-    on the CPU with the shipped base and at SD 1.5 size, ours >= 1.5x the peer; on CUDA at SD 1.5 size (batch 16),
-    ours >= 150 samples/s, >= 1.5x the peer, >= 1.4x the compiled peer (needs `compile`) and within 15% of the floor. "ours" is
-    the default variant, its faster of eager and compiled. Always: the plan's run projected in minutes."""
-    rows = {r["name"]: r for r in result["rows"]}
-    ours_name = result["ours_variant"]
-    candidates = [rows[n] for n in (ours_name, ours_name + " compiled") if n in rows and rows[n]["samples_per_s"]]
-    ours = max(candidates, key=lambda r: r["samples_per_s"])
-    speed = ours["samples_per_s"]
-    out = []
-
-    def add(target, value, threshold, note=""):
-        out.append(dict(target=target, measured=value, met=None if value is None else value >= threshold,
-                        note=note or ours["name"]))
-    if result["size"] in ("tiny", "sd15") and result["device"] == "cpu":
-        add(f"CPU, {'shipped base' if result['size'] == 'tiny' else 'SD 1.5 size'}: ours >= 1.5x the peer",
-            speed / result["peer_samples_per_s"], 1.5)
-    if result["size"] == "sd15" and result["device"].startswith("cuda"):
-        at = "" if result["batch"] == 16 else f" (measured at batch {result['batch']}, the target is at 16)"
-        add("SD 1.5 on CUDA: ours >= 150 samples/s", speed, 150, ours["name"] + at)
-        peer = result["peer_compiled_samples_per_s"]
-        add("SD 1.5 on CUDA: ours >= 1.5x the peer", speed / result["peer_samples_per_s"], 1.5)
-        add("SD 1.5 on CUDA: ours >= 1.4x the compiled peer", speed / peer if peer else None, 1.4,
-            ours["name"] if peer else "needs compile=True (and a peer that compiles)")
-        add("SD 1.5 on CUDA: ours within 15% of the floor", speed / result["floor_samples_per_s"], 0.85, ours["name"])
-    out.append(dict(target=f"{PLAN_STEPS:,} steps x batch {PLAN_BATCH}: projected minutes", met=None,
-                    measured=projected_minutes(speed), note=f"{ours['name']} at {speed:.1f} samples/s, steps only"))
-    return out

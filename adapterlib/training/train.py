@@ -209,7 +209,7 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
     """The frozen base in the compute dtype, the fp32 adapter (master weights) and the optimiser, the data source
     (checked and cached before any step), and the resumed states."""
     device = shard.device
-    compute_dtype, amp_dtype, use_scaler = precision_policy(device, cfg.mixed_precision)
+    compute_dtype = precision_policy(device, cfg.mixed_precision)[0]
     torch.manual_seed(cfg.seed)
     base = load_base(cfg.base_model, device=device, dtype=compute_dtype)
     if cfg.box_loss_weight > 0 and cfg.box_loss_region != "box" and base.vae is not None:
@@ -222,6 +222,43 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
     if cfg.init_from and not run.resume:                     # a diffusers GLIGEN folder's weights (a resume reads its own)
         from adapterlib.model.gligen import load_gligen_weights
         load_gligen_weights(adapter, repo_path(cfg.init_from))
+    training = make_training(cfg, shard, base, adapter)
+    folder = run.folder
+    with shard.main_first():                                  # rank 0 writes a generated set (and its cache) once
+        report = folder / DATA_REPORT      # on resume: the manifest the run started with
+        started_with = json.loads(report.read_text()).get("manifest") if run.resume and report.is_file() else None
+        manifest = worlds.training_manifest(cfg.data, cfg.n_train, runs_root(), started_with)
+        source, source_note = cache.training_source(
+            base, manifest, runs_root(), cache=cfg.cache, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed,
+            max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record, compute_dtype=compute_dtype,
+            progress=progress and shard.main)
+    run.notes.append(source_note)
+    training.source = source
+    if cfg.box_loss_weight > 0 and cfg.box_loss_region != "box":
+        worlds.check_region_records(source.records, cfg.box_loss_region)   # or stop before any step
+    if shard.main:
+        write_json(folder / DATA_REPORT, dict(manifest=str(manifest), records=len(source), skipped=len(source.skipped),
+                                              on_bad_record=cfg.on_bad_record, first_reasons=source.skipped[:10],
+                                              inputs=source_note))
+    if source.skipped:
+        run.notes.append(f"{len(source.skipped)} bad record(s) skipped (on_bad_record='skip'; first: "
+                         f"{source.skipped[0]}; all in {DATA_REPORT})")
+    training.eval_records = worlds.sample_records(cfg.data, source.records, cfg.n_samples)
+    if run.resume:
+        adapter.load_state_dict(load_file(str(run.latest[1] / "adapter.safetensors"), device=str(device)))
+        training.opt.load_state_dict(run.state["optimizer"])
+        training.sched.load_state_dict(run.state["scheduler"])
+        training.scaler.load_state_dict(run.state["scaler"])
+    return training
+
+
+def make_training(cfg: TrainConfig, shard: distributed.Shard, base, adapter) -> Training:
+    """What a run of `cfg` steps with, around `adapter` (attached to `base`): the one module (DDP-wrapped with several
+    processes, compiled if asked), AdamW with two groups (the gates and learned depth weights at lr *
+    gate_lr_scale without weight decay; the rest at lr), the schedule (`losses.lr_factor`) and the loss scaler.
+    `set_up` adds the data; `bench` builds one to time this same step (`step_loss`, `update`)."""
+    device = shard.device
+    compute_dtype, amp_dtype, use_scaler = precision_policy(device, cfg.mixed_precision)
     model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
     params = adapter.trainable_parameters()
     fast = adapter.fast_parameters()                        # the gates (and learned depth weights): lr * gate_lr_scale
@@ -237,33 +274,8 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
         model = torch.compile(model, dynamic=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    folder = run.folder
-    with shard.main_first():                                  # rank 0 writes a generated set (and its cache) once
-        report = folder / DATA_REPORT      # on resume: the manifest the run started with
-        started_with = json.loads(report.read_text()).get("manifest") if run.resume and report.is_file() else None
-        manifest = worlds.training_manifest(cfg.data, cfg.n_train, runs_root(), started_with)
-        source, source_note = cache.training_source(
-            base, manifest, runs_root(), cache=cfg.cache, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed,
-            max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record, compute_dtype=compute_dtype,
-            progress=progress and shard.main)
-    run.notes.append(source_note)
-    if cfg.box_loss_weight > 0 and cfg.box_loss_region != "box":
-        worlds.check_region_records(source.records, cfg.box_loss_region)   # or stop before any step
-    if shard.main:
-        write_json(folder / DATA_REPORT, dict(manifest=str(manifest), records=len(source), skipped=len(source.skipped),
-                                              on_bad_record=cfg.on_bad_record, first_reasons=source.skipped[:10],
-                                              inputs=source_note))
-    if source.skipped:
-        run.notes.append(f"{len(source.skipped)} bad record(s) skipped (on_bad_record='skip'; first: "
-                         f"{source.skipped[0]}; all in {DATA_REPORT})")
-    eval_records = worlds.sample_records(cfg.data, source.records, cfg.n_samples)
-    if run.resume:
-        adapter.load_state_dict(load_file(str(run.latest[1] / "adapter.safetensors"), device=str(device)))
-        opt.load_state_dict(run.state["optimizer"])
-        sched.load_state_dict(run.state["scheduler"])
-        scaler.load_state_dict(run.state["scaler"])
     return Training(cfg, shard, base, adapter, model, params, opt, sched, scaler, compute_dtype, amp_dtype, sync_free,
-                 slots, source, eval_records)
+                    slots, source=None, eval_records=[])
 
 
 def step_loss(training: Training, batch: cache.Batch, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
