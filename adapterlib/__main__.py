@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="the layouts: v1 (the 200 shipped held-out layouts), v2 (220 held-out layouts by object count "
                          "1-6 x overlap) or a manifest (JSON Lines) path; default: a run's own layouts (its `heldout` "
                          "field; else the held-out set of its Shapes world: v2 for shapes-v2, v1 for shapes; else its "
-                         "first training records, marked 'not held out'), else v1")
+                         "first training records, marked 'not held out'); with no run, v2 (the default preset's "
+                         "held-out set, that of the default run and the README's ceiling)")
     ev.add_argument("--detector", default=None,
                     help="'color' (the Shapes colour detector) or a folder with a local OWL-ViT / OWLv2 model "
                          "(transformers format); default: a run's `detector` field, else 'color'")
@@ -495,11 +496,11 @@ def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
 
 
 def _layouts(args: argparse.Namespace, run_dir: Path | None = None) -> evaluate.Layouts:
-    """The layouts asked for (a held-out set or a manifest), else the run's (`evaluate.run_layouts`), else
-    held-out v1; one seed each (see the module docstring)."""
+    """The layouts asked for (a held-out set or a manifest), else the run's (`evaluate.run_layouts`), else the
+    default preset's held-out set (`evaluate.default_layouts`: v2); one seed each (see the module docstring)."""
     if args.layouts is not None:
         return evaluate.named_layouts(args.layouts, args.limit)
-    return evaluate.run_layouts(run_dir, args.limit) if run_dir is not None else evaluate.heldout_layouts(args.limit)
+    return evaluate.run_layouts(run_dir, args.limit) if run_dir is not None else evaluate.default_layouts(args.limit)
 
 
 def _bench_parser(commands) -> None:

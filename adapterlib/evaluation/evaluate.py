@@ -118,6 +118,14 @@ def heldout_layouts(n: int | None = None, version: int = 1) -> Layouts:
     return Layouts(records, list(range(len(records))), version=version)
 
 
+def default_layouts(n: int | None = None) -> Layouts:
+    """The layouts when neither a run nor layouts are given (`evaluate --reference ...`, `--gligen` on shapes-tiny):
+    the held-out set of the default preset's world (shapes-v2: held-out v2, the set the README's ceiling and the
+    default run are measured on)."""
+    from adapterlib.training.config import default_preset, preset_value
+    return heldout_layouts(n, worlds.heldout_version(preset_value(default_preset(), "data")))
+
+
 def manifest_layouts(path: str | Path, n: int | None = None) -> Layouts:
     """The layouts of a manifest (JSON Lines; the first n if given). Images are optional; a record's
     seed is its "seed" field, or its index."""
