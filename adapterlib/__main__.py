@@ -13,7 +13,7 @@
     accelerate launch --num_processes 8 -m adapterlib train ...   # on 8 GPUs: batch_size is the global batch
     python -m adapterlib import coco --instances FILE --images DIR [--captions FILE] [--map FILE] --out DIR
     python -m adapterlib import odvg --jsonl FILE --images DIR --out DIR   # -> DIR/data.jsonl (a manifest)
-    python -m adapterlib evaluate --gligen GLIGEN_DIR --base SD_DIR  # a diffusers GLIGEN folder, same table
+    python -m adapterlib evaluate --gligen GLIGEN_DIR --base SD_DIR --layouts M --detector D  # a diffusers GLIGEN folder
     python -m adapterlib export <run> [--checkpoint STEP] --out DIR [--measure N]   # weights, config, model card
     python -m adapterlib bench [--size tiny|sd15|sdxl] [--device auto] [--batch 16] [--rounds 5] [--compile] [--blocks all,decoder]  # samples/s
 
@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None, help="torch device for sampling (default: cuda if available, else cpu)")
     ev.add_argument("--gligen", default=None, metavar="DIR",
                     help="evaluate a diffusers GLIGEN folder (its fusers and position net) on --base, e.g. the released "
-                         "GLIGEN on SD 1.4: --gligen gligen-1-4-generation-text-box --base stable-diffusion-v1-4")
+                         "GLIGEN on SD 1.4: --gligen gligen-1-4-generation-text-box --base stable-diffusion-v1-4 "
+                         "--layouts MANIFEST --detector DIR (on a --base other than shapes-tiny both are required)")
 
     st = commands.add_parser("status", help="where a run stands: step, loss, gates, speed, ETA, warnings",
                              description="Status of a run folder, while it trains or after (the training plan's "
@@ -448,9 +449,17 @@ def _evaluate_gligen(args: argparse.Namespace) -> int:
 
     if args.run is not None:
         raise ValueError("give a run or --gligen DIR, not both")
+    missing = [flag for flag, value in (("--layouts", args.layouts), ("--detector", args.detector)) if value is None]
+    if args.base != "shapes-tiny" and missing:          # before anything loads
+        raise ValueError(f"--gligen on --base {args.base} (not the shipped shapes-tiny) needs {' and '.join(missing)}: "
+                         "the defaults, the 32-px Shapes held-out layouts and the colour detector, measure nothing "
+                         "meaningful on a real base. Give --layouts MANIFEST (e.g. an imported COCO val: "
+                         "`python -m adapterlib import coco ... --out DIR`, DIR/data.jsonl) and --detector DIR (a local "
+                         "OWL-ViT / OWLv2 folder); docs/real-data.md")
     read_gligen_folder(args.gligen)                      # a bad folder is an error before the base loads
     layouts = _layouts(args)
-    detector = load_detector(args.detector or "", args.device)          # no run: the colour detector unless given
+    detector = load_detector(args.detector or "", args.device)          # shapes-tiny: the colour detector unless given
+    evaluate.check_measurable(detector, layouts)                        # before anything is sampled
     base = evaluate.load_base_for(args.base, args.device)
     adapter = load_gligen_weights(build_adapter(base, attention="gligen"), args.gligen)
     print(f"sampling {len(layouts)} layouts: base alone, then GLIGEN {args.gligen} (scale {args.scale}, tau {args.tau}, "

@@ -306,3 +306,27 @@ def test_notebooks_01_to_05_with_the_gligen_variant_on_a_tiny_sd(tmp_path, tiny_
         run_name="g", n_layouts=2, n_eval=2, sampling_steps=2, scales="0,1", taus="0.5,1.0", detector=detector), env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ap50" in _outputs(tmp_path / "05.ipynb")
+
+
+def test_a_gligen_folder_on_a_real_base_needs_layouts_and_a_detector_named_before_anything_loads(
+        runs, tmp_path, tiny_sd_folder, tiny_owl_folder, monkeypatch, capsys):
+    """`evaluate --gligen DIR --base SD_DIR` would measure 32-px Shapes layouts with the colour detector: on a base
+    other than shapes-tiny, --layouts and --detector are required, an error naming both before anything loads."""
+    from conftest import import_coco_fixture
+    import adapterlib.evaluation.evaluate
+    import adapterlib.model.gligen
+    source = gated_folder(tmp_path / "gligen", load_base(tiny_sd_folder).unet.config)
+    manifest = import_coco_fixture(tmp_path / "val", n=2)
+    with monkeypatch.context() as m:
+        m.setattr(adapterlib.model.gligen, "read_gligen_folder", lambda *a: pytest.fail("read the folder"))
+        m.setattr(adapterlib.evaluation.evaluate, "load_base_for", lambda *a: pytest.fail("loaded the base"))
+        for given, missing in (([], "--layouts and --detector"), (["--layouts", str(manifest)], "--detector"),
+                               (["--detector", str(tiny_owl_folder)], "--layouts")):
+            assert main(["evaluate", "--gligen", str(source), "--base", str(tiny_sd_folder), *given]) == 2
+            err = capsys.readouterr().err
+            assert f"--gligen on --base {tiny_sd_folder} (not the shipped shapes-tiny) needs {missing}:" in err
+    # both given: measured on those layouts by that detector
+    assert main(["evaluate", "--gligen", str(source), "--base", str(tiny_sd_folder), "--layouts", str(manifest),
+                 "--detector", str(tiny_owl_folder), "--limit", "1", "--steps", "2", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["layouts"], result["detector"], result["n_images"]) == (str(manifest), str(tiny_owl_folder), 1)
