@@ -16,7 +16,7 @@
 OUT=${OUT:-/tmp/gpu-speed-out}
 source "$(dirname "$0")/gpu_common.sh"
 TOTAL=${TOTAL:-540}; IMAGES=${IMAGES:-1000}; LOOP16=${LOOP16:-200}; LOOP2=${LOOP2:-300}; LOOP_SKIP=${LOOP_SKIP:-50}
-BLOCKS=${BLOCKS:-$($PY -c "from adapterlib.training.config import make_config; print(make_config('sd15').adapter_blocks)")}
+BLOCKS=${BLOCKS:-$($PY -c "from adapterlib.training.config import preset_value; print(preset_value('sd15', 'adapter_blocks'))")}
 BENCH=(-m adapterlib bench --device "$DEV" --size sd15 --batch 16 --rounds 3 --steps 5)
 FOLDER_ARGS=(--out "$R/real" --images "$IMAGES")
 if [ -n "${SMALL:-}" ]; then
