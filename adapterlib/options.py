@@ -24,6 +24,12 @@ ON_BAD_RECORD = ("error", "skip")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")                    # or cuda:N
 
+# Classifier-free guidance over the grounding (sampling's `grounding_guidance`, the pipeline's and the CLI's): what the
+# unconditional branch is. base: the base alone (empty caption, no adapter), so the guidance strengthens the boxes and
+# phrases together with the caption (the default) | null: the adapter with every object the null one (diffusers'
+# StableDiffusionGLIGENPipeline) | off: the conditional branch's own grounding, so only the caption is guided
+GROUNDING_GUIDANCE = ("base", "null", "off")
+
 # The training config's fields that take one of a list, and the list
 FIELD_CHOICES = dict(adapter_attention=ADAPTER_ATTENTIONS, adapter_norm=NORMS, adapter_depth=DEPTHS,
                      timesteps=TIMESTEPS, lr_schedule=LR_SCHEDULES, box_loss_region=BOX_LOSS_REGIONS,
@@ -33,4 +39,4 @@ FIELD_CHOICES = dict(adapter_attention=ADAPTER_ATTENTIONS, adapter_norm=NORMS, a
 # (base_model is the base itself; None: not an adapter option). Fixed on resume.
 ARCHITECTURE = dict(base_model=None, adapter_attention="attention", adapter_norm="norm",
                     adapter_feedforward="feedforward", adapter_ff_mult="ff_mult", adapter_depth="depth",
-                    adapter_blocks="blocks", max_objects="max_objects")
+                    adapter_blocks="adapted_blocks", max_objects="max_objects")

@@ -56,7 +56,7 @@ def test_named_choices_select_the_documented_blocks_on_the_tiny_base(base):
 
 def test_a_choice_matching_no_block_is_an_error_naming_it(base, tiny_sd_folder):
     with pytest.raises(ValueError, match="'up_blocks.7' matches no transformer block.*up_blocks.1"):
-        build_adapter(base, blocks="mid_block,up_blocks.7")
+        build_adapter(base, adapted_blocks="mid_block,up_blocks.7")
     assert not any(b._forward_hooks for b in transformer_blocks(base.unet).values())   # nothing left attached
     with pytest.raises(ValueError, match="adapter_blocks = 'decodr'.*'decodr' is not a block"):
         make_config("shapes", adapter_blocks="decodr")                 # the config refuses it before any work
@@ -67,7 +67,7 @@ def test_a_choice_matching_no_block_is_an_error_naming_it(base, tiny_sd_folder):
 
 
 def test_an_unadapted_block_carries_no_hook(base):
-    adapter = build_adapter(base, blocks="decoder")
+    adapter = build_adapter(base, adapted_blocks="decoder")
     try:
         hooks = {n: len(b._forward_hooks) for n, b in transformer_blocks(base.unet).items()}
         assert {n for n, k in hooks.items() if k} == set(adapter.block_names) == set(select_blocks(base.unet, "decoder"))
@@ -106,7 +106,7 @@ def test_with_decoder_blocks_the_backward_pass_stops_at_the_mid_block(base, reco
     """Decoder blocks: no down block's output is part of the autograd graph (so no gradient is computed through
     the down blocks), while with every block the down blocks' outputs need one; three SGD steps later the base's
     weights are bitwise equal and the adapter moved."""
-    adapter = build_adapter(base, blocks=blocks)
+    adapter = build_adapter(base, adapted_blocks=blocks)
     try:
         with torch.no_grad():
             for gate in adapter.gate_parameters().values():
@@ -141,7 +141,7 @@ def test_with_decoder_blocks_the_backward_pass_stops_at_the_mid_block(base, reco
 
 
 def test_the_choice_round_trips_through_an_adapter_file_and_every_block_reads_as_all(base, tmp_path):
-    adapter = build_adapter(base, blocks="migc")
+    adapter = build_adapter(base, adapted_blocks="migc")
     with torch.no_grad():
         for p in adapter.parameters():
             p.add_(torch.randn_like(p))

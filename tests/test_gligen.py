@@ -266,8 +266,8 @@ def test_gligen_takes_its_own_blocks_and_width_whatever_the_preset_and_refuses_o
 
 def test_the_gligen_modules_refuse_other_blocks_or_width_before_hooking_the_base(base):
     """Below the config too (build_adapter, load_adapter): GligenAdapter itself takes every block and width 4."""
-    for option, value in (("blocks", "decoder"), ("ff_mult", 2)):
-        with pytest.raises(ValueError, match=f"GLIGEN as it is: .*'adapter_{option}': {value!r}.* cannot be set"):
+    for option, field, value in (("adapted_blocks", "blocks", "decoder"), ("ff_mult", "ff_mult", 2)):
+        with pytest.raises(ValueError, match=f"GLIGEN as it is: .*'adapter_{field}': {value!r}.* cannot be set"):
             build_adapter(base, attention="gligen", **{option: value})
         assert not any(b._forward_hooks for b in transformer_blocks(base.unet).values())
 

@@ -315,7 +315,8 @@ def make_adapter(w: Workload, attention: str, feedforward: bool, blocks: str = "
                  ff_mult: int = 4) -> SpatialAdapter:
     """An fp32 adapter for the workload's UNet (as `build_adapter` makes one), attached, gates opened."""
     kind = GligenAdapter if attention == "gligen" else SpatialAdapter      # GLIGEN: every block, width 4, as diffusers
-    adapter = kind(w.unet, w.text_dim, attention=attention, feedforward=feedforward, blocks=blocks, ff_mult=ff_mult)
+    adapter = kind(w.unet, w.text_dim, attention=attention, feedforward=feedforward, adapted_blocks=blocks,
+                   ff_mult=ff_mult)
     adapter = adapter.to(w.device, torch.float32).attach(w.unet)
     for p in adapter.gate_parameters().values():
         p.data.fill_(GATE_OPEN)

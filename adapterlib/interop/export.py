@@ -164,7 +164,7 @@ A grounding adapter (phrases + boxes -> gated layers) for a frozen text-to-image
   architecture, e.g. a fine-tune, loads them too, with no guarantee of quality)
 - **Data**: `{info['data']}`
 - **Steps**: {info['step']}
-- **Adapter**: attention `{arch['attention']}`, {len(arch['blocks'])} transformer blocks, at most
+- **Adapter**: attention `{arch['attention']}`, a gated layer on {len(arch.get('adapted_blocks', arch['blocks']))} of the base's {len(arch['blocks'])} transformer blocks, at most
   {arch['max_objects']} objects, phrase width {arch['text_dim']}, token width {arch['token_dim']}
 
 ## Recipe

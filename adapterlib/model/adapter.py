@@ -265,14 +265,15 @@ class SpatialAdapter(HookedAdapter):
 
     def __init__(self, unet, text_dim: int, *, attention: str = "masked", norm: str = "layernorm",
                  feedforward: bool = True, max_objects: int = MAX_OBJECTS, fourier_freqs: int = 8,
-                 mlp_width: int | None = None, depth: str = "none", blocks: str = "all", ff_mult: int = 4):
+                 mlp_width: int | None = None, depth: str = "none", adapted_blocks: str = "all",
+                 ff_mult: int = 4):
         super().__init__()
         if ff_mult < 1:
             raise ValueError(f"adapter_ff_mult = {ff_mult}: give a width multiple >= 1")
         all_blocks = transformer_blocks(unet)
         if not all_blocks:
             raise ValueError("this UNet has no transformer blocks: nothing to attach a spatial adapter to")
-        chosen = select_blocks(unet, blocks)
+        chosen = select_blocks(unet, adapted_blocks)
         token_dim = unet.config.cross_attention_dim
         token_dim = token_dim[0] if isinstance(token_dim, (list, tuple)) else token_dim
         mlp_width = mlp_width or min(512, 4 * token_dim)
@@ -433,7 +434,7 @@ class AdaptedUNet(nn.Module):
 
 def build_adapter(base, **options) -> SpatialAdapter:
     """An adapter sized for `base` (its UNet blocks and phrase embedding width), attached and on its device
-    (`options`: SpatialAdapter's, e.g. `blocks="decoder"`). Its weights are fp32 whatever the base's dtype: they are
+    (`options`: SpatialAdapter's, e.g. `adapted_blocks="decoder"`). Its weights are fp32 whatever the base's dtype: they are
     the master weights. `attention="gligen"`: diffusers' own GLIGEN modules with the same interface
     (adapterlib/model/gligen.py), in every block."""
     kind = GligenAdapter if options.get("attention") == "gligen" else SpatialAdapter

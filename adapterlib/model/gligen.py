@@ -71,11 +71,12 @@ class GligenAdapter(HookedAdapter):
 
     def __init__(self, unet, text_dim: int, *, attention: str = "gligen", norm: str = "layernorm",
                  feedforward: bool = True, max_objects: int = SLOTS, fourier_freqs: int = FOURIER_FREQS,
-                 mlp_width: int | None = None, depth: str = "none", blocks: str = "all", ff_mult: int = 4):
+                 mlp_width: int | None = None, depth: str = "none", adapted_blocks: str = "all",
+                 ff_mult: int = 4):
         super().__init__()
         wrong = {k: v for k, v, ok in (("adapter_norm", norm, "layernorm"), ("adapter_feedforward", feedforward, True),
                                        ("adapter_depth", depth, "none"), ("fourier_freqs", fourier_freqs, FOURIER_FREQS),
-                                       ("mlp_width", mlp_width or MLP_WIDTH, MLP_WIDTH), ("adapter_blocks", blocks, "all"),
+                                       ("mlp_width", mlp_width or MLP_WIDTH, MLP_WIDTH), ("adapter_blocks", adapted_blocks, "all"),
                                        ("adapter_ff_mult", ff_mult, 4)) if v != ok}
         if attention != "gligen" or wrong:
             raise ValueError(f"adapter_attention 'gligen' is diffusers' GLIGEN as it is: {wrong} cannot be set for it "
