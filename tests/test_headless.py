@@ -111,6 +111,18 @@ def test_parameters_cells_list_every_field_they_take(notebook, own, names):
     assert {k for k, v in assigned.items() if v is not None} == {own}      # every field: "not given"
 
 
+def test_notebook_02_parameters_cell_is_the_configs_own_description_word_for_word():
+    """Notebook 02's parameters cell is generated from TrainConfig's source (each field's comment there), so the two
+    never drift; a field's comment changed in config.py without `python -m adapterlib.training.config` fails here."""
+    from adapterlib.training.config import field_comments, parameters_cell
+    nb = nbformat.read(NOTEBOOKS / "02_train.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assert cell.source == parameters_cell(), "run `python -m adapterlib.training.config` to regenerate the cell"
+    comments = field_comments()
+    assert set(comments) == set(FIELDS) and all(comments[f] for f in FIELDS), "every field is described in config.py"
+    assert "learned" in " ".join(comments["adapter_depth"])        # the choices the config takes are the ones it names
+
+
 def _parameters(notebook) -> dict:
     """The names the notebook's parameters cell assigns, with their values."""
     nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)

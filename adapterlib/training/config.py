@@ -36,23 +36,23 @@ class TrainConfig:
                                          # some overlapping, smaller in front) or "shapes" (the first world: 1-3, apart);
                                          # "" (the sd15 preset's): none given, which training refuses
     n_train: int = 20_000                # size of the generated Shapes set (data "shapes-v2" or "shapes")
-    seed: int = 0
+    seed: int = 0                        # data order, noise, timesteps, dropouts, scales: one random stream
     device: str = "auto"                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     mixed_precision: str = "bf16"        # bf16 | fp16 | no; CPU always runs fp32
     # --- the training plan's parameters (docs/training-plan.md)
-    steps: int = 2400
-    batch_size: int = 16
-    lr: float = 1e-3
+    steps: int = 2400                    # optimiser steps (each of batch_size samples)
+    batch_size: int = 16                 # samples a step (the global batch over every process)
+    lr: float = 1e-3                     # AdamW learning rate (the gates: lr * gate_lr_scale)
     phrase_dropout: float = 0.1          # a dropped phrase becomes the learned null phrase
     scale_min: float = 0.5               # injection scale drawn per sample from [scale_min, scale_max]
-    scale_max: float = 1.0
-    save_every: int = 250
+    scale_max: float = 1.0               # (a sample's scale multiplies every gate in its forward)
+    save_every: int = 250                # checkpoint interval (steps)
     # --- what a researcher needs besides
     caption_dropout: float = 0.5         # GLIGEN's 50%: without the caption, only the boxes say what goes where
     weight_decay: float = 0.0            # never on the gates (decay pulls them back to zero)
     gate_lr_scale: float = 10.0          # gates learn at lr * gate_lr_scale: they start at 0 and everything
                                          # behind them gets gradient only once they open
-    warmup: int = 100
+    warmup: int = 100                    # linear learning-rate warm-up (steps)
     lr_schedule: str = "constant"        # after the warm-up: constant | cosine (down to 0 at `steps`; a resume that adds
                                          # steps stretches the rest of the decay over them)
     box_loss_weight: float = 1.0         # loss = MSE over the image + this x the mean over objects of the MSE inside each
@@ -63,16 +63,17 @@ class TrainConfig:
                                          # exclusive otherwise); all but box: Shapes data, a pixel base
     timesteps: str = "uniform"           # uniform | cubic: t = (1 - u^3) T, most steps at high noise, where the layout is
                                          # decided (T2I-Adapter's schedule; losses.draw_timesteps)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0               # the adapter's gradient norm is clipped to this
     adapter_attention: str = "masked"    # self | cross | masked | gligen (diffusers' own GLIGEN modules: adapterlib/model/gligen.py)
     adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
-    adapter_feedforward: bool = True
+    adapter_feedforward: bool = True     # a gated feed-forward after each gated attention (GLIGEN's)
     adapter_ff_mult: int = 4             # the gated feed-forward's width, a multiple of the block's (GLIGEN's: 4);
                                          # 2 halves its cost (docs/blocks.md)
     init_from: str = ""                  # adapter_attention gligen: start from the fusers and position net of a diffusers
                                          # GLIGEN folder (e.g. masterful/gligen-1-4-generation-text-box on disk) to fine-tune it
     adapter_depth: str = "none"          # masked attention, a token inside several boxes: none (all of them) |
-                                         # smaller-front (only the smallest: smaller objects in front)
+                                         # smaller-front (only the smallest: smaller objects in front) | learned (a
+                                         # per-head weight on the box's -log(area), zero at init: training decides)
     adapter_blocks: str = "all"          # which transformer blocks get a gated layer: all | decoder (mid + up blocks) |
                                          # low (a quarter of the input's side or less) | migc (mid + first up block with
                                          # transformer blocks) | a comma list of block names / prefixes (adapter.select_blocks)
@@ -85,7 +86,7 @@ class TrainConfig:
     num_workers: int = 2                 # DataLoader workers decoding images when they are read every step
     compile: bool = False                # torch.compile the adapted UNet (a GPU speed option; minutes to compile)
     tensorboard: bool = False            # also log metrics and checkpoint samples to RUN/tensorboard/ (needs tensorboard)
-    log_every: int = 25
+    log_every: int = 25                  # a metrics.csv row every this many steps
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
     # --- how the run is measured (checkpoint tests, notebooks 04/05, evaluate; docs/real-data.md)
     heldout: str = ""                    # the layouts it is judged on: a manifest path (e.g. an imported COCO val), v1
@@ -265,6 +266,57 @@ def resume_changes(saved: dict, changes: dict, where) -> dict:
     return {k: v for k, v in changes.items() if saved.get(k) != v}
 
 
+def field_comments() -> dict[str, list[str]]:
+    """Each field's comment in TrainConfig's source (the text after `#` on its line and on the comment-only lines
+    under it), by field: the one place a field is described, which notebook 02's parameters cell is generated from
+    (`parameters_cell`)."""
+    import inspect
+
+    comments, current = {}, None
+    for line in inspect.getsource(TrainConfig).splitlines():
+        code, _, comment = line.partition("#")
+        name = code.strip().partition(":")[0]
+        if name in FIELDS and ":" in code:
+            current = name
+            comments[name] = [comment.strip()] if comment.strip() else []
+        elif current and not code.strip() and comment.strip() and not comment.startswith(" ---"):
+            comments[current].append(comment.strip())
+        else:
+            current = None
+    return comments
+
+
+def parameters_cell() -> str:
+    """Notebook 02's parameters cell: `preset`, then every field but `preset` as None (the preset's value), each
+    with its comment from TrainConfig's source. tests/test_headless.py holds the notebook to it word for word;
+    `python -m adapterlib.training.config` rewrites the cell."""
+    width = max(map(len, FIELDS))
+    lines = ['preset = ""   # "" -> shapes (the embedded default) | sd15 | sdxl (give base_model and data) | smoke',
+             "# Every field of adapterlib.training.config.TrainConfig; None = the preset's value (generated from the",
+             "# config's source by `python -m adapterlib.training.config`: edit the comments there).",]
+    for name, comment in field_comments().items():
+        if name == "preset":
+            continue
+        head = f"{name:<{width}} = None"
+        lines.append(f"{head}   # {comment[0]}" if comment else head)
+        lines += [f"{'':<{len(head)}}   # {more}" for more in comment[1:]]
+    return "\n".join(lines)
+
+
+def write_parameters_cell(notebook: str | Path) -> bool:
+    """Rewrite the notebook's cell tagged `parameters` with `parameters_cell()`; True when it changed."""
+    path = Path(notebook)
+    nb = json.loads(path.read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    lines = parameters_cell().split("\n")
+    new = [line + "\n" for line in lines[:-1]] + [lines[-1]]
+    if cell["source"] == new:
+        return False
+    cell["source"] = new
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    return True
+
+
 class NotebookParameters:
     """Collects a notebook's papermill parameters, whatever their names, for `config`.
 
@@ -336,3 +388,9 @@ def check_types(cfg) -> None:
         if not ok:
             raise TypeError(f"config field {f.name!r} must be {want.__name__}, got {value!r} "
                             f"({type(value).__name__})")
+
+
+if __name__ == "__main__":          # python -m adapterlib.training.config: notebook 02's parameters cell from the source
+    from adapterlib.paths import repo_path
+    target = repo_path("notebooks/02_train.ipynb")
+    print(f"{target}: {'rewritten' if write_parameters_cell(target) else 'already the config'}")
