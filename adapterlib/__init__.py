@@ -15,8 +15,9 @@ above (tests/test_structure.py holds this); the notebooks and `python -m adapter
     shapes/     the embedded default: the synthetic world, its colour detector, the tiny base's recipe
     analysis/   `gates` gate statistics and training phases; `figures` every figure
     training/   `config` the one config and its presets; `evalspec` a run's held-out set and detector checked;
-                `worlds` the seam to the Shapes world; `cache` the encoding cache and step batches; `losses` the
-                losses and schedules; `checkpoint`; `lock` one writer; `progress`; `distributed`; `train` the loop
+                `worlds` the seam to the Shapes world; `cache` the encoding cache (key, build, check); `batches` a
+                step's inputs (from the cache or the images, in the data order); `losses` the losses and schedules;
+                `checkpoint`; `lock` one writer; `progress`; `distributed`; `train` the loop
     evaluation/ `evaluate` grounding on held-out layouts; `basecache` the base's samples kept; `checkpoint_test`;
                 `checks` (notebook 01); `bench` throughput of the training step
     interop/    `pipeline` a diffusers pipeline; `export` an adapter folder (and diffusers' GLIGEN format)

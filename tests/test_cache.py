@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from adapterlib.training import cache
+from adapterlib.training import batches, cache
 from adapterlib.model.base import load_base
 from adapterlib.data.manifest import GroundedObject, ManifestImages, Record, write_manifest
-from adapterlib.training.cache import CachedSource, CacheError, ImageSource, build_cache, step_batches
+from adapterlib.training.batches import CachedSource, ImageSource, step_batches
+from adapterlib.training.cache import CacheError, build_cache
 
 
 def _shapes_manifest(folder: Path, n: int = 12) -> Path:
@@ -88,8 +89,8 @@ def test_vae_moments_are_cached_and_every_epoch_draws_a_new_latent(tmp_path, sd_
     assert [r.objects for r in batch.records] == [r.objects for r in records]    # boxes after the crop
     g = torch.Generator().manual_seed(0)
     dev = torch.device("cpu")
-    first = cache.sample_latents(sd_base, batch, g, dev, torch.float32, None)
-    second = cache.sample_latents(sd_base, batch, g, dev, torch.float32, None)
+    first = batches.sample_latents(sd_base, batch, g, dev, torch.float32, None)
+    second = batches.sample_latents(sd_base, batch, g, dev, torch.float32, None)
     assert not torch.equal(first, second)                              # a new sample each time
     expected = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(first, expected * sd_base.vae.config.scaling_factor, atol=1e-5, rtol=1e-5)
@@ -166,7 +167,7 @@ def test_flip_on_the_cache_is_the_flip_on_the_images(tmp_path, shapes_base):
     plain = ImageSource(ManifestImages(manifest, shapes_base.resolution, progress=False, flip=True, seed=3))
     flipped = 0
     for step in range(4):
-        idx, pos = cache.batch_indices(3, len(plain), step * 5, 5), list(range(step * 5, step * 5 + 5))
+        idx, pos = batches.batch_indices(3, len(plain), step * 5, 5), list(range(step * 5, step * 5 + 5))
         a, b = cached.batch(idx, pos), plain.batch(idx, pos)
         assert torch.equal(a.pixels, b.pixels)
         assert [r.objects for r in a.records] == [r.objects for r in b.records]
@@ -177,7 +178,7 @@ def test_random_crops_are_not_cached(tmp_path, shapes_base):
     manifest = _shapes_manifest(tmp_path / "d")
     with pytest.raises(CacheError, match="random"):
         _build(shapes_base, manifest, tmp_path / "runs", crop="random")
-    source, note = cache.training_source(
+    source, note = batches.training_source(
         shapes_base, manifest, tmp_path / "runs", cache=True, crop="random", flip=False, seed=0, max_objects=30,
         on_bad_record="error", compute_dtype=torch.float32, progress=False)
     assert isinstance(source, ImageSource) and "random" in note
@@ -209,13 +210,13 @@ def test_training_from_the_cache_is_training_from_the_images(tmp_path, monkeypat
     manifest = _shapes_manifest(tmp_path / "d") if base_name == "shapes" else _photo_manifest(tmp_path / "d")
     base_model = "shapes-tiny" if base_name == "shapes" else str(tiny_sd_folder)
     finals = {}
-    for cache in (True, False):
-        cfg = make_config("smoke", run_name=f"c{cache}", data=str(manifest), base_model=base_model, steps=6,
-                          batch_size=3, save_every=6, log_every=3, n_samples=0, flip=base_name == "shapes", cache=cache, num_workers=0)
+    for cached in (True, False):
+        cfg = make_config("smoke", run_name=f"c{cached}", data=str(manifest), base_model=base_model, steps=6,
+                          batch_size=3, save_every=6, log_every=3, n_samples=0, flip=base_name == "shapes", cache=cached, num_workers=0)
         folder = train(cfg, progress=False)
         report = json.loads((folder / "data_report.json").read_text())
-        assert ("cached" in report["inputs"]) == cache
-        finals[cache] = load_file(str(folder / "final" / "adapter.safetensors"))
+        assert ("cached" in report["inputs"]) == cached
+        finals[cached] = load_file(str(folder / "final" / "adapter.safetensors"))
     assert max(finals[True][k].abs().max().item() for k in finals[True] if "gate" in k) > 0   # it trained
     for k in finals[True]:
         torch.testing.assert_close(finals[True][k], finals[False][k], atol=2e-5, rtol=0)
@@ -229,7 +230,7 @@ def test_cache_command_builds_what_training_uses(tmp_path, monkeypatch, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["records"] == 12 and Path(result["folder"]).parent == tmp_path / "runs" / "_cache"
     base = load_base("shapes-tiny")
-    source, note = cache.training_source(
+    source, note = batches.training_source(
         base, manifest, tmp_path / "runs", cache=True, crop="none", flip=False, seed=0, max_objects=30,
         on_bad_record="error", compute_dtype=torch.float32, progress=False)
     assert str(source.folder) == result["folder"]

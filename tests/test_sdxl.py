@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from adapterlib.training import cache
+from adapterlib.training import batches, cache
 from adapterlib.__main__ import main
 from adapterlib.model.adapter import AdaptedUNet, build_adapter
 from adapterlib.model.base import load_base
@@ -109,7 +109,7 @@ def test_a_fresh_adapter_on_sdxl_is_the_base_exactly_and_its_phrases_are_1280_wi
 def test_the_sdxl_cache_stores_the_encoders_outputs_and_each_images_time_ids(tmp_path, sdxl):
     manifest = _photo_manifest(tmp_path / "d")
     folder = cache.build_cache(sdxl, manifest, tmp_path / "runs", crop="center", max_objects=30, progress=False)
-    source = cache.CachedSource(folder, flip=True, seed=3)
+    source = batches.CachedSource(folder, flip=True, seed=3)
     batch = source.batch([0, 1, 2, 3], [0, 1, 2, 3])
     images = ManifestImages(manifest, sdxl.resolution, progress=False, crop="center", flip=True, seed=3)
     _, records, reports = images.load_reports([0, 1, 2, 3], [0, 1, 2, 3])
@@ -129,9 +129,9 @@ def test_caption_dropout_on_sdxl_gives_the_empty_captions_zeros_cached_or_not(tm
     manifest = _photo_manifest(tmp_path / "d")
     folder = cache.build_cache(sdxl, manifest, tmp_path / "runs", crop="center", max_objects=30, progress=False)
     drop = torch.tensor([True, False])
-    batches = (cache.CachedSource(folder).batch([0, 1], [0, 1]),
-               cache.ImageSource(ManifestImages(manifest, 16, progress=False, crop="center")).batch([0, 1], [0, 1]))
-    out = [cache.text_inputs(sdxl, b, drop, torch.device("cpu"), torch.float32, None) for b in batches]
+    both = (batches.CachedSource(folder).batch([0, 1], [0, 1]),
+            batches.ImageSource(ManifestImages(manifest, 16, progress=False, crop="center")).batch([0, 1], [0, 1]))
+    out = [batches.text_inputs(sdxl, b, drop, torch.device("cpu"), torch.float32, None) for b in both]
     for context, _, added in out:
         assert not context[0].any() and not added["text_embeds"][0].any() and added["text_embeds"][1].any()
     torch.testing.assert_close(out[0][0], out[1][0])
@@ -145,12 +145,12 @@ def test_training_on_sdxl_from_the_cache_is_training_from_the_images(tmp_path, m
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
     manifest = _photo_manifest(tmp_path / "d")
     finals = {}
-    for cache in (True, False):
-        cfg = make_config("sdxl", run_name=f"c{cache}", data=str(manifest), base_model=str(tiny_sdxl_folder), steps=4,
-                          batch_size=3, save_every=4, log_every=2, n_samples=0, cache=cache, num_workers=0, lr=1e-3)
+    for cached in (True, False):
+        cfg = make_config("sdxl", run_name=f"c{cached}", data=str(manifest), base_model=str(tiny_sdxl_folder), steps=4,
+                          batch_size=3, save_every=4, log_every=2, n_samples=0, cache=cached, num_workers=0, lr=1e-3)
         folder = train(cfg, progress=False)
-        assert ("cached" in json.loads((folder / "data_report.json").read_text())["inputs"]) == cache
-        finals[cache] = load_file(str(folder / "final" / "adapter.safetensors"))
+        assert ("cached" in json.loads((folder / "data_report.json").read_text())["inputs"]) == cached
+        finals[cached] = load_file(str(folder / "final" / "adapter.safetensors"))
     assert max(finals[True][k].abs().max().item() for k in finals[True] if "gate" in k) > 0   # it trained
     for k in finals[True]:
         torch.testing.assert_close(finals[True][k], finals[False][k], atol=2e-5, rtol=0)
@@ -204,7 +204,7 @@ def test_coco_import_cache_train_resume_evaluate_on_a_tiny_sdxl(tmp_path, monkey
     assert "encodings cached" in json.loads((runs / "whole" / "data_report.json").read_text())["inputs"]
     capsys.readouterr()
     detector = build_tiny_owl_folder(tmp_path / "owl")
-    assert main(["evaluate", "whole", "--limit", "2", "--steps", "2", "--detector", str(detector)]) == 0
+    assert main(["evaluate", "whole", "--limit", "2", "--sampling-steps", "2", "--detector", str(detector)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n_images"] == 2 and "ap50" in result
 
@@ -232,7 +232,7 @@ def test_generate_on_sdxl_grounds_through_the_adapter_and_scale_0_is_the_base(sd
     assert plain.shape == (1, 16, 16, 3)
     assert np.array_equal(generate(sdxl, records, [0], adapter=adapter, steps=3, scale=0.0), plain)
     assert not np.array_equal(generate(sdxl, records, [0], adapter=adapter, steps=3), plain)
-    assert not np.array_equal(generate(sdxl, records, [0], adapter=adapter, steps=3, grounding_guidance=False),
+    assert not np.array_equal(generate(sdxl, records, [0], adapter=adapter, steps=3, grounding_guidance="off"),
                               plain)
 
 

@@ -109,22 +109,32 @@ def test_checkpoint_loads_back_into_an_adapter_and_the_cli_evaluates_it(runs, ca
     assert main(["evaluate", str(run), "--limit", "2", "--steps", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["step"] == 4 and result["n_images"] == 2 and result["ground_truth_success_rate"] == 1.0
-    assert result["grounding_guidance"] is True
+    assert result["grounding_guidance"] == "base"
 
 
 def test_cli_grounding_guidance_flag_reaches_the_sampler(runs, capsys, monkeypatch):
     from adapterlib.model import sample
     run = train(tiny("guided", steps=2, n_samples=0), progress=False)
-    seen, original = [], sample.generate
+    seen, original = [], sample.denoise
 
-    def recording(base, records, seeds, *, adapter=None, sampling=None, batch_size=64, **settings):
-        seen.append((adapter is not None, sample.Sampling.of(sampling, **settings).grounding_guidance))
-        return original(base, records, seeds, adapter=adapter, sampling=sampling, batch_size=batch_size, **settings)
-    monkeypatch.setattr(sample, "generate", recording)
-    assert main(["evaluate", str(run), "--limit", "2", "--steps", "2", "--grounding-guidance", "off"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["grounding_guidance"] is False
-    assert (True, False) in seen                      # the adapter's images were sampled with it off
+    def recording(base, records, latents, sampling, *, adapter=None, **kwargs):
+        seen.append((adapter is not None, sampling.grounding_guidance, sampling.steps))
+        return original(base, records, latents, sampling, adapter=adapter, **kwargs)
+    monkeypatch.setattr(sample, "denoise", recording)
+    # today's values, and `on`, the earlier name of `base` (a note on stderr); --steps, the earlier --sampling-steps
+    for flag, value, steps in (("off", "off", "--sampling-steps"), ("null", "null", "--sampling-steps"),
+                               ("on", "base", "--steps")):
+        seen.clear()
+        assert main(["evaluate", str(run), "--limit", "2", steps, "2", "--grounding-guidance", flag]) == 0
+        out, err = capsys.readouterr()
+        assert json.loads(out.strip().splitlines()[-1])["grounding_guidance"] == value
+        assert (True, value, 2) in seen                  # the adapter's images were sampled with it
+        assert all(s == 2 for _, _, s in seen)
+        assert ("--grounding-guidance on is --grounding-guidance base" in err) == (flag == "on")
+        assert ("--steps is --sampling-steps" in err) == (steps == "--steps")
+    with pytest.raises(SystemExit):                      # argparse refuses another value
+        main(["evaluate", str(run), "--limit", "2", "--grounding-guidance", "grounded"])
+    assert "invalid choice: 'grounded'" in capsys.readouterr().err
 
 
 def test_training_and_sampling_go_through_the_module_forward(runs, monkeypatch):
@@ -169,7 +179,7 @@ def test_box_loss_weight_reaches_training(runs):
 def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_training(runs, monkeypatch):
     from adapterlib.training import losses, train as train_module
     from adapterlib.model.adapter import Grounding
-    from adapterlib.training.cache import Batch
+    from adapterlib.training.batches import Batch
     # error 9 in the top-left 2x2, 1 elsewhere; one object whose box is the whole image but shows only that corner
     pred, target = torch.ones(1, 1, 4, 4), torch.zeros(1, 1, 4, 4)
     pred[..., :2, :2] = 3.0

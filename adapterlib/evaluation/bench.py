@@ -351,7 +351,7 @@ def train_step(w: Workload, root: str | Path | None = None) -> Step:
     import tempfile
 
     from adapterlib.model.adapter import architecture_options, build_adapter
-    from adapterlib.training import cache, worlds
+    from adapterlib.training import batches, worlds
     from adapterlib.training.config import make_config
     from adapterlib.training.distributed import Shard
     from adapterlib.training.train import make_training, step_loss, update
@@ -363,10 +363,10 @@ def train_step(w: Workload, root: str | Path | None = None) -> Step:
                       n_train=w.batch)
     root = Path(root if root is not None else tempfile.mkdtemp(prefix="adapterlib-bench-"))
     manifest = worlds.training_manifest(cfg.data, cfg.n_train, root)
-    source, _ = cache.training_source(w.base, manifest, root, cache=cfg.cache, crop=cfg.crop, flip=cfg.flip,
+    source, _ = batches.training_source(w.base, manifest, root, cache=cfg.cache, crop=cfg.crop, flip=cfg.flip,
                                       seed=cfg.seed, max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record,
                                       compute_dtype=w.base.unet.dtype, progress=False)
-    batch = next(cache.step_batches(source, seed=cfg.seed, batch_size=cfg.batch_size, start=0, stop=1))
+    batch = next(batches.step_batches(source, seed=cfg.seed, batch_size=cfg.batch_size, start=0, stop=1))
     adapter = build_adapter(w.base, **architecture_options(cfg))
     for p in adapter.gate_parameters().values():
         p.data.fill_(GATE_OPEN)

@@ -10,7 +10,7 @@ import torch
 from adapterlib.model.adapter import Grounding, region_mask
 from adapterlib.options import TIMESTEPS
 from adapterlib.training import worlds
-from adapterlib.training.cache import Batch
+from adapterlib.training.batches import Batch
 from adapterlib.training.config import TrainConfig
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from adapterlib.training import checkpoint
 from adapterlib.training import worlds
 from adapterlib.training import distributed
-from adapterlib.training import cache
+from adapterlib.training import batches as inputs
 from adapterlib.model.adapter import AdaptedUNet, Grounding, architecture_options, build_adapter
 from adapterlib.model.base import load_base, resolve_base_path
 from adapterlib.training.config import FIELDS, TrainConfig, resume_changes
@@ -197,7 +197,7 @@ class Training:
     amp_dtype: torch.dtype | None
     sync_free: bool                         # CUDA: no host sync per step (SYNC_FREE_DEVICES)
     slots: int | None                       # grounding slots per batch (compiled runs: max_objects)
-    source: object                          # cache.training_source: cached encodings or images
+    source: object                          # inputs.training_source: cached encodings or images
     eval_records: list                      # drawn at each checkpoint
 
     @property
@@ -228,7 +228,7 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
         report = folder / DATA_REPORT      # on resume: the manifest the run started with
         started_with = json.loads(report.read_text()).get("manifest") if run.resume and report.is_file() else None
         manifest = worlds.training_manifest(cfg.data, cfg.n_train, runs_root(), started_with)
-        source, source_note = cache.training_source(
+        source, source_note = inputs.training_source(
             base, manifest, runs_root(), cache=cfg.cache, crop=cfg.crop, flip=cfg.flip, seed=cfg.seed,
             max_objects=cfg.max_objects, on_bad_record=cfg.on_bad_record, compute_dtype=compute_dtype,
             progress=progress and shard.main)
@@ -278,17 +278,17 @@ def make_training(cfg: TrainConfig, shard: distributed.Shard, base, adapter) -> 
                     slots, source=None, eval_records=[])
 
 
-def step_loss(training: Training, batch: cache.Batch, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def step_loss(training: Training, batch: inputs.Batch, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch's loss and the global batch's (every process decides alike on it). The random numbers of the
     whole global batch are drawn in a fixed order from `gen` (several processes: each keeps its rows)."""
     cfg, shard, device, base = training.cfg, training.shard, training.device, training.base
     # --- inputs: captions (caption dropout), grounding (phrase dropout), latents, noise, timesteps, scales
     drop = shard.take(torch.rand(cfg.batch_size, generator=gen)) < cfg.caption_dropout
-    context, phrase_embeddings, added = cache.text_inputs(base, batch, drop, device, training.compute_dtype, training.amp_dtype)
+    context, phrase_embeddings, added = inputs.text_inputs(base, batch, drop, device, training.compute_dtype, training.amp_dtype)
     grounding = Grounding.from_records(batch.records, phrase_embeddings, max_objects=cfg.max_objects,
                                        phrase_dropout=cfg.phrase_dropout, generator=gen,
                                        part=shard.part(batch.records), pad_to=training.slots)
-    latents = cache.sample_latents(base, batch, gen, device, training.compute_dtype, training.amp_dtype,
+    latents = inputs.sample_latents(base, batch, gen, device, training.compute_dtype, training.amp_dtype,
                                        draw=lambda shape: shard.take(torch.randn((cfg.batch_size, *shape[1:]), generator=gen)))
     noise = shard.take(torch.randn((cfg.batch_size, *latents.shape[1:]), generator=gen)).to(device)
     t = shard.take(draw_timesteps(cfg.timesteps, cfg.batch_size, base.scheduler.config.num_train_timesteps, gen)).to(device)
@@ -446,7 +446,7 @@ def _loop(training: Training, run: OpenedRun, progress: bool, progress_every_s: 
     cfg, shard, folder = training.cfg, training.shard, run.folder
     gen, step, log, bar, meter, save = _start(training, run, progress, progress_every_s)
     rng_done = gen.get_state()                 # RNG state after the last completed step: what a checkpoint holds
-    batches = cache.step_batches(training.source, seed=cfg.seed, batch_size=cfg.batch_size, start=step,
+    batches = inputs.step_batches(training.source, seed=cfg.seed, batch_size=cfg.batch_size, start=step,
                                  stop=cfg.steps, workers=cfg.num_workers, take=shard.take)
     restore_signals = shard.handle_signals(_on_sigterm)
     try:
