@@ -6,7 +6,7 @@
     python -m adapterlib evaluate runs/<run> [--checkpoint latest|final|STEP] [--scale 1.0] [--tau 1.0]
     python -m adapterlib evaluate runs/<run> --checkpoint all [--detector DIR]   # grounding vs step (checkpoint tests)
     python -m adapterlib evaluate runs/<run> --layouts data.jsonl --detector /path/to/owlv2   # real images
-    (a run's own layouts and detector: its `heldout` and `detector` fields; docs/real-data.md)
+    (a run's own layouts and detector: its `heldout` and `detector` fields; docs/guide/real-data.md)
     python -m adapterlib status <run> [--json]                  # where a run stands
     python -m adapterlib train [--preset P] [--FIELD VALUE ...]   # train a new run (fields of TrainConfig)
     python -m adapterlib train --resume <run> [--steps N ...]     # continue a run (only free fields may change)
@@ -455,7 +455,7 @@ def _evaluate_gligen(args: argparse.Namespace) -> int:
                          "the defaults, the 32-px Shapes held-out layouts and the colour detector, measure nothing "
                          "meaningful on a real base. Give --layouts MANIFEST (e.g. an imported COCO val: "
                          "`python -m adapterlib import coco ... --out DIR`, DIR/data.jsonl) and --detector DIR (a local "
-                         "OWL-ViT / OWLv2 folder); docs/real-data.md")
+                         "OWL-ViT / OWLv2 folder); docs/guide/real-data.md")
     read_gligen_folder(args.gligen)                      # a bad folder is an error before the base loads
     layouts = _layouts(args)
     detector = load_detector(args.detector or "", args.device)          # shapes-tiny: the colour detector unless given

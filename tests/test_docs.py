@@ -1,4 +1,4 @@
-"""The reference stays true to the code: docs/reference.md's fields table names every `TrainConfig` field exactly
+"""The reference stays true to the code: docs/guide/reference.md's fields table names every `TrainConfig` field exactly
 once, with the `shapes` and `sd15` presets' values and the resume policy the code has."""
 import re
 
@@ -7,7 +7,7 @@ import pytest
 from adapterlib.training.config import FIELDS, RESUME_FIXED, RESUME_FREE, make_config
 from adapterlib.paths import REPO_ROOT
 
-REFERENCE = REPO_ROOT / "docs" / "reference.md"
+REFERENCE = REPO_ROOT / "docs" / "guide" / "reference.md"
 
 
 def _rows() -> list[list[str]]:
@@ -38,7 +38,7 @@ def _same(text: str, value) -> bool:
 
 def test_the_fields_table_names_every_field_once():
     named = [n for names, *_ in _fields_table() for n in names]
-    assert sorted(named) == sorted(FIELDS), (f"missing from docs/reference.md: {sorted(set(FIELDS) - set(named))}; "
+    assert sorted(named) == sorted(FIELDS), (f"missing from docs/guide/reference.md: {sorted(set(FIELDS) - set(named))}; "
                                              f"named twice: {sorted({n for n in named if named.count(n) > 1})}")
 
 

@@ -1,5 +1,5 @@
 """Reading the gates: their statistics during training, and the training phases the training plan
-expects (docs/training-plan.md), found by stated rules. The figures are in `figures.py`.
+expects (docs/guide/training-plan.md), found by stated rules. The figures are in `figures.py`.
 
 The training plan's gate table (SD 1.5, batch 2, 25000 steps) is the reference:
 

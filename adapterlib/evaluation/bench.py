@@ -538,7 +538,7 @@ def format_table(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # the plan's run projected from a result
 
-PLAN_STEPS, PLAN_BATCH = 25_000, 2        # the training plan's SD 1.5 run (docs/training-plan.md)
+PLAN_STEPS, PLAN_BATCH = 25_000, 2        # the training plan's SD 1.5 run (docs/guide/training-plan.md)
 
 
 def projected_minutes(samples_per_s: float, steps: int = PLAN_STEPS, batch: int = PLAN_BATCH) -> float:

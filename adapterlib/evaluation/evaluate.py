@@ -190,7 +190,7 @@ def check_measurable(detector: Detector, layouts: Layouts) -> None:
             f"(e.g. {phrases[0]!r}: it finds an object by a colour word in its phrase), so every grounding number "
             "would be empty. Give a zero-shot detector folder (OWL-ViT / OWLv2): --detector DIR (evaluate), "
             "-p detector DIR (notebooks 04, 05), detector=DIR (probe_checkpoint, grounding_vs_step), or the "
-            "run's `detector` field (free on resume); docs/real-data.md")
+            "run's `detector` field (free on resume); docs/guide/real-data.md")
 
 
 def images_for(layouts: Layouts, *, reference: str = "adapter", base=None, adapter=None, cache: bool = True,

@@ -9,7 +9,7 @@ Stable Diffusion XL (a UNet with `addition_embed_type="text_time"`) loads throug
 second text encoder and tokenizer (`text_encoder_2/`, `tokenizer_2/`). Its captions are both encoders'
 penultimate hidden states concatenated (the context) and encoder 2's projected pooled output (the UNet's
 `text_embeds`); its size and crop conditioning (`time_ids`) comes with each image (`encodings.time_ids`).
-`added_cond` assembles the two as the UNet's `added_cond_kwargs` (None for SD 1.x/2.x). docs/sdxl.md.
+`added_cond` assembles the two as the UNet's `added_cond_kwargs` (None for SD 1.x/2.x). docs/guide/sdxl.md.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class BaseModel:
         """(N, D) one vector per phrase: the EOS token's final hidden state (CLIP's pooled output,
         before the projection), which is what GLIGEN feeds its grounding MLP: it summarises the
         whole phrase and lives in the same space for the tiny model and for SD. SDXL: encoder 2's
-        projected pooled output, the vector SDXL itself conditions on for a whole caption (docs/sdxl.md)."""
+        projected pooled output, the vector SDXL itself conditions on for a whole caption (docs/guide/sdxl.md)."""
         if not phrases:
             return torch.zeros(0, self.phrase_dim, device=self.device)
         if self.is_sdxl:

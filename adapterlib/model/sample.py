@@ -12,7 +12,7 @@ Classifier-free guidance with an adapter: by default the unconditional predictio
 caption, no adapter), so the guidance scale strengthens the boxes and phrases together with the caption
 (`grounding_guidance=True`). GLIGEN's inference gives the unconditional branch the same grounding as the
 conditional one, so only the caption is guided (`grounding_guidance=False`). On the crowded Shapes world the
-first is what brings objects that overlap to the ceiling (docs/harder-world.md).
+first is what brings objects that overlap to the ceiling (docs/notes/harder-world.md).
 """
 from __future__ import annotations
 

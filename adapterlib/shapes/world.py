@@ -376,7 +376,7 @@ HELDOUT_V2_BUCKETS = tuple((k, o) for k in range(1, 7) for o in (False, True) if
 
 # How the v2 world's *training* layouts are drawn: the same rendering and depth rule, but crowded -- 2 to 6
 # objects, each after the first placed over an earlier one with probability 0.6 -- so that overlaps and many
-# objects, which held-out v2 weighs as much as the easy buckets, are not rare in training (docs/harder-world.md).
+# objects, which held-out v2 weighs as much as the easy buckets, are not rare in training (docs/notes/harder-world.md).
 V2_TRAINING_OPTIONS = WorldOptions(max_objects=6, min_objects=2, overlap=0.6, side=(0.1875, 0.5))
 
 

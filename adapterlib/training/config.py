@@ -39,7 +39,7 @@ class TrainConfig:
     seed: int = 0                        # data order, noise, timesteps, dropouts, scales: one random stream
     device: str = "auto"                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     mixed_precision: str = "bf16"        # bf16 | fp16 | no; CPU always runs fp32
-    # --- the training plan's parameters (docs/training-plan.md)
+    # --- the training plan's parameters (docs/guide/training-plan.md)
     steps: int = 2400                    # optimiser steps (each of batch_size samples)
     batch_size: int = 16                 # samples a step (the global batch over every process)
     lr: float = 1e-3                     # AdamW learning rate (the gates: lr * gate_lr_scale)
@@ -68,7 +68,7 @@ class TrainConfig:
     adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
     adapter_feedforward: bool = True     # a gated feed-forward after each gated attention (GLIGEN's)
     adapter_ff_mult: int = 4             # the gated feed-forward's width, a multiple of the block's (GLIGEN's: 4);
-                                         # 2 halves its cost (docs/blocks.md)
+                                         # 2 halves its cost (docs/guide/blocks.md)
     init_from: str = ""                  # adapter_attention gligen: start from the fusers and position net of a diffusers
                                          # GLIGEN folder (e.g. masterful/gligen-1-4-generation-text-box on disk) to fine-tune it
     adapter_depth: str = "none"          # masked attention, a token inside several boxes: none (all of them) |
@@ -88,7 +88,7 @@ class TrainConfig:
     tensorboard: bool = False            # also log metrics and checkpoint samples to RUN/tensorboard/ (needs tensorboard)
     log_every: int = 25                  # a metrics.csv row every this many steps
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
-    # --- how the run is measured (checkpoint tests, notebooks 04/05, evaluate; docs/real-data.md)
+    # --- how the run is measured (checkpoint tests, notebooks 04/05, evaluate; docs/guide/real-data.md)
     heldout: str = ""                    # the layouts it is judged on: a manifest path (e.g. an imported COCO val), v1
                                          # or v2; "" -> its Shapes world's held-out set, or for a manifest run its own
                                          # first training records, marked "(training records: not held out)"
@@ -178,14 +178,14 @@ ARCHITECTURE_FIELDS = tuple(ARCHITECTURE)
 
 PRESETS = {
     # the embedded default, sized for a 2-core CPU (see README for what it reaches and why these values); the
-    # cosine decay, the layered box loss, the decoder-only blocks and the 2x feed-forward (docs/blocks.md) are this
+    # cosine decay, the layered box loss, the decoder-only blocks and the 2x feed-forward (docs/guide/blocks.md) are this
     # recipe's (measured on Shapes), so a run saved before `lr_schedule`, `box_loss_region`, `adapter_blocks` or
     # `adapter_ff_mult` existed, which has no such field, still resumes with what it trained with (the field's default)
     "shapes": dict(lr_schedule="cosine", box_loss_region="layered", adapter_blocks="decoder", adapter_ff_mult=2),
     # Stable Diffusion 1.5 on one GPU: the training plan's values (steps, batch, lr, dropouts, scales, checkpoints) with
     # the recipe that grounds on Shapes (masked attention, the per-object box loss over boxes, the cosine decay, gates
-    # at 10x, the mid and up blocks only: docs/blocks.md); your base and data must be given (base_model=FOLDER: the
-    # config refuses none; data=PATH: training refuses none). Why each: docs/recipe.md
+    # at 10x, the mid and up blocks only: docs/guide/blocks.md); your base and data must be given (base_model=FOLDER: the
+    # config refuses none; data=PATH: training refuses none). Why each: docs/notes/recipe.md
     "sd15": dict(base_model="", data="", steps=25_000, batch_size=2, lr=1e-4, phrase_dropout=0.1, scale_min=0.5, scale_max=1.0,
                  save_every=2000, warmup=500, log_every=50, mixed_precision="bf16", adapter_attention="masked",
                  box_loss_weight=1.0, box_loss_region="box", lr_schedule="cosine", gate_lr_scale=10.0,
@@ -194,7 +194,7 @@ PRESETS = {
     "smoke": dict(steps=40, batch_size=4, n_train=256, save_every=20, log_every=5, n_samples=4, warmup=10),
 }
 
-# Stable Diffusion XL base (docs/sdxl.md): sd15's values and recipe at the base's own resolution (SDXL base: 1024 px,
+# Stable Diffusion XL base (docs/guide/sdxl.md): sd15's values and recipe at the base's own resolution (SDXL base: 1024 px,
 # 128x128 latents), batch 2 and bf16 as on SD 1.5 (bf16 keeps SDXL's VAE in range; under fp16 the VAE stays fp32), and
 # a centre crop rather than a stretch: the crop's offset and the original size reach the UNet as SDXL's conditioning
 PRESETS["sdxl"] = {**PRESETS["sd15"], "crop": "center"}

@@ -108,7 +108,7 @@ def check_data(cfg: TrainConfig) -> None:
     if not cfg.data.strip():
         raise ValueError(f"data is empty: the {cfg.preset!r} preset trains on your data and names none. Give a "
                          "manifest, data=PATH/data.jsonl (`python -m adapterlib import coco ...` writes one from COCO "
-                         "or ODVG annotations; docs/data.md), or data=shapes-v2 for the generated Shapes world on the "
+                         "or ODVG annotations; docs/guide/data.md), or data=shapes-v2 for the generated Shapes world on the "
                          "shipped base")
     if worlds.is_shapes(cfg.data) and (resolve_base_path(cfg.base_model) / "vae").is_dir():
         raise ValueError(f"base {cfg.base_model} is a latent model (it has a VAE) but data = {cfg.data!r} is the "
