@@ -43,6 +43,7 @@ from adapterlib.evaluation import evaluate
 from adapterlib.training.config import BENCH_SIZES, FIELDS, PRESETS, RESUME_FREE, TrainConfig
 from adapterlib.data.manifest import ManifestError
 from adapterlib.files import dumps
+from adapterlib.options import GROUNDING_GUIDANCE
 from adapterlib.training.lock import RunLocked
 
 
@@ -76,12 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--base", default="shapes-tiny",
                     help="'shapes-tiny' (the shipped default) or a diffusers-style Stable Diffusion folder")
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N layouts (default: all)")
-    ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    ev.add_argument("--sampling-steps", type=int, default=25, metavar="N", help="DDIM sampling steps (default 25)")
+    ev.add_argument("--steps", type=int, dest="sampling_steps", action=_Renamed, metavar="N",
+                    note="--steps is --sampling-steps", help="the earlier name of --sampling-steps")
     ev.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
-    ev.add_argument("--grounding-guidance", choices=["on", "off"], default="on",
-                    help="on (default): the unconditional branch is the base alone, so guidance strengthens the "
-                         "grounding with the caption; off: both branches grounded, only the caption is guided, as "
-                         "GLIGEN samples (with a run)")
+    ev.add_argument("--grounding-guidance", choices=[*GROUNDING_GUIDANCE, "on"], default="base", action=_Renamed,
+                    renamed={"on": "base"}, note="--grounding-guidance on is --grounding-guidance base",
+                    help="what guidance's unconditional branch is (with a run or --gligen): base (default): the base "
+                         "alone, so guidance strengthens the grounding with the caption; null: the adapter on null "
+                         "objects (diffusers' StableDiffusionGLIGENPipeline); off: the same grounding, only the "
+                         "caption is guided. on: the earlier name of base")
     ev.add_argument("--layouts", "--manifest", dest="layouts", default=None, metavar="v1|v2|MANIFEST",
                     help="the layouts: v1 (the 200 shipped held-out layouts), v2 (220 held-out layouts by object count "
                          "1-6 x overlap) or a manifest (JSON Lines) path; default: a run's own layouts (its `heldout` "
@@ -369,6 +374,20 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Renamed(argparse.Action):
+    """An earlier spelling that still works: an option's earlier name (`renamed` None), or earlier values of an option
+    (`renamed`: earlier value -> today's). Stored as today's, with a one-line note on stderr when used."""
+
+    def __init__(self, option_strings, dest, *, note: str, renamed: dict | None = None, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.note, self.renamed = note, renamed
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.renamed is None or values in self.renamed:
+            print(f"adapterlib {parser.prog.split()[-1]}: {self.note}", file=sys.stderr, flush=True)
+        setattr(namespace, self.dest, (self.renamed or {}).get(values, values))
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from adapterlib.data.buckets import bucket_report, bucket_rows, format_buckets
     from adapterlib.training.worlds import load_detector
@@ -389,12 +408,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.reference == "ground-truth":
         name, extra, (table, summary) = "ground truth", {}, (ceiling, _)
     else:
-        name, extra = f"base ({args.base})", {"base": args.base, "steps": args.steps, "guidance": args.guidance}
+        name, extra = f"base ({args.base})", {"base": args.base, "steps": args.sampling_steps, "guidance": args.guidance}
         base = evaluate.load_base_for(args.base, args.device)
         print(f"sampling {len(layouts)} images from {base.path} on {base.device} "
-              f"({args.steps} steps, guidance {args.guidance})", file=sys.stderr, flush=True)
-        table, summary = evaluate.evaluate(layouts, reference="base", base=base, detector=detector, steps=args.steps,
-                                           guidance=args.guidance)
+              f"({args.sampling_steps} steps, guidance {args.guidance})", file=sys.stderr, flush=True)
+        table, summary = evaluate.evaluate(layouts, reference="base", base=base, detector=detector,
+                                           steps=args.sampling_steps, guidance=args.guidance)
     print(f"on {layouts.title}")
     print(evaluate.format_summary({name: summary}))
     report = bucket_report(layouts.records, table, ceiling=ceiling)
@@ -421,19 +440,19 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     print(f"sampling {len(layouts)} layouts ({layouts.source}): base alone (or its cached samples), then "
           f"{ckpt.name} (scale {args.scale}, tau {args.tau}, guidance {args.guidance}, grounding guidance "
           f"{args.grounding_guidance})", file=sys.stderr, flush=True)
-    sampling = dict(steps=args.steps, guidance=args.guidance)
+    sampling = dict(steps=args.sampling_steps, guidance=args.guidance)
     ceiling, truth = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
     base_table, base_alone = evaluate.evaluate(layouts, reference="base", base=ckpt.base, detector=detector, **sampling)
     table, adapter = evaluate.evaluate(layouts, reference="adapter", base=ckpt.base, adapter=ckpt.adapter,
                                        detector=detector, scale=args.scale, tau=args.tau,
-                                       grounding_guidance=args.grounding_guidance == "on", **sampling)
+                                       grounding_guidance=args.grounding_guidance, **sampling)
     print(f"{run_dir.name} on {layouts.title}, by {detector.name}")
     print(evaluate.format_summary({"ground truth": truth, "base alone (scale 0)": base_alone,
                                    f"adapter step {ckpt.step}": adapter}))
     report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
     print(f"\nby bucket (objects x overlap; ratio = adapter / ceiling):\n{format_buckets(report)}")
     _print_json({**adapter, "run": str(run_dir), "step": ckpt.step, "scale": args.scale, "tau": args.tau,
-                 "guidance": args.guidance, "grounding_guidance": args.grounding_guidance == "on",
+                 "guidance": args.guidance, "grounding_guidance": args.grounding_guidance,
                  "layouts": layouts.source, "held_out": layouts.held_out, "detector": spec,
                  "base_success_rate": base_alone["success_rate"], "ground_truth_success_rate": truth["success_rate"],
                  "buckets": bucket_rows(report)})
@@ -464,17 +483,17 @@ def _evaluate_gligen(args: argparse.Namespace) -> int:
     adapter = load_gligen_weights(build_adapter(base, attention="gligen"), args.gligen)
     print(f"sampling {len(layouts)} layouts: base alone, then GLIGEN {args.gligen} (scale {args.scale}, tau {args.tau}, "
           f"guidance {args.guidance}, grounding guidance {args.grounding_guidance})", file=sys.stderr, flush=True)
-    sampling = dict(steps=args.steps, guidance=args.guidance)
+    sampling = dict(steps=args.sampling_steps, guidance=args.guidance)
     ceiling, truth = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
     base_table, base_alone = evaluate.evaluate(layouts, reference="base", base=base, detector=detector, **sampling)
     table, measured = evaluate.evaluate(layouts, reference="adapter", base=base, adapter=adapter, detector=detector,
-                                        scale=args.scale, tau=args.tau,
-                                        grounding_guidance=args.grounding_guidance == "on", **sampling)
+                                        scale=args.scale, tau=args.tau, grounding_guidance=args.grounding_guidance,
+                                        **sampling)
     print(evaluate.format_summary({"ground truth": truth, "base alone (scale 0)": base_alone, "GLIGEN": measured}))
     report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
     print(f"\nby bucket (objects x overlap; ratio = GLIGEN / ceiling):\n{format_buckets(report)}")
     _print_json({**measured, "gligen": str(args.gligen), "base": args.base, "scale": args.scale, "tau": args.tau,
-                 "guidance": args.guidance, "grounding_guidance": args.grounding_guidance == "on",
+                 "guidance": args.guidance, "grounding_guidance": args.grounding_guidance,
                  "layouts": layouts.source, "detector": args.detector or "color",
                  "base_success_rate": base_alone["success_rate"], "ground_truth_success_rate": truth["success_rate"],
                  "buckets": bucket_rows(report)})
@@ -495,8 +514,8 @@ def _evaluate_all_checkpoints(args: argparse.Namespace, run_dir: Path) -> int:
     n = args.limit or 10
     print(f"checkpoint tests of {run_dir.name}: {n} layouts per checkpoint", file=sys.stderr, flush=True)
     table = grounding_vs_step(run_dir, n, device=args.device, layouts=args.layouts, detector=args.detector,
-                              steps=args.steps, guidance=args.guidance, scale=args.scale, tau=args.tau,
-                              grounding_guidance=args.grounding_guidance == "on")
+                              steps=args.sampling_steps, guidance=args.guidance, scale=args.scale, tau=args.tau,
+                              grounding_guidance=args.grounding_guidance)
     print(table.attrs["title"])
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     _print_json({"run": str(run_dir), "n_layouts": n, "title": table.attrs["title"],

@@ -40,7 +40,7 @@ def base_calls(monkeypatch):
 
 
 def _evaluate(capsys, *args) -> dict:
-    assert main(["evaluate", "tiny", "--limit", "3", "--steps", "2", *args]) == 0
+    assert main(["evaluate", "tiny", "--limit", "3", "--sampling-steps", "2", *args]) == 0
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 

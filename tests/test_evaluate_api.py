@@ -118,3 +118,19 @@ def test_evaluate_with_no_run_measures_the_default_presets_heldout_set_the_readm
     assert main(["evaluate", "--reference", "ground-truth", "--layouts", "v1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["layouts"], result["n_images"], result["success_rate"]) == ("heldout", 200, 1.0)
+
+
+def test_a_sample_set_keys_adapter_images_on_the_grounding_guidance(base, adapter, tmp_path, monkeypatch):
+    from adapterlib.evaluation.evaluate import SampleSet
+    from adapterlib.model.sample import generate
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
+    layouts = heldout_layouts(2)
+    book = SampleSet(layouts, base, steps=STEPS)
+    off = book.images(adapter, grounding_guidance="off")
+    assert np.array_equal(off, generate(base, layouts.records, layouts.seeds, adapter=adapter, steps=STEPS,
+                                        grounding_guidance="off"))
+    assert not np.array_equal(book.images(adapter), off)          # "base", the default: other images
+    assert book.sampled == 4
+    with pytest.warns(DeprecationWarning):                         # False, the earlier "off": the same key
+        assert np.array_equal(book.images(adapter, grounding_guidance=False), off)
+    assert book.sampled == 4

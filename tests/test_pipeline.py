@@ -37,6 +37,40 @@ def test_the_pipeline_gives_the_samplers_images_for_a_batch_with_different_objec
     assert np.abs(alone[0].astype(int) - ours[1]).max() <= 1        # its batch-mate does not change an image
 
 
+@pytest.mark.parametrize("grounding_guidance", ["base", "null", "off"])
+def test_the_pipeline_and_generate_are_one_loop_giving_the_same_images(base, open_adapter, monkeypatch,
+                                                                        grounding_guidance):
+    from adapterlib.model import sample
+    calls, original = [], sample.denoise
+
+    def spy(*args, **kwargs):
+        calls.append(type(kwargs.get("scheduler")).__name__)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(sample, "denoise", spy)
+    settings = dict(scale=0.8, tau=0.6, grounding_guidance=grounding_guidance)
+    pipe = GroundedPipeline.from_base(base, open_adapter)
+    pipe.set_progress_bar_config(disable=True)
+    ours = pipe(PROMPTS, phrases=PHRASES, boxes=BOXES, num_inference_steps=5, guidance_scale=2.5, output_type="np",
+                latents=initial_noise(base, [4, 5]), **settings).images
+    sampled = generate(base, records(), [4, 5], adapter=open_adapter, steps=5, guidance=2.5, **settings)
+    assert calls == ["DDIMScheduler", "NoneType"]           # the pipeline (its DDIM), then generate (our DDIM)
+    assert np.array_equal(ours, sampled)
+    other = "off" if grounding_guidance != "off" else "base"
+    assert not np.array_equal(ours, generate(base, records(), [4, 5], adapter=open_adapter, steps=5, guidance=2.5,
+                                             **{**settings, "grounding_guidance": other}))
+
+
+def test_the_earlier_unconditional_keyword_still_works_with_a_warning(base, open_adapter):
+    pipe = GroundedPipeline.from_base(base, open_adapter)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(phrases=PHRASES[1], boxes=BOXES[1], num_inference_steps=3, output_type="np")
+    for old, new in (("grounded", "off"), ("null", "null"), ("base", "base")):
+        with pytest.warns(DeprecationWarning, match=f"unconditional='{old}' is grounding_guidance='{new}'"):
+            before = pipe(PROMPTS[1], unconditional=old, latents=initial_noise(base, [2]), **call).images
+        assert np.array_equal(before, pipe(PROMPTS[1], grounding_guidance=new, latents=initial_noise(base, [2]),
+                                           **call).images)
+
+
 def test_a_diffusers_scheduler_swaps_in_and_the_output_is_pil(base, open_adapter):
     pipe = GroundedPipeline.from_base(base, open_adapter)
     pipe.set_progress_bar_config(disable=True)
@@ -79,7 +113,7 @@ def test_a_gligen_folder_samples_as_diffusers_gligen_pipeline_with_guidance(runs
     theirs_pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     phrases, boxes = ["red", "and"], [[0.0, 0.0, 0.5, 0.6], [0.4, 0.3, 1.0, 1.0]]
     kw = dict(num_inference_steps=4, guidance_scale=3.0)
-    ours = pipe("a red and a cir", phrases=phrases, boxes=boxes, unconditional="null", output_type="np",
+    ours = pipe("a red and a cir", phrases=phrases, boxes=boxes, grounding_guidance="null", output_type="np",
                 latents=initial_noise(sd, [3]), **kw).images[0]
     theirs = np.asarray(theirs_pipe("a red and a cir", gligen_phrases=phrases, gligen_boxes=boxes,
                                     gligen_scheduled_sampling_beta=1.0, latents=initial_noise(sd, [3]), **kw).images[0])
@@ -103,6 +137,10 @@ def runs(tmp_path, monkeypatch):
     (dict(phrases=[["a"] * 31], boxes=[[(0, 0, 1, 1)] * 31]), r"phrases\[0\]: 31 phrases, more than .*max_objects \(30\)"),
     (dict(prompt=["x", "y"], phrases=[["a"]], boxes=[[(0, 0, 1, 1)]]), r"phrases / boxes: 1 and 1 lists for 2 prompts"),
     (dict(scale=1, unconditional="none"), r"unconditional = 'none'"),
+    (dict(grounding_guidance="grounded"), r"grounding_guidance = 'grounded': choose one of \('base', 'null', 'off'\)"),
+    (dict(num_inference_steps=0), r"num_inference_steps = 0: give at least 1"),
+    (dict(tau=1.5), r"tau = 1.5: give a share of the steps in \[0, 1\]"),
+    (dict(scale=-1), r"scale = -1: give a scale >= 0"),
 ])
 def test_bad_input_is_refused_naming_the_argument_before_any_work(base, open_adapter, kwargs, message):
     pipe = GroundedPipeline.from_base(base, open_adapter)

@@ -44,7 +44,7 @@ def test_grounding_vs_step_has_step0_and_every_checkpoint(run_dir, capsys):
     table = grounding_vs_step(run_dir, **FAST)
     assert table.step.tolist() == [0, 4, 6]
     assert table.gate_mean.iloc[0] == 0.0                    # step 0: the zero-init adapter, the base alone
-    assert main(["evaluate", str(run_dir), "--checkpoint", "all", "--limit", "3", "--steps", "3"]) == 0
+    assert main(["evaluate", str(run_dir), "--checkpoint", "all", "--limit", "3", "--sampling-steps", "3"]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [row["step"] for row in last["rows"]] == [0, 4, 6]
     assert last["rows"][2]["success_rate"] == table.success_rate.iloc[2]

@@ -49,6 +49,15 @@ def test_render_is_a_pure_function_of_its_arguments(slider):
     assert png_bytes(slider.render(**{**args, "tau": 1.0})) != first
 
 
+def test_the_sliders_grounding_guidance_reaches_the_sampler(base, adapter):
+    layouts = heldout_layouts(1)
+    record, seed = layouts.records[0], layouts.seeds[0]
+    slider = GateSlider(base, adapter, layouts, steps=STEPS, grounding_guidance="off")
+    off = generate(base, [record], [seed], adapter=adapter, steps=STEPS, grounding_guidance="off")
+    assert slider.image.value == png_bytes(boxed_grid(off, [record], upscale=slider.upscale, ncols=1))
+    assert slider.image.value != png_bytes(GateSlider(base, adapter, layouts, steps=STEPS).render(**slider.values()))
+
+
 def test_choosing_a_layout_starts_at_its_evaluation_seed(slider):
     slider.seed.value = 42
     slider.layout.value = 2

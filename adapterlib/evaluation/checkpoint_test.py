@@ -72,7 +72,8 @@ def probe_checkpoint(run_dir: str | Path, which: str | int = "latest", n: int = 
     boxes, the gate statistics and the grounding summary by `detector` (None or "": the run's `detector`
     field; "color"; a zero-shot detector folder; or a loaded Detector). Writes grid.png and results.json
     under checkpoint_test/step_XXXXXXX/ and returns the results. Sampling settings (steps, guidance, scale,
-    tau) as keywords; a cached test is reused only for the same layouts, detector and settings."""
+    tau, grounding_guidance: `options.GROUNDING_GUIDANCE`) as keywords; a cached test is reused only for the same
+    layouts, detector and settings."""
     run_dir = resolve_run(run_dir)
     # step 0 has no checkpoint: the zero-init adapter is the identity, so it is the base alone
     step, path = (0, None) if str(which) == "0" else resolve_checkpoint(run_dir, which)

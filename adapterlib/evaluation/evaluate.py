@@ -6,7 +6,8 @@ adapter are compared on the same starting noise. A manifest record uses its "see
 index when it has none. The detector that scores an image is `detector` (`worlds.load_detector`:
 "color", the Shapes colour detector, by default; or a local zero-shot detection model folder):
 success = the found box overlaps the requested one with IoU >= 0.5, AP@0.5 over the set.
-Sampling settings are `sample.Sampling`'s, given as keyword arguments (steps, guidance, scale, tau).
+Sampling settings are `sample.Sampling`'s, given as keyword arguments (steps, guidance, scale, tau,
+grounding_guidance).
 
 What a run is judged on (`run_layouts`) and by what (`run_detector`) come from its config: `heldout` (a
 manifest path, v1 or v2; "" = the held-out set of its Shapes world, or for a run on a manifest its own first
@@ -253,20 +254,28 @@ class SampleSet:
         self._images, self._measured = {}, {}
         self.sampled = 0                       # images sampled so far (the base alone's cached ones not counted)
 
-    def _key(self, what, scale: float, tau: float, grounding_guidance: bool):
+    def _key(self, what, **settings):
+        """What `what`'s images are keyed on: "ground-truth", "base", or the adapter with its settings (as
+        `Sampling` reads them: an earlier spelling of grounding_guidance is the same key)."""
         if isinstance(what, str):
             if what not in ("ground-truth", "base"):
                 raise ValueError(f"{what!r}: give 'ground-truth', 'base' or an adapter")
             return what
-        if scale == 0 or tau == 0:
+        s = self._sampling(**settings)
+        if s.scale == 0 or s.tau == 0:
             return "base"
-        return (id(what), float(scale), float(tau), bool(grounding_guidance))
+        return (id(what), float(s.scale), float(s.tau), s.grounding_guidance)
 
-    def images(self, what="base", *, scale: float = 1.0, tau: float = 1.0, grounding_guidance: bool = True,
+    def _sampling(self, *, scale: float = 1.0, tau: float = 1.0, grounding_guidance: str = "base"):
+        from adapterlib.model.sample import Sampling
+        return Sampling.of(self.sampling, scale=scale, tau=tau, grounding_guidance=grounding_guidance)
+
+    def images(self, what="base", *, scale: float = 1.0, tau: float = 1.0, grounding_guidance: str = "base",
                n: int | None = None):
         """The images (first n) of `what`: "ground-truth", "base", or an adapter attached to the base, sampled
-        at (scale, tau, grounding_guidance) the first time they are asked for."""
-        key = self._key(what, scale, tau, grounding_guidance)
+        at (scale, tau, grounding_guidance: `options.GROUNDING_GUIDANCE`) the first time they are asked for."""
+        settings = dict(scale=scale, tau=tau, grounding_guidance=grounding_guidance)
+        key = self._key(what, **settings)
         if key not in self._images:
             if key == "ground-truth":
                 images = self.layouts.ground_truth_images()
@@ -275,22 +284,21 @@ class SampleSet:
             else:
                 from adapterlib.model.sample import generate
                 images = generate(self.base, self.layouts.records, self.layouts.seeds, adapter=what,
-                                  sampling=self.sampling, scale=scale, tau=tau, grounding_guidance=grounding_guidance)
+                                  sampling=self._sampling(**settings))
                 self.sampled += len(images)
             self._images[key] = (images, what)          # `what` kept: its id stays the adapter's while cached
         return self._images[key][0][:n]
 
     def measure(self, what="base", *, n: int | None = None, **settings) -> tuple[pd.DataFrame, dict]:
         """(per-object table, summary) of the first n images of `what` (`images`' arguments)."""
-        key = (self._key(what, settings.get("scale", 1.0), settings.get("tau", 1.0),
-                         settings.get("grounding_guidance", True)), n)
+        key = (self._key(what, **settings), n)
         if key not in self._measured:
             images = self.images(what, n=n, **settings)
             self._measured[key] = worlds.measure(images, self.layouts.records[:n], self.detector)
         return self._measured[key]
 
     def compare(self, adapter, *, scales=(0.0, 0.5, 1.0, 1.5), taus=(1.0,), n: int | None = None,
-                progress: bool = False, grounding_guidance: bool = True) -> pd.DataFrame:
+                progress: bool = False, grounding_guidance: str = "base") -> pd.DataFrame:
         """`compare`'s table on the first n layouts: ground truth, base alone, the adapter at each tau and scale."""
         nan = float("nan")
         rows = [dict(name="ground truth", reference="ground-truth", scale=nan, tau=nan,
@@ -313,7 +321,7 @@ def compare(layouts: Layouts, base, adapter, *, scales=(0.0, 0.5, 1.0, 1.5), tau
     NaN scale and tau. An adapter at scale 0 is the base alone (same images): that row reuses the
     base's numbers rather than sampling again. `detector` (loaded once) measures every row.
     Sampling settings (steps, guidance, grounding_guidance) as keywords (`SampleSet`)."""
-    grounding_guidance = sampling.pop("grounding_guidance", True)
+    grounding_guidance = sampling.pop("grounding_guidance", "base")
     sampling.pop("scale", None), sampling.pop("tau", None)             # each row's own
     book = SampleSet(layouts, base, detector=detector, **sampling)
     return book.compare(adapter, scales=scales, taus=taus, progress=progress, grounding_guidance=grounding_guidance)

@@ -11,35 +11,39 @@ folder, on a base.
                   generator=torch.Generator().manual_seed(0)).images
 
 With its default scheduler (our sampler's DDIM) and `latents=sample.initial_noise(base, seeds)`, a call gives
-`sample.generate`'s images. `unconditional` says what classifier-free guidance subtracts: "base" (the base
-alone: guidance strengthens the grounding with the caption; our default), "grounded" (the same grounding:
-only the caption is guided) or "null" (the grounding with every object replaced by the null one: diffusers'
-StableDiffusionGLIGENPipeline). Inputs are checked before any work: a bad box, phrase count or prompt list is a
-ValueError naming the argument.
+`sample.generate`'s images: both sample through the one loop, `sample.denoise`. `grounding_guidance` says what
+classifier-free guidance subtracts (`options.GROUNDING_GUIDANCE`, as everywhere): "base" (the base alone: guidance
+strengthens the grounding with the caption; our default), "null" (the grounding with every object replaced by the
+null one: diffusers' StableDiffusionGLIGENPipeline) or "off" (the same grounding: only the caption is guided). The
+earlier keyword `unconditional="base" | "grounded" | "null"` still works, with a DeprecationWarning ("grounded" is
+"off"). Inputs are checked before any work: a bad box, phrase count, prompt list or setting is a ValueError naming
+the argument.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from adapterlib.model.adapter import AdaptedUNet, build_adapter
+from adapterlib.model.adapter import build_adapter
 from adapterlib.model.base import BaseModel, load_base
 from adapterlib.training.checkpoint import load_adapter, load_checkpoint
 from adapterlib.data.manifest import GroundedObject, Record
-from adapterlib.model.precision import autocast_for
-from adapterlib.model.sample import ground, halves, to_uint8
+from adapterlib.model import sample
+from adapterlib.options import GROUNDING_GUIDANCE
+from adapterlib.model.sample import Sampling, check_settings, ddim_scheduler
 
-UNCONDITIONAL = ("base", "grounded", "null")
+# the earlier keyword `unconditional=`, its values as `grounding_guidance`'s
+UNCONDITIONAL = {"base": "base", "grounded": "off", "null": "null"}
+# the pipeline's names of the sampling settings (diffusers'), in the checks' messages
+ARGUMENTS = dict(steps="num_inference_steps", guidance="guidance_scale")
 
 
 @dataclass
@@ -64,8 +68,7 @@ class GroundedPipeline(DiffusionPipeline):
     # --- building
     @classmethod
     def from_base(cls, base: BaseModel, adapter) -> "GroundedPipeline":
-        scheduler = DDIMScheduler.from_config(base.scheduler.config, timestep_spacing="trailing", clip_sample=False,
-                                              set_alpha_to_one=False)          # our sampler's DDIM
+        scheduler = ddim_scheduler(base.scheduler.config)          # our sampler's DDIM
         return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, scheduler, adapter, base.path,
                    base.text_encoder_2, base.tokenizer_2, base.zero_empty_prompt)
 
@@ -160,61 +163,29 @@ class GroundedPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt, phrases=None, boxes=None, *, scale: float = 1.0, tau: float = 1.0,
                  negative_prompt=None, num_inference_steps: int = 25, guidance_scale: float = 3.0,
-                 generator=None, latents: torch.Tensor | None = None, unconditional: str = "base",
-                 output_type: str = "pil", callback=None) -> GroundedPipelineOutput:
+                 generator=None, latents: torch.Tensor | None = None, grounding_guidance: str = "base",
+                 output_type: str = "pil", callback=None, unconditional: str | None = None) -> GroundedPipelineOutput:
+        """Images of `prompt` (a string or a list), each with its `phrases` and `boxes` (x0, y0, x1, y1 in [0, 1]),
+        sampled by `sample.denoise` with this pipeline's scheduler. `unconditional`: deprecated, see the module."""
+        if unconditional is not None:
+            if unconditional not in UNCONDITIONAL:
+                raise ValueError(f"unconditional = {unconditional!r}: choose one of {tuple(UNCONDITIONAL)} (its "
+                                 f"name now is grounding_guidance, one of {GROUNDING_GUIDANCE})")
+            grounding_guidance = UNCONDITIONAL[unconditional]
+            warnings.warn(f"unconditional={unconditional!r} is grounding_guidance={grounding_guidance!r}",
+                          DeprecationWarning, stacklevel=3)     # 3: the caller, past torch.no_grad's wrapper
         records, negatives = self._inputs(prompt, phrases, boxes, negative_prompt)
-        if unconditional not in UNCONDITIONAL:
-            raise ValueError(f"unconditional = {unconditional!r}: choose one of {UNCONDITIONAL}")
-        if not 0 <= tau <= 1:
-            raise ValueError(f"tau = {tau}: give a share of the steps in [0, 1]")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps = {num_inference_steps}: give at least 1")
-        if scale < 0:
-            raise ValueError(f"scale = {scale}: give a scale >= 0")
+        check_settings(steps=num_inference_steps, tau=tau, scale=scale, grounding_guidance=grounding_guidance,
+                       names=ARGUMENTS)          # Sampling checks them too: here the messages name our arguments
+        sampling = Sampling(steps=num_inference_steps, guidance=guidance_scale, scale=scale, tau=tau,
+                            grounding_guidance=grounding_guidance)
         base, n = self._base(), len(records)
-        device = base.device
-        with autocast_for(base):
-            context, pooled = base.encode_text(negatives + [r.caption for r in records])     # [uncond; cond]
-            grounding = ground(base, records, max_objects=self.adapter.max_objects) if self.adapter else None
-        added = base.added_cond(pooled)           # SDXL: pooled captions, size / crop ids of the base's size; SD: None
-        uncond_added, cond_added = halves(added, n)
-        model = AdaptedUNet(self.unet, self.adapter) if self.adapter is not None else None
         shape = (n, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            latents = randn_tensor(shape, generator=generator, device=base.device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: shape {tuple(latents.shape)}, this base needs {shape}")
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
-        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters \
-            else {}
-        timesteps = self.scheduler.timesteps
-        grounded_steps = round(tau * len(timesteps))
-        for i, t in enumerate(self.progress_bar(timesteps)):
-            model_in = self.scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            with autocast_for(base):
-                if model is None or scale == 0 or i >= grounded_steps:
-                    pred = self.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
-                elif unconditional == "base":
-                    pred = torch.cat([self.unet(model_in[:n], t, encoder_hidden_states=context[:n],
-                                                added_cond_kwargs=uncond_added).sample,
-                                      model(model_in[n:], t, context[n:], grounding, scale, cond_added)])
-                elif unconditional == "grounded":
-                    pred = model(model_in, t, context, grounding.repeat(2), scale, added)
-                else:
-                    null = replace(grounding, present=torch.zeros_like(grounding.present))
-                    pred = model(model_in, t, context, _cat(null, grounding), scale, added)
-            uncond, cond = pred.float().chunk(2)
-            latents = self.scheduler.step(uncond + guidance_scale * (cond - uncond), t, latents,
-                                          **step_kwargs).prev_sample
-            if callback is not None:
-                callback(i, t, latents)
-        with autocast_for(base):
-            images = to_uint8(base.from_latents(latents))
+        images = sample.denoise(base, records, latents, sampling, adapter=self.adapter, scheduler=self.scheduler,
+                                negatives=negatives, timesteps_device=base.device, generator=generator,
+                                callback=callback, progress=self.progress_bar)
         return GroundedPipelineOutput(images=images if output_type == "np" else [Image.fromarray(a) for a in images])
-
-
-def _cat(a, b):
-    """Two groundings of the same slot count as one batch (a's rows first)."""
-    return type(a)(*(torch.cat([x, y]) for x, y in zip((a.phrases, a.boxes, a.present, a.keep_text),
-                                                       (b.phrases, b.boxes, b.present, b.keep_text))))

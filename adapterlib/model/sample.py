@@ -1,21 +1,29 @@
-"""Seeded sampling: DDIM with classifier-free guidance, with or without a spatial adapter.
+"""Seeded sampling: the one denoising loop (`denoise`), classifier-free guidance, with or without a spatial adapter.
+
+`generate` (DDIM, what training's sample grids, evaluation and the notebooks use) and the diffusers pipeline
+(`interop.pipeline.GroundedPipeline`, any diffusers scheduler) both sample through `denoise`, so the rules are stated
+once: when the grounding acts (scale, tau), what the unconditional branch is (`grounding_guidance`), and the checks
+of the settings (`check_settings`).
 
 Each image's starting noise comes from its own seed, so an image does not depend on which batch it
 was generated in (up to float rounding: a different batch size can change a pixel by one level), and
 `generate(..., seeds=[7])` reproduces image 7 of any earlier call.
 
-The sampling settings (DDIM steps, guidance, injection scale, scheduled-sampling tau, whether guidance
-covers the grounding) live in one place, `Sampling`; every function that samples takes them as keyword
-arguments and builds one.
+The sampling settings (steps, guidance, injection scale, scheduled-sampling tau, grounding guidance) live in
+one place, `Sampling`; every function that samples takes them as keyword arguments and builds one.
 
-Classifier-free guidance with an adapter: by default the unconditional prediction is the base alone (empty
-caption, no adapter), so the guidance scale strengthens the boxes and phrases together with the caption
-(`grounding_guidance=True`). GLIGEN's inference gives the unconditional branch the same grounding as the
-conditional one, so only the caption is guided (`grounding_guidance=False`). On the crowded Shapes world the
-first is what brings objects that overlap to the ceiling (docs/notes/harder-world.md).
+Classifier-free guidance with an adapter, `grounding_guidance` (`options.GROUNDING_GUIDANCE`): "base" (the default)
+makes the unconditional prediction the base alone (empty caption, no adapter), so the guidance scale strengthens the
+boxes and phrases together with the caption; "null" grounds the unconditional branch on null objects (every object
+replaced by the learned null one: diffusers' StableDiffusionGLIGENPipeline); "off" gives it the conditional branch's
+own grounding, so only the caption is guided. On the crowded Shapes world "base" is what brings objects that
+overlap to the ceiling (docs/notes/harder-world.md). (Earlier names: `grounding_guidance=True` / `False`, the CLI's
+`on`, the pipeline's `unconditional="grounded"`: "base" and "off".)
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -25,28 +33,46 @@ from diffusers import DDIMScheduler
 from adapterlib.model.adapter import AdaptedUNet, BatchPart, Grounding, SpatialAdapter
 from adapterlib.model.base import BaseModel
 from adapterlib.data.manifest import Record
-from adapterlib.options import MAX_OBJECTS
+from adapterlib.options import GROUNDING_GUIDANCE, MAX_OBJECTS
 from adapterlib.model.precision import autocast_for
+
+
+def check_settings(*, steps: int, tau: float, scale: float, grounding_guidance: str,
+                   names: dict[str, str] | None = None) -> None:
+    """The checks of the sampling settings, stated once (`Sampling` runs them; the pipeline before any work).
+    `names`: what the caller calls a setting in the message (the pipeline: steps -> num_inference_steps)."""
+    name = lambda setting: (names or {}).get(setting, setting)
+    if steps < 1:
+        raise ValueError(f"{name('steps')} = {steps}: give at least 1 denoising step")
+    if not 0 <= tau <= 1:
+        raise ValueError(f"{name('tau')} = {tau}: give a share of the steps in [0, 1]")
+    if scale < 0:
+        raise ValueError(f"{name('scale')} = {scale}: give a scale >= 0")
+    if grounding_guidance not in GROUNDING_GUIDANCE:
+        raise ValueError(f"{name('grounding_guidance')} = {grounding_guidance!r}: choose one of {GROUNDING_GUIDANCE}")
 
 
 @dataclass(frozen=True)
 class Sampling:
     """How images are sampled. `scale` multiplies every adapter gate; `tau` is GLIGEN's scheduled
     sampling: grounding is on for the first `tau` share of the denoising steps (where layout is
-    decided), then off. `grounding_guidance`: the unconditional branch is the base alone, so guidance
-    strengthens the grounding with the caption (True), or it is grounded too, so only the caption is
-    guided (False, GLIGEN's inference)."""
+    decided), then off. `grounding_guidance` (`options.GROUNDING_GUIDANCE`): what classifier-free guidance's
+    unconditional branch is: "base", the base alone, so guidance strengthens the grounding with the caption (the
+    default); "null", the adapter on null objects (diffusers' GLIGEN pipeline); "off", the same grounding, so only
+    the caption is guided. True / False, its earlier values, are "base" / "off" (with a DeprecationWarning)."""
     steps: int = 25
     guidance: float = 3.0
     scale: float = 1.0
     tau: float = 1.0
-    grounding_guidance: bool = True
+    grounding_guidance: str = "base"
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"sampling steps = {self.steps}: give at least 1 DDIM step")
-        if not 0 <= self.tau <= 1:
-            raise ValueError(f"tau = {self.tau} must be in [0, 1]")
+        if isinstance(self.grounding_guidance, (bool, np.bool_)):
+            value = "base" if self.grounding_guidance else "off"
+            warnings.warn(f"grounding_guidance={bool(self.grounding_guidance)} is grounding_guidance={value!r} "
+                          f"(one of {GROUNDING_GUIDANCE})", DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "grounding_guidance", value)
+        check_settings(steps=self.steps, tau=self.tau, scale=self.scale, grounding_guidance=self.grounding_guidance)
 
     @classmethod
     def of(cls, sampling: "Sampling | None" = None, **settings) -> "Sampling":
@@ -71,13 +97,12 @@ def ground(base: BaseModel, records: list[Record], *, max_objects: int = MAX_OBJ
                                   generator=generator, part=part)
 
 
-def ddim_scheduler(base: BaseModel, steps: int) -> DDIMScheduler:
+def ddim_scheduler(config) -> DDIMScheduler:
+    """Our sampler's DDIM from a scheduler config (the base's): `generate`'s scheduler and the pipeline's default.
+    `denoise` sets its timesteps."""
     # "trailing" spacing starts at the last training timestep (pure noise): a pixel-space model
     # decides colours there, and SD loses nothing by it
-    scheduler = DDIMScheduler.from_config(base.scheduler.config, timestep_spacing="trailing",
-                                          clip_sample=False, set_alpha_to_one=False)
-    scheduler.set_timesteps(steps)
-    return scheduler
+    return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False)
 
 
 def initial_noise(base: BaseModel, seeds: list[int]) -> torch.Tensor:
@@ -97,13 +122,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 def generate(base: BaseModel, records: list[Record], seeds: list[int], *, adapter: SpatialAdapter | None = None,
              sampling: Sampling | None = None, batch_size: int = 64, **settings) -> np.ndarray:
     """Images (N, H, W, 3) uint8 for each record's caption (and boxes, when an adapter is given),
-    sampled with `Sampling.of(sampling, **settings)` (e.g. `scale=0.5, steps=20`)."""
+    sampled with DDIM and `Sampling.of(sampling, **settings)` (e.g. `scale=0.5, steps=20`)."""
     sampling = Sampling.of(sampling, **settings)
     if len(records) != len(seeds):
         raise ValueError(f"{len(records)} records but {len(seeds)} seeds: give one seed per record")
-    model = AdaptedUNet(base.unet, adapter) if adapter is not None else None
-    out = [_generate_batch(base, model, records[i:i + batch_size], seeds[i:i + batch_size], sampling)
-           for i in range(0, len(records), batch_size)]
+    out = [denoise(base, records[i:i + batch_size], initial_noise(base, seeds[i:i + batch_size]), sampling,
+                   adapter=adapter) for i in range(0, len(records), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, base.resolution, base.resolution, 3), np.uint8)
 
 
@@ -114,28 +138,63 @@ def halves(added: dict | None, n: int) -> tuple[dict | None, dict | None]:
     return ({k: v[:n] for k, v in added.items()}, {k: v[n:] for k, v in added.items()})
 
 
-def _generate_batch(base, model, records, seeds, s: Sampling):
-    scheduler = ddim_scheduler(base, s.steps)
-    n = len(records)
+def null_objects(grounding: Grounding) -> Grounding:
+    """The same slots with no object present: every phrase and box the adapter's learned null one."""
+    return replace(grounding, present=torch.zeros_like(grounding.present))
+
+
+def stack(first: Grounding, second: Grounding) -> Grounding:
+    """Two groundings of the same slot count as one batch (`first`'s rows first)."""
+    return Grounding(*(torch.cat([a, b]) for a, b in zip((first.phrases, first.boxes, first.present, first.keep_text),
+                                                         (second.phrases, second.boxes, second.present,
+                                                          second.keep_text))))
+
+
+@torch.no_grad()
+def denoise(base: BaseModel, records: list[Record], latents: torch.Tensor, sampling: Sampling, *,
+            adapter: SpatialAdapter | None = None, scheduler=None, negatives: list[str] | None = None,
+            timesteps_device: torch.device | str | None = None, generator: torch.Generator | None = None,
+            callback=None, progress=None) -> np.ndarray:
+    """The one denoising loop: `records`' captions (and, with `adapter`, their phrases and boxes) from the starting
+    noise `latents` (B, C, h, w), with classifier-free guidance, to images (B, H, W, 3) uint8.
+
+    `scheduler`: any diffusers scheduler (None: our DDIM, `ddim_scheduler`), its timesteps set here on
+    `timesteps_device` (None: the CPU, as `generate` has always had them; the pipeline: the base's device).
+    `negatives`: the unconditional branch's captions (None: empty). The grounding acts at `sampling.scale` on the first
+    `tau` share of the steps (not at all at scale 0 or without an adapter); the unconditional branch is
+    `sampling.grounding_guidance`'s. `generator` reaches the scheduler's step when it takes one (stochastic
+    samplers); `callback(i, t, latents)` after each step; `progress` wraps the timesteps (a progress bar)."""
+    s, n = sampling, len(records)
+    model = AdaptedUNet(base.unet, adapter) if adapter is not None else None
+    scheduler = ddim_scheduler(base.scheduler.config) if scheduler is None else scheduler
     with autocast_for(base):
-        context, pooled = base.encode_text([""] * n + [r.caption for r in records])   # (2n, L, D): [uncond; cond]
-        grounding = ground(base, records, max_objects=model.adapter.max_objects) if model else None   # (n, ...)
+        captions = (list(negatives) if negatives is not None else [""] * n) + [r.caption for r in records]
+        context, pooled = base.encode_text(captions)                  # (2n, L, D): [uncond; cond]
+        grounding = ground(base, records, max_objects=adapter.max_objects) if model is not None else None   # (n, ...)
     added = base.added_cond(pooled)        # SDXL: pooled captions, uncropped at the base's size; SD: None
     uncond_added, cond_added = halves(added, n)
-    latents = initial_noise(base, seeds) * scheduler.init_noise_sigma
-    grounded_steps = round(s.tau * len(scheduler.timesteps))
-    for i, t in enumerate(scheduler.timesteps):
+    if grounding is not None and s.grounding_guidance != "base":    # both branches through the adapter
+        pair = grounding.repeat(2) if s.grounding_guidance == "off" else stack(null_objects(grounding), grounding)
+    scheduler.set_timesteps(s.steps, device=timesteps_device)
+    latents = latents.to(base.device) * scheduler.init_noise_sigma
+    step_kwargs = {"generator": generator} if generator is not None and \
+        "generator" in inspect.signature(scheduler.step).parameters else {}
+    timesteps = scheduler.timesteps
+    grounded_steps = round(s.tau * len(timesteps))
+    for i, t in enumerate(progress(timesteps) if progress is not None else timesteps):
         model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         with autocast_for(base):
             if model is None or s.scale == 0 or i >= grounded_steps:
                 pred = base.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
-            elif s.grounding_guidance:       # unconditional: the base alone; conditional: caption and grounding
+            elif s.grounding_guidance == "base":   # unconditional: the base alone; conditional: caption and grounding
                 pred = torch.cat([base.unet(model_in[:n], t, encoder_hidden_states=context[:n],
                                             added_cond_kwargs=uncond_added).sample,
                                   model(model_in[n:], t, context[n:], grounding, s.scale, cond_added)])
-            else:                            # both branches grounded: only the caption is guided
-                pred = model(model_in, t, context, grounding.repeat(2), s.scale, added)
+            else:                                  # both branches grounded ("off": the same; "null": null objects)
+                pred = model(model_in, t, context, pair, s.scale, added)
         uncond, cond = pred.float().chunk(2)
-        latents = scheduler.step(uncond + s.guidance * (cond - uncond), t, latents).prev_sample
+        latents = scheduler.step(uncond + s.guidance * (cond - uncond), t, latents, **step_kwargs).prev_sample
+        if callback is not None:
+            callback(i, t, latents)
     with autocast_for(base):
         return to_uint8(base.from_latents(latents))

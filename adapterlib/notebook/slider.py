@@ -28,11 +28,12 @@ DEFAULT_STEPS = 20   # DDIM steps: about 0.8 s an image for the shipped base on 
 
 
 def render_image(base, adapter, record, seed: int, *, scale: float, tau: float, steps: int = DEFAULT_STEPS,
-                 guidance: float = 3.0, upscale: int = 8):
-    """One sample of `record` at `seed` with the adapter at `scale` for the first `tau` of the steps,
-    enlarged `upscale` times with the requested boxes drawn (a PIL image)."""
+                 guidance: float = 3.0, grounding_guidance: str = "base", upscale: int = 8):
+    """One sample of `record` at `seed` with the adapter at `scale` for the first `tau` of the steps (and
+    `grounding_guidance`, `options.GROUNDING_GUIDANCE`), enlarged `upscale` times with the requested boxes drawn
+    (a PIL image)."""
     image = generate(base, [record], [int(seed)], adapter=adapter, scale=float(scale), tau=float(tau),
-                     steps=steps, guidance=guidance)
+                     steps=steps, guidance=guidance, grounding_guidance=grounding_guidance)
     return boxed_grid(image, [record], upscale=upscale, ncols=1)
 
 
@@ -44,11 +45,12 @@ class GateSlider:
     see another sample of the same layout."""
 
     def __init__(self, base, adapter, layouts: Layouts, *, steps: int = DEFAULT_STEPS, guidance: float = 3.0,
-                 upscale: int = 8, scale: float = 1.0, tau: float = 1.0):
+                 upscale: int = 8, scale: float = 1.0, tau: float = 1.0, grounding_guidance: str = "base"):
         if len(layouts) == 0:
             raise ValueError("GateSlider needs at least one layout")
         self.base, self.adapter, self.layouts = base, adapter, layouts
         self.steps, self.guidance, self.upscale = steps, guidance, upscale
+        self.grounding_guidance = grounding_guidance     # what guidance's unconditional branch is (fixed)
         self.scale = widgets.FloatSlider(value=scale, min=0.0, max=2.0, step=0.05, description="scale",
                                          continuous_update=False)
         self.layout = widgets.Dropdown(options=[(f"{i}: {r.caption}", i) for i, r in enumerate(layouts.records)],
@@ -75,7 +77,8 @@ class GateSlider:
     def render(self, scale: float, layout: int, seed: int, tau: float):
         """The image for these widget values (a PIL image): nothing else is read."""
         return render_image(self.base, self.adapter, self.layouts.records[layout], seed, scale=scale, tau=tau,
-                            steps=self.steps, guidance=self.guidance, upscale=self.upscale)
+                            steps=self.steps, guidance=self.guidance, grounding_guidance=self.grounding_guidance,
+                            upscale=self.upscale)
 
     def update(self) -> None:
         """Render the current values into the image widget (the status line says so meanwhile)."""
