@@ -10,7 +10,7 @@ from adapterlib.model import sample
 from adapterlib import shapes
 from adapterlib.model.base import SHIPPED_BASE, load_base
 from adapterlib.shapes.tiny_base import build_tiny_base
-from conftest import SD_RESOLUTION
+from helpers import SD_RESOLUTION
 
 
 def _unet_output(base, seed: int = 0) -> torch.Tensor:

@@ -7,39 +7,21 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from adapterlib.training import batches, cache
+from adapterlib.training import batches
 from adapterlib.model.base import load_base
-from adapterlib.data.manifest import GroundedObject, ManifestImages, Record, write_manifest
+from adapterlib.data.manifest import ManifestImages
 from adapterlib.training.batches import CachedSource, ImageSource, step_batches
 from adapterlib.training.cache import CacheError, build_cache
+from helpers import photo_manifest
 
 
 def _shapes_manifest(folder: Path, n: int = 12) -> Path:
     from adapterlib.shapes import write_dataset
     return write_dataset(folder, n, seed=0)
-
-
-def _photo_manifest(folder: Path, n: int = 6) -> Path:
-    """Non-square pictures (a red and a blue rectangle) with captions that repeat, as COCO's do."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(n):
-        w, h = 40 + 8 * i, 30 + 4 * (i % 3)
-        image = Image.new("RGB", (w, h), (20 + 30 * i, 120, 60))
-        image.paste((220, 30, 30), (2, 3, w // 2, h - 4))
-        image.paste((30, 30, 220), (w // 2 + 2, 5, w - 3, h // 2))
-        image.save(folder / "images" / f"{i}.png")
-        records.append(Record(f"a red box and a blue box {i % 2}",
-                              (GroundedObject("red box", (2 / w, 3 / h, 0.5, (h - 4) / h)),
-                               GroundedObject("blue box", ((w // 2 + 2) / w, 5 / h, (w - 3) / w, 0.5))),
-                              image=f"images/{i}.png", id=str(i)))
-    return write_manifest(folder / "data.jsonl", records)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +56,7 @@ def test_cached_pixels_captions_and_phrases_are_the_encoders_outputs(tmp_path, s
 
 
 def test_vae_moments_are_cached_and_every_epoch_draws_a_new_latent(tmp_path, sd_base):
-    manifest = _photo_manifest(tmp_path / "d")
+    manifest = photo_manifest(tmp_path / "d")
     folder = _build(sd_base, manifest, tmp_path / "runs", crop="center")
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["latent"] == "moments" and meta["images"] == 6 and meta["captions"] == 2   # captions deduplicated
@@ -110,7 +92,7 @@ def test_a_complete_cache_is_reused_and_loads_without_pickle(tmp_path, shapes_ba
 
 
 def test_any_change_it_depends_on_gives_another_cache(tmp_path, tiny_sd_folder):
-    manifest = _photo_manifest(tmp_path / "d")
+    manifest = photo_manifest(tmp_path / "d")
     base = load_base(tiny_sd_folder)
     root = tmp_path / "runs"
     folder = _build(base, manifest, root)
@@ -137,7 +119,7 @@ def test_any_change_it_depends_on_gives_another_cache(tmp_path, tiny_sd_folder):
 
 
 def test_a_truncated_or_missing_shard_is_found_and_rebuilt_alone(tmp_path, sd_base):
-    manifest = _photo_manifest(tmp_path / "d")
+    manifest = photo_manifest(tmp_path / "d")
     folder = _build(sd_base, manifest, tmp_path / "runs")
     images = folder / "images-00000.safetensors"
     good = images.read_bytes()
@@ -207,7 +189,7 @@ def test_training_from_the_cache_is_training_from_the_images(tmp_path, monkeypat
     from adapterlib.training.config import make_config
     from adapterlib.training.train import train
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
-    manifest = _shapes_manifest(tmp_path / "d") if base_name == "shapes" else _photo_manifest(tmp_path / "d")
+    manifest = _shapes_manifest(tmp_path / "d") if base_name == "shapes" else photo_manifest(tmp_path / "d")
     base_model = "shapes-tiny" if base_name == "shapes" else str(tiny_sd_folder)
     finals = {}
     for cached in (True, False):

@@ -17,7 +17,7 @@ from adapterlib.training.worlds import load_detector, measure
 from adapterlib.model.detectors import Detector, ZeroShotDetector, average_precision, score_grounding
 from adapterlib.evaluation.evaluate import SUMMARY_KEYS, evaluate, manifest_layouts
 from adapterlib.shapes.detector import ColorDetector, evaluate_grounding
-from conftest import build_tiny_owl_folder
+from helpers import build_tiny_owl_folder
 
 @pytest.fixture(scope="module")
 def owl_folder(tmp_path_factory):

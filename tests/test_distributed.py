@@ -8,7 +8,6 @@ order. Measured max abs difference of the final adapters (6 steps, global batch 
 about 75 s on 2 CPU cores (OMP_NUM_THREADS=1), most of it the five 2-process launches' imports.
 """
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,40 +23,15 @@ from adapterlib.training.config import make_config
 from adapterlib.paths import REPO_ROOT
 from adapterlib.runs import list_checkpoints, read_metrics
 from adapterlib.training.train import resume_config, train
+from helpers import TIMEOUT_S, TOLERANCE, accelerate_train, free_port, launch_command, max_diff, train_env
 
-TOLERANCE = 1e-5
+pytestmark = pytest.mark.slow
+
 SETTINGS = dict(batch_size=4, n_train=32, save_every=2, log_every=1, n_samples=0, device="cpu")
-TIMEOUT_S = 300
 
 
 def _flags(settings: dict) -> list[str]:
     return [f for k, v in settings.items() for f in (f"--{k}", str(v))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(root) -> dict:
-    return {**os.environ, "ADAPTERLIB_RUNS": str(root), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def _launch_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), "-m", "adapterlib", "train", *args]
-
-
-def _accelerate(root, args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(_launch_command(args), cwd=REPO_ROOT, env=_env(root), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.fixture
@@ -71,9 +45,9 @@ def test_two_processes_match_one_and_resume(runs):
     from accelerate.state import PartialState
     assert PartialState._shared_state == {}, "one process must not set up Accelerate"
 
-    first = _accelerate(runs, ["--preset", "smoke", "--run_name", "two", "--steps", "4", *_flags(SETTINGS)])
+    first = accelerate_train(runs, ["--preset", "smoke", "--run_name", "two", "--steps", "4", *_flags(SETTINGS)])
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = _accelerate(runs, ["--resume", "two", "--steps", "6"])
+    resumed = accelerate_train(runs, ["--resume", "two", "--steps", "6"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     two = runs / "two"
     log = (two / "train.log").read_text()
@@ -90,11 +64,11 @@ def test_two_processes_match_one_and_resume(runs):
 
     a, b = load_file(str(one / "final" / "adapter.safetensors")), load_file(str(two / "final" / "adapter.safetensors"))
     assert any("gate" in k and b[k].abs().max() > 0 for k in b)    # it trained
-    diff = _max_diff(a, b)
+    diff = max_diff(a, b)
     print(f"1 vs 2 processes, final adapters: max abs diff {diff:.3g}")      # pytest -s shows it
     assert diff < TOLERANCE
     step4 = [load_file(str(dict(list_checkpoints(r))[4] / "adapter.safetensors")) for r in (one, two)]
-    assert _max_diff(*step4) < TOLERANCE
+    assert max_diff(*step4) < TOLERANCE
 
     # a 2-process checkpoint resumed by one process: allowed, and said
     train(resume_config("two", steps=7), resume=True, progress=False)
@@ -108,11 +82,11 @@ def test_a_two_process_job_is_one_writer_and_stops_whole_when_the_run_is_held(ru
     from adapterlib.training.lock import RunLock, holder
     run = train(make_config("smoke", run_name="shared", steps=2, **SETTINGS), progress=False)
     with RunLock(run):
-        refused = _accelerate(runs, ["--resume", "shared", "--steps", "4"])
+        refused = accelerate_train(runs, ["--resume", "shared", "--steps", "4"])
     assert refused.returncode != 0
     assert "is being trained by another process" in refused.stderr, refused.stderr[-3000:]
     assert read_metrics(run).step.max() == 2
-    done = _accelerate(runs, ["--resume", "shared", "--steps", "4"])
+    done = accelerate_train(runs, ["--resume", "shared", "--steps", "4"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert read_metrics(run).step.tolist() == [1, 2, 3, 4]
     assert holder(run)["pid"] != os.getpid() and "--resume shared" in holder(run)["command"]
@@ -123,9 +97,9 @@ def test_sigterm_to_one_process_stops_both_after_a_step_and_rank_0_saves(runs, t
 
     run = runs / "termed"
     with open(tmp_path / "out.txt", "w") as out:
-        launcher = subprocess.Popen(_launch_command(["--preset", "smoke", "--run_name", "termed", "--steps", "500",
+        launcher = subprocess.Popen(launch_command(["--preset", "smoke", "--run_name", "termed", "--steps", "500",
                                                      *_flags({**SETTINGS, "save_every": 1000})]),
-                                    cwd=REPO_ROOT, env=_env(runs), stdout=out, stderr=subprocess.STDOUT)
+                                    cwd=REPO_ROOT, env=train_env(runs), stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while len(read_metrics(run)) < 2:
@@ -149,8 +123,8 @@ def test_sigterm_to_one_process_stops_both_after_a_step_and_rank_0_saves(runs, t
 def test_notebook_launcher_trains_on_two_processes(runs):
     code = ("from adapterlib.training.config import make_config\nfrom adapterlib.training.train import launch\n"
             f"cfg = make_config('smoke', run_name='nb', steps=2, **{SETTINGS!r})\n"
-            f"print('run folder:', launch(cfg, num_processes=2, use_port='{_free_port()}'))\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=_env(runs), capture_output=True, text=True,
+            f"print('run folder:', launch(cfg, num_processes=2, use_port='{free_port()}'))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=train_env(runs), capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"run folder: {runs / 'nb'}" in done.stdout

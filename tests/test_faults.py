@@ -49,8 +49,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import torch
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN = "faulted"

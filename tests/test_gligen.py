@@ -13,7 +13,7 @@ from adapterlib.__main__ import main
 from adapterlib.model.adapter import AdaptedUNet, build_adapter
 from adapterlib.model.hooks import transformer_blocks
 from adapterlib.model.base import load_base
-from adapterlib.training.checkpoint import load_adapter, save_checkpoint
+from adapterlib.training.checkpoint import load_adapter
 from adapterlib.evaluation.checks import identity_at_init
 from adapterlib.training.config import make_config
 from adapterlib.data.manifest import GroundedObject, Record
@@ -21,6 +21,7 @@ from adapterlib.interop.export import export
 from adapterlib.model.gligen import gated_unet, load_gligen_weights, read_gligen_folder
 from adapterlib.model.sample import generate, ground, initial_noise
 from adapterlib.training.train import resume_config, train
+from helpers import opened, write_run
 
 TINY = dict(steps=6, batch_size=2, n_train=16, save_every=4, log_every=1, n_samples=0, warmup=2)
 
@@ -29,29 +30,6 @@ TINY = dict(steps=6, batch_size=2, n_train=16, save_every=4, log_every=1, n_samp
 def runs(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
     return tmp_path / "runs"
-
-
-def opened(adapter, value=1.0, seed=0):
-    """Every gate at `value` and the null features random, so the adapter visibly changes the images."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in adapter.trainable_parameters().items():
-            if name.endswith(("alpha_attn", "alpha_dense")):
-                p.fill_(value)
-            elif "null_" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-    return adapter
-
-
-def write_run(runs, name, base_model, adapter, step=5, **fields):
-    """A run folder holding one checkpoint of `adapter`, written by the checkpoint writer training uses."""
-    cfg = make_config("shapes", run_name=name, base_model=str(base_model),
-                      adapter_attention=adapter.config["attention"], **fields).to_dict()
-    folder = runs / name
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    save_checkpoint(folder, step, adapter, {"step": step}, cfg)
-    return folder
 
 
 def gated_folder(folder, unet_config, seed=0, alpha=0.7):
@@ -272,47 +250,11 @@ def test_the_gligen_modules_refuse_other_blocks_or_width_before_hooking_the_base
         assert not any(b._forward_hooks for b in transformer_blocks(base.unet).values())
 
 
-def test_notebooks_01_to_05_with_the_gligen_variant_on_a_tiny_sd(tmp_path, tiny_sd_folder):
-    """Everything the other variants have, through papermill as a user runs it: 01's identity-at-init check, 02
-    trains (every block), 03 resumes, 04 reads the tanh(alpha) gates and runs the checkpoint test, 05 the grid."""
-    from conftest import build_tiny_owl_folder, import_coco_fixture
-    from test_headless import papermill
-    from test_sd_path import _outputs
-    from adapterlib.runs import list_checkpoints
-    runs = tmp_path / "runs"
-    env = {"ADAPTERLIB_RUNS": str(runs)}
-    manifest = import_coco_fixture(tmp_path)
-    given = dict(preset="sd15", base_model=tiny_sd_folder, adapter_attention="gligen")
-    done = papermill("01_dtype_zero_init_check.ipynb", tmp_path / "01.ipynb", dict(**given, data=manifest), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "all checks PASS" in _outputs(tmp_path / "01.ipynb")
-    done = papermill("02_train.ipynb", tmp_path / "02.ipynb", dict(
-        **given, data=manifest, steps=2, save_every=2, log_every=1, n_samples=2, batch_size=2, crop="center",
-        run_name="g"), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    config = json.loads((runs / "g" / "config.json").read_text())
-    assert (config["adapter_attention"], config["adapter_blocks"]) == ("gligen", "all")
-    done = papermill("03_resume.ipynb", tmp_path / "03.ipynb", dict(run_name="g", steps=4), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [s for s, _ in list_checkpoints(runs / "g")] == [2, 4]
-    detector = build_tiny_owl_folder(tmp_path / "owl")
-    done = papermill("04_gate_analysis.ipynb", tmp_path / "04.ipynb", dict(run_name="g", n_probe=2,
-                                                                           detector=detector), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (runs / "g" / "checkpoint_test" / "step_0000004" / "results.json").is_file()
-    metrics = pd.read_csv(runs / "g" / "metrics.csv")
-    assert {"gate_0_attn", "gate_0_ff"} <= set(metrics.columns)          # tanh(alpha_attn), tanh(alpha_dense)
-    done = papermill("05_gate_effect_grid.ipynb", tmp_path / "05.ipynb", dict(
-        run_name="g", n_layouts=2, n_eval=2, sampling_steps=2, scales="0,1", taus="0.5,1.0", detector=detector), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "ap50" in _outputs(tmp_path / "05.ipynb")
-
-
 def test_a_gligen_folder_on_a_real_base_needs_layouts_and_a_detector_named_before_anything_loads(
         runs, tmp_path, tiny_sd_folder, tiny_owl_folder, monkeypatch, capsys):
     """`evaluate --gligen DIR --base SD_DIR` would measure 32-px Shapes layouts with the colour detector: on a base
     other than shapes-tiny, --layouts and --detector are required, an error naming both before anything loads."""
-    from conftest import import_coco_fixture
+    from helpers import import_coco_fixture
     import adapterlib.evaluation.evaluate
     import adapterlib.model.gligen
     source = gated_folder(tmp_path / "gligen", load_base(tiny_sd_folder).unet.config)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).parent / "guard" / "train_three.py"
 PINNED = "4388587"   # main before issue 32's restructure: the flat modules, the last intended change to training

@@ -17,9 +17,8 @@ from adapterlib.evaluation.checks import CHECK_FIELDS
 from adapterlib.training.config import FIELDS, PRESETS, RESUME_FIXED, RESUME_FREE, TrainConfig, make_config
 from adapterlib.paths import REPO_ROOT
 from adapterlib.runs import latest_checkpoint, read_config
+from helpers import NOTEBOOKS, papermill
 
-NOTEBOOKS = REPO_ROOT / "notebooks"
-PAPERMILL = [sys.executable, "-m", "papermill", "--kernel", "python3"]
 
 
 @pytest.fixture
@@ -27,13 +26,6 @@ def runs_root(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(root))
     return root
-
-
-def papermill(notebook, out, params, env=None):
-    """`papermill notebooks/<notebook> out -p NAME VALUE ...` as a user runs it; returns the process."""
-    args = [a for name, value in params.items() for a in ("-p", name, str(value))]
-    return subprocess.run(PAPERMILL + [str(NOTEBOOKS / notebook), str(out), *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +318,7 @@ def test_train_help_gives_each_presets_own_value_of_every_field(monkeypatch, cap
 def test_import_and_train_run_from_another_directory_meet_on_the_same_relative_path(tmp_path, monkeypatch, capsys):
     """On the command line a relative path is the working directory's, for the paths `import` writes and those
     `train` reads alike; one that exists only under the repository root is still found there."""
-    from conftest import write_coco_fixture
+    from helpers import write_coco_fixture
     runs = tmp_path / "runs"
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
     work = tmp_path / "work"

@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image, ImageDraw
 
-from adapterlib.data import manifest
+from adapterlib import options
 from adapterlib.__main__ import main
 from adapterlib.training.config import TrainConfig, make_config
 from adapterlib.data.manifest import MAX_OBJECTS, ManifestError, ManifestImages, read_manifest
@@ -280,7 +280,7 @@ def test_odvg_bad_records_name_the_line_and_field(odvg, tmp_path, capsys, line, 
 # the object limit: one setting, and training on an import
 
 def test_the_object_limit_is_one_setting(coco, tmp_path, capsys, monkeypatch):
-    assert TrainConfig().max_objects == MAX_OBJECTS == manifest.MAX_OBJECTS
+    assert TrainConfig().max_objects == MAX_OBJECTS == options.MAX_OBJECTS
     out = tmp_path / "five"
     code, summary, _, _ = _run(_coco_args(coco, out)[:-1] + ["5"], capsys)    # --max-objects 5: b keeps all 5
     assert code == 0 and summary["kept_largest"] == 0

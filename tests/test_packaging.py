@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "adapterlib"
 # what a copy of the working tree for the build leaves out (large, or not part of a source tree)

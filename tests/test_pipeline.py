@@ -12,7 +12,7 @@ from adapterlib.interop.export import export
 from adapterlib.interop.pipeline import GroundedPipeline
 from adapterlib.model.sample import generate, initial_noise
 
-from test_gligen import opened, write_run
+from helpers import opened, write_run
 
 PHRASES = [["red circle"], ["blue square", "green triangle", "red circle"]]
 BOXES = [[(0.1, 0.1, 0.6, 0.6)], [(0.0, 0.0, 0.4, 0.4), (0.5, 0.5, 1.0, 1.0), (0.2, 0.5, 0.5, 0.9)]]

@@ -19,8 +19,7 @@ from adapterlib.evaluation.evaluate import NOT_HELD_OUT, run_layouts
 from adapterlib.evaluation.checkpoint_test import grounding_vs_step
 from adapterlib.runs import list_checkpoints
 
-from conftest import import_coco_fixture
-from test_headless import papermill
+from helpers import import_coco_fixture, papermill
 
 
 @pytest.fixture(scope="module")

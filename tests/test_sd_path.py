@@ -1,79 +1,13 @@
-"""Stable Diffusion end to end, as a user runs it: a COCO-format fixture through the importer, then notebooks
-02 (train), 03 (resume), 04 (gate analysis) and 05 (grid) through papermill on a tiny SD-architecture folder
-(UNet, VAE, CLIP text encoder and tokenizer built from configs: tests/conftest.py). Nothing here touches
-the Shapes world: the checkpoint samples, the checkpoint test and notebook 05 use the run's own records."""
+"""Stable Diffusion refusals before any work, on a tiny SD-architecture folder (tests/helpers.py). The notebooks end to
+end on SD, GLIGEN and SDXL folders: tests/test_notebook_chains.py."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import nbformat
 import pytest
 
 from adapterlib.__main__ import main
-from adapterlib.training.checkpoint import verify_checkpoint
-from adapterlib.runs import list_checkpoints
-
-from conftest import build_tiny_owl_folder, import_coco_fixture, write_coco_fixture
-from test_headless import papermill
-
-
-def _outputs(notebook: Path) -> str:
-    nb = nbformat.read(notebook, 4)
-    return "\n".join(o.get("text", "") + json.dumps(o.get("data", {}).get("text/plain", ""))
-                     for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-
-
-def test_coco_import_then_notebooks_02_to_05_on_a_tiny_sd(tmp_path, monkeypatch, tiny_sd_folder, capsys):
-    runs = tmp_path / "runs"
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
-    coco = write_coco_fixture(tmp_path / "coco")
-    assert main(["import", "coco", "--instances", str(coco / "instances.json"), "--images", str(coco / "images"),
-                 "--captions", str(coco / "captions.json"), "--out", str(tmp_path / "data")]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["records"] == 8 and summary["objects"] == 16
-    manifest = tmp_path / "data" / "data.jsonl"
-    env = {"ADAPTERLIB_RUNS": str(runs)}
-
-    # 02: the training plan's preset on the SD folder, a few steps
-    done = papermill("02_train.ipynb", tmp_path / "02.ipynb", dict(
-        preset="sd15", base_model=tiny_sd_folder, data=manifest, steps=4, save_every=2, log_every=1, n_samples=2,
-        batch_size=2, crop="center", run_name="sd"), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    run = runs / "sd"
-    config = json.loads((run / "config.json").read_text())
-    assert (config["preset"], config["base_model"], config["data"], config["steps"], config["crop"]) == \
-        ("sd15", str(tiny_sd_folder), str(manifest), 4, "center")
-    assert "encodings cached" in json.loads((run / "data_report.json").read_text())["inputs"]
-    assert (run / "samples" / "step_0000004.png").is_file()       # checkpoint samples: the run's first records
-
-    # 03: resume to 6 steps
-    done = papermill("03_resume.ipynb", tmp_path / "03.ipynb", dict(run_name="sd", steps=6), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [s for s, _ in list_checkpoints(run)] == [2, 4, 6]
-    assert verify_checkpoint(list_checkpoints(run)[-1][1]) is None     # every file matches its checksum
-
-    # 04: gate analysis with the checkpoint test on the run's own layouts (no held-out manifest: its training
-    # records, which the titles say), measured by a zero-shot detector (a tiny OWL-ViT): the colour detector
-    # measures no "dog" (tests/test_real_eval.py)
-    detector = build_tiny_owl_folder(tmp_path / "owl")
-    done = papermill("04_gate_analysis.ipynb", tmp_path / "04.ipynb", dict(run_name="sd", n_probe=2,
-                                                                           detector=detector), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((run / "checkpoint_test" / "step_0000006" / "results.json").read_text())
-    assert result["layouts"] == [r["id"] for r in map(json.loads, manifest.read_text().splitlines()[:2])]
-    assert result["held_out"] is False and "(training records: not held out)" in _outputs(tmp_path / "04.ipynb")
-
-    # 05: the gate-effect grid on the run's own layouts, measured by the zero-shot detector
-    done = papermill("05_gate_effect_grid.ipynb", tmp_path / "05.ipynb", dict(
-        run_name="sd", n_layouts=2, n_eval=2, sampling_steps=3, scales="0,1", taus="1.0", detector=detector), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = _outputs(tmp_path / "05.ipynb")
-    assert "a dog and a cat, picture 0" in text and "ap50" in text
-    assert f"detector: zero-shot ({detector.name})" in text                  # -p detector measured it
-    # each image sampled once: the adapter at scale 1 with grounding guidance on and off, 2 layouts each (the grid,
-    # the curve, tau 1.0, the buckets and the side-by-side share them; the base alone comes from its cache)
-    assert "images sampled in this notebook: 4 " in text
+from helpers import import_coco_fixture
 
 
 def _imported(tmp_path: Path) -> Path:

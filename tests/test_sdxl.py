@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,18 +16,13 @@ from safetensors.torch import load_file
 
 from adapterlib.training import batches, cache
 from adapterlib.__main__ import main
-from adapterlib.model.adapter import AdaptedUNet, build_adapter
+from adapterlib.model.adapter import build_adapter
 from adapterlib.model.base import load_base
 from adapterlib.data.manifest import GroundedObject, ManifestImages, Record, transform_sample
 
-from test_cache import _photo_manifest
-from conftest import write_coco_fixture as _coco
-from tiny_sdxl import SDXL_RESOLUTION, build_tiny_sdxl_folder, unet_config
-
-
-@pytest.fixture(scope="session")
-def tiny_sdxl_folder(tmp_path_factory) -> Path:
-    return build_tiny_sdxl_folder(tmp_path_factory.mktemp("tiny-sdxl"))
+from helpers import (SDXL_RESOLUTION, TOLERANCE, accelerate_train, build_tiny_owl_folder, max_diff, photo_manifest,
+                     unet_config)
+from helpers import write_coco_fixture as _coco
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +101,7 @@ def test_a_fresh_adapter_on_sdxl_is_the_base_exactly_and_its_phrases_are_1280_wi
 # the cache
 
 def test_the_sdxl_cache_stores_the_encoders_outputs_and_each_images_time_ids(tmp_path, sdxl):
-    manifest = _photo_manifest(tmp_path / "d")
+    manifest = photo_manifest(tmp_path / "d")
     folder = cache.build_cache(sdxl, manifest, tmp_path / "runs", crop="center", max_objects=30, progress=False)
     source = batches.CachedSource(folder, flip=True, seed=3)
     batch = source.batch([0, 1, 2, 3], [0, 1, 2, 3])
@@ -126,7 +120,7 @@ def test_the_sdxl_cache_stores_the_encoders_outputs_and_each_images_time_ids(tmp
 
 
 def test_caption_dropout_on_sdxl_gives_the_empty_captions_zeros_cached_or_not(tmp_path, sdxl):
-    manifest = _photo_manifest(tmp_path / "d")
+    manifest = photo_manifest(tmp_path / "d")
     folder = cache.build_cache(sdxl, manifest, tmp_path / "runs", crop="center", max_objects=30, progress=False)
     drop = torch.tensor([True, False])
     both = (batches.CachedSource(folder).batch([0, 1], [0, 1]),
@@ -143,7 +137,7 @@ def test_training_on_sdxl_from_the_cache_is_training_from_the_images(tmp_path, m
     from adapterlib.training.config import make_config
     from adapterlib.training.train import train
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
-    manifest = _photo_manifest(tmp_path / "d")
+    manifest = photo_manifest(tmp_path / "d")
     finals = {}
     for cached in (True, False):
         cfg = make_config("sdxl", run_name=f"c{cached}", data=str(manifest), base_model=str(tiny_sdxl_folder), steps=4,
@@ -159,29 +153,27 @@ def test_training_on_sdxl_from_the_cache_is_training_from_the_images(tmp_path, m
 def test_two_processes_on_sdxl_train_what_one_does(tmp_path, monkeypatch, tiny_sdxl_folder):
     """`accelerate launch` with 2 CPU processes on the tiny SDXL: each rank takes its rows of the global batch with
     their pooled embeddings and time_ids (SDXL's added conditioning), so the job trains what one process does."""
-    from test_distributed import TOLERANCE, _accelerate, _max_diff
     from adapterlib.training.config import make_config
     from adapterlib.training.train import train
     runs = tmp_path / "runs"
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
-    manifest = _photo_manifest(tmp_path / "d")
+    manifest = photo_manifest(tmp_path / "d")
     settings = dict(base_model=str(tiny_sdxl_folder), data=str(manifest), steps=3, batch_size=4, save_every=3,
                     log_every=1, n_samples=0, device="cpu", mixed_precision="no", lr=1e-3)
     one = train(make_config("sdxl", run_name="one", **settings), progress=False)
-    done = _accelerate(runs, ["--preset", "sdxl", "--run_name", "two",
+    done = accelerate_train(runs, ["--preset", "sdxl", "--run_name", "two",
                               *[f for k, v in settings.items() for f in (f"--{k}", str(v))]])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "global batch 4 = 2 processes x 2" in (runs / "two" / "train.log").read_text()
     a, b = (load_file(str(r / "final" / "adapter.safetensors")) for r in (one, runs / "two"))
     assert max(b[k].abs().max().item() for k in b if "gate" in k) > 0          # it trained
-    assert _max_diff(a, b) < TOLERANCE
+    assert max_diff(a, b) < TOLERANCE
 
 
 # ---------------------------------------------------------------------------------------------
 # as a user runs it: import -> cache -> train -> --resume -> evaluate, and the sampler
 
 def test_coco_import_cache_train_resume_evaluate_on_a_tiny_sdxl(tmp_path, monkeypatch, tiny_sdxl_folder, capsys):
-    from test_detectors import build_tiny_owl_folder
     runs = tmp_path / "runs"
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
     coco = _coco(tmp_path / "coco")
@@ -323,7 +315,7 @@ def test_an_sd15_adapter_loaded_onto_sdxl_or_resumed_on_it_is_refused_before_any
     from adapterlib.training.train import resume_config, train
     runs = tmp_path / "runs"
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
-    manifest = _photo_manifest(tmp_path / "d")
+    manifest = photo_manifest(tmp_path / "d")
     base_folder = tmp_path / "base"                       # the run's base folder: SD 1.5 now, SDXL later
     shutil.copytree(tiny_sd_folder, base_folder)
     train(make_config("sd15", run_name="sd", data=str(manifest), base_model=str(base_folder), steps=2, save_every=2,
@@ -344,31 +336,3 @@ def test_an_sd15_adapter_loaded_onto_sdxl_or_resumed_on_it_is_refused_before_any
 # ---------------------------------------------------------------------------------------------
 # the notebooks, as on SD 1.5 (tests/test_sd_path.py)
 
-def test_notebooks_01_to_05_on_a_tiny_sdxl(tmp_path, tiny_sdxl_folder):
-    from test_detectors import build_tiny_owl_folder
-    from test_headless import papermill
-    from test_sd_path import _outputs
-    from adapterlib.runs import list_checkpoints
-    runs = tmp_path / "runs"
-    env = {"ADAPTERLIB_RUNS": str(runs)}
-    manifest = _photo_manifest(tmp_path / "d")
-    done = papermill("01_dtype_zero_init_check.ipynb", tmp_path / "01.ipynb",
-                     dict(preset="sdxl", base_model=tiny_sdxl_folder), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "all checks PASS" in _outputs(tmp_path / "01.ipynb")
-    done = papermill("02_train.ipynb", tmp_path / "02.ipynb", dict(
-        preset="sdxl", base_model=tiny_sdxl_folder, data=manifest, steps=2, save_every=2, log_every=1, n_samples=2,
-        batch_size=2, run_name="xl"), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (runs / "xl" / "samples" / "step_0000002.png").is_file()
-    done = papermill("03_resume.ipynb", tmp_path / "03.ipynb", dict(run_name="xl", steps=4), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [s for s, _ in list_checkpoints(runs / "xl")] == [2, 4]
-    done = papermill("04_gate_analysis.ipynb", tmp_path / "04.ipynb", dict(run_name="xl", n_probe=2), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (runs / "xl" / "checkpoint_test" / "step_0000004" / "results.json").is_file()
-    done = papermill("05_gate_effect_grid.ipynb", tmp_path / "05.ipynb", dict(
-        run_name="xl", n_layouts=2, n_eval=2, sampling_steps=2, scales="0,1", taus="1.0",
-        detector=build_tiny_owl_folder(tmp_path / "owl")), env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "a red box and a blue box 0" in _outputs(tmp_path / "05.ipynb")

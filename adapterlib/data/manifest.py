@@ -125,7 +125,7 @@ class Record:
             raise fail("objects", f"must be a list, got {type(raw_objects).__name__}")
         if len(raw_objects) > max_objects:
             raise fail("objects", f"has {len(raw_objects)} entries, more than the object limit max_objects="
-                                  f"{max_objects} (default data.MAX_OBJECTS={MAX_OBJECTS}; in training "
+                                  f"{max_objects} (default options.MAX_OBJECTS={MAX_OBJECTS}; in training "
                                   f"TrainConfig.max_objects)")
         objects = tuple(_parse_object(o, f"objects[{i}]", fail) for i, o in enumerate(raw_objects))
 

@@ -1,0 +1,334 @@
+"""What several test modules share, in one place: tiny model folders built from configs (an SD 1.x, an SDXL, an
+OWL-ViT / OWLv2 detector), data fixtures (a COCO-format set, non-square photos), notebooks run through papermill as a
+user runs them, and two-process training through Accelerate. conftest.py turns the folders into session fixtures;
+test modules import what they need from here (never from each other).
+
+The SD folder has the layout of a real SD 1.x checkpoint on disk (model_index.json, unet/, vae/, text_encoder/,
+tokenizer/ with a CLIP BPE vocab.json + merges.txt, scheduler/ with SD's PNDM config), at toy size, so `load_base`
+is tested on the SD path without any download. The SDXL folder is a real SDXL base's layout (unet/ with
+addition_embed_type "text_time", text_encoder/ + tokenizer/, text_encoder_2/ (with projection) + tokenizer_2/
+(padded with "!"), vae/ with SDXL's scaling factor and force_upcast, scheduler/ with SDXL's Euler config): its
+widths follow diffusers' own SDXL pipeline tests, so it runs in diffusers' StableDiffusionXLPipeline as it is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from adapterlib.data.manifest import GroundedObject, Record, write_manifest
+from adapterlib.paths import REPO_ROOT
+from adapterlib.training.checkpoint import save_checkpoint
+from adapterlib.training.config import make_config
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+PAPERMILL = [sys.executable, "-m", "papermill", "--kernel", "python3"]
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny Stable Diffusion 1.x, detectors, COCO
+
+SD_UNET_SAMPLE_SIZE = 8   # latent side
+
+
+SD_VAE_SCALE = 2          # two VAE blocks -> one downsampling by 2
+
+
+SD_RESOLUTION = SD_UNET_SAMPLE_SIZE * SD_VAE_SCALE
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (GPT-2's) reversible byte -> printable character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def write_clip_tokenizer(folder: Path) -> int:
+    """A tiny CLIP BPE tokenizer as SD ships it (vocab.json, merges.txt, configs); returns its vocab size.
+
+    Like the real vocab it holds every byte character alone and as a word end ("a</w>"), a few
+    merges, then the two special tokens last, so the EOS token has the highest id (CLIP's pooled
+    output takes the argmax id when eos_token_id is the legacy 2, as in SD's text encoder config)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    merges = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r"), ("a", "n"), ("an", "d</w>")]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True}))
+    return len(vocab)
+
+
+def build_tiny_sd_folder(folder: Path) -> Path:
+    """Write a random-weight, SD-1.x-architecture pipeline folder (latent space, 4 channels)."""
+    folder = Path(folder)
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=SD_UNET_SAMPLE_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+    ).save_pretrained(folder / "unet")
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=SD_RESOLUTION,
+    ).save_pretrained(folder / "vae")
+    vocab_size = write_clip_tokenizer(folder / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2,   # as in SD 1.x's config: 2 = "pool at the argmax id"
+    )).save_pretrained(folder / "text_encoder")
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+                  ).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline",
+        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None], "feature_extractor": [None, None],
+    }, indent=2))
+    return folder
+
+
+def write_coco_fixture(root: Path, n: int = 8, first: int = 0) -> Path:
+    """A COCO-format data set under `root`: n pictures (ids and file names from `first` on) of a dog (red) and
+    a cat (blue) as rectangles, with instances.json and captions.json (`python -m adapterlib import coco`)."""
+    from PIL import Image, ImageDraw
+
+    (root / "images").mkdir(parents=True)
+    images, anns = [], []
+    for i in range(first, first + n):
+        w, h = 48 + 4 * (i % 8), 40
+        im = Image.new("RGB", (w, h), "white")
+        draw = ImageDraw.Draw(im)
+        dog, cat = [2 + i % 8, 4, 20, 20], [24, 10 + i % 3, 18, 16]
+        for box, colour in ((dog, "red"), (cat, "blue")):
+            draw.rectangle([box[0], box[1], box[0] + box[2] - 1, box[1] + box[3] - 1], fill=colour)
+        im.save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        anns += [{"id": 10 * i + k, "image_id": i + 1, "category_id": k, "bbox": box, "iscrowd": 0,
+                  "area": box[2] * box[3]} for k, box in ((1, dog), (2, cat))]
+    (root / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}]}))
+    (root / "captions.json").write_text(json.dumps(
+        {"annotations": [{"id": 100 + i, "image_id": i + 1, "caption": f"a dog and a cat, picture {i}"}
+                         for i in range(first, first + n)]}))
+    return root
+
+
+def import_coco_fixture(root: Path, n: int = 8, first: int = 0) -> Path:
+    """`write_coco_fixture` imported as a user does (`python -m adapterlib import coco`): root/data/data.jsonl."""
+    from adapterlib.__main__ import main
+
+    coco = write_coco_fixture(root / "coco", n, first)
+    assert main(["import", "coco", "--instances", str(coco / "instances.json"), "--images", str(coco / "images"),
+                 "--captions", str(coco / "captions.json"), "--out", str(root / "data")]) == 0
+    return root / "data" / "data.jsonl"
+
+
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+OWL_MODELS = {"owlvit": ("OwlViTConfig", "OwlViTForObjectDetection", "OwlViTImageProcessor"),
+              "owlv2": ("Owlv2Config", "Owlv2ForObjectDetection", "Owlv2ImageProcessor")}
+
+
+def build_tiny_owl_folder(folder, kind: str = "owlvit"):
+    """A random-weight OWL-ViT (or OWLv2) folder as a hub download looks: config.json + safetensors, a CLIP
+    tokenizer, preprocessor_config.json (32 x 32 input, 4 x 4 patches). The random box and logit heads are
+    tamed so that boxes stay near their patch's grid box and scores near sigmoid(cosine): untamed, they
+    saturate (boxes on the image border, scores all exactly 1.0), which would hide coordinate mistakes."""
+    import transformers
+    config_name, model_name, processor = OWL_MODELS[kind]
+    config_class, model_class = getattr(transformers, config_name), getattr(transformers, model_name)
+    folder = Path(folder)
+    vocab = write_clip_tokenizer(folder)
+    torch.manual_seed(0)
+    model = model_class(config_class(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=vocab - 2,
+                         eos_token_id=vocab - 1, pad_token_id=vocab - 1),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=32))
+    with torch.no_grad():
+        for layer in (model.box_head.dense2, model.class_head.logit_shift, model.class_head.logit_scale):
+            layer.weight.mul_(0.01)
+            layer.bias.zero_()
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": processor, "do_resize": True, "size": {"height": 32, "width": 32},
+        "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "do_pad": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny Stable Diffusion XL
+
+SDXL_UNET_SAMPLE_SIZE = 8        # latent side
+SDXL_RESOLUTION = 16             # two VAE blocks: one downsampling by 2
+TEXT_WIDTH = 16                  # each encoder's hidden width: the context is 2 x 16 = 32 wide
+TIME_FEATURES = 8                # addition_time_embed_dim
+
+
+def _text_config(vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=32, num_hidden_layers=3,
+                          num_attention_heads=2, max_position_embeddings=77, projection_dim=TEXT_WIDTH,
+                          pad_token_id=1, bos_token_id=0, eos_token_id=2)
+
+
+def unet_config(time_ids: int = 6, **changes) -> dict:
+    """The tiny SDXL UNet's config: 6 size / crop ids (a refiner: 5), `changes` on top."""
+    return {**dict(sample_size=SDXL_UNET_SAMPLE_SIZE, in_channels=4, out_channels=4, layers_per_block=1,
+                   block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                   use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_FEATURES,
+                   transformer_layers_per_block=(1, 2), cross_attention_dim=2 * TEXT_WIDTH,
+                   projection_class_embeddings_input_dim=time_ids * TIME_FEATURES + TEXT_WIDTH), **changes}
+
+
+def build_tiny_sdxl_folder(folder: Path) -> Path:
+    """Write a random-weight, SDXL-base-architecture pipeline folder (latent space, 4 channels)."""
+    folder = Path(folder)
+    torch.manual_seed(0)
+    UNet2DConditionModel(**unet_config()).save_pretrained(folder / "unet")
+    AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=SDXL_RESOLUTION, scaling_factor=0.13025, force_upcast=True,
+    ).save_pretrained(folder / "vae")
+    vocab_size = write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer_2")
+    config = json.loads((folder / "tokenizer_2" / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_2" / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "!"}))
+    special = json.loads((folder / "tokenizer_2" / "special_tokens_map.json").read_text())
+    (folder / "tokenizer_2" / "special_tokens_map.json").write_text(json.dumps({**special, "pad_token": "!"}))
+    CLIPTextModel(_text_config(vocab_size)).save_pretrained(folder / "text_encoder")
+    CLIPTextModelWithProjection(_text_config(vocab_size)).save_pretrained(folder / "text_encoder_2")
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                           timestep_spacing="leading", num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "image_encoder": [None, None], "feature_extractor": [None, None],
+    }, indent=2))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# photos, runs, adapters
+
+def photo_manifest(folder: Path, n: int = 6) -> Path:
+    """Non-square pictures (a red and a blue rectangle) with captions that repeat, as COCO's do."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        w, h = 40 + 8 * i, 30 + 4 * (i % 3)
+        image = Image.new("RGB", (w, h), (20 + 30 * i, 120, 60))
+        image.paste((220, 30, 30), (2, 3, w // 2, h - 4))
+        image.paste((30, 30, 220), (w // 2 + 2, 5, w - 3, h // 2))
+        image.save(folder / "images" / f"{i}.png")
+        records.append(Record(f"a red box and a blue box {i % 2}",
+                              (GroundedObject("red box", (2 / w, 3 / h, 0.5, (h - 4) / h)),
+                               GroundedObject("blue box", ((w // 2 + 2) / w, 5 / h, (w - 3) / w, 0.5))),
+                              image=f"images/{i}.png", id=str(i)))
+    return write_manifest(folder / "data.jsonl", records)
+
+
+def opened(adapter, value=1.0, seed=0):
+    """Every gate at `value` and the null features random, so the adapter visibly changes the images."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter.trainable_parameters().items():
+            if name.endswith(("alpha_attn", "alpha_dense")):
+                p.fill_(value)
+            elif "null_" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+    return adapter
+
+
+def write_run(runs, name, base_model, adapter, step=5, **fields):
+    """A run folder holding one checkpoint of `adapter`, written by the checkpoint writer training uses."""
+    cfg = make_config("shapes", run_name=name, base_model=str(base_model),
+                      adapter_attention=adapter.config["attention"], **fields).to_dict()
+    folder = runs / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_checkpoint(folder, step, adapter, {"step": step}, cfg)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# notebooks through papermill
+
+def papermill(notebook, out, params, env=None):
+    """`papermill notebooks/<notebook> out -p NAME VALUE ...` as a user runs it; returns the process."""
+    args = [a for name, value in params.items() for a in ("-p", name, str(value))]
+    return subprocess.run(PAPERMILL + [str(NOTEBOOKS / notebook), str(out), *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=600)
+
+
+def notebook_outputs(notebook: Path) -> str:
+    nb = nbformat.read(notebook, 4)
+    return "\n".join(o.get("text", "") + json.dumps(o.get("data", {}).get("text/plain", ""))
+                     for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes through Accelerate
+
+TOLERANCE = 1e-5
+
+
+TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_env(root) -> dict:
+    return {**os.environ, "ADAPTERLIB_RUNS": str(root), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def launch_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "-m", "adapterlib", "train", *args]
+
+
+def accelerate_train(root, args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(launch_command(args), cwd=REPO_ROOT, env=train_env(root), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
