@@ -2,7 +2,7 @@
 
     python -m adapterlib evaluate --reference ground-truth     # the ceiling: rendered layouts
     python -m adapterlib evaluate --reference base             # the base alone (no adapter)
-    python -m adapterlib evaluate --reference base --base /path/to/stable-diffusion --limit 20
+    python -m adapterlib evaluate --reference base --base SD_DIR --layouts MANIFEST --detector OWL_DIR --limit 20
     python -m adapterlib evaluate runs/<run> [--checkpoint latest|final|STEP] [--scale 1.0] [--tau 1.0]
     python -m adapterlib evaluate runs/<run> --checkpoint all [--detector DIR]   # grounding vs step (checkpoint tests)
     python -m adapterlib evaluate runs/<run> --layouts data.jsonl --detector /path/to/owlv2   # real images
@@ -402,6 +402,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print("adapterlib evaluate: error: give a run folder, --reference ground-truth or --reference base",
               file=sys.stderr)
         return 2
+    if args.reference == "base":
+        _check_real_base_is_measured(args, "--reference base")
     layouts = _layouts(args)
     detector = load_detector(evaluate.detector_spec(args.detector), args.device)
     ceiling, _ = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
@@ -459,6 +461,19 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_real_base_is_measured(args: argparse.Namespace, what: str) -> None:
+    """A base other than the shipped shapes-tiny is measured on layouts and by a detector the user names: the defaults
+    (the 32-px Shapes held-out layouts, the colour detector) measure nothing meaningful there. Before anything loads.
+    (`--layouts v2 --detector color` given on purpose is allowed.)"""
+    missing = [flag for flag, value in (("--layouts", args.layouts), ("--detector", args.detector)) if value is None]
+    if args.base != "shapes-tiny" and missing:
+        raise ValueError(f"{what} on --base {args.base} (not the shipped shapes-tiny) needs {' and '.join(missing)}: "
+                         "the defaults, the 32-px Shapes held-out layouts and the colour detector, measure nothing "
+                         "meaningful on a real base. Give --layouts MANIFEST (e.g. an imported COCO val: "
+                         "`python -m adapterlib import coco ... --out DIR`, DIR/data.jsonl) and --detector DIR (a local "
+                         "OWL-ViT / OWLv2 folder); docs/guide/real-data.md")
+
+
 def _evaluate_gligen(args: argparse.Namespace) -> int:
     """A diffusers GLIGEN folder's fusers and position net on --base, measured like a run's adapter."""
     from adapterlib.model.adapter import build_adapter
@@ -468,13 +483,7 @@ def _evaluate_gligen(args: argparse.Namespace) -> int:
 
     if args.run is not None:
         raise ValueError("give a run or --gligen DIR, not both")
-    missing = [flag for flag, value in (("--layouts", args.layouts), ("--detector", args.detector)) if value is None]
-    if args.base != "shapes-tiny" and missing:          # before anything loads
-        raise ValueError(f"--gligen on --base {args.base} (not the shipped shapes-tiny) needs {' and '.join(missing)}: "
-                         "the defaults, the 32-px Shapes held-out layouts and the colour detector, measure nothing "
-                         "meaningful on a real base. Give --layouts MANIFEST (e.g. an imported COCO val: "
-                         "`python -m adapterlib import coco ... --out DIR`, DIR/data.jsonl) and --detector DIR (a local "
-                         "OWL-ViT / OWLv2 folder); docs/guide/real-data.md")
+    _check_real_base_is_measured(args, "--gligen")
     read_gligen_folder(args.gligen)                      # a bad folder is an error before the base loads
     layouts = _layouts(args)
     detector = load_detector(args.detector or "", args.device)          # shapes-tiny: the colour detector unless given

@@ -56,8 +56,11 @@ def test_cli_ground_truth_reads_a_manifest(tmp_path, capsys):
 
 
 def test_cli_base_reference_samples_the_given_folder(tiny_sd_folder, capsys):
+    # a real base names its layouts and detector (here the Shapes ones, on purpose); without them: an error first
+    assert main(["evaluate", "--reference", "base", "--base", str(tiny_sd_folder), "--limit", "2"]) == 2
+    assert "--reference base on --base" in capsys.readouterr().err
     code = main(["evaluate", "--reference", "base", "--base", str(tiny_sd_folder), "--limit", "2",
-                 "--sampling-steps", "2", "--device", "cpu"])
+                 "--sampling-steps", "2", "--device", "cpu", "--layouts", "v2", "--detector", "color"])
     assert code == 0
     result = _last_line_json(capsys.readouterr().out)
     assert result["reference"] == "base" and result["n_images"] == 2 and result["steps"] == 2
