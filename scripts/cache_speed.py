@@ -27,7 +27,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cache-speed-"))
     os.environ["ADAPTERLIB_RUNS"] = str(tmp / "runs")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import build_tiny_sd_folder               # the tests' tiny SD-architecture folder
+    from helpers import build_tiny_sd_folder                # the tests' tiny SD-architecture folder
     from adapterlib.training.config import make_config
     from adapterlib.shapes import write_dataset
     from adapterlib.training.train import train

@@ -7,7 +7,7 @@ generated 512-px images: the real training loop at real size where no weights ca
 
 The UNet is SD 1.5's (diffusers' defaults: 320-640-1280-1280, 16 transformer blocks), the VAE SD's (128-256-512-512,
 4 latent channels, 8x down), the text encoder CLIP ViT-L/14's text tower (768 wide, 12 layers), with the tests' small
-CLIP BPE vocabulary (tests/conftest.py: the real one cannot be downloaded; the vocabulary size does not change the
+CLIP BPE vocabulary (tests/helpers.py: the real one cannot be downloaded; the vocabulary size does not change the
 step's cost). Weights are saved in fp16 (the runs load them in their compute dtype). The images are Shapes v2
 layouts (2-6 objects) rendered at 32 px and scaled to 512 px (nearest), so each record's boxes and phrases hold.
 """
@@ -24,8 +24,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-def conftest():
-    spec = importlib.util.spec_from_file_location("adapterlib_tests_conftest", REPO / "tests" / "conftest.py")
+def test_helpers():
+    """tests/helpers.py, the tests' builders of tiny folders (the CLIP tokenizer, a tiny SD)."""
+    spec = importlib.util.spec_from_file_location("adapterlib_test_helpers", REPO / "tests" / "helpers.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -45,7 +46,7 @@ def build_sd15_folder(folder: Path, device: str) -> Path:
                             layers_per_block=2, sample_size=512, scaling_factor=0.18215)
     unet.half().save_pretrained(folder / "unet")
     vae.half().save_pretrained(folder / "vae")
-    helpers = conftest()
+    helpers = test_helpers()
     vocab_size = helpers.write_clip_tokenizer(folder / "tokenizer")
     with torch.device(device):
         text = CLIPTextModel(CLIPTextConfig(
@@ -89,7 +90,7 @@ def main() -> None:
     t0 = time.perf_counter()
     base = args.out / "sd15"
     if args.small:
-        conftest().build_tiny_sd_folder(base)
+        test_helpers().build_tiny_sd_folder(base)
     else:
         build_sd15_folder(base, args.device)
     t1 = time.perf_counter()

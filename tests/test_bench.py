@@ -38,7 +38,7 @@ def test_cli_last_line_is_json_with_every_row_positive(capsys):
     result = json.loads(lines[-1])
     for key in ("ours_samples_per_s", "peer_samples_per_s", "floor_samples_per_s", "ours_x_peer", "ours_x_floor"):
         assert result[key] > 0 and math.isfinite(result[key]), key
-    assert result["ours_variant"] == "ours masked+FFx2 [decoder]"   # the shapes preset's adapter (docs/blocks.md)
+    assert result["ours_variant"] == "ours masked+FFx2 [decoder]"   # the shapes preset's adapter (docs/notes/blocks.md)
     assert (result["batch"], result["objects"], result["device_name"]) == (2, 3, "cpu")
     assert result["torch"] == torch.__version__
     names = [r["name"] for r in result["rows"]]

@@ -229,7 +229,7 @@ def test_init_from_is_fixed_on_resume():
 
 
 def test_gligen_takes_its_own_blocks_and_width_whatever_the_preset_and_refuses_others():
-    """The shapes and sd15 presets adapt the decoder only (docs/blocks.md); GLIGEN has a fuser in every block and
+    """The shapes and sd15 presets adapt the decoder only (docs/notes/blocks.md); GLIGEN has a fuser in every block and
     its own feed-forward (width 4), whatever the preset's choice for our layer."""
     from adapterlib.training.config import GLIGEN_FIXED
     assert make_config("shapes").adapter_blocks == "decoder" and make_config("sd15", base_model="sd").adapter_blocks == "decoder"

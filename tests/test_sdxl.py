@@ -1,4 +1,4 @@
-"""Stable Diffusion XL as a base (docs/sdxl.md), on a tiny SDXL-architecture folder built from configs
+"""Stable Diffusion XL as a base (docs/guide/sdxl.md), on a tiny SDXL-architecture folder built from configs
 (tests/tiny_sdxl.py): it is diffusers' own SDXL (the pipeline runs it, our caption encodings are its
 prompt encodings), its size / crop conditioning follows the crop, the cache stores what the encoders give,
 training from the cache is training from the images, a run imported from COCO trains, resumes exactly and is

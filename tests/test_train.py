@@ -283,7 +283,7 @@ def test_cosine_lr_schedule_decays_to_zero_and_the_field_reaches_training(runs):
 def test_the_shapes_recipe_decays_its_rate_and_an_older_run_resumes_at_the_constant_one(runs):
     assert make_config("shapes").lr_schedule == "cosine"            # the default run's recipe (README)
     assert make_config("shapes").box_loss_region == "layered"
-    assert make_config("sd15", base_model="sd").lr_schedule == "cosine"              # docs/recipe.md
+    assert make_config("sd15", base_model="sd").lr_schedule == "cosine"              # docs/notes/recipe.md
     assert make_config("sd15", base_model="sd").box_loss_region == "box"
     folder = train(tiny("before-schedules", steps=4, save_every=2, warmup=1, lr_schedule="constant",
                         box_loss_region="box"), progress=False)
