@@ -556,7 +556,10 @@ def _bench_parser(commands) -> None:
     be.add_argument("--objects", type=int, default=None,
                     help="grounding slots a sample (default: tiny 3, all present; sd15 and sdxl 30, ~30%% present)")
     be.add_argument("--rounds", type=int, default=5, help="interleaved rounds; a row's number is the median (default 5)")
-    be.add_argument("--steps", type=int, default=10, help="steps of each row in a round (default 10)")
+    be.add_argument("--steps-per-round", type=int, default=10, metavar="N",
+                    help="timed training steps of each row in a round (default 10)")
+    be.add_argument("--steps", type=int, dest="steps_per_round", action=_Renamed, metavar="N",
+                    note="--steps is --steps-per-round", help="the earlier name of --steps-per-round")
     be.add_argument("--warmup", type=int, default=2, help="untimed steps of each row first (default 2)")
     be.add_argument("--variants", default=None, metavar="LIST",
                     help="our variants, e.g. masked+ff,self (default: masked, self, cross, with and without FF; "
@@ -581,7 +584,7 @@ def _bench(args: argparse.Namespace) -> int:
     from adapterlib.evaluation.bench import VARIANTS, format_table, parse_blocks, parse_ff_mults, parse_variants, run_bench
 
     result = run_bench(args.size, device=args.device, batch=args.batch, objects=args.objects, rounds=args.rounds,
-                       steps_per_round=args.steps, warmup=args.warmup, compile=args.compile,
+                       steps_per_round=args.steps_per_round, warmup=args.warmup, compile=args.compile,
                        variants=VARIANTS if args.variants is None else parse_variants(args.variants),
                        blocks=None if args.blocks is None else parse_blocks(args.blocks),
                        ff_mults=None if args.ff_mult is None else parse_ff_mults(args.ff_mult),

@@ -39,6 +39,6 @@ cp "$ADAPTERLIB_RUNS/gpu-default/metrics.csv" "$ADAPTERLIB_RUNS/gpu-default/trai
 rm -rf "$ADAPTERLIB_RUNS/_datasets" "$ADAPTERLIB_RUNS/_cache"
 
 echo "== 3. bench: ours vs diffusers' GLIGEN vs the frozen-UNet floor (SD 1.5 size, batch 16)"
-BENCH="-m adapterlib bench --device $DEV --size sd15 --batch 16 --rounds 3 ${SMALL:+--size tiny --batch 2 --rounds 1 --steps 1}"
+BENCH="-m adapterlib bench --device $DEV --size sd15 --batch 16 --rounds 3 ${SMALL:+--size tiny --batch 2 --rounds 1 --steps-per-round 1}"
 timeout 240 $PY $BENCH 2>&1 | tee "$R/bench.txt"
 if [ -z "${SMALL:-}" ]; then timeout 420 $PY $BENCH --variants masked+ff --compile 2>&1 | tee "$R/bench_compile.txt"; fi

@@ -17,10 +17,10 @@ OUT=${OUT:-/tmp/gpu-speed-out}
 source "$(dirname "$0")/gpu_common.sh"
 TOTAL=${TOTAL:-540}; IMAGES=${IMAGES:-1000}; LOOP16=${LOOP16:-200}; LOOP2=${LOOP2:-300}; LOOP_SKIP=${LOOP_SKIP:-50}
 BLOCKS=${BLOCKS:-$($PY -c "from adapterlib.training.config import preset_value; print(preset_value('sd15', 'adapter_blocks'))")}
-BENCH=(-m adapterlib bench --device "$DEV" --size sd15 --batch 16 --rounds 3 --steps 5)
+BENCH=(-m adapterlib bench --device "$DEV" --size sd15 --batch 16 --rounds 3 --steps-per-round 5)
 FOLDER_ARGS=(--out "$R/real" --images "$IMAGES")
 if [ -n "${SMALL:-}" ]; then
-  BENCH=(-m adapterlib bench --device "$DEV" --size tiny --batch 2 --rounds 1 --steps 1 --warmup 1)
+  BENCH=(-m adapterlib bench --device "$DEV" --size tiny --batch 2 --rounds 1 --steps-per-round 1 --warmup 1)
   IMAGES=${IMAGES_SMALL:-16}; FOLDER_ARGS=(--out "$R/real" --images "$IMAGES" --small); LOOP16=4; LOOP2=4; LOOP_SKIP=1
 fi
 left() { echo $((TOTAL - SECONDS)); }

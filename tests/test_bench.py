@@ -32,7 +32,8 @@ def grads_reaching(params: dict, run) -> set[str]:
 
 
 def test_cli_last_line_is_json_with_every_row_positive(capsys):
-    args = ["--size", "tiny", "--device", "cpu", "--batch", "2", "--rounds", "1", "--steps", "1", "--warmup", "1"]
+    args = ["--size", "tiny", "--device", "cpu", "--batch", "2", "--rounds", "1", "--steps-per-round", "1",
+            "--warmup", "1"]
     assert main(["bench", *args]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
@@ -179,3 +180,19 @@ def test_bad_settings_are_refused_before_any_work():
     with pytest.raises(ValueError, match="variant 'dense'"):
         bench.parse_variants("masked+ff,dense")
     assert bench.parse_variants("masked+FF, self") == (("masked", True), ("self", False))
+
+
+@pytest.mark.parametrize("flag", ["--steps-per-round", "--steps"])
+def test_cli_steps_per_round_reaches_the_bench_and_steps_is_its_earlier_name(flag, monkeypatch, capsys):
+    """bench's timed steps are --steps-per-round (train --steps is a run's length, evaluate --sampling-steps the
+    sampler's); --steps still works, with a note."""
+    seen = {}
+
+    def fake(size, **kw):
+        seen.update(kw)
+        raise SystemExit(0)
+    monkeypatch.setattr(bench, "run_bench", fake)
+    with pytest.raises(SystemExit):
+        main(["bench", "--size", "tiny", flag, "3"])
+    assert seen["steps_per_round"] == 3
+    assert ("--steps is --steps-per-round" in capsys.readouterr().err) == (flag == "--steps")
