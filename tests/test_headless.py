@@ -110,6 +110,8 @@ def test_notebook_02_parameters_cell_is_the_configs_own_description_word_for_wor
     nb = nbformat.read(NOTEBOOKS / "02_train.ipynb", as_version=4)
     cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     assert cell.source == parameters_cell(), "run `python -m adapterlib.training.config` to regenerate the cell"
+    import papermill                                         # papermill's own reading of the cell knows every field
+    assert set(papermill.inspect_notebook(str(NOTEBOOKS / "02_train.ipynb"))) == {"preset", *FIELDS}
     comments = field_comments()
     assert set(comments) == set(FIELDS) and all(comments[f] for f in FIELDS), "every field is described in config.py"
     assert "learned" in " ".join(comments["adapter_depth"])        # the choices the config takes are the ones it names

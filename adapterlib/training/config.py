@@ -298,8 +298,10 @@ def parameters_cell() -> str:
         if name == "preset":
             continue
         head = f"{name:<{width}} = None"
-        lines.append(f"{head}   # {comment[0]}" if comment else head)
-        lines += [f"{'':<{len(head)}}   # {more}" for more in comment[1:]]
+        # papermill reads a line with a second "=" as no parameter at all: such a comment starts on the next line
+        first = comment[:1] if comment and "=" not in comment[0] else []
+        lines.append(f"{head}   # {first[0]}" if first else head)
+        lines += [f"{'':<{len(head)}}   # {more}" for more in comment[len(first):]]
     return "\n".join(lines)
 
 
