@@ -15,7 +15,7 @@ run: $(VENV)/.installed
 	bash scripts/run_default.sh
 
 test: $(VENV)/.installed
-	$(PY) -m pytest --nbval-lax --nbval-current-env tests notebooks
+	$(PY) -m pytest --nbval-lax --nbval-current-env --durations=15 tests notebooks
 
 setup: $(VENV)/.installed
 
