@@ -34,10 +34,14 @@ def _run(pythonpath: Path | None) -> dict:
 
 
 def _pinned_package(into: Path) -> Path:
-    have = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{PINNED}^{{commit}}"], capture_output=True)
-    if have.returncode != 0:
+    def have() -> bool:
+        return subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{PINNED}^{{commit}}"],
+                              capture_output=True).returncode == 0
+    if not have():               # a shallow clone: its history, from where it was cloned
+        subprocess.run(["git", "-C", str(REPO), "fetch", "--quiet", "--unshallow"], capture_output=True, timeout=300)
+    if not have():
         pytest.fail(f"the guard needs the pinned commit {PINNED} in this clone's history (a shallow clone lacks "
-                    f"it: `git fetch --unshallow`)")
+                    f"it and `git fetch --unshallow` could not fetch it)")
     archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", PINNED, "adapterlib"],
                              capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
