@@ -12,10 +12,13 @@ NORMS = ("layernorm", "rmsnorm")
 # the smallest covering box: smaller objects in front) | learned (a learned per-head weight on the covering box's
 # -log(area), zero at init: training decides)
 DEPTHS = ("none", "smaller-front", "learned")
-BLOCK_CHOICES = ("all", "decoder", "low", "migc")    # the named block choices; else a comma list of blocks
-BLOCK_PARTS = ("down_blocks", "mid_block", "up_blocks")   # where a listed block name starts (diffusers' UNet)
+# the named block choices (a UNet's: decoder, low, migc; a stack's, an MM-DiT's above all: first-half, last-half,
+# middle); else a comma list of blocks
+BLOCK_CHOICES = ("all", "decoder", "low", "migc", "first-half", "last-half", "middle")
+# where a listed block name starts (diffusers' UNet; an SD3 transformer's joint blocks)
+BLOCK_PARTS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks")
 
-TIMESTEPS = ("uniform", "cubic")
+TIMESTEPS = ("uniform", "cubic", "logit-normal")
 LR_SCHEDULES = ("constant", "cosine")
 BOX_LOSS_REGIONS = ("box", "visible", "exclusive", "layered")
 

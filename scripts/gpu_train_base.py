@@ -5,8 +5,12 @@
     OUT=/some/dir python scripts/gpu_train_base.py --budget-s 300 --world mix --init-from shapes-tiny --lr 3e-4 \
         --ema-decay 0.995                                       # fine-tune the shipped base on it
 
-Writes $OUT/shapes-tiny/ (the diffusers-style base folder), $OUT/base_eval.json and a sample grid.
-The same recipe runs on CPU through notebooks/00_base_model.ipynb (much slower)."""
+    OMP_NUM_THREADS=1 OUT=/some/dir python scripts/gpu_train_base.py --family dit --steps 1300 --batch-size 64 \
+        --n-images 100000 --ema-decay 0.995                       # the tiny MM-DiT (shapes-dit) on the CPU
+
+Writes $OUT/shapes-tiny/ (or $OUT/shapes-dit/: the diffusers-style base folder), $OUT/base_eval.json and a sample
+grid. The same recipe runs on CPU through notebooks/00_base_model.ipynb (much slower); `--steps N` skips the probe
+that sizes the run to `--budget-s`."""
 import argparse, json, os, time
 from pathlib import Path
 
@@ -28,6 +32,9 @@ ap.add_argument("--world", default=PretrainConfig.world, help="shapes | shapes-v
 ap.add_argument("--init-from", default="", help="a base to fine-tune (name or folder); default: from scratch")
 ap.add_argument("--lr", type=float, default=PretrainConfig.lr)
 ap.add_argument("--ema-decay", type=float, default=PretrainConfig.ema_decay)
+ap.add_argument("--family", default="unet", choices=["unet", "dit"], help="unet: shapes-tiny; dit: shapes-dit")
+ap.add_argument("--steps", type=int, default=0, help="train this many steps (0: as many as --budget-s allows)")
+ap.add_argument("--warmup", type=int, default=0, help="warm-up steps (0: a tenth of the run, at most 500)")
 ap.add_argument("--eval-limit", type=int, default=0, help="only the first N held-out layouts (0: all; a rehearsal)")
 args = ap.parse_args()
 out = Path(os.environ.get("OUT", "/tmp/out"))
@@ -36,24 +43,30 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 print("device", torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch", torch.__version__, flush=True)
 
+name = {"unet": "shapes-tiny", "dit": "shapes-dit"}[args.family]
 # 1) probe the step time, then size the run to the budget (the cosine schedule needs the total)
-probe = PretrainConfig(steps=60, batch_size=args.batch_size, n_images=2000, log_every=30, world=args.world,
-                       init_from=args.init_from)
-t0 = time.perf_counter()
-train_base(probe, "/tmp/probe", device=dev)
-rows = json.loads(Path("/tmp/probe/training.json").read_text())["history"]
-sec_per_step = (rows[-1]["wall_s"] - rows[0]["wall_s"]) / 30
-steps = int(args.budget_s / sec_per_step)
-print(f"probe: {sec_per_step*1000:.1f} ms/step at batch {args.batch_size} -> {steps} steps", flush=True)
+steps, sec_per_step = args.steps, None
+if not steps:
+    probe = PretrainConfig(steps=60, batch_size=args.batch_size, n_images=2000, log_every=30, world=args.world,
+                           init_from=args.init_from, family=args.family)
+    t0 = time.perf_counter()
+    train_base(probe, "/tmp/probe", device=dev)
+    rows = json.loads(Path("/tmp/probe/training.json").read_text())["history"]
+    sec_per_step = (rows[-1]["wall_s"] - rows[0]["wall_s"]) / 30
+    steps = int(args.budget_s / sec_per_step)
+    print(f"probe: {sec_per_step*1000:.1f} ms/step at batch {args.batch_size} -> {steps} steps", flush=True)
 
 # 2) the real run
-cfg = PretrainConfig(steps=steps, batch_size=args.batch_size, n_images=args.n_images, warmup=max(1, min(500, steps // 10)),
+cfg = PretrainConfig(steps=steps, batch_size=args.batch_size, n_images=args.n_images,
+                     warmup=args.warmup or max(1, min(500, steps // 10)), family=args.family,
                      log_every=max(1, steps // 25), world=args.world, init_from=args.init_from, lr=args.lr,
                      ema_decay=args.ema_decay)
-base = train_base(cfg, out / "shapes-tiny", device=dev)
+base = train_base(cfg, out / name, device=dev)
+if sec_per_step is None:
+    sec_per_step = json.loads((out / name / "training.json").read_text())["train_seconds"] / steps
 
 # 3) measure: colour presence and grounding of the base alone on the held-out captions
-base = load_base(out / "shapes-tiny", device=dev)
+base = load_base(out / name, device=dev)
 result = {}
 for version in (1, 2):                      # held-out v1 (the first world) and v2 (overlaps, up to six objects)
     records = shapes.heldout_records(version=version)[:args.eval_limit or None]

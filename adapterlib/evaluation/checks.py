@@ -139,19 +139,17 @@ def check_dtypes(base, adapter: SpatialAdapter, compute_dtype: torch.dtype) -> t
 # 2-4. identity, gradient, mixed precision: one random UNet batch for the records
 
 def _unet_batch(base, records, generator: torch.Generator):
-    """Random latents and timesteps, the records' captions (and SDXL's added conditioning, else None); a
-    diffusion target for them."""
-    B, cfg = len(records), base.unet.config
+    """Random latents and timesteps, the records' captions (and SDXL's or SD3's added conditioning, else None); the
+    training target for them (`base.noised`: DDPM's, or flow matching's velocity)."""
+    B, cfg = len(records), base.net.config
     x0 = torch.randn(B, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, base.scheduler.config.num_train_timesteps, (B,), generator=generator)
-    noisy = base.scheduler.add_noise(x0, noise, t)
-    target = base.scheduler.get_velocity(x0, noise, t) \
-        if base.scheduler.config.prediction_type == "v_prediction" else noise
+    noisy, target, t = base.noised(x0, noise, t)
     with torch.no_grad():
-        context, pooled = base.encode_text([r.caption for r in records])     # (B, L, D); SDXL: (B, P)
+        context, pooled = base.encode_text([r.caption for r in records])     # (B, L, D); SDXL, SD3: (B, P)
     to = lambda x: x.to(base.device)
-    return to(noisy).to(base.unet.dtype), to(t), context, to(target), base.added_cond(pooled)
+    return to(noisy).to(base.net.dtype), to(t), context, to(target), base.added_cond(pooled)
 
 
 def identity_at_init(base, adapter: SpatialAdapter, records, seed: int = 0) -> float:
@@ -159,9 +157,9 @@ def identity_at_init(base, adapter: SpatialAdapter, records, seed: int = 0) -> f
     captions and boxes. Exactly 0.0 for a fresh adapter (every gate is 0)."""
     latents, t, context, _, added = _unet_batch(base, records, torch.Generator().manual_seed(seed))
     grounding = ground(base, records, max_objects=adapter.max_objects)
-    model = AdaptedUNet(base.unet, adapter)
+    model = AdaptedUNet(base.net, adapter)
     with torch.no_grad(), autocast_for(base):
-        plain = base.unet(latents, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        plain = base.predict(latents, t, context, added)
         adapted = model(latents, t, context, grounding, added=added)
     return (adapted.float() - plain.float()).abs().max().item()
 
@@ -169,7 +167,7 @@ def identity_at_init(base, adapter: SpatialAdapter, records, seed: int = 0) -> f
 def _adapter_loss(base, adapter: SpatialAdapter, records, seed: int = 0) -> torch.Tensor:
     """The training loss of one adapted forward (random x0: a check of the mechanics, not learning)."""
     latents, t, context, target, added = _unet_batch(base, records, torch.Generator().manual_seed(seed))
-    pred = AdaptedUNet(base.unet, adapter)(latents, t, context, ground(base, records, max_objects=adapter.max_objects),
+    pred = AdaptedUNet(base.net, adapter)(latents, t, context, ground(base, records, max_objects=adapter.max_objects),
                                            added=added)
     return F.mse_loss(pred.float(), target.float())
 

@@ -33,12 +33,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from adapterlib.model.adapter import build_adapter
-from adapterlib.model.base import BaseModel, load_base
+from adapterlib.model.base import T5_TOKENS, BaseModel, load_base
 from adapterlib.training.checkpoint import load_adapter, load_checkpoint
 from adapterlib.data.manifest import GroundedObject, Record
 from adapterlib.model import sample
 from adapterlib.options import GROUNDING_GUIDANCE
-from adapterlib.model.sample import Sampling, check_settings, ddim_scheduler
+from adapterlib.model.sample import Sampling, check_settings
 
 # the earlier keyword `unconditional=`, its values as `grounding_guidance`'s
 UNCONDITIONAL = {"base": "base", "grounded": "off", "null": "null"}
@@ -52,15 +52,20 @@ class GroundedPipelineOutput(BaseOutput):
 
 
 class GroundedPipeline(DiffusionPipeline):
-    """The base's parts (vae may be None: a pixel-space base; text_encoder_2 / tokenizer_2: SDXL's), a scheduler,
+    """The base's parts (vae may be None: a pixel-space base; text_encoder_2 / tokenizer_2: SDXL's and SD3's; an
+    SD3 base has `transformer` in place of `unet`, and its optional T5, text_encoder_3 / tokenizer_3), a scheduler,
     and an attached adapter."""
-    _optional_components = ["vae", "text_encoder_2", "tokenizer_2"]
+    _optional_components = ["vae", "unet", "text_encoder_2", "tokenizer_2", "transformer", "text_encoder_3",
+                            "tokenizer_3"]
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter=None, base_path: str = "",
-                 text_encoder_2=None, tokenizer_2=None, zero_empty_prompt: bool = False):
+                 text_encoder_2=None, tokenizer_2=None, zero_empty_prompt: bool = False, transformer=None,
+                 text_encoder_3=None, tokenizer_3=None, t5_tokens: int = T5_TOKENS):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+                              text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
+        self.t5_tokens = t5_tokens      # SD3: the T5 part of a caption (BaseModel.t5_tokens)
         self.adapter = adapter          # not a registered component: it stays fp32 whatever .to() casts
         self.base_path = base_path
         self.zero_empty_prompt = zero_empty_prompt     # SDXL: an empty prompt is zeros (the folder's own setting)
@@ -68,9 +73,10 @@ class GroundedPipeline(DiffusionPipeline):
     # --- building
     @classmethod
     def from_base(cls, base: BaseModel, adapter) -> "GroundedPipeline":
-        scheduler = ddim_scheduler(base.scheduler.config)          # our sampler's DDIM
+        scheduler = sample.sampler(base)          # our sampler's: DDIM, or SD3's flow-matching Euler
         return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, scheduler, adapter, base.path,
-                   base.text_encoder_2, base.tokenizer_2, base.zero_empty_prompt)
+                   base.text_encoder_2, base.tokenizer_2, base.zero_empty_prompt, base.transformer,
+                   base.text_encoder_3, base.tokenizer_3, base.t5_tokens)
 
     @classmethod
     def from_run(cls, run=None, checkpoint: str | int = "latest", *, device: str | None = None) -> "GroundedPipeline":
@@ -110,10 +116,10 @@ class GroundedPipeline(DiffusionPipeline):
     def to(self, *args, **kwargs) -> "GroundedPipeline":
         super().to(*args, **kwargs)
         base = self._base()
-        if base.is_sdxl and base.unet.dtype == torch.float16:
+        if base.is_sdxl and base.net.dtype == torch.float16:
             base.to(dtype=torch.float16)        # SDXL's VAE back to fp32 where its config says force_upcast
         if self.adapter is not None:
-            self.adapter.to(device=self.unet.device, dtype=torch.float32)
+            self.adapter.to(device=base.device, dtype=torch.float32)
         return self
 
     # --- the checks, before any work
@@ -158,7 +164,8 @@ class GroundedPipeline(DiffusionPipeline):
 
     def _base(self) -> BaseModel:
         return BaseModel(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae, self.base_path,
-                         self.text_encoder_2, self.tokenizer_2, self.zero_empty_prompt)
+                         self.text_encoder_2, self.tokenizer_2, self.zero_empty_prompt, self.transformer,
+                         self.text_encoder_3, self.tokenizer_3, self.t5_tokens)
 
     @torch.no_grad()
     def __call__(self, prompt, phrases=None, boxes=None, *, scale: float = 1.0, tau: float = 1.0,
@@ -180,7 +187,8 @@ class GroundedPipeline(DiffusionPipeline):
         sampling = Sampling(steps=num_inference_steps, guidance=guidance_scale, scale=scale, tau=tau,
                             grounding_guidance=grounding_guidance)
         base, n = self._base(), len(records)
-        shape = (n, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        config = base.net.config
+        shape = (n, config.in_channels, config.sample_size, config.sample_size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=base.device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:

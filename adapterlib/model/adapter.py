@@ -36,7 +36,9 @@ from torch import nn
 
 from adapterlib.data.manifest import Record
 from adapterlib.model.gligen import GligenAdapter
-from adapterlib.model.hooks import HookedAdapter, transformer_blocks
+from adapterlib.model.base import predict
+from adapterlib.model.hooks import (HookedAdapter, block_heads, block_width, image_tokens, transformer_blocks,
+                                    with_image_tokens)
 from adapterlib.options import ARCHITECTURE, ATTENTIONS, BLOCK_CHOICES, DEPTHS, MAX_OBJECTS, NORMS
 
 # How a visual token inside several boxes picks (masked attention): "none" lets it attend to every box covering
@@ -274,8 +276,7 @@ class SpatialAdapter(HookedAdapter):
         if not all_blocks:
             raise ValueError("this UNet has no transformer blocks: nothing to attach a spatial adapter to")
         chosen = select_blocks(unet, adapted_blocks)
-        token_dim = unet.config.cross_attention_dim
-        token_dim = token_dim[0] if isinstance(token_dim, (list, tuple)) else token_dim
+        token_dim = grounding_width(unet)
         mlp_width = mlp_width or min(512, 4 * token_dim)
         # every architecture field, saved with checkpoints: resume refuses to change them. `blocks` is the UNet's
         # transformer blocks (which base it fits), `adapted_blocks` the ones with a layer
@@ -291,7 +292,7 @@ class SpatialAdapter(HookedAdapter):
         self.block_names = chosen                # the blocks with a layer, in the UNet's order (one per layer)
         self.tokenizer = GroundingTokenizer(text_dim, token_dim, mlp_width, fourier_freqs)
         self.layers = nn.ModuleList(
-            GatedLayer(all_blocks[n].norm1.normalized_shape[0], token_dim, all_blocks[n].attn1.heads, attention, norm,
+            GatedLayer(block_width(all_blocks[n]), token_dim, block_heads(all_blocks[n]), attention, norm,
                        feedforward, depth, ff_mult)
             for n in chosen)
         self.max_objects = max_objects
@@ -316,8 +317,9 @@ class SpatialAdapter(HookedAdapter):
             inj = self.injection
             if inj is None:                 # not this adapter's forward: the block's output passes unchanged
                 return output
-            region = inj.region(output.shape[1], layer.depth) if layer.attention == "masked" else None
-            return layer(output, inj.tokens, inj.present, region, inj.scale, inj.boxes)
+            x = image_tokens(output)        # a joint block's image stream; its context stream passes unchanged
+            region = inj.region(x.shape[1], layer.depth) if layer.attention == "masked" else None
+            return with_image_tokens(output, layer(x, inj.tokens, inj.present, region, inj.scale, inj.boxes))
         return hook
 
     # --- gates, as the workbook watches them
@@ -330,6 +332,13 @@ class SpatialAdapter(HookedAdapter):
                 row.update(ff_raw=layer.gate_ff.item(), ff=math.tanh(layer.gate_ff.item()))
             rows[name] = row
         return rows
+
+
+def grounding_width(net) -> int:
+    """The width of the grounding tokens for a network: a UNet's cross-attention width (its caption's), an
+    MM-DiT's joint width (caption_projection_dim, what its caption tokens are projected to)."""
+    width = net.config.get("cross_attention_dim") or net.config.get("caption_projection_dim")
+    return width[0] if isinstance(width, (list, tuple)) else width
 
 
 def block_factors(unet) -> dict[str, int]:
@@ -362,9 +371,23 @@ def select_blocks(unet, spec: str = "all") -> list[str]:
       SD 1.5 mid_block + up_blocks.1, 4 blocks; on the tiny base mid_block + up_blocks.0, 3 blocks);
     - else a comma list of block names or prefixes ("mid_block,up_blocks.1", "up_blocks.1.attentions.0"): a
       block is chosen when its name is an item or starts with an item followed by a dot.
+    - "first-half", "last-half", "middle" (the middle third): positions in the stack of blocks, the choices that
+      mean something for an MM-DiT's joint blocks (ContextGen found the middle third of FLUX's best); on a UNet
+      they count its transformer blocks in order;
+    "decoder", "low" and "migc" are a UNet's (an MM-DiT has no encoder, decoder or resolutions): an error there.
     A choice or an item matching no transformer block is an error naming it and this UNet's blocks."""
     blocks = list(transformer_blocks(unet))
     spec = str(spec).strip()
+    n = len(blocks)
+    stack = {"first-half": blocks[:(n + 1) // 2], "last-half": blocks[n // 2:],
+             "middle": blocks[n // 3: n - n // 3] if n >= 3 else blocks}
+    if spec in stack:
+        return stack[spec]
+    if spec in ("decoder", "low", "migc") and not any(n.startswith(("down_blocks.", "mid_block", "up_blocks."))
+                                                      for n in blocks):
+        raise ValueError(f"adapter_blocks {spec!r} is a UNet's choice (encoder, decoder, resolutions); this network "
+                         f"is a stack of {n} joint blocks: choose all, first-half, last-half, middle or a comma list "
+                         "of block names (transformer_blocks.3)")
     top = lambda name: ".".join(name.split(".")[:2]) if name.startswith(("down_blocks.", "up_blocks.")) \
         else name.split(".")[0]
     groups = list(dict.fromkeys(top(n) for n in blocks))          # down_blocks.1, mid_block, up_blocks.0, ...
@@ -421,13 +444,13 @@ class AdaptedUNet(nn.Module):
                 added: dict | None = None) -> torch.Tensor:
         """`added`: the UNet's `added_cond_kwargs` (SDXL's `text_embeds` and `time_ids`; None for SD)."""
         if grounding is None or (isinstance(scale, (int, float)) and scale == 0):
-            return self.unet(noisy, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+            return predict(self.unet, noisy, t, context, added)
         tokens = self.adapter.tokenizer(grounding)
         scale = torch.as_tensor(scale, dtype=torch.float32, device=tokens.device).reshape(-1, 1, 1)
         self.adapter.injection = Injection(tokens, grounding.present, grounding.boxes, scale,
                                            tuple(noisy.shape[-2:]))
         try:
-            return self.unet(noisy, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+            return predict(self.unet, noisy, t, context, added)
         finally:
             self.adapter.injection = None
 
@@ -438,8 +461,11 @@ def build_adapter(base, **options) -> SpatialAdapter:
     the master weights. `attention="gligen"`: diffusers' own GLIGEN modules with the same interface
     (adapterlib/model/gligen.py), in every block."""
     kind = GligenAdapter if options.get("attention") == "gligen" else SpatialAdapter
-    adapter = kind(base.unet, base.phrase_dim, **options)
-    return adapter.to(base.device, torch.float32).attach(base.unet)
+    if kind is GligenAdapter and base.family != "unet":
+        raise ValueError(f"adapter_attention 'gligen' is diffusers' GLIGEN modules, made for a UNet's transformer "
+                         f"blocks; {base.path} is {base.kind} base: choose one of {ATTENTIONS}")
+    adapter = kind(base.net, base.phrase_dim, **options)
+    return adapter.to(base.device, torch.float32).attach(base.net)
 
 
 def architecture_options(cfg) -> dict:

@@ -10,6 +10,12 @@ second text encoder and tokenizer (`text_encoder_2/`, `tokenizer_2/`). Its capti
 penultimate hidden states concatenated (the context) and encoder 2's projected pooled output (the UNet's
 `text_embeds`); its size and crop conditioning (`time_ids`) comes with each image (`encodings.time_ids`).
 `added_cond` assembles the two as the UNet's `added_cond_kwargs` (None for SD 1.x/2.x). docs/guide/sdxl.md.
+
+Stable Diffusion 3 / 3.5 (an MM-DiT: `transformer/`, an `SD3Transformer2DModel`) loads through the same call: its
+two CLIP encoders with projection and the optional T5 (`text_encoder_3/`), the 16-channel VAE with its shift, and
+a flow-matching schedule. `base.net` is the denoising network of either family (the UNet or the transformer) and
+`predict` calls it; `noised` is the training objective of the base's schedule (DDPM's noise, or rectified flow's
+velocity). The shipped tiny MM-DiT (`shapes-dit`) is a pixel-space SD3 transformer. docs/guide/sd3.md.
 """
 from __future__ import annotations
 
@@ -19,20 +25,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       UNet2DConditionModel)
+from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
+                          T5EncoderModel)
 
 from adapterlib.paths import repo_path
 
 
-SHIPPED_BASE = Path(__file__).resolve().parents[1] / "models" / "shapes-tiny"   # adapterlib/models/
+MODELS = Path(__file__).resolve().parents[1] / "models"          # adapterlib/models/: the shipped bases
+SHIPPED_BASE = MODELS / "shapes-tiny"
 DEFAULT_BASE = "shapes-tiny"  # the name `load_base` resolves to the shipped folder
+SHIPPED_BASES = {"shapes-tiny": MODELS / "shapes-tiny",    # the tiny UNet (the default)
+                 "shapes-dit": MODELS / "shapes-dit"}      # the tiny MM-DiT (an SD3 transformer in pixel space)
+T5_TOKENS = 256    # the T5 part of an SD3 caption (StableDiffusion3Pipeline's max_sequence_length default)
 
 
 @dataclass
 class BaseModel:
-    """The frozen parts of a text-to-image model, ready for training or sampling an adapter."""
-    unet: UNet2DConditionModel
+    """The frozen parts of a text-to-image model, ready for training or sampling an adapter. A UNet base has
+    `unet`; an MM-DiT base (SD3) has `transformer` (and `unet` None). `net` is whichever it has."""
+    unet: UNet2DConditionModel | None
     text_encoder: CLIPTextModel
     tokenizer: PreTrainedTokenizerFast
     scheduler: DDPMScheduler          # the training noise schedule (sampling builds DDIM from its config)
@@ -43,14 +56,53 @@ class BaseModel:
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: PreTrainedTokenizerFast | None = None
     zero_empty_prompt: bool = False
+    # SD3 only: the MM-DiT, the optional T5 encoder and its tokenizer, and how many T5 tokens a caption has
+    # (with no T5, that many zero tokens, as diffusers' pipeline gives; the shipped tiny DiT has 0)
+    transformer: SD3Transformer2DModel | None = None
+    text_encoder_3: T5EncoderModel | None = None
+    tokenizer_3: PreTrainedTokenizerFast | None = None
+    t5_tokens: int = T5_TOKENS
+
+    @property
+    def net(self):
+        """The denoising network: the UNet, or the MM-DiT transformer."""
+        return self.transformer if self.transformer is not None else self.unet
+
+    @property
+    def family(self) -> str:
+        """"unet" (SD 1.x/2.x, SDXL, the tiny UNet) or "mmdit" (SD3 / 3.5, the tiny DiT)."""
+        return "mmdit" if self.transformer is not None else "unet"
 
     @property
     def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None and self.transformer is None
+
+    @property
+    def is_sd3(self) -> bool:
+        return self.transformer is not None
+
+    @property
+    def pooled(self) -> bool:
+        """Whether captions come with a pooled vector the network conditions on (SDXL, SD3)."""
         return self.text_encoder_2 is not None
+
+    @property
+    def is_flow(self) -> bool:
+        """Whether the schedule is flow matching (SD3's rectified flow) rather than DDPM's."""
+        return isinstance(self.scheduler, FlowMatchEulerDiscreteScheduler)
+
+    @property
+    def kind(self) -> str:
+        """The base's family in words (messages)."""
+        if self.is_sd3:
+            return "an SD3 (MM-DiT)" if self.vae is not None else "a pixel-space MM-DiT"
+        return "an SDXL" if self.is_sdxl else "an SD 1.x/2.x" if self.vae is not None else "a pixel-space"
 
     @property
     def phrase_dim(self) -> int:
         """Width of one phrase embedding (`encode_phrases`; the adapter's text_dim)."""
+        if self.is_sd3:
+            return self.text_encoder.config.projection_dim + self.text_encoder_2.config.projection_dim
         if self.is_sdxl:
             return self.text_encoder_2.config.projection_dim
         return self.text_encoder.config.hidden_size
@@ -59,12 +111,13 @@ class BaseModel:
     def vae_upcast(self) -> bool:
         """Whether the VAE is kept fp32 under an fp16 base (SDXL's VAE overflows in fp16: force_upcast)."""
         return self.is_sdxl and self.vae is not None and self.vae.dtype == torch.float32 \
-            and self.unet.dtype == torch.float16
+            and self.net.dtype == torch.float16
 
     @property
     def resolution(self) -> int:
-        """Side of generated images in pixels."""
-        return self.unet.config.sample_size * self.vae_scale_factor
+        """Side of generated images in pixels (the network's sample size times the VAE's scale: diffusers'
+        pipelines' default)."""
+        return self.net.config.sample_size * self.vae_scale_factor
 
     @property
     def vae_scale_factor(self) -> int:
@@ -72,7 +125,7 @@ class BaseModel:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.net.device
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """(B, L) token ids, padded to the tokenizer's fixed length as Stable Diffusion does."""
@@ -81,7 +134,7 @@ class BaseModel:
 
     def encode_captions(self, captions: list[str]) -> torch.Tensor:
         """(B, L, D) per-token hidden states: the UNet's cross-attention context."""
-        if self.is_sdxl:
+        if self.pooled:
             return self.encode_text(captions)[0]
         return self.text_encoder(self.tokenize(captions))[0]
 
@@ -91,6 +144,8 @@ class BaseModel:
         encoder 2's projected pooled output (P = 1280, the UNet's `text_embeds`). An empty caption (caption
         dropout, the unconditional branch) is zeros in both when `zero_empty_prompt`: SDXL was trained with
         zeroed embeddings for a dropped caption and its pipeline samples the unconditional branch with them."""
+        if self.is_sd3:
+            return self._encode_sd3(captions)
         if not self.is_sdxl:
             return self.encode_captions(captions), None
         first = self.text_encoder(self.tokenize(captions), output_hidden_states=True)
@@ -102,10 +157,30 @@ class BaseModel:
             context, pooled = context.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
         return context, pooled
 
+    def _encode_sd3(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SD3, as StableDiffusion3Pipeline encodes a prompt: both CLIP encoders' penultimate hidden states
+        concatenated and zero-padded to the T5 width, then the T5 states (`t5_tokens` of them; zeros without a
+        T5) after them in the sequence; pooled: both CLIPs' projected pooled outputs concatenated. An empty
+        caption is encoded like any other (SD3's pipeline does not zero it)."""
+        first = self.text_encoder(self.tokenize(captions), output_hidden_states=True)
+        second = self.text_encoder_2(_token_ids(self.tokenizer_2, captions, self.device), output_hidden_states=True)
+        clip = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        width = self.transformer.config.joint_attention_dim
+        if self.text_encoder_3 is not None:
+            ids = self.tokenizer_3(list(captions), padding="max_length", max_length=self.t5_tokens, truncation=True,
+                                   add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)
+            t5 = self.text_encoder_3(ids)[0]
+        else:
+            t5 = torch.zeros(len(captions), self.t5_tokens, width, device=clip.device, dtype=clip.dtype)
+        context = torch.cat([torch.nn.functional.pad(clip, (0, width - clip.shape[-1])), t5.to(clip.dtype)], dim=-2)
+        return context, torch.cat([first.text_embeds, second.text_embeds], dim=-1)
+
     def added_cond(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None = None) -> dict | None:
         """The UNet's `added_cond_kwargs`: None for SD; for SDXL the pooled caption embeddings (B, P) and the
         size / crop conditioning `time_ids` (B, 6), by default an uncropped image at the base's resolution
         (original size = target size, crop (0, 0): what StableDiffusionXLPipeline samples with)."""
+        if self.is_sd3:
+            return {"pooled_projections": pooled}
         if not self.is_sdxl:
             return None
         if time_ids is None:
@@ -120,6 +195,9 @@ class BaseModel:
         projected pooled output, the vector SDXL itself conditions on for a whole caption (docs/guide/sdxl.md)."""
         if not phrases:
             return torch.zeros(0, self.phrase_dim, device=self.device)
+        if self.is_sd3:        # the vector SD3 conditions on for a whole caption: both CLIPs' projected pooled outputs
+            return torch.cat([self.text_encoder(self.tokenize(phrases)).text_embeds,
+                              self.text_encoder_2(_token_ids(self.tokenizer_2, phrases, self.device)).text_embeds], -1)
         if self.is_sdxl:
             return self.text_encoder_2(_token_ids(self.tokenizer_2, phrases, self.device)).text_embeds
         return self.text_encoder(self.tokenize(phrases)).pooler_output
@@ -130,14 +208,20 @@ class BaseModel:
             return images
         with self._vae_precision():
             dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return dist.sample(generator) * self.vae.config.scaling_factor
+        return (dist.sample(generator) - self.latent_shift) * self.vae.config.scaling_factor
+
+    @property
+    def latent_shift(self) -> float:
+        """The VAE's shift factor (SD3's 16-channel VAE: 0.0609; SD: none), taken off before the scaling."""
+        return (self.vae.config.get("shift_factor") or 0.0) if self.vae is not None else 0.0
 
     def from_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (B, 3, H, W) images in [-1, 1]."""
         if self.vae is None:
             return latents
         with self._vae_precision():
-            return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+                                   + self.latent_shift).sample
 
     def _vae_precision(self):
         """An upcast VAE runs in fp32 even inside the caller's fp16 autocast."""
@@ -149,7 +233,8 @@ class BaseModel:
         return self
 
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.text_encoder, self.vae, self.text_encoder_2) if m is not None]
+        return [m for m in (self.unet, self.transformer, self.text_encoder, self.vae, self.text_encoder_2,
+                            self.text_encoder_3) if m is not None]
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BaseModel":
         """Move every part; `dtype` casts the (frozen) weights, e.g. to bf16 on a GPU. SDXL's VAE stays fp32
@@ -165,16 +250,68 @@ class BaseModel:
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
-        self.unet.save_pretrained(folder / "unet")
+        self.net.save_pretrained(folder / ("transformer" if self.is_sd3 else "unet"))
         self.text_encoder.save_pretrained(folder / "text_encoder")
         self.tokenizer.save_pretrained(folder / "tokenizer")
         self.scheduler.save_pretrained(folder / "scheduler")
         if self.vae is not None:
             self.vae.save_pretrained(folder / "vae")
-        if self.is_sdxl:
+        if self.pooled:
             self.text_encoder_2.save_pretrained(folder / "text_encoder_2")
             self.tokenizer_2.save_pretrained(folder / "tokenizer_2")
+        if self.text_encoder_3 is not None:
+            self.text_encoder_3.save_pretrained(folder / "text_encoder_3")
+            self.tokenizer_3.save_pretrained(folder / "tokenizer_3")
+        if self.is_sd3 and self.t5_tokens != T5_TOKENS:
+            (folder / T5_TOKENS_FILE).write_text(json.dumps({"t5_tokens": self.t5_tokens}) + "\n")
         return folder
+
+    # --- the network and its objective, for either family
+    def predict(self, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor, added: dict | None = None,
+                net=None) -> torch.Tensor:
+        """The network's prediction for `noisy` at `t` (`net`: the network to call, default `self.net`; an adapted
+        module passes itself). A UNet takes `added` as its `added_cond_kwargs`; the MM-DiT takes its entries
+        (`pooled_projections`) as keyword arguments and one timestep per sample."""
+        return predict(self.net if net is None else net, noisy, t, context, added)
+
+    def noised(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+        """The training objective at integer timesteps `t` in [0, T) (larger: noisier): (the noisy input, the
+        target, the network's timestep). DDPM: `add_noise`, and the noise, the velocity or the sample as the
+        schedule's prediction_type says. Flow matching (SD3's rectified flow): x_t = (1 - sigma) x0 + sigma noise
+        with sigma the schedule's (shifted) sigma of `t`, target the velocity noise - x0, timestep sigma * T."""
+        if self.is_flow:
+            sigma = flow_sigmas(self.scheduler.config).to(latents.device)[t].float()
+            s = sigma.reshape(-1, *[1] * (latents.dim() - 1))
+            T = self.scheduler.config.num_train_timesteps
+            return (1 - s) * latents + s * noise, noise - latents, sigma * T
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        target = {"epsilon": lambda: noise, "v_prediction": lambda: self.scheduler.get_velocity(latents, noise, t),
+                  "sample": lambda: latents}[self.scheduler.config.prediction_type]()
+        return noisy, target, t
+
+
+T5_TOKENS_FILE = "t5_tokens.json"     # an SD3 folder's own T5 length (the shipped tiny DiT: 0); else T5_TOKENS
+
+
+def predict(net, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor, added: dict | None = None):
+    """Call a UNet (`added`: its added_cond_kwargs) or an SD3 transformer (`added`: pooled_projections; one
+    timestep per sample) and return its prediction tensor."""
+    if isinstance(net, SD3Transformer2DModel):
+        t = torch.as_tensor(t, device=noisy.device).reshape(-1).expand(len(noisy))
+        return net(hidden_states=noisy, timestep=t, encoder_hidden_states=context, **(added or {})).sample
+    return net(noisy, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+
+
+_SIGMAS: dict = {}
+
+
+def flow_sigmas(config) -> torch.Tensor:
+    """(T,) the flow-matching schedule's training sigmas in ascending order (index t: larger is noisier), as
+    FlowMatchEulerDiscreteScheduler computes them from `config` (its shift included)."""
+    key = json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, sort_keys=True, default=str)
+    if key not in _SIGMAS:
+        _SIGMAS[key] = FlowMatchEulerDiscreteScheduler.from_config(config).sigmas.flip(0).float().clone()
+    return _SIGMAS[key]
 
 
 def _token_ids(tokenizer, texts: list[str], device) -> torch.Tensor:
@@ -184,16 +321,23 @@ def _token_ids(tokenizer, texts: list[str], device) -> torch.Tensor:
 
 
 def resolve_base_path(name_or_path: str | Path) -> Path:
-    if str(name_or_path) == DEFAULT_BASE:
-        if not (SHIPPED_BASE / "unet" / "config.json").is_file():
-            raise FileNotFoundError(f"the shipped base is missing from {SHIPPED_BASE}: reinstall the package, "
-                                    "or retrain it with notebooks/00_base_model.ipynb -p retrain True")
-        return SHIPPED_BASE
+    """The folder of a shipped base's name (`SHIPPED_BASES`) or of a diffusers-style folder, checked
+    (`check_base_folder`, `check_sd3_folder`) before anything loads."""
+    if str(name_or_path) in SHIPPED_BASES:
+        path = SHIPPED_BASES[str(name_or_path)]
+        if not any((path / part / "config.json").is_file() for part in ("unet", "transformer")):
+            raise FileNotFoundError(f"the shipped base {str(name_or_path)!r} is missing from {path}: reinstall the "
+                                    "package, or retrain it with notebooks/00_base_model.ipynb -p retrain True")
+        return path
     path = repo_path(name_or_path)      # relative paths are relative to the repository root
+    if (path / "transformer" / "config.json").is_file():
+        check_sd3_folder(path)
+        return path
     if not (path / "unet" / "config.json").is_file():
-        raise FileNotFoundError(f"base model {str(name_or_path)!r}: no unet/config.json under {path}. "
-                                f"Give {DEFAULT_BASE!r} or a diffusers-style Stable Diffusion folder "
-                                "(unet/, text_encoder/, tokenizer/, scheduler/, vae/).")
+        raise FileNotFoundError(f"base model {str(name_or_path)!r}: no unet/config.json or transformer/config.json "
+                                f"under {path}. Give one of {list(SHIPPED_BASES)}, a diffusers-style Stable Diffusion "
+                                "folder (unet/, text_encoder/, tokenizer/, scheduler/, vae/) or a Stable Diffusion 3 "
+                                "folder (transformer/, text_encoder/, text_encoder_2/, tokenizers, scheduler/, vae/)")
     check_base_folder(path)
     return path
 
@@ -261,6 +405,45 @@ def check_sdxl_folder(path: Path, unet: dict) -> None:
                          f"the SDXL base takes {SDXL_TIME_IDS} (original size, crop, target size)")
 
 
+SD3_PARTS = {"transformer": "config.json", "text_encoder": "config.json", "tokenizer": None,
+             "text_encoder_2": "config.json", "tokenizer_2": None, "scheduler": "scheduler_config.json"}
+
+
+def check_sd3_folder(path: Path) -> None:
+    """A clear error, before anything loads, for an MM-DiT folder adapterlib cannot train on: a transformer that is
+    not SD3's (FLUX's, say), a missing part (the T5 is optional, as diffusers allows: without it a caption's T5
+    part is zeros), a T5 without its tokenizer, a latent transformer without its VAE, a schedule that is not flow
+    matching, or encoders whose widths do not fit the transformer's."""
+    read = lambda *parts: json.loads(path.joinpath(*parts).read_text())
+    transformer = read("transformer", "config.json")
+    kind = transformer.get("_class_name", "?")
+    if kind != "SD3Transformer2DModel":
+        raise ValueError(f"base model {path}: its transformer is a {kind}; adapterlib takes UNet bases (SD 1.x/2.x, "
+                         "SDXL) and Stable Diffusion 3 / 3.5 MM-DiTs (SD3Transformer2DModel)")
+    missing = [f"{part}/{file or ''}" for part, file in SD3_PARTS.items()
+               if not ((path / part / file).is_file() if file else (path / part).is_dir())]
+    if (path / "text_encoder_3").is_dir() and not (path / "tokenizer_3").is_dir():
+        missing.append("tokenizer_3/ (text_encoder_3/ is there)")
+    if missing:
+        raise FileNotFoundError(f"base model folder {path} lacks {', '.join(missing)}: a Stable Diffusion 3 folder has "
+                                "transformer/, text_encoder/ + tokenizer/, text_encoder_2/ + tokenizer_2/, scheduler/, "
+                                "vae/ (and optionally text_encoder_3/ + tokenizer_3/, the T5); copy the whole folder")
+    if transformer.get("in_channels", 16) != 3 and not (path / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"base model {path}: a latent transformer ({transformer.get('in_channels', 16)} input "
+                                "channels) needs its VAE, and there is no vae/config.json")
+    scheduler = read("scheduler", "scheduler_config.json").get("_class_name", "?")
+    if scheduler != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(f"base model {path}: its scheduler is a {scheduler}; an SD3 base is trained with flow "
+                         "matching (FlowMatchEulerDiscreteScheduler)")
+    clip = [read(part, "config.json") for part in ("text_encoder", "text_encoder_2")]
+    widths = sum(c.get("hidden_size", 0) for c in clip)
+    pooled = sum(c.get("projection_dim", 0) for c in clip)
+    if widths > transformer.get("joint_attention_dim", 4096) or pooled != transformer.get("pooled_projection_dim", 2048):
+        raise ValueError(f"base model {path}: its text encoders (hidden widths {widths} together, projections {pooled}) "
+                         f"do not fit its transformer (joint_attention_dim {transformer.get('joint_attention_dim')}, "
+                         f"pooled_projection_dim {transformer.get('pooled_projection_dim')})")
+
+
 @contextlib.contextmanager
 def _quiet_loading():
     """No download/loading progress bars while a few-MB model loads; the user's settings are restored."""
@@ -290,6 +473,8 @@ def load_base(name_or_path: str | Path = DEFAULT_BASE, device: str | torch.devic
 
 def _load_parts(path: Path) -> BaseModel:
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae") if (path / "vae").is_dir() else None
+    if (path / "transformer").is_dir():
+        return _load_sd3(path, vae)
     if (path / "text_encoder_2").is_dir() and UNet2DConditionModel.load_config(path, subfolder="unet").get(
             "addition_embed_type") == "text_time":
         return _load_sdxl(path, vae)
@@ -315,3 +500,20 @@ def _load_sdxl(path: Path, vae: AutoencoderKL) -> BaseModel:
         text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
         tokenizer_2=AutoTokenizer.from_pretrained(path / "tokenizer_2"),
         zero_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)))
+
+
+def _load_sd3(path: Path, vae: AutoencoderKL | None) -> BaseModel:
+    t5 = (path / "text_encoder_3").is_dir()
+    length = path / T5_TOKENS_FILE
+    return BaseModel(
+        unet=None, transformer=SD3Transformer2DModel.from_pretrained(path, subfolder="transformer"),
+        text_encoder=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2"),
+        tokenizer_2=AutoTokenizer.from_pretrained(path / "tokenizer_2"),
+        text_encoder_3=T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3") if t5 else None,
+        tokenizer_3=AutoTokenizer.from_pretrained(path / "tokenizer_3") if t5 else None,
+        t5_tokens=json.loads(length.read_text())["t5_tokens"] if length.is_file() else T5_TOKENS,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+            FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")),
+        vae=vae, path=str(path))

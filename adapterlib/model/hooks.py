@@ -1,14 +1,39 @@
-"""What both adapters (ours in `adapter`, diffusers' GLIGEN modules in `gligen`) share: the UNet's transformer blocks
-by name, and hooks on them that are attached, detached and asked about in one way."""
+"""What both adapters (ours in `adapter`, diffusers' GLIGEN modules in `gligen`) share: the network's transformer
+blocks by name (a UNet's `BasicTransformerBlock`s, an MM-DiT's joint blocks), and hooks on them that are attached,
+detached and asked about in one way."""
 from __future__ import annotations
 
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from torch import nn
 
+BLOCK_TYPES = (BasicTransformerBlock, JointTransformerBlock)
 
-def transformer_blocks(unet) -> dict[str, BasicTransformerBlock]:
-    """The UNet's transformer blocks by module name, in the UNet's order."""
-    return {name: m for name, m in unet.named_modules() if isinstance(m, BasicTransformerBlock)}
+
+def transformer_blocks(unet) -> dict[str, nn.Module]:
+    """The network's transformer blocks by module name, in its order: a UNet's `BasicTransformerBlock`s, or an
+    SD3 transformer's `JointTransformerBlock`s (`transformer_blocks.0` ..)."""
+    return {name: m for name, m in unet.named_modules() if isinstance(m, BLOCK_TYPES)}
+
+
+def block_width(block: nn.Module) -> int:
+    """The width of a block's image tokens."""
+    if isinstance(block, JointTransformerBlock):
+        return block.norm2.normalized_shape[0]
+    return block.norm1.normalized_shape[0]
+
+
+def block_heads(block: nn.Module) -> int:
+    return (block.attn if isinstance(block, JointTransformerBlock) else block.attn1).heads
+
+
+def image_tokens(output):
+    """The image tokens of a block's output: a UNet block returns them; a joint block returns (context, image)."""
+    return output[1] if isinstance(output, tuple) else output
+
+
+def with_image_tokens(output, tokens):
+    """`output` with its image tokens replaced (a joint block's context stream passes unchanged)."""
+    return (output[0], tokens) if isinstance(output, tuple) else tokens
 
 
 class HookedAdapter(nn.Module):

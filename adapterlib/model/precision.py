@@ -50,4 +50,4 @@ def autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextli
 
 def autocast_for(base) -> contextlib.AbstractContextManager:
     """Autocast at the frozen base's dtype (the policy's autocast dtype), or nothing for an fp32 base."""
-    return autocast(base.device, base.unet.dtype)
+    return autocast(base.device, base.net.dtype)

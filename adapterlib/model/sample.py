@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from adapterlib.model.adapter import AdaptedUNet, BatchPart, Grounding, SpatialAdapter
 from adapterlib.model.base import BaseModel
@@ -105,9 +105,17 @@ def ddim_scheduler(config) -> DDIMScheduler:
     return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=False)
 
 
+def sampler(base: BaseModel):
+    """Our sampler for a base: DDIM for a DDPM schedule (`ddim_scheduler`), the flow-matching Euler sampler of the
+    base's own schedule config (SD3's pipeline's) for a flow base. `denoise` sets its timesteps."""
+    if base.is_flow:
+        return FlowMatchEulerDiscreteScheduler.from_config(base.scheduler.config)
+    return ddim_scheduler(base.scheduler.config)
+
+
 def initial_noise(base: BaseModel, seeds: list[int]) -> torch.Tensor:
     """(B, C, h, w) standard normal noise, one CPU generator per seed (same on every device)."""
-    channels, side = base.unet.config.in_channels, base.unet.config.sample_size
+    channels, side = base.net.config.in_channels, base.net.config.sample_size
     noise = [torch.randn(channels, side, side, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.stack(noise).to(base.device)
 
@@ -158,15 +166,15 @@ def denoise(base: BaseModel, records: list[Record], latents: torch.Tensor, sampl
     """The one denoising loop: `records`' captions (and, with `adapter`, their phrases and boxes) from the starting
     noise `latents` (B, C, h, w), with classifier-free guidance, to images (B, H, W, 3) uint8.
 
-    `scheduler`: any diffusers scheduler (None: our DDIM, `ddim_scheduler`), its timesteps set here on
+    `scheduler`: any diffusers scheduler (None: our sampler for the base, `sampler`), its timesteps set here on
     `timesteps_device` (None: the CPU, as `generate` has always had them; the pipeline: the base's device).
     `negatives`: the unconditional branch's captions (None: empty). The grounding acts at `sampling.scale` on the first
     `tau` share of the steps (not at all at scale 0 or without an adapter); the unconditional branch is
     `sampling.grounding_guidance`'s. `generator` reaches the scheduler's step when it takes one (stochastic
     samplers); `callback(i, t, latents)` after each step; `progress` wraps the timesteps (a progress bar)."""
     s, n = sampling, len(records)
-    model = AdaptedUNet(base.unet, adapter) if adapter is not None else None
-    scheduler = ddim_scheduler(base.scheduler.config) if scheduler is None else scheduler
+    model = AdaptedUNet(base.net, adapter) if adapter is not None else None
+    scheduler = sampler(base) if scheduler is None else scheduler
     with autocast_for(base):
         captions = (list(negatives) if negatives is not None else [""] * n) + [r.caption for r in records]
         context, pooled = base.encode_text(captions)                  # (2n, L, D): [uncond; cond]
@@ -176,19 +184,20 @@ def denoise(base: BaseModel, records: list[Record], latents: torch.Tensor, sampl
     if grounding is not None and s.grounding_guidance != "base":    # both branches through the adapter
         pair = grounding.repeat(2) if s.grounding_guidance == "off" else stack(null_objects(grounding), grounding)
     scheduler.set_timesteps(s.steps, device=timesteps_device)
-    latents = latents.to(base.device) * scheduler.init_noise_sigma
+    latents = latents.to(base.device) * getattr(scheduler, "init_noise_sigma", 1.0)
     step_kwargs = {"generator": generator} if generator is not None and \
         "generator" in inspect.signature(scheduler.step).parameters else {}
     timesteps = scheduler.timesteps
     grounded_steps = round(s.tau * len(timesteps))
     for i, t in enumerate(progress(timesteps) if progress is not None else timesteps):
-        model_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        model_in = torch.cat([latents, latents])
+        if hasattr(scheduler, "scale_model_input"):            # flow-matching schedulers have none
+            model_in = scheduler.scale_model_input(model_in, t)
         with autocast_for(base):
             if model is None or s.scale == 0 or i >= grounded_steps:
-                pred = base.unet(model_in, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+                pred = base.predict(model_in, t, context, added)
             elif s.grounding_guidance == "base":   # unconditional: the base alone; conditional: caption and grounding
-                pred = torch.cat([base.unet(model_in[:n], t, encoder_hidden_states=context[:n],
-                                            added_cond_kwargs=uncond_added).sample,
+                pred = torch.cat([base.predict(model_in[:n], t, context[:n], uncond_added),
                                   model(model_in[n:], t, context[n:], grounding, s.scale, cond_added)])
             else:                                  # both branches grounded ("off": the same; "null": null objects)
                 pred = model(model_in, t, context, pair, s.scale, added)

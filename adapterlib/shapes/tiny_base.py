@@ -1,5 +1,6 @@
-"""The tiny Shapes base model: built from the real diffusers/transformers classes, trained on
-captions only (placing objects is the adapter's job).
+"""The tiny Shapes base models: built from the real diffusers/transformers classes, trained on
+captions only (placing objects is the adapter's job). Two families: the tiny UNet (`shapes-tiny`, the default)
+and the tiny MM-DiT (`shapes-dit`: an SD3 transformer in pixel space, two tiny CLIP encoders, flow matching).
 
 Used by notebooks/00_base_model.ipynb and by scripts/gpu_train_base.py. The recipe, and why:
 - v-prediction on a cosine schedule, loss weighted min(1 + SNR, gamma) in x0 terms: every noise level
@@ -7,6 +8,9 @@ Used by notebooks/00_base_model.ipynb and by scripts/gpu_train_base.py. The reci
   epsilon-loss trial learned shapes but ignored the caption: the model card, adapterlib/models/shapes-tiny/README.md);
 - the text encoder trains jointly (it is ours and tiny); 10% empty captions for guidance;
 - an EMA of the weights is what gets saved.
+The tiny DiT (`family="dit"`) trains with SD3's objective instead, rectified flow (the velocity noise - x0 at
+sigma drawn uniformly: a pixel-space model decides colours at high noise, which a logit-normal density rarely
+draws), unweighted, as diffusers' SD3 training example with weighting "none"; the rest as above.
 """
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 from adapterlib.model.base import BaseModel, load_base
 from . import world as shapes
@@ -40,6 +44,7 @@ class PretrainConfig:
     world: str = "mix"               # the layouts: "shapes" (the first world), "shapes-v2" (1-6 objects, overlaps,
                                      # smaller sides) or "mix" (half the seeds in each: the shipped base's)
     init_from: str = ""              # "" trains from scratch; a base name/folder fine-tunes it (its UNet and text encoder)
+    family: str = "unet"             # "unet" (the tiny UNet, shapes-tiny) or "dit" (the tiny MM-DiT, shapes-dit)
     seed: int = 0
     mixed_precision: str = "bf16"    # on CUDA; CPU always runs fp32
     log_every: int = 200
@@ -48,6 +53,8 @@ class PretrainConfig:
         for name in ("steps", "batch_size", "warmup", "n_images", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PretrainConfig.{name} = {getattr(self, name)} must be >= 1")
+        if self.family not in BUILDERS:
+            raise ValueError(f"PretrainConfig.family = {self.family!r}: choose one of {list(BUILDERS)}")
         if self.world not in BASE_WORLDS:
             raise ValueError(f"PretrainConfig.world = {self.world!r}: choose one of {list(BASE_WORLDS)}")
 
@@ -79,12 +86,12 @@ def train_base(cfg: PretrainConfig, out_dir: str | Path, device: str = "cpu", lo
     out_dir = Path(out_dir)
     if cfg.init_from:
         base = load_base(cfg.init_from, device=device)
-        for module in (base.unet, base.text_encoder):
+        for module in base.modules():
             module.requires_grad_(True).train()
     else:
-        base = build_tiny_base(cfg.seed).to(device)
+        base = BUILDERS[cfg.family](cfg.seed).to(device)
     unet, text_encoder, scheduler = base.unet, base.text_encoder, base.scheduler
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = [p for module in base.modules() for p in module.parameters()]
     ema = [p.detach().clone() for p in params]
 
     # --- data: the whole training set rendered once, kept on the device as uint8
@@ -111,12 +118,21 @@ def train_base(cfg: PretrainConfig, out_dir: str | Path, device: str = "cpu", lo
         ids = torch.where(drop[:, None], empty, ids)
         noise = torch.randn(x0.shape, device=device, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), device=device, generator=gen)
-        # --- forward: v-prediction, SNR-capped weights
-        with torch.autocast("cuda", dtype=amp_dtype, enabled=amp):
-            pred = unet(scheduler.add_noise(x0, noise, t), t, text_encoder(ids)[0]).sample
-        target = scheduler.get_velocity(x0, noise, t)
-        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * loss_weights(scheduler, t, cfg.snr_gamma)).mean()
+        if base.is_flow:
+            # --- forward (the DiT): rectified flow, the velocity target, unweighted
+            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp):
+                texts = ["" if d else records[i].caption for i, d in zip(idx.tolist(), drop.tolist())]
+                context, pooled = base.encode_text(texts)
+                noisy, target, net_t = base.noised(x0, noise, t)
+                pred = base.predict(noisy, net_t, context, base.added_cond(pooled))
+            loss = F.mse_loss(pred.float(), target)
+        else:
+            # --- forward: v-prediction, SNR-capped weights
+            with torch.autocast("cuda", dtype=amp_dtype, enabled=amp):
+                pred = unet(scheduler.add_noise(x0, noise, t), t, text_encoder(ids)[0]).sample
+            target = scheduler.get_velocity(x0, noise, t)
+            per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            loss = (per_sample * loss_weights(scheduler, t, cfg.snr_gamma)).mean()
         # --- update and EMA
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,3 +203,35 @@ def build_tiny_base(seed: int = 0) -> BaseModel:
                               prediction_type="v_prediction", clip_sample=False)
     return BaseModel(unet=UNet2DConditionModel(**tiny_unet_config()), text_encoder=CLIPTextModel(text_config),
                      tokenizer=tokenizer, scheduler=scheduler, vae=None, path="(untrained tiny base)")
+
+
+def tiny_dit_config(resolution: int = shapes.RESOLUTION, layers: int = 6, width: int = 128) -> dict:
+    """Pixel-space SD3 transformer: 2x2 patches (a 16x16 token grid at 32 px), `layers` joint blocks of `width`
+    (heads of 32), the caption's tokens projected to the same width."""
+    return dict(sample_size=resolution, patch_size=2, in_channels=3, out_channels=3, num_layers=layers,
+                attention_head_dim=32, num_attention_heads=width // 32, joint_attention_dim=2 * TEXT_WIDTH,
+                caption_projection_dim=width, pooled_projection_dim=2 * TEXT_WIDTH,
+                pos_embed_max_size=resolution // 2)
+
+
+TEXT_WIDTH = 64     # each tiny CLIP's width and projection
+
+
+def build_tiny_dit(seed: int = 0) -> BaseModel:
+    """A freshly initialised tiny MM-DiT: SD3's architecture (`SD3Transformer2DModel`, two CLIP encoders with
+    projection, no T5 and no T5 tokens: `t5_tokens` 0, flow matching) in pixel space, the Shapes tokenizer."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    encoders = [CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=TEXT_WIDTH,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)) for _ in range(2)]
+    return BaseModel(unet=None, transformer=SD3Transformer2DModel(**tiny_dit_config()),
+                     text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1],
+                     tokenizer_2=build_tokenizer(), t5_tokens=0,
+                     scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+                     vae=None, path="(untrained tiny DiT)")
+
+
+BUILDERS = {"unet": build_tiny_base, "dit": build_tiny_dit}

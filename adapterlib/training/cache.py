@@ -213,8 +213,8 @@ def _build(base, manifest, folder, key, parts, crop, dtype, max_objects, on_bad_
 
 
 def _encode_captions(base, captions: list[str], store: torch.dtype) -> dict[str, torch.Tensor]:
-    """The captions' hidden states (`hidden`), and on SDXL their pooled embeddings (`pooled`)."""
-    if not base.is_sdxl:
+    """The captions' hidden states (`hidden`), and on SDXL and SD3 their pooled embeddings (`pooled`)."""
+    if not base.pooled:
         return {"hidden": base.encode_captions(captions).to(store)}
     hidden, pooled = base.encode_text(captions)
     return {"hidden": hidden.to(store), "pooled": pooled.to(store)}

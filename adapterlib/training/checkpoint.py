@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adapterlib.model.adapter import SpatialAdapter, build_adapter
+from adapterlib.model.adapter import SpatialAdapter, build_adapter, grounding_width
 from adapterlib.model.base import BaseModel, load_base
 from adapterlib.model.precision import resolve_device
 from adapterlib.files import fsync, sha256
@@ -200,11 +200,10 @@ def _check_base_shape(path: Path, saved: dict, base: BaseModel) -> None:
     """The adapter saved at `path` fits `base` (phrase and context widths, transformer blocks), or an error
     naming both: e.g. an SD 1.5 adapter loaded onto (or resumed on) an SDXL folder."""
     from adapterlib.model.hooks import transformer_blocks
-    token_dim = base.unet.config.cross_attention_dim
-    token_dim = token_dim[0] if isinstance(token_dim, (list, tuple)) else token_dim
-    blocks = list(transformer_blocks(base.unet))
+    token_dim = grounding_width(base.net)
+    blocks = list(transformer_blocks(base.net))
     if (saved.get("text_dim"), saved.get("token_dim"), saved.get("blocks")) != (base.phrase_dim, token_dim, blocks):
-        kind = "an SDXL" if base.is_sdxl else "an SD 1.x/2.x" if base.vae is not None else "a pixel-space"
+        kind = base.kind
         raise ValueError(f"adapter {path} does not fit the base {base.path} ({kind} base): the adapter was trained "
                          f"with {_base_shape(saved.get('text_dim'), saved.get('token_dim'), saved.get('blocks') or [])}"
                          f", this base has {_base_shape(base.phrase_dim, token_dim, blocks)}. Load it on the base "

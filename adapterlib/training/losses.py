@@ -25,11 +25,16 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def draw_timesteps(rule: str, n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    """n training timesteps (int64) in [0, T): "uniform", or "cubic", t = floor((1 - u^3) T) with u uniform, which
-    puts 79% of the steps in the noisier half (T2I-Adapter's schedule: the layout is decided at high noise)."""
+    """n training timesteps (int64) in [0, T), larger noisier: "uniform"; "cubic", t = floor((1 - u^3) T) with u
+    uniform, which puts 79% of the steps in the noisier half (T2I-Adapter's schedule: the layout is decided at high
+    noise); "logit-normal", t = floor(sigmoid(z) T) with z standard normal (SD3's density, diffusers'
+    compute_density_for_timestep_sampling "logit_normal", mean 0, std 1: most steps at middling noise)."""
     T = num_train_timesteps
     if rule == "uniform":
         return torch.randint(0, T, (n,), generator=generator)
+    if rule == "logit-normal":
+        u = torch.sigmoid(torch.randn(n, generator=generator))         # diffusers' draw, without its import cost
+        return (u * T).long().clamp(0, T - 1)
     if rule == "cubic":
         u = torch.rand(n, generator=generator, dtype=torch.float64)
         return ((1 - u ** 3) * T).long().clamp(0, T - 1)

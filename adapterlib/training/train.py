@@ -259,7 +259,7 @@ def make_training(cfg: TrainConfig, shard: distributed.Shard, base, adapter) -> 
     `set_up` adds the data; `bench` builds one to time this same step (`step_loss`, `update`)."""
     device = shard.device
     compute_dtype, amp_dtype, use_scaler = precision_policy(device, cfg.mixed_precision)
-    model = shard.wrap(AdaptedUNet(base.unet, adapter))      # DDP with several processes
+    model = shard.wrap(AdaptedUNet(base.net, adapter))      # DDP with several processes
     params = adapter.trainable_parameters()
     fast = adapter.fast_parameters()                        # the gates (and learned depth weights): lr * gate_lr_scale
     sync_free = device.type in SYNC_FREE_DEVICES
@@ -293,13 +293,10 @@ def step_loss(training: Training, batch: inputs.Batch, gen: torch.Generator) -> 
     noise = shard.take(torch.randn((cfg.batch_size, *latents.shape[1:]), generator=gen)).to(device)
     t = shard.take(draw_timesteps(cfg.timesteps, cfg.batch_size, base.scheduler.config.num_train_timesteps, gen)).to(device)
     scale = shard.take(cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(cfg.batch_size, generator=gen)).to(device)
-    noisy = base.scheduler.add_noise(latents, noise, t)
-    prediction = base.scheduler.config.prediction_type
-    target = {"epsilon": noise, "v_prediction": base.scheduler.get_velocity(latents, noise, t),
-              "sample": latents}[prediction]
-    # --- forward: the frozen UNet with the adapter, through the one module
+    noisy, target, net_t = base.noised(latents, noise, t)       # DDPM's target, or flow matching's velocity (SD3)
+    # --- forward: the frozen network with the adapter, through the one module
     with torch.autocast(device.type, training.amp_dtype, enabled=training.amp_dtype is not None):
-        pred = training.model(noisy.to(training.compute_dtype), t, context, grounding, scale, added)   # added: SDXL's; SD: None
+        pred = training.model(noisy.to(training.compute_dtype), net_t, context, grounding, scale, added)  # added: SDXL's, SD3's
     loss = F.mse_loss(pred.float(), target)
     if cfg.box_loss_weight > 0:
         # several processes: each adds its objects' errors over the global batch's object count, times the
