@@ -42,6 +42,7 @@ from pathlib import Path
 from adapterlib.evaluation import evaluate
 from adapterlib.training.config import BENCH_SIZES, FIELDS, PRESETS, RESUME_FREE, TrainConfig
 from adapterlib.data.manifest import ManifestError
+from adapterlib.model.base import SHIPPED_BASES
 from adapterlib.files import dumps
 from adapterlib.options import GROUNDING_GUIDANCE
 from adapterlib.training.lock import RunLocked
@@ -75,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", choices=["ground-truth", "base"],
                     help="ground-truth: the rendered layouts (the ceiling); base: the base model alone")
     ev.add_argument("--base", default="shapes-tiny",
-                    help="'shapes-tiny' (the shipped default) or a diffusers-style Stable Diffusion folder")
+                    help="'shapes-tiny' (the shipped default), 'shapes-dit' (the shipped tiny MM-DiT) or a "
+                         "diffusers-style Stable Diffusion / SD3 folder")
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N layouts (default: all)")
     ev.add_argument("--sampling-steps", type=int, default=25, metavar="N", help="DDIM sampling steps (default 25)")
     ev.add_argument("--steps", type=int, dest="sampling_steps", action=_Renamed, metavar="N",
@@ -239,7 +241,7 @@ def _user_paths(args: argparse.Namespace) -> None:
 
 def _named(dest: str, value: str) -> bool:
     """`value` is one of the names the flag takes (never a path, even where a folder of that name exists)."""
-    if value in ("color", "shapes-tiny") or value in evaluate.HELDOUT_SETS:
+    if value in ("color", *SHIPPED_BASES) or value in evaluate.HELDOUT_SETS:
         return True
     if dest == "field_data":
         from adapterlib.training.worlds import is_shapes
@@ -466,8 +468,9 @@ def _check_real_base_is_measured(args: argparse.Namespace, what: str) -> None:
     (the 32-px Shapes held-out layouts, the colour detector) measure nothing meaningful there. Before anything loads.
     (`--layouts v2 --detector color` given on purpose is allowed.)"""
     missing = [flag for flag, value in (("--layouts", args.layouts), ("--detector", args.detector)) if value is None]
-    if args.base != "shapes-tiny" and missing:
-        raise ValueError(f"{what} on --base {args.base} (not the shipped shapes-tiny) needs {' and '.join(missing)}: "
+    if args.base not in SHIPPED_BASES and missing:
+        raise ValueError(f"{what} on --base {args.base} (not a shipped Shapes base: {', '.join(SHIPPED_BASES)}) "
+                         f"needs {' and '.join(missing)}: "
                          "the defaults, the 32-px Shapes held-out layouts and the colour detector, measure nothing "
                          "meaningful on a real base. Give --layouts MANIFEST (e.g. an imported COCO val: "
                          "`python -m adapterlib import coco ... --out DIR`, DIR/data.jsonl) and --detector DIR (a local "

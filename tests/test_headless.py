@@ -14,7 +14,7 @@ from adapterlib.model.adapter import architecture_options, build_adapter
 from adapterlib.options import ARCHITECTURE
 from adapterlib.model.base import load_base
 from adapterlib.evaluation.checks import CHECK_FIELDS
-from adapterlib.training.config import FIELDS, PRESETS, RESUME_FIXED, RESUME_FREE, TrainConfig, make_config
+from adapterlib.training.config import FIELDS, PRESETS, RESUME_FIXED, RESUME_FREE, USER_PRESETS, TrainConfig, make_config
 from adapterlib.paths import REPO_ROOT
 from adapterlib.runs import latest_checkpoint, read_config
 from helpers import NOTEBOOKS, papermill
@@ -284,8 +284,8 @@ def test_train_help_gives_each_presets_own_value_of_every_field(monkeypatch, cap
     assert stop.value.code == 0
     entries = re.split(r"\n  (?=--)", capsys.readouterr().out)
     helps = {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries if e.startswith("--")}
-    presets = ("shapes", "sd15", "sdxl")
-    needed = {"base_model": "models/sd", "data": "data.jsonl"}          # the sd15 and sdxl presets name none
+    presets = USER_PRESETS
+    needed = {"base_model": "models/sd", "data": "data.jsonl"}          # the sd15, sdxl and sd3 presets name none
     configs = {p: make_config(p, **{k: v for k, v in needed.items() if PRESETS[p].get(k) == ""}) for p in presets}
     checked = 0
     for f in dataclasses.fields(TrainConfig):
@@ -297,7 +297,8 @@ def test_train_help_gives_each_presets_own_value_of_every_field(monkeypatch, cap
         assert (relative is not None) == (f.name in ("base_model", "data", "heldout", "detector", "init_from")), f.name
         said = {}
         for group in text.split("; "):
-            names, value = re.match(r"^((?:shapes|sd15|sdxl)(?:, (?:shapes|sd15|sdxl))*) (.*)$", group).groups()
+            name = "(?:" + "|".join(map(re.escape, presets)) + ")"
+            names, value = re.match(rf"^({name}(?:, {name})*) (.*)$", group).groups()
             said.update({name: value for name in names.split(", ")})
         assert set(said) == set(presets), (f.name, text)
         for preset in presets:
@@ -310,11 +311,14 @@ def test_train_help_gives_each_presets_own_value_of_every_field(monkeypatch, cap
             checked += 1
     assert checked > 100
     # the fields the shapes preset overrides say its value, not the dataclass default
-    assert helps["--lr_schedule"].endswith("default: the preset's: shapes, sd15, sdxl 'cosine'")
-    assert helps["--box_loss_region"].endswith("default: the preset's: shapes 'layered'; sd15, sdxl 'box'")
-    assert helps["--adapter_blocks"].endswith("default: the preset's: shapes, sd15, sdxl 'decoder'")
-    assert helps["--adapter_ff_mult"].endswith("default: the preset's: shapes 2; sd15, sdxl 4")
-    assert "default: the preset's: shapes 'shapes-tiny'; sd15, sdxl '' (none: give one); " in helps["--base_model"]
+    assert helps["--lr_schedule"].endswith("default: the preset's: shapes, sd15, sdxl, shapes-dit, sd3 'cosine'")
+    assert helps["--box_loss_region"].endswith("default: the preset's: shapes, shapes-dit 'layered'; sd15, sdxl, sd3 'box'")
+    assert helps["--adapter_blocks"].endswith("default: the preset's: shapes, sd15, sdxl 'decoder'; shapes-dit, sd3 'all'")
+    assert helps["--adapter_ff_mult"].endswith("default: the preset's: shapes, shapes-dit 2; sd15, sdxl, sd3 4")
+    assert helps["--timesteps"].endswith("default: the preset's: shapes, sd15, sdxl, shapes-dit 'uniform'; sd3 "
+                                         "'logit-normal'")
+    assert "default: the preset's: shapes 'shapes-tiny'; sd15, sdxl, sd3 '' (none: give one); shapes-dit " \
+           "'shapes-dit'; " in helps["--base_model"]
 
 
 def test_import_and_train_run_from_another_directory_meet_on_the_same_relative_path(tmp_path, monkeypatch, capsys):

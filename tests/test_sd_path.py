@@ -47,7 +47,7 @@ def test_stable_diffusion_without_data_is_refused_before_any_work(tmp_path, monk
     assert not (tmp_path / "nodata").exists() and not (tmp_path / "shapes-on-sd").exists()
 
 
-@pytest.mark.parametrize("preset", ["sd15", "sdxl"])
+@pytest.mark.parametrize("preset", ["sd15", "sdxl", "sd3"])
 def test_a_stable_diffusion_preset_without_a_base_is_refused_before_any_work(preset, tmp_path, monkeypatch, capsys):
     """`train --preset sd15 --data ...` with no --base_model never trains the shipped 32-px shapes-tiny base: the
     sd15 and sdxl presets name no base, and the config refuses none, naming the flag (CLI and papermill)."""
@@ -64,3 +64,22 @@ def test_a_stable_diffusion_preset_without_a_base_is_refused_before_any_work(pre
         make_config(preset, data=str(manifest))
     assert make_config(preset, data=str(manifest), base_model="models/sd").base_model == "models/sd"
     assert make_config("shapes").base_model == "shapes-tiny"            # the embedded default keeps its base
+
+
+def test_a_preset_of_the_other_family_of_base_is_refused_before_any_work(tmp_path, monkeypatch, capsys, tiny_sd_folder):
+    """`sd3` (an MM-DiT's recipe: joint blocks, SD3's timesteps) on a UNet folder, and `shapes` on an MM-DiT, stop
+    before any step or cache, naming the presets that fit the base."""
+    from adapterlib.shapes.tiny_base import build_tiny_dit
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path / "runs"))
+    manifest = import_coco_fixture(tmp_path / "d", n=2)
+    assert main(["train", "--preset", "sd3", "--base_model", str(tiny_sd_folder), "--data", str(manifest),
+                 "--run_name", "sd3-on-unet"]) == 2
+    err = capsys.readouterr().err
+    assert "preset 'sd3' is for a mmdit base" in err and "an SD 1.x/2.x base (unet)" in err
+    assert "use one of ['shapes', 'sd15', 'sdxl']" in err
+    dit = build_tiny_dit().save(tmp_path / "dit")
+    assert main(["train", "--preset", "shapes", "--base_model", str(dit), "--run_name", "shapes-on-dit"]) == 2
+    err = capsys.readouterr().err
+    assert "preset 'shapes' is for a unet base" in err and "use one of ['shapes-dit', 'sd3']" in err
+    assert not (tmp_path / "runs" / "_cache").exists()
+    assert not any((tmp_path / "runs" / name / "checkpoints").exists() for name in ("sd3-on-unet", "shapes-on-dit"))

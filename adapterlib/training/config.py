@@ -2,7 +2,8 @@
 and the command line's flags.
 
 A config is a preset (`shapes`, the embedded default; `sd15`, the training plan's values for Stable
-Diffusion 1.5 on one GPU; `sdxl`, the same on Stable Diffusion XL; `smoke`, a seconds-long run for tests)
+Diffusion 1.5 on one GPU; `sdxl`, the same on Stable Diffusion XL; `sd3`, on Stable Diffusion 3 / 3.5 (an MM-DiT);
+`shapes-dit`, the default on the shipped tiny MM-DiT; `smoke`, a seconds-long run for tests)
 with overrides. Every field given
 (`-p NAME VALUE` to papermill, `--NAME VALUE` to `python -m adapterlib train`) reaches the config and
 the run's config.json; a name that is not a field is an error that lists the fields.
@@ -31,7 +32,8 @@ class TrainConfig:
     preset: str = "shapes"               # the PRESETS entry the other fields started from
     run_name: str = ""                   # "" -> "<preset>-<date>-<time>"
     base_model: str = "shapes-tiny"      # the shipped tiny base, or a diffusers-style SD folder path; "" (the sd15 and
-                                         # sdxl presets'): none given, which the config refuses (give the folder)
+                                         # sdxl and sd3 presets'): none given, which the config refuses (give the
+                                         # folder); shapes-dit: the shipped tiny MM-DiT
     data: str = "shapes-v2"              # a manifest (.jsonl) path, or a generated Shapes set: "shapes-v2" (1-6 objects,
                                          # some overlapping, smaller in front) or "shapes" (the first world: 1-3, apart);
                                          # "" (the sd15 preset's): none given, which training refuses
@@ -62,7 +64,8 @@ class TrainConfig:
                                          # pixels other objects show) | layered (visible for an object hidden in part,
                                          # exclusive otherwise); all but box: Shapes data, a pixel base
     timesteps: str = "uniform"           # uniform | cubic: t = (1 - u^3) T, most steps at high noise, where the layout is
-                                         # decided (T2I-Adapter's schedule; losses.draw_timesteps)
+                                         # decided (T2I-Adapter's schedule; losses.draw_timesteps) | logit-normal (SD3's
+                                         # density; on a flow base t picks the schedule's sigma)
     grad_clip: float = 1.0               # the adapter's gradient norm is clipped to this
     adapter_attention: str = "masked"    # self | cross | masked | gligen (diffusers' own GLIGEN modules: adapterlib/model/gligen.py)
     adapter_norm: str = "layernorm"      # layernorm | rmsnorm (the training plan's remedy for gate collapse)
@@ -76,7 +79,8 @@ class TrainConfig:
                                          # per-head weight on the box's -log(area), zero at init: training decides)
     adapter_blocks: str = "all"          # which transformer blocks get a gated layer: all | decoder (mid + up blocks) |
                                          # low (a quarter of the input's side or less) | migc (mid + first up block with
-                                         # transformer blocks) | a comma list of block names / prefixes (adapter.select_blocks)
+                                         # transformer blocks) | first-half | last-half | middle (the middle third; an
+                                         # MM-DiT's choices) | a comma list of block names / prefixes (adapter.select_blocks)
     max_objects: int = MAX_OBJECTS       # the object limit: the manifest reader's, the adapter's (data.MAX_OBJECTS)
     crop: str = "none"                   # none (stretch to a square) | center | random (per sample, per epoch):
                                          # shorter side to the resolution, square crop, boxes clipped (data.transform_sample)
@@ -199,16 +203,28 @@ PRESETS = {
 # a centre crop rather than a stretch: the crop's offset and the original size reach the UNet as SDXL's conditioning
 PRESETS["sdxl"] = {**PRESETS["sd15"], "crop": "center"}
 
+# The tiny MM-DiT on Shapes (`shapes-dit`, an SD3 transformer in pixel space): the shapes recipe on the DiT's joint
+# blocks (every one: a stack has no decoder; the choice measured in docs/notes/dit.md) and flow matching's own
+# objective (the base's schedule; `timesteps` uniform draws sigma uniformly, as the base was trained)
+PRESETS["shapes-dit"] = {**PRESETS["shapes"], "base_model": "shapes-dit", "adapter_blocks": "all"}
+
+# Stable Diffusion 3 / 3.5 (docs/guide/sd3.md): sd15's values and recipe on the MM-DiT's joint blocks, SD3's
+# logit-normal timestep density (diffusers' SD3 examples' default), a centre crop at the base's resolution
+PRESETS["sd3"] = {**PRESETS["sd15"], "adapter_blocks": "all", "timesteps": "logit-normal", "crop": "center"}
+
+# Which family of base each user preset is for: a run of one on the other family's base is refused before any work
+PRESET_FAMILY = {"shapes": "unet", "sd15": "unet", "sdxl": "unet", "shapes-dit": "mmdit", "sd3": "mmdit"}
+
 # What `adapter_attention gligen` (diffusers' GLIGEN modules as they are) fixes: a fuser in every block, its own
 # feed-forward (width 4). `make_config` gives a gligen run these where the user names none; any other is refused.
 GLIGEN_FIXED = dict(adapter_blocks="all", adapter_ff_mult=4)
 
 # The sizes `python -m adapterlib bench` measures, each with the preset that trains such a base (whose blocks and
 # feed-forward width its "ours" row takes)
-BENCH_SIZES = {"tiny": "shapes", "sd15": "sd15", "sdxl": "sdxl"}
+BENCH_SIZES = {"tiny": "shapes", "sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3"}
 
 # The presets a user picks (`smoke` is the test harness's), in the order `train --help` lists their values
-USER_PRESETS = ("shapes", "sd15", "sdxl")
+USER_PRESETS = ("shapes", "sd15", "sdxl", "shapes-dit", "sd3")
 
 
 def preset_value(preset: str, name: str):
@@ -291,7 +307,8 @@ def parameters_cell() -> str:
     with its comment from TrainConfig's source. tests/test_headless.py holds the notebook to it word for word;
     `python -m adapterlib.training.config` rewrites the cell."""
     width = max(map(len, FIELDS))
-    lines = ['preset = ""   # "" -> shapes (the embedded default) | sd15 | sdxl (give base_model and data) | smoke',
+    lines = ['preset = ""   # "" -> shapes (the embedded default) | sd15 | sdxl | sd3 (give base_model and data) | '
+             'shapes-dit | smoke',
              "# Every field of adapterlib.training.config.TrainConfig; None = the preset's value (generated from the",
              "# config's source by `python -m adapterlib.training.config`: edit the comments there).",]
     for name, comment in field_comments().items():

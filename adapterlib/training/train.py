@@ -25,7 +25,7 @@ from adapterlib.training import distributed
 from adapterlib.training import batches as inputs
 from adapterlib.model.adapter import AdaptedUNet, Grounding, architecture_options, build_adapter
 from adapterlib.model.base import load_base, resolve_base_path
-from adapterlib.training.config import FIELDS, TrainConfig, resume_changes
+from adapterlib.training.config import FIELDS, PRESET_FAMILY, TrainConfig, resume_changes
 from adapterlib.training.losses import box_loss, draw_timesteps, lr_factor, visible_region
 from adapterlib.analysis.figures import boxed_grid
 from adapterlib.analysis.gates import gate_stats
@@ -212,6 +212,7 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
     compute_dtype = precision_policy(device, cfg.mixed_precision)[0]
     torch.manual_seed(cfg.seed)
     base = load_base(cfg.base_model, device=device, dtype=compute_dtype)
+    check_preset_fits(cfg, base)
     if cfg.box_loss_weight > 0 and cfg.box_loss_region != "box" and base.vae is not None:
         raise ValueError(f"box_loss_region = {cfg.box_loss_region!r} needs a pixel base (the Shapes bases); "
                          f"{cfg.base_model} has a "
@@ -250,6 +251,16 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
         training.sched.load_state_dict(run.state["scheduler"])
         training.scaler.load_state_dict(run.state["scaler"])
     return training
+
+
+def check_preset_fits(cfg: TrainConfig, base) -> None:
+    """A preset made for one family of base (a UNet, an MM-DiT: PRESET_FAMILY) refused on the other, before any
+    work: its blocks, timesteps and recipe are that family's."""
+    family = PRESET_FAMILY.get(cfg.preset)
+    if family is not None and family != base.family:
+        fits = [p for p, f in PRESET_FAMILY.items() if f == base.family]
+        raise ValueError(f"preset {cfg.preset!r} is for a {family} base; {cfg.base_model} is {base.kind} base "
+                         f"({base.family}): use one of {fits} (--preset NAME, -p preset NAME)")
 
 
 def make_training(cfg: TrainConfig, shard: distributed.Shard, base, adapter) -> Training:
