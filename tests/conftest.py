@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import build_tiny_owl_folder, build_tiny_sd_folder, build_tiny_sdxl_folder
+from helpers import build_tiny_owl_folder, build_tiny_sd3_folder, build_tiny_sd_folder, build_tiny_sdxl_folder
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +19,18 @@ def tiny_sd_folder(tmp_path_factory) -> Path:
 def tiny_sdxl_folder(tmp_path_factory) -> Path:
     """A tiny SDXL-architecture folder on disk, built once per test session."""
     return build_tiny_sdxl_folder(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_folder(tmp_path_factory) -> Path:
+    """A tiny SD3-architecture folder (with its T5) on disk, built once per test session."""
+    return build_tiny_sd3_folder(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_no_t5_folder(tmp_path_factory) -> Path:
+    """A tiny SD3-architecture folder without a T5 (no text_encoder_3/), built once per test session."""
+    return build_tiny_sd3_folder(tmp_path_factory.mktemp("tiny-sd3-no-t5"), t5=False)
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,15 @@ is tested on the SD path without any download. The SDXL folder is a real SDXL ba
 addition_embed_type "text_time", text_encoder/ + tokenizer/, text_encoder_2/ (with projection) + tokenizer_2/
 (padded with "!"), vae/ with SDXL's scaling factor and force_upcast, scheduler/ with SDXL's Euler config): its
 widths follow diffusers' own SDXL pipeline tests, so it runs in diffusers' StableDiffusionXLPipeline as it is.
+The SD3 folder is written by diffusers' own StableDiffusion3Pipeline.save_pretrained (transformer/, two CLIP encoders
+with projection, an optional T5 in text_encoder_3/ + tokenizer_3/, the 16-channel VAE with SD3's shift and scaling,
+a flow-matching scheduler), so it runs in StableDiffusion3Pipeline as it is.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -237,6 +241,67 @@ def build_tiny_sdxl_folder(folder: Path) -> Path:
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "image_encoder": [None, None], "feature_extractor": [None, None],
     }, indent=2))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny Stable Diffusion 3
+
+SD3_SAMPLE_SIZE = 8              # latent side
+SD3_RESOLUTION = 16              # two VAE blocks: one downsampling by 2
+SD3_LAYERS = 4                   # joint blocks: first-half 0-1, middle 1-2, last-half 2-3
+SD3_JOINT_WIDTH = 48             # joint_attention_dim = the T5's d_model; both CLIPs' 2 x 16 are zero-padded
+                                 # to it (a real SD3: 768 + 1280 padded to 4096)
+SD3_T5_TOKENS = 8                # the T5 part of a caption (the folder's t5_tokens.json; a real SD3's: 256)
+SD3_VAE_SHIFT, SD3_VAE_SCALE = 0.0609, 1.5305
+T5_WORDS = ["<pad>", "</s>", "<unk>"] + ["\u2581" + w for w in "a red blue green dog cat and , the picture box".split()]
+
+
+def sd3_transformer_config(**changes) -> dict:
+    """The tiny SD3 transformer's config (`changes` on top)."""
+    return {**dict(sample_size=SD3_SAMPLE_SIZE, patch_size=2, in_channels=16, out_channels=16, num_layers=SD3_LAYERS,
+                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=SD3_JOINT_WIDTH,
+                   caption_projection_dim=16, pooled_projection_dim=2 * TEXT_WIDTH, pos_embed_max_size=8), **changes}
+
+
+def build_tiny_sd3_folder(folder: Path, t5: bool = True) -> Path:
+    """Write a random-weight, SD3-architecture pipeline folder through diffusers' own StableDiffusion3Pipeline (so
+    model_index.json is a real SD3's): a latent 16-channel VAE with SD3's shift and scaling, two CLIP encoders with
+    projection (tokenizer_2 padded with "!", as SD3's), with `t5` a tiny T5 encoder and its tokenizer, and a
+    flow-matching Euler scheduler (shift 3.0). t5_tokens.json keeps the T5 part of a caption short."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    folder = Path(folder)
+    torch.manual_seed(0)
+    vocab_size = write_clip_tokenizer(folder / "_clip")
+    write_clip_tokenizer(folder / "_clip_2")
+    config = json.loads((folder / "_clip_2" / "tokenizer_config.json").read_text())
+    (folder / "_clip_2" / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "!"}))
+    special = json.loads((folder / "_clip_2" / "special_tokens_map.json").read_text())
+    (folder / "_clip_2" / "special_tokens_map.json").write_text(json.dumps({**special, "pad_token": "!"}))
+    parts = dict(
+        transformer=SD3Transformer2DModel(**sd3_transformer_config()),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16),
+                          norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, sample_size=SD3_RESOLUTION,
+                          scaling_factor=SD3_VAE_SCALE, shift_factor=SD3_VAE_SHIFT, use_quant_conv=False,
+                          use_post_quant_conv=False),
+        text_encoder=CLIPTextModelWithProjection(_text_config(vocab_size)),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "_clip"),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab_size)),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "_clip_2"),
+        text_encoder_3=None, tokenizer_3=None)
+    if t5:
+        parts["text_encoder_3"] = T5EncoderModel(T5Config(
+            vocab_size=len(T5_WORDS), d_model=SD3_JOINT_WIDTH, d_ff=64, num_layers=2, num_heads=2, d_kv=16,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+        parts["tokenizer_3"] = T5Tokenizer(vocab=[(w, 0.0 if i < 3 else -1.0) for i, w in enumerate(T5_WORDS)],
+                                           extra_ids=0, model_max_length=512)
+    StableDiffusion3Pipeline(**parts).save_pretrained(folder)
+    for scratch in ("_clip", "_clip_2"):
+        shutil.rmtree(folder / scratch)
+    (folder / "t5_tokens.json").write_text(json.dumps({"t5_tokens": SD3_T5_TOKENS}) + "\n")
     return folder
 
 
