@@ -15,7 +15,7 @@
     python -m adapterlib import odvg --jsonl FILE --images DIR --out DIR   # -> DIR/data.jsonl (a manifest)
     python -m adapterlib evaluate --gligen GLIGEN_DIR --base SD_DIR --layouts M --detector D  # a diffusers GLIGEN folder
     python -m adapterlib export <run> [--checkpoint STEP] --out DIR [--measure N]   # weights, config, model card
-    python -m adapterlib bench [--size tiny|sd15|sdxl] [--device auto] [--batch 16] [--rounds 5] [--compile] [--blocks all,decoder]  # samples/s
+    python -m adapterlib bench [--size tiny|sd15|sdxl|sd3] [--device auto] [--batch 16] [--rounds 5] [--compile] [--blocks all,decoder]  # samples/s
 
 A run is a name under the runs root ($ADAPTERLIB_RUNS, default runs/) or a path.
 
@@ -544,20 +544,23 @@ def _layouts(args: argparse.Namespace, run_dir: Path | None = None) -> evaluate.
 
 
 def _bench_parser(commands) -> None:
-    be = commands.add_parser("bench", help="training-step throughput: ours, diffusers' GLIGEN, the frozen UNet",
+    be = commands.add_parser("bench", help="training-step throughput: ours, diffusers' GLIGEN, the frozen network",
                              description="Times a full adapter training step (forward, backward, AdamW) for every "
-                                         "adapter variant, diffusers' GLIGEN on the same base and the frozen UNet "
-                                         "alone, in one process, interleaved rounds (adapterlib/evaluation/bench.py). Prints "
-                                         "a table and, as the last line, a JSON object.")
+                                         "adapter variant, diffusers' GLIGEN on the same base (UNet sizes) and the "
+                                         "frozen UNet or MM-DiT alone, in one process, interleaved rounds "
+                                         "(adapterlib/evaluation/bench.py). Prints a table and, as the last line, a "
+                                         "JSON object.")
     be.set_defaults(command=_bench, command_name="bench")
     be.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda | cuda:N")
     be.add_argument("--size", choices=tuple(BENCH_SIZES), default="tiny",
                     help="tiny: the shipped base, 32x32 pixels; sd15: a random-weight SD 1.5-size UNet, 64x64 latents; "
                          "sdxl: a random-weight SDXL-size UNet, 128x128 latents (about 10 GB in fp32 and as much "
-                         "again for the peer: a GPU)")
+                         "again for the peer: a GPU); sd3: a random-weight SD3-medium MM-DiT, 128x128 16-channel "
+                         "latents, 77 + 256 context tokens (about 8 GB in fp32; no GLIGEN peer: GLIGEN is a UNet's)")
     be.add_argument("--batch", type=int, default=16, help="samples a step (default 16)")
     be.add_argument("--objects", type=int, default=None,
-                    help="grounding slots a sample (default: tiny 3, all present; sd15 and sdxl 30, ~30%% present)")
+                    help="grounding slots a sample (default: tiny 3, all present; sd15, sdxl and sd3 30, ~30%% "
+                         "present)")
     be.add_argument("--rounds", type=int, default=5, help="interleaved rounds; a row's number is the median (default 5)")
     be.add_argument("--steps-per-round", type=int, default=10, metavar="N",
                     help="timed training steps of each row in a round (default 10)")
@@ -565,18 +568,20 @@ def _bench_parser(commands) -> None:
                     note="--steps is --steps-per-round", help="the earlier name of --steps-per-round")
     be.add_argument("--warmup", type=int, default=2, help="untimed steps of each row first (default 2)")
     be.add_argument("--variants", default=None, metavar="LIST",
-                    help="our variants, e.g. masked+ff,self (default: masked, self, cross, with and without FF; "
-                         "masked+ff, the config's default, is always measured)")
+                    help="our variants, e.g. masked+ff,self (default: masked, self, cross, with and without FF, and "
+                         "gligen, a UNet's only; masked+ff, the config's default, is always measured)")
     be.add_argument("--blocks", default=None, metavar="LIST",
-                    help="block choices of our rows, e.g. all,decoder,low,migc (every variant at each; a list of "
-                         "blocks joined by +: mid_block+up_blocks.1). Default: the preset's for the size (tiny: "
-                         "shapes, sd15: sd15), always measured; it is the JSON's ours_*")
+                    help="block choices of our rows, e.g. all,decoder,low,migc on a UNet, all,first-half,middle,"
+                         "last-half on sd3 (every variant at each; a list of blocks joined by +: "
+                         "mid_block+up_blocks.1). Default: the preset's for the size (tiny: shapes, sd15: sd15, sdxl: "
+                         "sdxl, sd3: sd3), always measured; it is the JSON's ours_*")
     be.add_argument("--ff-mult", default=None, metavar="LIST",
                     help="feed-forward widths of our rows with FF, e.g. 4,2 (each at every block choice). Default: "
                          "the preset's adapter_ff_mult for the size, always measured")
     be.add_argument("--side", type=int, default=None, metavar="N",
-                    help="sd15 / sdxl: the latents' side instead of the base's own (64 / 128); e.g. sdxl --side 64 "
-                         "(512 px) where a 1024-px step does not fit in memory")
+                    help="sd15 / sdxl / sd3: the latents' side instead of the base's own (64 / 128 / 128); e.g. "
+                         "sdxl --side 64 (512 px) where a 1024-px step does not fit in memory, sd3 --side 32 (256 px) "
+                         "on a CPU")
     be.add_argument("--compile", action="store_true",
                     help="also every row torch.compile'd (n/a with the reason when it fails)")
     be.add_argument("--train-step", action="store_true",
@@ -595,6 +600,8 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"{result['size']} (latents {result['side']}x{result['side']}) on {result['device_name']} ({result['threads']} threads), torch {result['torch']}, "
           f"batch {result['batch']}, {result['objects']} slots ({result['objects_present']} objects in the batch), "
           f"median of {result['rounds']} rounds x {result['steps_per_round']} steps")
+    if result["peer_note"]:
+        print(result["peer_note"])
     print(format_table(result))
     _print_json(result)
     return 0

@@ -196,3 +196,73 @@ def test_cli_steps_per_round_reaches_the_bench_and_steps_is_its_earlier_name(fla
         main(["bench", "--size", "tiny", flag, "3"])
     assert seen["steps_per_round"] == 3
     assert ("--steps is --steps-per-round" in capsys.readouterr().err) == (flag == "--steps")
+
+
+# ---------------------------------------------------------------------------------------------
+# the bench at SD3 size: SD3-medium's MM-DiT, the floor and ours at each block choice, no GLIGEN peer
+
+def tiny_sd3_config() -> dict:
+    """A 6-block SD3 transformer in place of SD3-medium's 24 (the bench's rows, seconds on a CPU)."""
+    return dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=6, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=24,
+                pos_embed_max_size=16)
+
+
+def test_the_bench_sd3_transformer_is_sd3_medium():
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.attention import JointTransformerBlock
+
+    from adapterlib.model.hooks import transformer_blocks
+    config = bench.sd3_transformer_config()
+    assert config == dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                          attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                          caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
+    with torch.device("meta"):                                  # the architecture, without 8 GB of weights
+        net = SD3Transformer2DModel(**config)
+    blocks = transformer_blocks(net)
+    assert list(blocks) == [f"transformer_blocks.{i}" for i in range(24)]
+    assert all(isinstance(b, JointTransformerBlock) for b in blocks.values())
+    assert round(sum(p.numel() for p in net.parameters()) / 1e9, 2) == 2.03     # SD3-medium's 2.028 B
+    assert (bench.SD3_CONTEXT, bench.SD3_POOLED) == (77 + 256, 2048)            # CLIP + T5 tokens; 768 + 1280
+    assert bench.DEFAULT_BLOCKS["sd3"] == "all" and not bench.HAS_PEER["sd3"]
+    assert all(bench.HAS_PEER[size] for size in ("tiny", "sd15", "sdxl"))
+
+
+def test_the_bench_sd3_rows_run_the_mmdit_floor_and_ours_at_each_block_choice(monkeypatch):
+    monkeypatch.setattr(bench, "sd3_transformer_config", tiny_sd3_config)
+    seen = []
+    result = bench.run_bench("sd3", device="cpu", batch=1, rounds=1, steps_per_round=1, warmup=0, side=16,
+                             variants=(("masked", True), ("gligen", True)), blocks=("first-half", "middle"),
+                             extra={"workload": lambda w: seen.append(w) or (lambda: None)})
+    w = seen[0]
+    assert w.is_dit and w.unet.config.sample_size == 16 and w.text_dim == 2048 and w.peer_phrases is None
+    assert w.noisy.shape == w.target.shape == (1, 16, 16, 16) and w.context.shape == (1, 333, 32)
+    assert w.t.dtype == torch.float32 and 0 <= w.t.item() < 1000
+    assert w.added["pooled_projections"].shape == (1, 24)
+    rows = {r["name"]: r for r in result["rows"]}
+    names = [bench.variant_name("masked", True, b) for b in ("all", "first-half", "middle")]
+    assert list(rows) == ["floor", *names, "workload"]          # no peer row; the gligen variant left out
+    for name in ("floor", *names):
+        assert rows[name]["samples_per_s"] > 0 and rows[name]["x_peer"] is None, name
+    assert all(rows[n]["x_floor"] > 0 for n in names) and rows["floor"]["trainable_params"] == 0
+    params = [rows[n]["trainable_params"] for n in names]
+    assert params[0] > params[1] > params[2] > 0                # 6 blocks, 3 (the first half), 2 (the middle third)
+    assert [rows[n]["blocks"] for n in names] == ["all", "first-half", "middle"]
+    assert result["ours_variant"] == names[0] and result["ours_x_floor"] > 0 and result["side"] == 16
+    assert result["peer_samples_per_s"] is None and result["ours_x_peer"] is None
+    assert "no GLIGEN on sd3" in result["peer_note"] and "variant gligen left out" in result["peer_note"]
+    with pytest.raises(ValueError, match="GLIGEN .* is made for a UNet's transformer blocks"):
+        bench.peer_step(w)                                       # the peer asked for directly: a clear error
+
+
+def test_the_cli_on_sd3_says_there_is_no_peer_and_refuses_a_unets_block_choice(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "sd3_transformer_config", tiny_sd3_config)
+    args = ["bench", "--size", "sd3", "--device", "cpu", "--side", "16", "--batch", "1", "--rounds", "1",
+            "--steps-per-round", "1", "--warmup", "0", "--variants", "gligen,masked+ff"]
+    assert main([*args, "--blocks", "last-half"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert [r["name"] for r in result["rows"]] == ["floor", "ours masked+FF", "ours masked+FF [last-half]"]
+    assert result["peer_note"] in lines and not any(line.startswith("peer ") for line in lines)
+    assert main([*args, "--blocks", "decoder"]) == 2
+    assert "adapter_blocks 'decoder' is a UNet's choice" in capsys.readouterr().err

@@ -1,19 +1,23 @@
-"""Training-step throughput, in one process: our adapter next to diffusers' own GLIGEN and the frozen-UNet floor.
+"""Training-step throughput, in one process: our adapter next to diffusers' own GLIGEN and the frozen-network floor.
 
     result = run_bench("tiny", batch=16, objects=3, rounds=5)     # the shipped base, pixel space 32x32
     result = run_bench("sd15", device="cuda", batch=16)          # a random-weight SD 1.5-size UNet, 64x64 latents
     result = run_bench("sdxl", device="cuda", batch=4)           # a random-weight SDXL-size UNet, 128x128 latents
+    result = run_bench("sd3", device="cuda", batch=4, blocks=["first-half", "middle"])   # SD3-medium's MM-DiT, 128x128
     print(format_table(result))
 
 Every row is one full training step on the same batch, the same frozen weights and the same device:
-- `floor`: the frozen UNet's forward and backward, gradient to the input only: what any adapter at
-  least pays (no trainable parameter, no optimizer);
+- `floor`: the frozen network's (UNet's or MM-DiT's) forward and backward, gradient to the input only: what any
+  adapter at least pays (no trainable parameter, no optimizer);
 - `peer`: diffusers' GLIGEN, `UNet2DConditionModel(attention_type="gated")` on the base's config with
   the base's weights loaded, `fuser` (a gated self-attention + feed-forward per transformer block) and
-  `position_net` trained, grounded through `cross_attention_kwargs={"gligen": ...}`;
+  `position_net` trained, grounded through `cross_attention_kwargs={"gligen": ...}`. UNet sizes only: GLIGEN is
+  made for a UNet's transformer blocks, so on sd3 (an MM-DiT) the rows are the floor and ours, `x_peer` None, a
+  `gligen` variant left out, and the result's `peer_note` says so;
 - `ours <attention>[+FF[xM]] [<blocks>]`: `AdaptedUNet(unet, adapter)` for each adapter variant
   (`adapter.build_adapter`'s attention and feedforward options) at each block choice (`blocks`: all, decoder,
-  low, migc or a list; the name carries it unless it is all) and feed-forward width (`ff_mults`; the name
+  low, migc or a list on a UNet; all, first-half, middle, last-half or a list on the MM-DiT; the name carries it
+  unless it is all) and feed-forward width (`ff_mults`; the name
   carries it, `xM`, unless it is 4), only the adapter's parameters trained; `ours gligen` is the peer's own
   modules (fusers + position net) lent to the frozen base through our forward (adapterlib/model/gligen.py): its
   cost against `peer` is what our route adds or saves (GLIGEN's 30 slots, as diffusers' pipeline pads);
@@ -28,7 +32,7 @@ fp32. Gates are opened to 0.1 in both adapters (the cost is the same at 0; open,
 
 Timing: a warm-up, then `rounds` rounds; each round runs every row `steps_per_round` times in turn (the
 starting row rotates each round), so a load change on a shared machine hits every row alike; a row's
-number is the median over rounds. Every adapter stays attached to the one frozen UNet for the whole
+number is the median over rounds. Every adapter stays attached to the one frozen network for the whole
 bench (a compiled graph must not see its hooks change); outside its own forward an adapter's hook
 returns the block's output as it is, so the floor and the other rows pass through it.
 Peak memory is CUDA's `max_memory_allocated` over a row's steps (all resident models included) and the
@@ -46,19 +50,21 @@ from typing import Callable, Mapping, Sequence
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 from torch import nn
 
 from adapterlib.model.adapter import AdaptedUNet, Grounding, SpatialAdapter
 from adapterlib.options import ATTENTIONS
 from adapterlib.model.base import load_base
-from adapterlib.training.config import BENCH_SIZES, PRESETS, TrainConfig, check_blocks_spec
+from adapterlib.training.config import BENCH_SIZES, PRESET_FAMILY, PRESETS, TrainConfig, check_blocks_spec
 from adapterlib.model.gligen import GligenAdapter
 from adapterlib.model.precision import autocast, precision_policy, resolve_device
 
 SIZES = tuple(BENCH_SIZES)
-DEFAULT_OBJECTS = {"tiny": 3, "sd15": 30, "sdxl": 30}          # grounding slots per sample
-PRESENT_SHARE = {"tiny": 1.0, "sd15": 0.3, "sdxl": 0.3}        # share of the slots holding a real object (the rest: padding)
+DEFAULT_OBJECTS = {"tiny": 3, "sd15": 30, "sdxl": 30, "sd3": 30}          # grounding slots per sample
+PRESENT_SHARE = {"tiny": 1.0, "sd15": 0.3, "sdxl": 0.3, "sd3": 0.3}        # share of the slots holding a real object
+# the sizes with diffusers' GLIGEN beside ours (the peer, and the `gligen` variant): a UNet's; not the MM-DiT (sd3)
+HAS_PEER = {size: PRESET_FAMILY[p] == "unet" for size, p in BENCH_SIZES.items()}
 VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, False)) + (("gligen", True),)
 DEFAULT_VARIANT = (TrainConfig.adapter_attention, TrainConfig.adapter_feedforward)
 # "ours" at each size: the default variant with the blocks and feed-forward width of the preset that trains that base
@@ -89,7 +95,8 @@ def parse_ff_mults(text: str) -> tuple[int, ...]:
 
 def parse_blocks(text: str) -> tuple[str, ...]:
     """"all,decoder,low" -> ("all", "decoder", "low"); an explicit list of blocks is one choice, joined by "+"
-    ("mid_block+up_blocks.1"). Each is checked as `adapter_blocks` is (its blocks: on the UNet)."""
+    ("mid_block+up_blocks.1"). Each is checked as `adapter_blocks` is (its blocks: on the network; a UNet's
+    decoder / low / migc on the MM-DiT is an error when its row is built)."""
     out = tuple(dict.fromkeys(item.strip().replace("+", ",") for item in text.split(",") if item.strip()))
     if not out:
         raise ValueError("no block choice given")
@@ -113,25 +120,30 @@ def parse_variants(text: str) -> tuple[tuple[str, bool], ...]:
 
 @dataclass
 class Workload:
-    """The frozen UNet, one batch of inputs and where it all runs: shared by every row."""
+    """The frozen network, one batch of inputs and where it all runs: shared by every row."""
     size: str
     device: torch.device
-    unet: nn.Module                  # frozen, in the compute dtype
+    unet: nn.Module                  # the frozen network (UNet or MM-DiT), in the compute dtype
     amp: torch.dtype | None          # autocast dtype (None on the CPU)
     text_dim: int                    # our adapter's phrase-embedding width (the text encoder's)
     noisy: torch.Tensor              # (B, C, h, w)
-    t: torch.Tensor                  # (B,)
-    context: torch.Tensor            # (B, L, cross_attention_dim)
+    t: torch.Tensor                  # (B,): UNet integer steps in [0, 1000); MM-DiT floats in [0, 1000) (sigma * 1000)
+    context: torch.Tensor            # (B, L, cross_attention_dim | joint_attention_dim)
     target: torch.Tensor             # (B, C, h, w)
     grounding: Grounding             # phrases (B, N, text_dim), boxes, present
-    peer_phrases: torch.Tensor       # (B, N, cross_attention_dim): diffusers' position_net takes this width
+    peer_phrases: torch.Tensor | None  # (B, N, cross_attention_dim): diffusers' position_net's width; None: no peer
     scale: torch.Tensor              # (B,) injection scale per sample, drawn as training draws it
     base: object | None = None       # the loaded BaseModel (tiny), for the train_step row
-    added: dict | None = None        # the UNet's added_cond_kwargs (SDXL: pooled text_embeds, time_ids)
+    added: dict | None = None        # the UNet's added_cond_kwargs (SDXL: pooled text_embeds, time_ids); the
+                                     # MM-DiT's keyword inputs (pooled_projections)
 
     @property
     def batch(self) -> int:
         return len(self.noisy)
+
+    @property
+    def is_dit(self) -> bool:
+        return isinstance(self.unet, SD3Transformer2DModel)
 
     def autocast(self):
         return autocast(self.device, self.amp)
@@ -156,14 +168,29 @@ def sdxl_unet_config() -> dict:
 SDXL_POOLED = 1280        # text_encoder_2's projection: SDXL's text_embeds, and our phrase width on SDXL
 
 
+def sd3_transformer_config() -> dict:
+    """Stable Diffusion 3 medium's MM-DiT (its released transformer config: 24 joint blocks of 24 x 64 = 1536, 2x2
+    patches of 16-channel latents, 4096-wide T5 / CLIP context, 2048-wide pooled CLIP projections), 128x128 latents."""
+    return dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, pos_embed_max_size=192)
+
+
+SD3_POOLED = 2048         # both CLIPs' pooled projections (768 + 1280): our phrase width on SD3
+SD3_CONTEXT = 77 + 256    # SD3's context tokens: the CLIPs' 77, then T5's 256
+
+
 def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch: int = 16,
                   objects: int | None = None, seed: int = 0, side: int | None = None) -> Workload:
-    """The frozen UNet of `size` and one seeded batch: `tiny` is the shipped base (pixel space 32x32),
+    """The frozen network of `size` and one seeded batch: `tiny` is the shipped base (pixel space 32x32),
     `sd15` a random-weight SD 1.5-size UNet (64x64 latents, 77 context tokens, 30 slots ~30% present), `sdxl`
     a random-weight SDXL-size UNet (128x128 latents, 77 tokens of 2048, its pooled text embedding and size /
-    crop ids for 1024 px, 30 slots ~30% present; our phrases are 1280 wide, encoder 2's pooled output).
-    `side`: the latents' side for sd15 / sdxl instead of the base's own (64 / 128), e.g. SDXL at 64 (512 px) where a
-    1024-px step does not fit in memory, as on a 24 GB CPU machine: the ratios then hold at that side only."""
+    crop ids for 1024 px, 30 slots ~30% present; our phrases are 1280 wide, encoder 2's pooled output), `sd3` a
+    random-weight SD3-medium MM-DiT (128x128 16-channel latents, 77 + 256 tokens of 4096, a 2048-wide pooled
+    projection, float timesteps in [0, 1000), 30 slots ~30% present; our phrases are 2048 wide, both CLIPs' pooled).
+    `side`: the latents' side for sd15 / sdxl / sd3 instead of the base's own (64 / 128 / 128), e.g. SDXL at 64 (512
+    px) where a 1024-px step does not fit in memory, as on a 24 GB CPU machine: the ratios then hold at that side
+    only."""
     if size not in SIZES:
         raise ValueError(f"size {size!r}: choose one of {SIZES}")
     if batch < 1:
@@ -182,13 +209,16 @@ def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch
         unet, text_dim, context_len = base.unet, base.text_encoder.config.hidden_size, base.tokenizer.model_max_length
     else:
         with torch.device(device):
-            config = sd15_unet_config() if size == "sd15" else sdxl_unet_config()
-            unet = UNet2DConditionModel(**{**config, "sample_size": side or config["sample_size"]})
+            config = {"sd15": sd15_unet_config, "sdxl": sdxl_unet_config, "sd3": sd3_transformer_config}[size]()
+            kind = SD3Transformer2DModel if size == "sd3" else UNet2DConditionModel
+            unet = kind(**{**config, "sample_size": side or config["sample_size"]})
         if compute_dtype != torch.float32:
             unet = unet.to(dtype=compute_dtype)
         unet = unet.requires_grad_(False).eval()
-        base, text_dim, context_len = None, 768 if size == "sd15" else SDXL_POOLED, 77
+        base = None
+        text_dim, context_len = {"sd15": (768, 77), "sdxl": (SDXL_POOLED, 77), "sd3": (SD3_POOLED, SD3_CONTEXT)}[size]
     cfg = unet.config
+    dit = isinstance(unet, SD3Transformer2DModel)
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=gen)
     B, N = batch, objects
@@ -198,18 +228,20 @@ def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch
     present = rand(B, N) < PRESENT_SHARE[size]
     present[:, 0] = True                                     # every sample has at least one object
     phrases = torch.randn(B, N, text_dim, generator=gen)
-    ctx_dim = cfg.cross_attention_dim
-    peer_phrases = phrases if ctx_dim == text_dim else torch.randn(B, N, ctx_dim, generator=gen)
+    ctx_dim = cfg.joint_attention_dim if dit else cfg.cross_attention_dim
+    peer_phrases = None if dit else phrases if ctx_dim == text_dim else torch.randn(B, N, ctx_dim, generator=gen)
     grounding = Grounding(phrases=phrases.to(device), boxes=boxes.to(device), present=present.to(device),
                           keep_text=torch.ones(B, N, dtype=torch.bool, device=device))
     return Workload(
         size=size, device=device, unet=unet, amp=amp, text_dim=text_dim,
         noisy=torch.randn(B, cfg.in_channels, side, side, generator=gen).to(device),
-        t=torch.randint(0, 1000, (B,), generator=gen).to(device),
+        t=(rand(B) * 1000 if dit else torch.randint(0, 1000, (B,), generator=gen)).to(device),
         context=torch.randn(B, context_len, ctx_dim, generator=gen).to(device),
         target=torch.randn(B, cfg.out_channels, side, side, generator=gen).to(device),
-        grounding=grounding, peer_phrases=peer_phrases.to(device), scale=(0.5 + 0.5 * rand(B)).to(device), base=base,
-        added=_sdxl_added(unet, B, gen, device) if size == "sdxl" else None)
+        grounding=grounding, peer_phrases=None if peer_phrases is None else peer_phrases.to(device),
+        scale=(0.5 + 0.5 * rand(B)).to(device), base=base,
+        added=_sdxl_added(unet, B, gen, device) if size == "sdxl" else
+        {"pooled_projections": torch.randn(B, cfg.pooled_projection_dim, generator=gen).to(device)} if dit else None)
 
 
 def _sdxl_added(unet, batch: int, gen: torch.Generator, device) -> dict:
@@ -225,7 +257,8 @@ class Step:
     name: str
     run: Callable[[], object]
     trainable: dict[str, nn.Parameter]
-    model: nn.Module | None = None           # what the step calls (AdaptedUNet for ours, the gated UNet for the peer)
+    model: nn.Module | None = None           # what the step calls (AdaptedUNet for ours, the gated UNet for the peer,
+                                             # the frozen network for the floor)
     compiled: bool = False
     blocks: str | None = None                # our rows: the block choice
     ff_mult: int | None = None               # our rows with FF: the feed-forward's width multiple
@@ -240,13 +273,15 @@ def _maybe_compile(model: nn.Module, compile: bool):
 
 
 def floor_step(w: Workload, *, compile: bool = False) -> Step:
-    """The frozen UNet's forward and backward, gradient to the input only."""
-    unet = _maybe_compile(w.unet, compile)
+    """The frozen network's (UNet's or MM-DiT's) forward and backward, gradient to the input only. Its call is
+    `base.predict`'s, spelled out: a compiled wrapper hides the class `predict` tells them apart by."""
+    net, dit = _maybe_compile(w.unet, compile), w.is_dit
 
     def run():
         x = w.noisy.clone().requires_grad_(True)
         with w.autocast():
-            out = unet(x, w.t, encoder_hidden_states=w.context, added_cond_kwargs=w.added).sample
+            out = (net(hidden_states=x, timestep=w.t, encoder_hidden_states=w.context, **w.added) if dit else
+                   net(x, w.t, encoder_hidden_states=w.context, added_cond_kwargs=w.added)).sample
         F.mse_loss(out.float(), w.target).backward()
     return Step("floor", run, {}, w.unet, compile)
 
@@ -261,7 +296,10 @@ def gligen_peer(unet: nn.Module) -> nn.Module:
     (shared, not copied: the peer costs no second UNet in memory, which an SDXL-size pair on a 24 GB machine needs;
     the frozen weights are never written): a weight of `unet` the gated model has no place for, or a gated-model
     weight other than fuser / position_net left unloaded, is an error. The trainable ones fp32, freshly initialised,
-    on `unet`'s device."""
+    on `unet`'s device. A network other than a UNet (the MM-DiT) has no GLIGEN: an error."""
+    if not isinstance(unet, UNet2DConditionModel):
+        raise ValueError(f"diffusers' GLIGEN (the bench's peer) is made for a UNet's transformer blocks; "
+                         f"{type(unet).__name__} has none: no peer row at this size")
     config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     with torch.device("meta"):
         peer = UNet2DConditionModel(**{**config, "attention_type": "gated"})
@@ -443,11 +481,13 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     x_floor and x_peer against the floor and peer of the same mode, eager or compiled, note) and the
     headline numbers (`ours_samples_per_s` is the default variant, masked+FF, eager, at the size's default blocks and
     feed-forward width, `DEFAULT_BLOCKS` and `DEFAULT_FF_MULT`: the `shapes` preset's for tiny, the `sd15` preset's for
-    sd15, the `sdxl` preset's for sdxl).
+    sd15, the `sdxl` preset's for sdxl, the `sd3` preset's for sd3).
+    On sd3 (an MM-DiT) there is no peer (`gligen_peer`): no `peer` row, `x_peer`, `peer_samples_per_s` and
+    `ours_x_peer` None, a `gligen` variant left out; `peer_note` says so (None at a size with the peer).
     `blocks`: the block choices of our rows (every variant at each; the size's default is always measured).
     `ff_mults`: the feed-forward widths of our rows with FF (each at every block choice; the size's default, the
     preset's `adapter_ff_mult`, is always measured).
-    `side`: the latents' side at sd15 / sdxl size (`make_workload`).
+    `side`: the latents' side at sd15 / sdxl / sd3 size (`make_workload`).
     `extra`: {name: make(workload) -> step()}: more rows, each step one training step on
     `workload.batch` samples, timed in the same rounds."""
     if rounds < 1 or steps_per_round < 1 or warmup < 0:
@@ -458,6 +498,12 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     if size not in SIZES:
         raise ValueError(f"size {size!r}: choose one of {SIZES}")
     variants = tuple(dict.fromkeys(variants))
+    peer_note = None
+    if not HAS_PEER[size]:
+        asked = any(a == "gligen" for a, _ in variants)
+        variants = tuple(v for v in variants if v[0] != "gligen")
+        peer_note = (f"no GLIGEN on {size}: diffusers' GLIGEN is made for a UNet's transformer blocks, {size} is an "
+                     f"MM-DiT; no peer row (x peer n/a)" + (", variant gligen left out" if asked else ""))
     if DEFAULT_VARIANT not in variants:
         variants = (DEFAULT_VARIANT, *variants)
     default_blocks = DEFAULT_BLOCKS[size]
@@ -476,10 +522,11 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
         raise ValueError(f"extra rows {sorted(set(extra) & taken)}: those names are taken")
     w = make_workload(size, device, batch, objects, seed, side)
     rows: dict[str, Step] = {}
-    peer = gligen_peer(w.unet)
+    peer = gligen_peer(w.unet) if HAS_PEER[size] else None
     for compiled in modes:
         tag = " compiled" if compiled else ""
-        for step in (floor_step(w, compile=compiled), peer_step(w, compile=compiled, peer=peer),
+        peers = [peer_step(w, compile=compiled, peer=peer)] if peer is not None else []
+        for step in (floor_step(w, compile=compiled), *peers,
                      *(adapter_step(w, a, ff, blocks=b, ff_mult=m, compile=compiled) for a, ff, b, m in ours_rows)):
             rows[step.name + tag] = step
     if with_train_step:
@@ -504,10 +551,11 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
             base = by_name.get(ref + tag)
             r[key] = r["samples_per_s"] / base if r["samples_per_s"] and base else None
     return dict(
-        ours_samples_per_s=by_name[ours], peer_samples_per_s=by_name["peer"], floor_samples_per_s=by_name["floor"],
-        ours_x_peer=by_name[ours] / by_name["peer"], ours_x_floor=by_name[ours] / by_name["floor"],
+        ours_samples_per_s=by_name[ours], peer_samples_per_s=by_name.get("peer"), floor_samples_per_s=by_name["floor"],
+        ours_x_peer=by_name[ours] / by_name["peer"] if peer is not None else None,
+        ours_x_floor=by_name[ours] / by_name["floor"],
         peer_compiled_samples_per_s=by_name.get("peer compiled"), ours_variant=ours, ours_blocks=default_blocks,
-        ours_ff_mult=default_ff,
+        ours_ff_mult=default_ff, peer_note=peer_note,
         size=size, batch=batch, side=w.noisy.shape[-1],
         objects=w.grounding.present.shape[1], objects_present=int(w.grounding.present.sum()),
         device=str(w.device), device_name=torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else "cpu",
