@@ -42,7 +42,7 @@ from pathlib import Path
 from adapterlib.evaluation import evaluate
 from adapterlib.training.config import BENCH_SIZES, FIELDS, PRESETS, RESUME_FREE, TrainConfig
 from adapterlib.data.manifest import ManifestError
-from adapterlib.model.base import SHIPPED_BASES
+from adapterlib.paths import SHIPPED_BASES
 from adapterlib.files import dumps
 from adapterlib.options import GROUNDING_GUIDANCE
 from adapterlib.training.lock import RunLocked

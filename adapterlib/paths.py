@@ -37,6 +37,9 @@ IN_REPOSITORY = _is_repository(PACKAGE_DIR.parent)
 # (code that resolves paths calls project_root(), which follows later changes of directory)
 REPO_ROOT = PACKAGE_DIR.parent if IN_REPOSITORY else Path.cwd()
 FIGURES = REPO_ROOT / "figures"   # the figures the notebooks write (run folders: runs.runs_root())
+# the shipped bases by name: the tiny UNet (the default) and the tiny MM-DiT (an SD3 transformer in pixel space)
+MODELS = PACKAGE_DIR / "models"
+SHIPPED_BASES = {"shapes-tiny": MODELS / "shapes-tiny", "shapes-dit": MODELS / "shapes-dit"}
 
 
 def project_root() -> Path:

@@ -1,6 +1,6 @@
 """Notebooks 01 to 05 through papermill, as a user runs them, on each kind of base that is not the Shapes default:
-a tiny SD 1.x folder with our adapter, the same folder with diffusers' own GLIGEN modules, and a tiny SDXL folder
-(all built from configs: tests/helpers.py). One chain, parametrized: 01 checks (identity at init), 02 trains 2 steps,
+a tiny SD 1.x folder with our adapter, the same folder with diffusers' own GLIGEN modules, a tiny SDXL folder and a
+tiny SD3 (MM-DiT) folder (all built from configs: tests/helpers.py). One chain, parametrized: 01 checks (identity at init), 02 trains 2 steps,
 03 resumes to 4, 04 reads the gates and runs the checkpoint test with a zero-shot detector (a tiny OWL-ViT), 05 draws
 the gate-effect grid. Nothing here touches the Shapes world: samples, checkpoint tests and 05 use the run's records.
 """
@@ -20,6 +20,7 @@ CHAINS = {
     "sd": ("tiny_sd_folder", "sd15", {}, "coco"),
     "gligen": ("tiny_sd_folder", "sd15", {"adapter_attention": "gligen"}, "coco"),
     "sdxl": ("tiny_sdxl_folder", "sdxl", {}, "photos"),
+    "sd3": ("tiny_sd3_folder", "sd3", {}, "photos"),
 }
 
 

@@ -30,14 +30,11 @@ from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteSched
 from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
                           T5EncoderModel)
 
-from adapterlib.paths import repo_path
+from adapterlib.paths import SHIPPED_BASES, repo_path
 
 
-MODELS = Path(__file__).resolve().parents[1] / "models"          # adapterlib/models/: the shipped bases
-SHIPPED_BASE = MODELS / "shapes-tiny"
-DEFAULT_BASE = "shapes-tiny"  # the name `load_base` resolves to the shipped folder
-SHIPPED_BASES = {"shapes-tiny": MODELS / "shapes-tiny",    # the tiny UNet (the default)
-                 "shapes-dit": MODELS / "shapes-dit"}      # the tiny MM-DiT (an SD3 transformer in pixel space)
+DEFAULT_BASE = "shapes-tiny"  # the name `load_base` resolves to the shipped folder (paths.SHIPPED_BASES: the others)
+SHIPPED_BASE = SHIPPED_BASES[DEFAULT_BASE]
 T5_TOKENS = 256    # the T5 part of an SD3 caption (StableDiffusion3Pipeline's max_sequence_length default)
 
 
