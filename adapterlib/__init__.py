@@ -9,10 +9,11 @@ above (tests/test_structure.py holds this); the notebooks and `python -m adapter
                 `runs`     run folders: names, the runs root, configs, checkpoints listed, metrics.csv
     data/       `manifest` the JSON Lines format and its image transforms (crop, the one flip);
                 `importers` COCO and ODVG into it; `buckets` a layout's object count x overlap
-    model/      `base` the frozen base (the shipped tiny one or a diffusers folder); `precision` device and dtypes;
+    model/      `base` the frozen base (a UNet or an SD3 MM-DiT: the shipped tiny ones or a diffusers folder; the
+                training objective, DDPM's or flow matching's); `precision` device and dtypes;
                 `adapter` the spatial adapter; `gligen` diffusers' GLIGEN modules; `sample` the one denoising loop;
                 `detectors` what measures grounding
-    shapes/     the embedded default: the synthetic world, its colour detector, the tiny base's recipe
+    shapes/     the embedded default: the synthetic world, its colour detector, the tiny bases' recipe (UNet, DiT)
     analysis/   `gates` gate statistics and training phases; `figures` every figure
     training/   `config` the one config and its presets; `evalspec` a run's held-out set and detector checked;
                 `worlds` the seam to the Shapes world; `cache` the encoding cache (key, build, check); `batches` a

@@ -337,6 +337,22 @@ def opened(adapter, value=1.0, seed=0):
     return adapter
 
 
+def sd15_run_on_a_swapped_base(tmp_path, monkeypatch, tiny_sd_folder, other_folder):
+    """An SD 1.5 run "sd" (2 steps, a checkpoint at 2) on a copy of the tiny SD folder, whose folder is then replaced by
+    `other_folder` (another architecture: SDXL, SD3): (the runs root, the run's base folder, its caches so far)."""
+    from adapterlib.training.config import make_config
+    from adapterlib.training.train import train
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
+    base_folder = tmp_path / "base"
+    shutil.copytree(tiny_sd_folder, base_folder)
+    train(make_config("sd15", run_name="sd", data=str(photo_manifest(tmp_path / "d")), base_model=str(base_folder),
+                      steps=2, save_every=2, batch_size=2, n_samples=0), progress=False)
+    shutil.rmtree(base_folder)
+    shutil.copytree(other_folder, base_folder)
+    return runs, base_folder, set((runs / "_cache").iterdir())
+
+
 def write_run(runs, name, base_model, adapter, step=5, **fields):
     """A run folder holding one checkpoint of `adapter`, written by the checkpoint writer training uses."""
     cfg = make_config("shapes", run_name=name, base_model=str(base_model),

@@ -21,7 +21,7 @@ from adapterlib.model.base import load_base
 from adapterlib.data.manifest import GroundedObject, ManifestImages, Record, transform_sample
 
 from helpers import (SDXL_RESOLUTION, TOLERANCE, accelerate_train, build_tiny_owl_folder, max_diff, photo_manifest,
-                     unet_config)
+                     sd15_run_on_a_swapped_base, unet_config)
 from helpers import write_coco_fixture as _coco
 
 
@@ -311,22 +311,12 @@ def test_a_refiner_folder_is_refused_as_a_refiner(tmp_path, tiny_sdxl_folder):
 def test_an_sd15_adapter_loaded_onto_sdxl_or_resumed_on_it_is_refused_before_any_work(
         tmp_path, monkeypatch, tiny_sd_folder, tiny_sdxl_folder, sdxl):
     from adapterlib.training.checkpoint import load_checkpoint
-    from adapterlib.training.config import make_config
     from adapterlib.training.train import resume_config, train
-    runs = tmp_path / "runs"
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
-    manifest = photo_manifest(tmp_path / "d")
-    base_folder = tmp_path / "base"                       # the run's base folder: SD 1.5 now, SDXL later
-    shutil.copytree(tiny_sd_folder, base_folder)
-    train(make_config("sd15", run_name="sd", data=str(manifest), base_model=str(base_folder), steps=2, save_every=2,
-                      batch_size=2, n_samples=0), progress=False)
+    runs, base_folder, caches = sd15_run_on_a_swapped_base(tmp_path, monkeypatch, tiny_sd_folder, tiny_sdxl_folder)
     with pytest.raises(ValueError, match=rf"adapter .*sd.* does not fit the base {tiny_sdxl_folder} \(an SDXL base\): "
                                          r"the adapter was trained with phrase width 32, context width 32, 4 "
                                          r"transformer blocks, this base has phrase width 16, context width 32, 8"):
         load_checkpoint("sd", base=sdxl)
-    shutil.rmtree(base_folder)
-    shutil.copytree(tiny_sdxl_folder, base_folder)
-    caches = set((runs / "_cache").iterdir())
     with pytest.raises(ValueError, match=rf"does not fit the base {base_folder} \(an SDXL base\)"):
         train(resume_config("sd", steps=4), resume=True, progress=False)
     assert set((runs / "_cache").iterdir()) == caches     # refused before any cache was built
