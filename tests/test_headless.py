@@ -313,7 +313,7 @@ def test_train_help_gives_each_presets_own_value_of_every_field(monkeypatch, cap
     # the fields the shapes preset overrides say its value, not the dataclass default
     assert helps["--lr_schedule"].endswith("default: the preset's: shapes, sd15, sdxl, shapes-dit, sd3 'cosine'")
     assert helps["--box_loss_region"].endswith("default: the preset's: shapes, shapes-dit 'layered'; sd15, sdxl, sd3 'box'")
-    assert helps["--adapter_blocks"].endswith("default: the preset's: shapes, sd15, sdxl 'decoder'; shapes-dit, sd3 'all'")
+    assert helps["--adapter_blocks"].endswith("default: the preset's: shapes, sd15, sdxl 'decoder'; shapes-dit, sd3 'middle'")
     assert helps["--adapter_ff_mult"].endswith("default: the preset's: shapes, shapes-dit 2; sd15, sdxl, sd3 4")
     assert helps["--timesteps"].endswith("default: the preset's: shapes, sd15, sdxl, shapes-dit 'uniform'; sd3 "
                                          "'logit-normal'")

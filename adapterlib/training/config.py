@@ -203,14 +203,17 @@ PRESETS = {
 # a centre crop rather than a stretch: the crop's offset and the original size reach the UNet as SDXL's conditioning
 PRESETS["sdxl"] = {**PRESETS["sd15"], "crop": "center"}
 
-# The tiny MM-DiT on Shapes (`shapes-dit`, an SD3 transformer in pixel space): the shapes recipe on the DiT's joint
-# blocks (every one: a stack has no decoder; the choice measured in docs/notes/dit.md) and flow matching's own
-# objective (the base's schedule; `timesteps` uniform draws sigma uniformly, as the base was trained)
-PRESETS["shapes-dit"] = {**PRESETS["shapes"], "base_model": "shapes-dit", "adapter_blocks": "all"}
+# The tiny MM-DiT on Shapes (`shapes-dit`, an SD3 transformer in pixel space): the shapes recipe on the middle third
+# of the DiT's joint blocks (a stack has no decoder; on Shapes `middle` grounded as every block did at 1.5x the
+# speed: docs/notes/dit.md) and flow matching's own objective (`timesteps` uniform draws sigma uniformly, as the
+# base was trained)
+PRESETS["shapes-dit"] = {**PRESETS["shapes"], "base_model": "shapes-dit", "adapter_blocks": "middle"}
 
-# Stable Diffusion 3 / 3.5 (docs/guide/sd3.md): sd15's values and recipe on the MM-DiT's joint blocks, SD3's
-# logit-normal timestep density (diffusers' SD3 examples' default), a centre crop at the base's resolution
-PRESETS["sd3"] = {**PRESETS["sd15"], "adapter_blocks": "all", "timesteps": "logit-normal", "crop": "center"}
+# Stable Diffusion 3 / 3.5 (docs/guide/sd3.md): sd15's values and recipe on the middle third of the MM-DiT's joint
+# blocks (the tiny DiT's choice; ContextGen's on FLUX; at SD3 width a third of every block's adapter memory and
+# about the frozen step's cost: docs/notes/recipe.md), SD3's logit-normal timestep density (diffusers' SD3 examples'
+# default), a centre crop at the base's resolution
+PRESETS["sd3"] = {**PRESETS["sd15"], "adapter_blocks": "middle", "timesteps": "logit-normal", "crop": "center"}
 
 # Which family of base each user preset is for: a run of one on the other family's base is refused before any work
 PRESET_FAMILY = {"shapes": "unet", "sd15": "unet", "sdxl": "unet", "shapes-dit": "mmdit", "sd3": "mmdit"}
