@@ -224,7 +224,7 @@ def test_the_bench_sd3_transformer_is_sd3_medium():
     assert all(isinstance(b, JointTransformerBlock) for b in blocks.values())
     assert round(sum(p.numel() for p in net.parameters()) / 1e9, 2) == 2.03     # SD3-medium's 2.028 B
     assert (bench.SD3_CONTEXT, bench.SD3_POOLED) == (77 + 256, 2048)            # CLIP + T5 tokens; 768 + 1280
-    assert bench.DEFAULT_BLOCKS["sd3"] == "all" and not bench.HAS_PEER["sd3"]
+    assert bench.DEFAULT_BLOCKS["sd3"] == "middle" and not bench.HAS_PEER["sd3"]     # the sd3 preset's
     assert all(bench.HAS_PEER[size] for size in ("tiny", "sd15", "sdxl"))
 
 
@@ -232,7 +232,7 @@ def test_the_bench_sd3_rows_run_the_mmdit_floor_and_ours_at_each_block_choice(mo
     monkeypatch.setattr(bench, "sd3_transformer_config", tiny_sd3_config)
     seen = []
     result = bench.run_bench("sd3", device="cpu", batch=1, rounds=1, steps_per_round=1, warmup=0, side=16,
-                             variants=(("masked", True), ("gligen", True)), blocks=("first-half", "middle"),
+                             variants=(("masked", True), ("gligen", True)), blocks=("all", "first-half"),
                              extra={"workload": lambda w: seen.append(w) or (lambda: None)})
     w = seen[0]
     assert w.is_dit and w.unet.config.sample_size == 16 and w.text_dim == 2048 and w.peer_phrases is None
@@ -240,14 +240,14 @@ def test_the_bench_sd3_rows_run_the_mmdit_floor_and_ours_at_each_block_choice(mo
     assert w.t.dtype == torch.float32 and 0 <= w.t.item() < 1000
     assert w.added["pooled_projections"].shape == (1, 24)
     rows = {r["name"]: r for r in result["rows"]}
-    names = [bench.variant_name("masked", True, b) for b in ("all", "first-half", "middle")]
+    names = [bench.variant_name("masked", True, b) for b in ("middle", "all", "first-half")]   # the preset's first
     assert list(rows) == ["floor", *names, "workload"]          # no peer row; the gligen variant left out
     for name in ("floor", *names):
         assert rows[name]["samples_per_s"] > 0 and rows[name]["x_peer"] is None, name
     assert all(rows[n]["x_floor"] > 0 for n in names) and rows["floor"]["trainable_params"] == 0
     params = [rows[n]["trainable_params"] for n in names]
-    assert params[0] > params[1] > params[2] > 0                # 6 blocks, 3 (the first half), 2 (the middle third)
-    assert [rows[n]["blocks"] for n in names] == ["all", "first-half", "middle"]
+    assert params[1] > params[2] > params[0] > 0                # 6 blocks, 3 (the first half), 2 (the middle third)
+    assert [rows[n]["blocks"] for n in names] == ["middle", "all", "first-half"]
     assert result["ours_variant"] == names[0] and result["ours_x_floor"] > 0 and result["side"] == 16
     assert result["peer_samples_per_s"] is None and result["ours_x_peer"] is None
     assert "no GLIGEN on sd3" in result["peer_note"] and "variant gligen left out" in result["peer_note"]
@@ -262,7 +262,7 @@ def test_the_cli_on_sd3_says_there_is_no_peer_and_refuses_a_unets_block_choice(m
     assert main([*args, "--blocks", "last-half"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
-    assert [r["name"] for r in result["rows"]] == ["floor", "ours masked+FF", "ours masked+FF [last-half]"]
+    assert [r["name"] for r in result["rows"]] == ["floor", "ours masked+FF [middle]", "ours masked+FF [last-half]"]
     assert result["peer_note"] in lines and not any(line.startswith("peer ") for line in lines)
     assert main([*args, "--blocks", "decoder"]) == 2
     assert "adapter_blocks 'decoder' is a UNet's choice" in capsys.readouterr().err
