@@ -413,3 +413,96 @@ def accelerate_train(root, args: list[str]) -> subprocess.CompletedProcess:
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny GroundingDINO and SAM
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+BERT_WORDS = ["a", "and", "red", "blue", "green", "yellow", "circle", "square", "triangle", "ball", "box", "dog", "cat"]
+
+
+def write_bert_tokenizer(folder: Path) -> int:
+    """A tiny BERT WordPiece tokenizer (vocab.txt + configs) whose special tokens sit at bert-base-uncased's ids
+    ([PAD] 0, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103, "." 1012, "?" 1029): GroundingDINO's modelling code
+    finds the phrase delimiters by those ids. Any lower-case word tokenizes (letters and "##" letters), a few
+    whole. Returns the vocab size."""
+    from transformers import BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789,'-")
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += chars + ["##" + c for c in chars] + BERT_WORDS
+
+    def fill_to(index: int):
+        tokens.extend(f"[unused{i}]" for i in range(len(tokens), index))
+
+    fill_to(1012)
+    tokens.append(".")
+    fill_to(1029)
+    tokens.append("?")
+    (folder / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    return len(tokens)
+
+
+def build_tiny_grounding_dino_folder(folder) -> Path:
+    """A random-weight GroundingDINO folder as IDEA-Research/grounding-dino-tiny's download looks: config.json
+    (model_type "grounding-dino") + model.safetensors, a BERT tokenizer (`write_bert_tokenizer`),
+    preprocessor_config.json (images resized to 64 on their longer side). A 3-stage Swin of width 8, a 1-layer
+    BERT of width 32, d_model 32 (GroundingDINO's GroupNorm needs 32 channels), 1 encoder and 2 decoder layers
+    (the decoder's box heads are tied, which needs two), 20 queries, 64 text tokens. Tamed as the OWL folder is: the
+    last text layer norm is scaled down, so scores spread around 0.5 instead of saturating at 1.0, and the box
+    head is given a bias towards wider boxes, so that some of the 20 boxes overlap above 0.8 (NMS has work to do)."""
+    from transformers import BertConfig, GroundingDinoConfig, GroundingDinoForObjectDetection, SwinConfig
+
+    folder = Path(folder)
+    vocab = write_bert_tokenizer(folder)
+    torch.manual_seed(0)
+    model = GroundingDinoForObjectDetection(GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=8, depths=[1, 1, 1], num_heads=[1, 1, 1], window_size=4, image_size=64,
+                                   out_indices=[1, 2, 3]),
+        text_config=BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=64),
+        d_model=32, num_queries=20, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_n_points=2, decoder_n_points=2,
+        max_text_len=64))
+    with torch.no_grad():
+        norm = model.model.encoder.layers[-1].text_enhancer_layer.layer_norm_after
+        norm.weight.mul_(0.1)
+        norm.bias.mul_(0.1)
+        last = model.bbox_embed[0].layers[-1]               # tied: every decoder layer's box head
+        last.weight.normal_(0.0, 0.02)
+        last.bias.copy_(torch.tensor([0.0, 0.0, 2.0, 2.0]))
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "GroundingDinoImageProcessor", "processor_class": "GroundingDinoProcessor",
+        "do_resize": True, "size": {"shortest_edge": 64, "longest_edge": 64}, "resample": 2, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD,
+        "do_pad": True, "format": "coco_detection"}))
+    return folder
+
+
+def build_tiny_sam_folder(folder) -> Path:
+    """A random-weight SAM folder as facebook/sam-vit-huge's download looks (config.json with model_type "sam",
+    model.safetensors, preprocessor_config.json), at toy size: a 1-layer ViT of width 16 on 64 x 64 inputs (16 px
+    patches: a 4 x 4 embedding, 16 x 16 low-resolution masks), images resized to 64 on their longer side and padded."""
+    from transformers import SamConfig, SamModel
+
+    folder = Path(folder)
+    torch.manual_seed(0)
+    SamModel(SamConfig(
+        vision_config=dict(hidden_size=16, output_channels=16, num_hidden_layers=1, num_attention_heads=1,
+                           image_size=64, patch_size=16, window_size=2, global_attn_indexes=[0], mlp_dim=32,
+                           num_pos_feats=8),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2,
+                                 iou_head_hidden_dim=16),
+    )).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "SamImageProcessor", "processor_class": "SamProcessor", "do_resize": True,
+        "size": {"longest_edge": 64}, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "do_pad": True,
+        "pad_size": {"height": 64, "width": 64}, "mask_size": {"longest_edge": 16},
+        "mask_pad_size": {"height": 16, "width": 16}, "do_convert_rgb": True}))
+    return folder

@@ -29,6 +29,8 @@ Detection = tuple[Box | None, float]      # the best box for a phrase (None: not
 TABLE_COLUMNS = ["record", "id", "phrase", "color", "box", "found_box", "score", "iou", "found", "success",
                  "color_present", "measurable"]
 ZERO_SHOT_TYPES = ("owlvit", "owlv2")     # config.json model_type values ZeroShotDetector runs
+GROUNDING_DINO_TYPES = ("grounding-dino",)  # ... and grounding_dino.GroundingDinoDetector runs
+DETECTOR_TYPES = ZERO_SHOT_TYPES + GROUNDING_DINO_TYPES   # every detector folder `worlds.load_detector` takes
 EXPECTED_FILES = "config.json, model.safetensors, preprocessor_config.json and tokenizer files"
 
 
@@ -202,25 +204,32 @@ class ZeroShotDetector(Detector):
 
 def check_detector_folder(path: str | Path, field: str = "detector") -> str:
     """A zero-shot detector folder checked before anything loads (or any sampling starts): it exists, its
-    config.json names OWL-ViT or OWLv2, and the weights (safetensors), the image processor's config and the
-    tokenizer files are there; a clear error naming the folder and what is missing otherwise. Returns the
-    model_type."""
+    config.json names OWL-ViT, OWLv2 or GroundingDINO (DETECTOR_TYPES), and the weights (safetensors), the image
+    processor's config and the tokenizer files (OWL's CLIP BPE tokenizer: tokenizer.json or vocab.json +
+    merges.txt; GroundingDINO's BERT WordPiece tokenizer: tokenizer.json or vocab.txt) are there; a clear error
+    naming the folder and what is missing otherwise. Returns the model_type."""
     path = Path(path)
     model_type = _zero_shot_model_type(path, field)
+    if model_type in GROUNDING_DINO_TYPES:
+        tokenizer = ("tokenizer.json or vocab.txt", (path / "tokenizer.json").is_file()
+                     or (path / "vocab.txt").is_file())
+    else:
+        tokenizer = ("tokenizer.json or vocab.json + merges.txt", (path / "tokenizer.json").is_file()
+                     or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()))
     missing = [name for name, present in (
         ("model.safetensors", (path / "model.safetensors").is_file()
          or (path / "model.safetensors.index.json").is_file()),
         ("preprocessor_config.json", (path / "preprocessor_config.json").is_file()),
-        ("tokenizer.json or vocab.json + merges.txt", (path / "tokenizer.json").is_file()
-         or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()))) if not present]
+        tokenizer) if not present]
     if missing:
         raise FileNotFoundError(f"{field}: detector folder {path} lacks {', '.join(missing)}: expected {_HINT} "
                                 "(a pickled pytorch_model.bin is not loaded)")
     return model_type
 
 
-_HINT = ("a local transformers zero-shot detection model (OWL-ViT or OWLv2) with "
-         f"{EXPECTED_FILES}, e.g. `hf download google/owlv2-base-patch16-ensemble --local-dir DIR`")
+_HINT = ("a local transformers zero-shot detection model (OWL-ViT, OWLv2 or GroundingDINO) with "
+         f"{EXPECTED_FILES}, e.g. `hf download google/owlv2-base-patch16-ensemble --local-dir DIR` or "
+         "`hf download IDEA-Research/grounding-dino-tiny --local-dir DIR`")
 
 
 def _zero_shot_model_type(path: Path, field: str = "detector") -> str:
@@ -235,7 +244,7 @@ def _zero_shot_model_type(path: Path, field: str = "detector") -> str:
         model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
         raise ValueError(f"detector folder {path}: config.json is not a JSON object ({e})") from e
-    if model_type not in ZERO_SHOT_TYPES:
+    if model_type not in DETECTOR_TYPES:
         raise ValueError(f"detector folder {path}: model_type {model_type!r} is not supported; expected one of "
-                         f"{list(ZERO_SHOT_TYPES)} ({hint})")
+                         f"{list(DETECTOR_TYPES)} ({hint})")
     return model_type

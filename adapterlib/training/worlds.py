@@ -8,7 +8,8 @@ embedded default: a generated Shapes set). What the generic path needs from a wo
 - `heldout_records` / `ground_truth_images`: the shipped held-out layouts (version 1, or version 2:
   stratified by object count and overlap, for `buckets.bucket_report`) and their renders;
 - `load_detector` / `measure`: the detector that scores grounding ("color": the Shapes colour detector,
-  the default; or a local zero-shot detection model folder) and its per-object table and summary.
+  the default; or a local zero-shot detection model folder: OWL-ViT, OWLv2, GroundingDINO) and its
+  per-object table and summary.
 The Shapes world is imported here, inside these functions, and nowhere on the generic path.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapterlib.data.manifest import Record
-from adapterlib.model.detectors import Detector, ZeroShotDetector, score_grounding
+from adapterlib.model.detectors import (GROUNDING_DINO_TYPES, Detector, ZeroShotDetector, check_detector_folder,
+                                        score_grounding)
 from adapterlib.paths import repo_path
 
 SHAPES = "shapes"
@@ -84,7 +86,9 @@ def ground_truth_images(records: list[Record]):
 
 def load_detector(spec: str | Path | Detector = "color", device: str | None = None) -> Detector:
     """A detector: "color" or "" (the Shapes colour detector), a folder with a local OWL-ViT / OWLv2 model
-    (`detectors.ZeroShotDetector`, on `device`), or a Detector, returned as it is."""
+    (`detectors.ZeroShotDetector`, on `device`) or GroundingDINO model (`grounding_dino.GroundingDinoDetector`,
+    with the COCO-MIG protocol's thresholds), chosen by its config.json's model_type before anything loads, or a
+    Detector, returned as it is."""
     if isinstance(spec, Detector):
         return spec
     if str(spec) in ("color", ""):
@@ -92,6 +96,9 @@ def load_detector(spec: str | Path | Detector = "color", device: str | None = No
         detector = ColorDetector()
         detector.spec = "color"
         return detector
+    if check_detector_folder(Path(spec)) in GROUNDING_DINO_TYPES:    # a bad folder: its clear error, nothing loaded
+        from adapterlib.model.grounding_dino import GroundingDinoDetector
+        return GroundingDinoDetector(spec, device=device)
     return ZeroShotDetector(spec, device=device)
 
 
