@@ -91,13 +91,18 @@ def _parser() -> argparse.ArgumentParser:
                          "caption is guided. on: the earlier name of base")
     ev.add_argument("--layouts", "--manifest", dest="layouts", default=None, metavar="v1|v2|MANIFEST",
                     help="the layouts: v1 (the 200 shipped held-out layouts), v2 (220 held-out layouts by object count "
-                         "1-6 x overlap) or a manifest (JSON Lines) path; default: a run's own layouts (its `heldout` "
+                         "1-6 x overlap), a manifest (JSON Lines) path, or a COCO-MIG layout file (MIG-Bench's JSON, "
+                         "measured also the MIG way: L2-L6, ISR, mIoU, image success; the Shapes one ships as "
+                         "adapterlib/shapes/mig_shapes.json); default: a run's own layouts (its `heldout` "
                          "field; else the held-out set of its Shapes world: v2 for shapes-v2, v1 for shapes; else its "
                          "first training records, marked 'not held out'); with no run, v2 (the default preset's "
                          "held-out set, that of the default run and the README's ceiling)")
     ev.add_argument("--detector", default=None,
-                    help="'color' (the Shapes colour detector) or a folder with a local OWL-ViT / OWLv2 model "
-                         "(transformers format); default: a run's `detector` field, else 'color'")
+                    help="'color' (the Shapes colour detector) or a folder with a local OWL-ViT / OWLv2 or "
+                         "GroundingDINO model (transformers format); default: a run's `detector` field, else 'color'")
+    ev.add_argument("--sam", default=None, metavar="DIR",
+                    help="a local SAM folder (transformers format): the COCO-MIG colour check reads the SAM mask "
+                         "prompted with each layout box, as the benchmark does (default: the box's pixels)")
     ev.add_argument("--device", default=None, help="torch device for sampling (default: cuda if available, else cpu)")
     ev.add_argument("--gligen", default=None, metavar="DIR",
                     help="evaluate a diffusers GLIGEN folder (its fusers and position net) on --base, e.g. the released "
@@ -407,24 +412,58 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.reference == "base":
         _check_real_base_is_measured(args, "--reference base")
     layouts = _layouts(args)
+    if args.reference == "ground-truth" and not layouts.has_ground_truth:
+        raise ValueError(f"--reference ground-truth: {layouts.source} has layouts without an image or a Shapes seed, "
+                         "so there is no ground truth to measure")
     detector = load_detector(evaluate.detector_spec(args.detector), args.device)
-    ceiling, _ = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
+    measure = dict(detector=detector, segmenter=_segmenter(args))
+    ceiling = truth = None
+    if layouts.has_ground_truth:
+        ceiling, truth = evaluate.evaluate(layouts, reference="ground-truth", **measure)
     if args.reference == "ground-truth":
-        name, extra, (table, summary) = "ground truth", {}, (ceiling, _)
+        name, extra, (table, summary) = "ground truth", {}, (ceiling, truth)
     else:
         name, extra = f"base ({args.base})", {"base": args.base, "steps": args.sampling_steps, "guidance": args.guidance}
         base = evaluate.load_base_for(args.base, args.device)
         print(f"sampling {len(layouts)} images from {base.path} on {base.device} "
               f"({args.sampling_steps} steps, guidance {args.guidance})", file=sys.stderr, flush=True)
-        table, summary = evaluate.evaluate(layouts, reference="base", base=base, detector=detector,
-                                           steps=args.sampling_steps, guidance=args.guidance)
+        table, summary = evaluate.evaluate(layouts, reference="base", base=base, steps=args.sampling_steps,
+                                           guidance=args.guidance, **measure)
     print(f"on {layouts.title}")
     print(evaluate.format_summary({name: summary}))
     report = bucket_report(layouts.records, table, ceiling=ceiling)
     print(f"\nby bucket (objects x overlap; the ceiling is the ground truth's):\n{format_buckets(report, measured=name)}")
+    extra.update(_protocol_report(layouts, args, {**({} if truth is None or args.reference == "ground-truth"
+                                                     else {"ground truth": truth}), name: summary}))
     _print_json({**summary, "reference": args.reference, "layouts": layouts.source,
                  "detector": evaluate.detector_spec(args.detector), **extra, "buckets": bucket_rows(report)})
     return 0
+
+
+def _segmenter(args: argparse.Namespace):
+    """The SAM segmenter of --sam (checked and loaded before any sampling), else None."""
+    if getattr(args, "sam", None) is None:
+        return None
+    from adapterlib.model.segment import BoxSegmenter
+    return BoxSegmenter(args.sam, device=args.device)
+
+
+def _protocol_report(layouts: evaluate.Layouts, args: argparse.Namespace, rows: dict[str, dict]) -> dict:
+    """For the layouts of a COCO-MIG file: print the L2-L6 table of `rows` (name -> summary with its "levels")
+    and return the JSON's protocol fields (the measured row's levels are already the summary's "levels" at the
+    top level; the ground truth's and the base's beside them). Nothing for other layouts."""
+    from adapterlib.evaluation.protocols import format_levels
+    if layouts.protocol is None:
+        return {}
+    region = "SAM masks" if args.sam else "the box's pixels (no --sam)"
+    print(f"\n{layouts.protocol} on {layouts.title}, by level (instances), colour checked on {region}:")
+    print(format_levels({name: summary["levels"] for name, summary in rows.items()}))
+    out = {"protocol": layouts.protocol, "color_region": "sam" if args.sam else "box"}
+    for name, summary in rows.items():
+        key = "ground_truth_levels" if name == "ground truth" else "base_levels" if name.startswith("base") else None
+        if key is not None:
+            out[key] = summary["levels"]
+    return out
 
 
 def _evaluate_run(args: argparse.Namespace) -> int:
@@ -440,25 +479,32 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     spec = evaluate.run_detector(run_dir, args.detector)
     detector = load_detector(spec, args.device)
     evaluate.check_measurable(detector, layouts)                 # before anything is sampled
+    segmenter = _segmenter(args)
     ckpt = load_checkpoint(run_dir, args.checkpoint, device=args.device)
     print(f"sampling {len(layouts)} layouts ({layouts.source}): base alone (or its cached samples), then "
           f"{ckpt.name} (scale {args.scale}, tau {args.tau}, guidance {args.guidance}, grounding guidance "
           f"{args.grounding_guidance})", file=sys.stderr, flush=True)
     sampling = dict(steps=args.sampling_steps, guidance=args.guidance)
-    ceiling, truth = evaluate.evaluate(layouts, reference="ground-truth", detector=detector)
-    base_table, base_alone = evaluate.evaluate(layouts, reference="base", base=ckpt.base, detector=detector, **sampling)
+    measure = dict(detector=detector, segmenter=segmenter)
+    ceiling, truth = (evaluate.evaluate(layouts, reference="ground-truth", **measure) if layouts.has_ground_truth
+                      else (None, None))
+    base_table, base_alone = evaluate.evaluate(layouts, reference="base", base=ckpt.base, **measure, **sampling)
     table, adapter = evaluate.evaluate(layouts, reference="adapter", base=ckpt.base, adapter=ckpt.adapter,
-                                       detector=detector, scale=args.scale, tau=args.tau,
-                                       grounding_guidance=args.grounding_guidance, **sampling)
+                                       scale=args.scale, tau=args.tau, grounding_guidance=args.grounding_guidance,
+                                       **measure, **sampling)
     print(f"{run_dir.name} on {layouts.title}, by {detector.name}")
-    print(evaluate.format_summary({"ground truth": truth, "base alone (scale 0)": base_alone,
-                                   f"adapter step {ckpt.step}": adapter}))
+    rows = {**({"ground truth": truth} if truth is not None else {}), "base alone (scale 0)": base_alone,
+            f"adapter step {ckpt.step}": adapter}
+    print(evaluate.format_summary(rows))
     report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
     print(f"\nby bucket (objects x overlap; ratio = adapter / ceiling):\n{format_buckets(report)}")
+    protocol = _protocol_report(layouts, args, rows)
     _print_json({**adapter, "run": str(run_dir), "step": ckpt.step, "scale": args.scale, "tau": args.tau,
                  "guidance": args.guidance, "grounding_guidance": args.grounding_guidance,
-                 "layouts": layouts.source, "held_out": layouts.held_out, "detector": spec,
-                 "base_success_rate": base_alone["success_rate"], "ground_truth_success_rate": truth["success_rate"],
+                 "layouts": layouts.source, "held_out": layouts.held_out, "detector": spec, **protocol,
+                 "base_success_rate": base_alone["success_rate"],
+                 "ground_truth_success_rate": truth["success_rate"] if truth is not None else None,
+                 "ground_truth_o_miou": truth["o_miou"] if truth is not None else None,
                  "buckets": bucket_rows(report)})
     return 0
 

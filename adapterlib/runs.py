@@ -147,6 +147,8 @@ def resolve_checkpoint(run: Path, which: str | int = "latest") -> tuple[int, Pat
 
 METRIC_COLUMNS = ["step", "loss", "loss_avg", "lr", "grad_norm", "gate_mean", "gate_max", "gate_raw_max",
                   "samples_per_s", "wall_s", "skipped"]
+# at a checkpoint (`checkpoint_grounding`): its samples measured by the run's detector; empty on other rows
+GROUNDING_COLUMNS = ["grounding_success", "grounding_miou", "grounding_o_miou"]
 
 
 class RunLog:
@@ -155,7 +157,7 @@ class RunLog:
 
     def __init__(self, run: Path, gate_columns: list[str], resume_step: int | None, tensorboard: bool = False):
         self.log_path, self.csv_path = Path(run) / "train.log", Path(run) / "metrics.csv"
-        self.columns = METRIC_COLUMNS + gate_columns
+        self.columns = METRIC_COLUMNS + gate_columns + GROUNDING_COLUMNS
         rows = []
         if resume_step is not None and self.csv_path.exists():
             with self.csv_path.open() as f:
@@ -181,10 +183,10 @@ class RunLog:
     def row(self, row: dict) -> None:
         with self.csv_path.open("a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
-        self.text(" ".join(f"{k}={_fmt(row[k])}" for k in METRIC_COLUMNS))
+        self.text(" ".join(f"{k}={_fmt(row[k])}" for k in METRIC_COLUMNS + [c for c in GROUNDING_COLUMNS if c in row]))
         if self.board is not None:
             for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
+                if k != "step" and isinstance(v, (int, float)) and v == v:          # NaN (nothing measured): left out
                     self.board.add_scalar(k, v, row["step"])
             self.board.flush()
 

@@ -23,7 +23,8 @@ from adapterlib.training.config import make_config
 from adapterlib.paths import REPO_ROOT
 from adapterlib.runs import list_checkpoints, read_metrics
 from adapterlib.training.train import resume_config, train
-from helpers import TIMEOUT_S, TOLERANCE, accelerate_train, free_port, launch_command, max_diff, train_env
+from helpers import (TIMEOUT_S, TOLERANCE, accelerate_train, free_port, launch_command, max_diff, photo_manifest,
+                     train_env)
 
 pytestmark = pytest.mark.slow
 
@@ -166,3 +167,23 @@ def test_phrase_dropout_of_batch_parts_is_the_whole_batch_draw():
         n = part.present.shape[1]
         assert torch.equal(part.keep_text, whole.keep_text[start:start + 2, :n])
         assert torch.equal(part.present, whole.present[start:start + 2, :n])
+
+
+@pytest.mark.parametrize("preset, folder", [("sdxl", "tiny_sdxl_folder"), ("sd3", "tiny_sd3_folder")])
+def test_two_processes_on_a_latent_base_train_what_one_does(tmp_path, monkeypatch, request, preset, folder):
+    """`accelerate launch` with 2 CPU processes on a tiny SDXL (pooled embeddings and time_ids: its added
+    conditioning) and a tiny SD3 (pooled projections, flow-matching sigmas): each rank takes its rows of the global
+    batch with everything a row carries, so the job trains what one process does."""
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
+    settings = dict(base_model=str(request.getfixturevalue(folder)), data=str(photo_manifest(tmp_path / "d")),
+                    steps=3, batch_size=4, save_every=3, log_every=1, n_samples=0, device="cpu", mixed_precision="no",
+                    lr=1e-3)
+    one = train(make_config(preset, run_name="one", **settings), progress=False)
+    done = accelerate_train(runs, ["--preset", preset, "--run_name", "two",
+                                   *[f for k, v in settings.items() for f in (f"--{k}", str(v))]])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "global batch 4 = 2 processes x 2" in (runs / "two" / "train.log").read_text()
+    a, b = (load_file(str(r / "final" / "adapter.safetensors")) for r in (one, runs / "two"))
+    assert max(b[k].abs().max().item() for k in b if "gate" in k) > 0          # it trained
+    assert max_diff(a, b) < TOLERANCE

@@ -56,8 +56,8 @@ def test_notebook_04_gives_a_grounding_vs_step_table_on_the_heldout_records_with
     shown_table = text.split("success_rate", 1)[1].split("\n\n")[0]          # the first block of the repr
     table = [line.split() for line in shown_table.splitlines()[1:]]
     assert [row[1] for row in table] == ["0", "2", "4"]                 # index, step
-    assert all(0 <= float(row[2]) <= 1 and not math.isnan(float(row[3])) and row[5] == "4" for row in table)
-    # success, mIoU, n_objects
+    assert all(0 <= float(row[2]) <= 1 and not math.isnan(float(row[3])) and row[6] == "4" for row in table)
+    # success, mIoU, (O-mIoU, colour presence), n_objects
     # the probe files: every checkpoint measured on the held-out records, by the -p detector
     steps = [0] + [s for s, _ in list_checkpoints(run)]
     for step in steps:
@@ -178,3 +178,32 @@ def test_export_loads_on_the_same_device_as_evaluate_by_default():
     from adapterlib.__main__ import _parser
     assert _parser().parse_args(["export", "r", "--out", "x"]).device == "auto"
     assert _parser().parse_args(["evaluate", "r"]).device in (None, "auto")
+
+
+def test_the_coco_mig_path_end_to_end_with_grounding_dino_and_sam_on_a_tiny_sd_base(coco_run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """A COCO-imported layout file in MIG-Bench's format (each instance given a colour, as mig_bench_prepare does),
+    measured the MIG way on the tiny-SD run: a tiny GroundingDINO finds each noun, a tiny SAM gives the colour check's
+    region. COCO layouts have no ground-truth image: no ceiling rows, said by their absence."""
+    from adapterlib.data.manifest import GroundedObject, Record, read_manifest
+    from adapterlib.data.mig import write_mig
+    from helpers import build_tiny_grounding_dino_folder, build_tiny_sam_folder
+    colours = ["red", "blue", "green", "yellow", "black", "white", "brown"]
+    records = [Record(r.caption, tuple(GroundedObject(f"{colours[(i + k) % 7]} {o.phrase}", o.box)
+                                       for k, o in enumerate(r.objects)), id=r.id)
+               for i, r in enumerate(read_manifest(coco_run["heldout"], require_image=False))]
+    mig = write_mig(tmp_path / "coco_mig.json", records)
+    gdino, sam = build_tiny_grounding_dino_folder(tmp_path / "gdino"), build_tiny_sam_folder(tmp_path / "sam")
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(coco_run["runs"]))
+    capsys.readouterr()
+    assert main(["evaluate", "coco", "--layouts", str(mig), "--detector", str(gdino), "--sam", str(sam),
+                 "--limit", "2", "--sampling-steps", "2"]) == 0
+    text = capsys.readouterr().out
+    result = json.loads(text.strip().splitlines()[-1])
+    n = sum(len(r.objects) for r in records[:2])
+    assert result["protocol"] == "coco-mig" and result["color_region"] == "sam" and "colour checked on SAM masks" in text
+    assert result["levels"]["average"]["n_instances"] == n and result["base_levels"]["average"]["n_instances"] == n
+    assert "ground_truth_levels" not in result and result["ground_truth_success_rate"] is None
+    for levels in (result["levels"], result["base_levels"]):
+        assert all(0 <= v["isr"] <= 1 and 0 <= v["miou"] <= 1 for v in levels.values())
+    assert result["detector"] == str(gdino)

@@ -257,12 +257,40 @@ def test_bucket_report_on_a_hand_made_table():
     assert np.allclose(report.base_success_rate, [0.0, 0.5, 0.0])
     assert np.allclose(report.ratio, [0.5, 1.0, 1.0])
     rows = bucket_rows(report)
+    nan = float("nan")                                             # no boxes in these tables: no O-mIoU
     assert rows[2] == pytest.approx(dict(objects=2, overlap=True, n_layouts=1, n_objects=2, success_rate=0.5,
                                          miou=0.45, ceiling_success_rate=0.5, ceiling_miou=0.6,
-                                         base_success_rate=0.0, base_miou=0.1, ratio=1.0))
+                                         base_success_rate=0.0, base_miou=0.1, ratio=1.0, o_miou=nan,
+                                         ceiling_o_miou=nan, base_o_miou=nan), nan_ok=True)
     assert [type(rows[2][k]) for k in ("objects", "overlap", "n_objects", "ratio")] == [int, bool, int, float]
     assert {"objects", "overlap", "n_objects", "success_rate", "ceiling_success_rate"} <= set(rows[0])
     assert "ratio" in format_buckets(report) and "base" in format_buckets(report)
+
+
+def test_o_miou_is_the_iou_of_the_overlap_regions_averaged_per_image_then_over_images():
+    from adapterlib.data.buckets import o_miou, overlap_ious
+    records = [_record(A, C), _record(A, B, C), _record(A, B)]     # pairs: (0, 1); (0, 2), (1, 2); none
+    half = (0.25, 0.25, 0.5, 0.5)                                  # A and C's overlap region
+    rows = [(0, A, A), (0, C, C),                                  # found exactly: the overlap is exact, 1
+            (1, A, (0.0, 0.0, 0.5, 0.375)), (1, B, None), (1, C, C),   # B not found: its pair is 0
+            (2, A, A), (2, B, B)]
+    table = pd.DataFrame([dict(record=r, box=b, found_box=f, measurable=True) for r, b, f in rows])
+    pairs = overlap_ious(records, table)
+    assert list(zip(pairs.record, pairs["first"], pairs.second)) == [(0, 0, 1), (1, 0, 2), (1, 1, 2)]
+    # record 1, pair (A, C): found overlap (0.25, 0.25, 0.5, 0.375) against the requested `half`: IoU 0.5
+    assert np.allclose(pairs.o_iou, [1.0, 0.5, 0.0])
+    assert o_miou(pairs) == pytest.approx((1.0 + (0.5 + 0.0) / 2) / 2)   # per image, then over images
+    assert math.isnan(o_miou(overlap_ious(records[2:], table[table.record == 2].assign(record=0))))
+    disjoint = table.copy()                                        # found boxes that no longer meet: 0, not an IoU
+    disjoint.at[1, "found_box"] = (0.6, 0.6, 0.9, 0.9)
+    assert overlap_ious(records, disjoint).o_iou.iloc[0] == 0.0
+    assert half == (0.25, 0.25, 0.5, 0.5)
+    report = bucket_report(records, table.assign(success=True, iou=1.0), ceiling=table.assign(success=True, iou=1.0))
+    assert np.allclose(report.set_index(["objects", "overlap"]).loc[[(2, True), (3, True)], "o_miou"], [1.0, 0.25])
+    assert report.set_index(["objects", "overlap"]).loc[(2, False), "o_miou"] != report.o_miou.max()  # NaN there
+    assert "adapter O-mIoU" in format_buckets(report)
+    with pytest.raises(ValueError, match="3 rows for record 1 but it has 2 objects"):
+        overlap_ious([records[0], records[2]], table[table.record < 2].assign(record=[0, 0, 1, 1, 1]))
 
 
 def test_bucket_report_edge_cases():

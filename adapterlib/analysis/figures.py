@@ -180,18 +180,24 @@ def plot_buckets(report: pd.DataFrame, measured: str = "adapter"):
 
 
 def plot_progress(metrics: pd.DataFrame, axes=None):
-    """Loss (raw and smoothed) and the gate (mean over layers, max) against step."""
+    """Loss (raw and smoothed) and the gate (mean over layers, max) against step; with them, where the run measured
+    its checkpoint samples (`checkpoint_grounding`), grounding success and mIoU at each checkpoint."""
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(10, 3.2))
     loss_ax, gate_ax = axes
     loss_ax.clear(); gate_ax.clear()
+    measured = metrics.dropna(subset=["grounding_success"]) if "grounding_success" in metrics else metrics.iloc[:0]
     if len(metrics):
         loss_ax.plot(metrics.step, metrics.loss, alpha=0.3, label="loss")
         loss_ax.plot(metrics.step, metrics.loss_avg.ewm(span=10).mean(), label="smoothed")
         gate_ax.plot(metrics.step, metrics.gate_mean, label="gate mean |tanh|")
         gate_ax.plot(metrics.step, metrics.gate_max, label="gate max", alpha=0.6)
+    if len(measured):
+        gate_ax.plot(measured.step, measured.grounding_success, "o-", color="tab:green", label="grounding success")
+        gate_ax.plot(measured.step, measured.grounding_miou, "s--", color="tab:olive", label="grounding mIoU")
     loss_ax.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
-    gate_ax.set(xlabel="step", ylabel="tanh(gate)", title="gates")
+    gate_ax.set(xlabel="step", ylabel="tanh(gate); grounding" if len(measured) else "tanh(gate)",
+                title="gates and checkpoint grounding" if len(measured) else "gates")
     for ax in axes:
         ax.legend(loc="best", fontsize=8)
     return axes[0].figure

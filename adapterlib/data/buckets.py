@@ -4,8 +4,13 @@ and overlapping layouts are the hard part, and even the ground truth (the ceilin
 an object hidden in part by another is found smaller than its requested (full) box.
 
 A bucket is computed from a record's boxes alone, so it works on any manifest. The per-object tables
-are those of `datasets.measure` (one row per requested object: `record`, the index of its record;
-`success`; `iou`; `measurable`)."""
+are those of `datasets.measure` (one row per requested object, in the record's object order: `record`, the
+index of its record; `success`; `iou`; `measurable`; `box`, the requested box; `found_box`, the detection).
+
+O-mIoU (OverLayBench's overlap IoU) measures grounding where it is hardest, on the overlap regions only: for
+each pair of requested boxes that intersect, the IoU of their intersection with the intersection of the two
+found boxes (0 when either object is not found or the found boxes do not intersect); averaged over the pairs of
+an image, then over the images that have such a pair (`overlap_ious`, `o_miou`)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -17,7 +22,8 @@ from adapterlib.data.manifest import Record
 # Columns of a bucket report; the measured thing's are success_rate / miou, its ratio to the ceiling is
 # ratio (success_rate / ceiling_success_rate).
 REPORT_COLUMNS = ["objects", "overlap", "n_layouts", "n_objects", "success_rate", "miou", "ceiling_success_rate",
-                  "ceiling_miou", "base_success_rate", "base_miou", "ratio"]
+                  "ceiling_miou", "base_success_rate", "base_miou", "ratio", "o_miou", "ceiling_o_miou", "base_o_miou"]
+PAIR_COLUMNS = ["record", "first", "second", "o_iou"]
 _TABLE_COLUMNS = ("record", "success", "iou")
 
 
@@ -31,6 +37,49 @@ def bucket_of(record: Record) -> tuple[int, bool]:
     boxes = [o.box for o in record.objects]
     overlap = any(boxes_intersect(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     return len(boxes), overlap
+
+
+def overlap_box(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float, float] | None:
+    """The intersection of two (x0, y0, x1, y1) boxes, or None when they share no area."""
+    return (max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])) if boxes_intersect(a, b) else None
+
+
+def overlap_pairs(record: Record) -> list[tuple[int, int]]:
+    """The (i, j), i < j, of the record's objects whose requested boxes intersect."""
+    boxes = [o.box for o in record.objects]
+    return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if boxes_intersect(boxes[i], boxes[j])]
+
+
+def overlap_ious(records: Sequence[Record], table: pd.DataFrame) -> pd.DataFrame:
+    """One row per overlapping pair of requested boxes whose two objects were measured (PAIR_COLUMNS: the record,
+    the pair's object indices, and o_iou: the IoU of the requested boxes' intersection with the found boxes'
+    intersection; 0 when either object was not found or the found boxes do not intersect)."""
+    from adapterlib.data.manifest import box_iou
+    missing = [c for c in ("record", "box", "found_box", "measurable") if c not in table.columns]
+    if missing:
+        raise ValueError(f"the table lacks column(s) {missing}: give a per-object table of datasets.measure")
+    rows = []
+    for index, group in table.groupby("record", sort=True):
+        record = records[int(index)]
+        if len(group) != len(record.objects):
+            raise ValueError(f"the table has {len(group)} rows for record {int(index)} but it has "
+                             f"{len(record.objects)} objects: give the records the table was measured on")
+        found = group["found_box"].tolist()
+        measurable = group["measurable"].astype(bool).tolist()
+        for i, j in overlap_pairs(record):
+            if not (measurable[i] and measurable[j]):
+                continue
+            requested = overlap_box(record.objects[i].box, record.objects[j].box)
+            both = overlap_box(found[i], found[j]) if found[i] is not None and found[j] is not None else None
+            rows.append({"record": int(index), "first": i, "second": j,
+                         "o_iou": box_iou(requested, both) if both is not None else 0.0})
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def o_miou(pairs: pd.DataFrame) -> float:
+    """O-mIoU of an `overlap_ious` table: the mean over images of their pairs' mean o_iou (OverLayBench's
+    averaging); NaN when no image has an overlapping pair."""
+    return float(pairs.groupby("record")["o_iou"].mean().mean()) if len(pairs) else float("nan")
 
 
 def _per_bucket(buckets: list[tuple[int, bool]], table: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -52,21 +101,32 @@ def _per_bucket(buckets: list[tuple[int, bool]], table: pd.DataFrame, name: str)
                          "miou": grouped["iou"].mean()})
 
 
-def bucket_report(records: Sequence[Record], measured: pd.DataFrame, *, ceiling: pd.DataFrame,
+def bucket_report(records: Sequence[Record], measured: pd.DataFrame, *, ceiling: pd.DataFrame | None,
                   base: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per bucket (objects, overlap), in that order: n_layouts, and n_objects / success_rate / miou of the
     `measured` per-object table (the adapter, or whatever is evaluated), success_rate / miou of the
-    `ceiling` (the ground truth) and of the `base` alone (NaN when not given), and ratio = success_rate /
-    ceiling_success_rate (NaN where the ceiling is 0). Every table is measured on `records`, in order."""
+    `ceiling` (the ground truth; None where the layouts have no ground truth to measure) and of the `base` alone
+    (NaN when not given), ratio = success_rate /
+    ceiling_success_rate (NaN where the ceiling is 0), and the O-mIoU of each (`o_miou`, `ceiling_o_miou`,
+    `base_o_miou`: NaN in a bucket without overlaps, or for a table without boxes). Every table is measured on
+    `records`, in order."""
     if not len(records):
         return pd.DataFrame(columns=REPORT_COLUMNS)
     buckets = [bucket_of(r) for r in records]
     layouts = pd.DataFrame(buckets, columns=["objects", "overlap"])
     report = layouts.groupby(["objects", "overlap"]).size().rename("n_layouts").to_frame()
     report = report.join(_per_bucket(buckets, measured, "measured"))
-    report = report.join(_per_bucket(buckets, ceiling, "ceiling")[["success_rate", "miou"]].add_prefix("ceiling_"))
+    if ceiling is not None:
+        report = report.join(_per_bucket(buckets, ceiling, "ceiling")[["success_rate", "miou"]].add_prefix("ceiling_"))
     if base is not None:
         report = report.join(_per_bucket(buckets, base, "base")[["success_rate", "miou"]].add_prefix("base_"))
+    for prefix, table in (("", measured), ("ceiling_", ceiling), ("base_", base)):
+        pairs = overlap_ious(records, table) if table is not None and {"box", "found_box"} <= set(table.columns) \
+            else ()
+        if len(pairs):
+            pairs["bucket"] = [buckets[r] for r in pairs["record"]]
+            report = report.join(pd.Series({b: o_miou(p) for b, p in pairs.groupby("bucket")}, dtype=float,
+                                           name=f"{prefix}o_miou").rename_axis(["objects", "overlap"]))
     report = report.reset_index().reindex(columns=REPORT_COLUMNS)
     report["n_objects"] = report["n_objects"].fillna(0).astype(int)
     report["ratio"] = report["success_rate"] / report["ceiling_success_rate"].where(report["ceiling_success_rate"] > 0)
@@ -84,12 +144,17 @@ def bucket_rows(report: pd.DataFrame) -> list[dict]:
 
 def format_buckets(report: pd.DataFrame, measured: str = "adapter") -> str:
     """The report as an aligned text table: objects, overlap, layouts, measured objects, then success
-    (and mIoU) of the ceiling, the base and `measured`, and the ratio to the ceiling."""
+    (and mIoU, then O-mIoU where any bucket overlaps) of the ceiling, the base and `measured`, and the ratio
+    to the ceiling."""
     columns = {"objects": "objects", "overlap": "overlap", "n_layouts": "layouts", "n_objects": "n_objects",
                "ceiling_success_rate": "ceiling", "base_success_rate": "base", "success_rate": measured,
-               "ratio": "ratio", "ceiling_miou": "ceiling mIoU", "base_miou": "base mIoU", "miou": f"{measured} mIoU"}
+               "ratio": "ratio", "ceiling_miou": "ceiling mIoU", "base_miou": "base mIoU", "miou": f"{measured} mIoU",
+               "ceiling_o_miou": "ceiling O-mIoU", "base_o_miou": "base O-mIoU", "o_miou": f"{measured} O-mIoU"}
     shown = report[list(columns)].rename(columns=columns)
-    if report["base_success_rate"].isna().all():
-        shown = shown.drop(columns=["base", "base mIoU"])
+    for name, column in (("base", "base_success_rate"), ("ceiling", "ceiling_success_rate")):
+        if report[column].isna().all():
+            shown = shown.drop(columns=[name, f"{name} mIoU", f"{name} O-mIoU", *(["ratio"] if name == "ceiling" else [])])
+    if report[["o_miou", "ceiling_o_miou", "base_o_miou"]].isna().all().all():         # no overlapping layouts, or no boxes
+        shown = shown.drop(columns=[c for c in shown.columns if c.endswith("O-mIoU")])
     shown["overlap"] = shown["overlap"].map({True: "yes", False: "no"})
     return shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}")

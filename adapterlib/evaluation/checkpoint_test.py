@@ -133,10 +133,10 @@ def grounding_vs_step(run_dir: str | Path, n: int = 10, *, base=None, device: st
             loaded = loaded or worlds.load_detector(spec, device)                  # the same: once
             result = probe_checkpoint(run_dir, step, n, base=base, force=force, layouts=layouts, detector=loaded,
                                       **sampling)
-        rows.append(dict(step=step, **{k: result["grounding"][k] for k in ("success_rate", "miou", "color_presence",
-                                                                             "n_objects")},
-                         **result["gates"], cached=cached))
-    columns = ["step", "success_rate", "miou", "color_presence", "n_objects", *GATE_KEYS, "cached"]
+        rows.append(dict(step=step, **{k: result["grounding"].get(k) for k in ("success_rate", "miou", "o_miou",
+                                                                                 "color_presence", "n_objects")},
+                         **result["gates"], cached=cached))      # (a test saved before O-mIoU: None there)
+    columns = ["step", "success_rate", "miou", "o_miou", "color_presence", "n_objects", *GATE_KEYS, "cached"]
     table = pd.DataFrame(rows, columns=columns)
     table.attrs["title"] = checkpoint_test_title(run_dir, chosen, spec)
     return table
@@ -153,6 +153,7 @@ def show_result(results: dict, run_dir: str | Path) -> str:
     g, gates = results["grounding"], results["gates"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
     source = results.get("layouts_source", "")
-    return (f"{Path(run_dir).name} step {results['step']}{f' on {source}' if source else ''}: success {fmt(g['success_rate'])}, mIoU {fmt(g['miou'])} "
+    return (f"{Path(run_dir).name} step {results['step']}{f' on {source}' if source else ''}: success "
+            f"{fmt(g['success_rate'])}, mIoU {fmt(g['miou'])}, O-mIoU {fmt(g.get('o_miou'))} "
             f"over {g['n_objects']} objects in {g['n_images']} samples; gate mean {gates['gate_mean']:.3f}, "
             f"max {gates['gate_max']:.3f}, raw max {gates['gate_raw_max']:.3f}")

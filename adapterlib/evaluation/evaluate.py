@@ -24,12 +24,13 @@ import numpy as np
 import pandas as pd
 
 from adapterlib.training import worlds
-from adapterlib.data.manifest import Record, read_manifest, resolve_image
+from adapterlib.data.manifest import Record, resolve_image
+from adapterlib.data.mig import PROTOCOL as MIG, read_layouts
 from adapterlib.model.detectors import Detector
 from adapterlib.training.evalspec import HELDOUT_SETS, NOT_HELD_OUT, check_detector, check_heldout, detector_spec  # noqa: F401 (API)
 from adapterlib.paths import repo_path
 
-SUMMARY_KEYS = ("success_rate", "miou", "ap50", "color_presence", "n_objects", "n_images")
+SUMMARY_KEYS = ("success_rate", "miou", "o_miou", "ap50", "color_presence", "n_objects", "n_images")
 REFERENCES = ("adapter", "base", "ground-truth")
 
 
@@ -64,6 +65,7 @@ class Layouts:
     manifest: Path | None = None
     version: int = 1              # which shipped held-out set (manifest None): 1, or 2 (by object count x overlap)
     held_out: bool = True         # False: the run's own training records (its `source` says so)
+    protocol: str | None = None   # "coco-mig": a MIG layout file, measured also the MIG way (`protocols`)
 
     def __post_init__(self):
         if len(self.records) != len(self.seeds):
@@ -76,7 +78,14 @@ class Layouts:
         """`layouts[:4]`: the first four layouts, with their seeds."""
         if not isinstance(index, slice):
             raise TypeError("index Layouts with a slice (layouts[:4]); read single items from .records/.seeds")
-        return Layouts(self.records[index], self.seeds[index], self.manifest, self.version, self.held_out)
+        return Layouts(self.records[index], self.seeds[index], self.manifest, self.version, self.held_out,
+                       self.protocol)
+
+    @property
+    def has_ground_truth(self) -> bool:
+        """Whether every layout has a ground truth to measure (an image, or a Shapes seed to render): the
+        ceiling. A COCO-MIG file has none (its layouts come without images)."""
+        return self.manifest is None or all(r.image is not None or r.seed is not None for r in self.records)
 
     @property
     def source(self) -> str:
@@ -128,15 +137,17 @@ def default_layouts(n: int | None = None) -> Layouts:
 
 
 def manifest_layouts(path: str | Path, n: int | None = None) -> Layouts:
-    """The layouts of a manifest (JSON Lines; the first n if given). Images are optional; a record's
-    seed is its "seed" field, or its index."""
+    """The layouts of a manifest (JSON Lines) or of a COCO-MIG layout file (`data.mig`: its protocol is then
+    "coco-mig"), the first n if given. Images are optional; a record's seed is its "seed" field (a MIG layout in
+    the Shapes vocabulary: its image_id, rendered for the ceiling), or its index."""
     path = Path(path)
     if n is not None and n < 1:
         raise ValueError(f"n={n}: give a positive number of layouts (or None for all)")
-    records = read_manifest(path, require_image=False)[:n]
+    records, protocol = read_layouts(path, n, renderable=worlds.renders_phrases)
     if not records:
         raise ValueError(f"{path}: no records")
-    return Layouts(records, [r.seed if r.seed is not None else i for i, r in enumerate(records)], path)
+    return Layouts(records, [r.seed if r.seed is not None else i for i, r in enumerate(records)], path,
+                   protocol=protocol)
 
 
 def named_layouts(spec: str | Path, n: int | None = None) -> Layouts:
@@ -217,17 +228,22 @@ def images_for(layouts: Layouts, *, reference: str = "adapter", base=None, adapt
 
 
 def evaluate(layouts: Layouts, *, reference: str = "adapter", base=None, adapter=None,
-             detector: str | Path | Detector = "color", **sampling) -> tuple[pd.DataFrame, dict]:
+             detector: str | Path | Detector = "color", segmenter=None, **sampling) -> tuple[pd.DataFrame, dict]:
     """Grounding of one thing (the ground truth, the base alone, or an adapter) on `layouts`: the
     per-object table and the summary. `base` is a loaded BaseModel, or for reference='base' also a
     name or folder (None: the shipped shapes-tiny). At scale 0 the adapter never runs, so its images
     are exactly the base's. `detector`: a Detector or a spec for `worlds.load_detector` (loaded
     first, so a bad folder is an error before any sampling; one that can measure none of the objects is an
-    error too, `check_measurable`)."""
+    error too, `check_measurable`). Layouts of a COCO-MIG file are measured also the MIG way: the summary's
+    "levels" (`protocols.measure_mig`; `segmenter`, a SAM `BoxSegmenter`, gives the colour check's region)."""
     detector = worlds.load_detector(detector)
     check_measurable(detector, layouts)
     images = images_for(layouts, reference=reference, base=base, adapter=adapter, **sampling)
-    return worlds.measure(images, layouts.records, detector)
+    table, summary = worlds.measure(images, layouts.records, detector)
+    if layouts.protocol == MIG:
+        from adapterlib.evaluation.protocols import measure_mig
+        summary["levels"] = measure_mig(images, layouts.records, detector, segmenter)[1]
+    return table, summary
 
 
 COMPARE_COLUMNS = ["name", "reference", "scale", "tau", *SUMMARY_KEYS]

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from adapterlib.data.buckets import o_miou, overlap_ious
 from adapterlib.data.manifest import Record, box_iou
 
 Box = tuple[float, float, float, float]   # normalised x0, y0, x1, y1
@@ -47,6 +48,12 @@ class Detector(ABC):
     def detect(self, image: np.ndarray, phrases: list[str]) -> list[Detection]:
         """For an (H, W, 3) uint8 image: (best box or None, score) for each phrase, in order."""
 
+    def detect_all(self, image: np.ndarray, phrase: str) -> list[tuple[Box, float]]:
+        """Every box the detector finds for one text query, with its score, best first (what the COCO-MIG
+        protocol takes its best IoU over). This default: `detect`'s best box, if any."""
+        box, score = self.detect(image, [phrase])[0]
+        return [] if box is None else [(box, score)]
+
     def measurable(self, phrase: str) -> bool:
         return True
 
@@ -57,7 +64,8 @@ class Detector(ABC):
 def score_grounding(images: np.ndarray | Sequence[np.ndarray], records: Sequence[Record], detector: Detector,
                     iou_threshold: float = 0.5) -> tuple[pd.DataFrame, dict]:
     """One row per requested object (TABLE_COLUMNS) and a summary over the measurable objects:
-    success_rate and miou (means), ap50 (`average_precision_at` the same IoU threshold, 0.5 unless
+    success_rate and miou (means), o_miou (OverLayBench's IoU on the overlap regions of the requested boxes,
+    `buckets.overlap_ious`; None when no two requested boxes of an image intersect), ap50 (`average_precision_at` the same IoU threshold, 0.5 unless
     given), color_presence (the found rate for a colour detector, else None), n_objects (measurable),
     n_images. The detector is asked once per image for each distinct measurable phrase; objects
     sharing a phrase share its detection."""
@@ -95,12 +103,17 @@ def score_grounding(images: np.ndarray | Sequence[np.ndarray], records: Sequence
     summary = {
         "success_rate": float(measured["success"].mean()) if n else nan,
         "miou": float(measured["iou"].mean()) if n else nan,
+        "o_miou": _none_if_nan(o_miou(overlap_ious(records, table))),
         "ap50": average_precision_at(table, iou_threshold) if n else nan,
         "color_presence": (float(measured["color_present"].mean()) if n else nan) if detector.reports_color else None,
         "n_objects": int(n),
         "n_images": int(len(records)),
     }
     return table, summary
+
+
+def _none_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else value
 
 
 def average_precision_at(table: pd.DataFrame, iou_threshold: float = 0.5) -> float:

@@ -93,7 +93,7 @@ def run_status(run_dir: str | Path, *, stalled_after_s: float = 600.0, now: floa
     status = dict(run=run_dir.name, path=str(run_dir), state=state, step=None, total_steps=total, progress=None,
                   loss_smoothed=None, gate_mean=None, gate_max=None, gate_raw_max=None, samples_per_s=None,
                   eta_s=None, last_checkpoint=None, skipped=0, metrics_age_s=age, last_log_line=last_line,
-                  warnings=[])
+                  grounding=None, warnings=[])
     latest = latest_checkpoint(run_dir)
     if latest is not None:
         status["last_checkpoint"] = latest[0]
@@ -104,6 +104,11 @@ def run_status(run_dir: str | Path, *, stalled_after_s: float = 600.0, now: floa
         status.update(step=step, loss_smoothed=float(metrics.loss_avg.ewm(span=10).mean().iloc[-1]),
                       gate_mean=float(row.gate_mean), gate_max=float(row.gate_max),
                       gate_raw_max=float(row.gate_raw_max), samples_per_s=float(recent), skipped=int(row.skipped))
+        measured = metrics.dropna(subset=["grounding_success"]) if "grounding_success" in metrics else []
+        if len(measured):                                # the last checkpoint's samples, measured while training
+            last = measured.iloc[-1]
+            status["grounding"] = dict(step=int(last.step), success_rate=float(last.grounding_success),
+                                       miou=float(last.grounding_miou), o_miou=float(last.grounding_o_miou))
         if total:
             status["progress"] = step / total
             if state == "finished":
@@ -146,9 +151,19 @@ def format_status(status: dict) -> str:
              f"raw max {num(status['gate_raw_max'], '.3f')}",
              f"speed       {num(status['samples_per_s'], '.1f')} samples/s",
              f"checkpoint  {checkpoint}",
+             f"grounding   {_grounding_line(status.get('grounding'))}",
              f"skipped     {status['skipped']} non-finite step(s)",
              f"metrics     last row written {age}",
              f"writer      {lock.describe(status['writer']) if status.get('writer') else '-'} (the last to take its lock)",
              f"log         {status['last_log_line'][:110]}"]
     lines += [f"WARNING     {w}" for w in status["warnings"]] or ["warnings    none"]
     return "\n".join(lines)
+
+
+def _grounding_line(grounding: dict | None) -> str:
+    """The last checkpoint samples' grounding (`checkpoint_grounding`), or why there is none."""
+    if grounding is None:
+        return "- (not measured: no checkpoint yet, n_samples 0 or checkpoint_grounding false)"
+    o_miou = "-" if grounding["o_miou"] != grounding["o_miou"] else f"{grounding['o_miou']:.3f}"
+    return (f"success {grounding['success_rate']:.3f}   mIoU {grounding['miou']:.3f}   O-mIoU {o_miou}   "
+            f"(step {grounding['step']}, the checkpoint samples)")

@@ -438,6 +438,17 @@ def write_heldout_v2(per_bucket: int = HELDOUT_V2_PER_BUCKET, path: str | Path =
     return write_manifest(path, out)
 
 
+MIG_SHAPES_PATH = Path(__file__).parent / "mig_shapes.json"
+
+
+def write_mig_shapes(path: str | Path = MIG_SHAPES_PATH) -> Path:
+    """(Re)generate the shipped COCO-MIG layout file in the Shapes vocabulary: the held-out v2 layouts of 2 to 6
+    objects (200: 40 per level L2-L6, half of each with overlapping boxes), in MIG-Bench's format, each layout's
+    image_id its Shapes seed (so its ground truth is rendered: the ceiling)."""
+    from adapterlib.data.mig import write_mig
+    return write_mig(path, [r for r in heldout_records(version=2) if len(r.objects) >= 2])
+
+
 def heldout_records(n: int | None = None, version: int = 1) -> list[Record]:
     """The shipped held-out records (first n if given): version 1 (heldout.jsonl, the default world) or
     2 (heldout_v2.jsonl, stratified by object count and overlap)."""

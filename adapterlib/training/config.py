@@ -92,6 +92,7 @@ class TrainConfig:
     tensorboard: bool = False            # also log metrics and checkpoint samples to RUN/tensorboard/ (needs tensorboard)
     log_every: int = 25                  # a metrics.csv row every this many steps
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
+    checkpoint_grounding: bool = True    # measure those samples by the run's detector: grounding_* in metrics.csv
     # --- how the run is measured (checkpoint tests, notebooks 04/05, evaluate; docs/guide/real-data.md)
     heldout: str = ""                    # the layouts it is judged on: a manifest path (e.g. an imported COCO val), v1
                                          # or v2; "" -> its Shapes world's held-out set, or for a manifest run its own
@@ -176,7 +177,8 @@ RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "
 # How it is measured (heldout, detector) is free too: training never reads them, so a run trained without
 # them can be given a held-out set or a detector later, and a moved held-out manifest pointed to again.
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
-               "max_nonfinite_steps", "cache", "num_workers", "compile", "tensorboard", "heldout", "detector")
+               "max_nonfinite_steps", "cache", "num_workers", "compile", "tensorboard", "heldout", "detector",
+               "checkpoint_grounding")
 # The subset of RESUME_FIXED that a checkpoint's adapter is built from (options.ARCHITECTURE).
 ARCHITECTURE_FIELDS = tuple(ARCHITECTURE)
 
@@ -217,6 +219,17 @@ PRESETS["sd3"] = {**PRESETS["sd15"], "adapter_blocks": "middle", "timesteps": "l
 
 # Which family of base each user preset is for: a run of one on the other family's base is refused before any work
 PRESET_FAMILY = {"shapes": "unet", "sd15": "unet", "sdxl": "unet", "shapes-dit": "mmdit", "sd3": "mmdit"}
+
+
+def check_preset_fits(cfg: TrainConfig, base) -> None:
+    """A preset made for one family of base (a UNet, an MM-DiT: PRESET_FAMILY) refused on the other, before any
+    work: its blocks, timesteps and recipe are that family's."""
+    family = PRESET_FAMILY.get(cfg.preset)
+    if family is not None and family != base.family:
+        fits = [p for p, f in PRESET_FAMILY.items() if f == base.family]
+        raise ValueError(f"preset {cfg.preset!r} is for a {family} base; {cfg.base_model} is {base.kind} base "
+                         f"({base.family}): use one of {fits} (--preset NAME, -p preset NAME)")
+
 
 # What `adapter_attention gligen` (diffusers' GLIGEN modules as they are) fixes: a fuser in every block, its own
 # feed-forward (width 4). `make_config` gives a gligen run these where the user names none; any other is refused.

@@ -11,7 +11,9 @@ uninterrupted one (on CPU; GPU kernels are not bitwise deterministic).
 from __future__ import annotations
 
 import json
+import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from adapterlib.training import distributed
 from adapterlib.training import batches as inputs
 from adapterlib.model.adapter import AdaptedUNet, Grounding, architecture_options, build_adapter
 from adapterlib.model.base import load_base, resolve_base_path
-from adapterlib.training.config import FIELDS, PRESET_FAMILY, TrainConfig, resume_changes
+from adapterlib.training.config import FIELDS, TrainConfig, check_preset_fits, resume_changes
 from adapterlib.training.losses import box_loss, draw_timesteps, lr_factor, visible_region
 from adapterlib.analysis.figures import boxed_grid
 from adapterlib.analysis.gates import gate_stats
@@ -244,23 +246,13 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
     if source.skipped:
         run.notes.append(f"{len(source.skipped)} bad record(s) skipped (on_bad_record='skip'; first: "
                          f"{source.skipped[0]}; all in {DATA_REPORT})")
-    training.eval_records = worlds.sample_records(cfg.data, source.records, cfg.n_samples)
+    training.eval_records = worlds.sample_records(cfg.data, source.records, cfg.n_samples, cfg.heldout)
     if run.resume:
         adapter.load_state_dict(load_file(str(run.latest[1] / "adapter.safetensors"), device=str(device)))
         training.opt.load_state_dict(run.state["optimizer"])
         training.sched.load_state_dict(run.state["scheduler"])
         training.scaler.load_state_dict(run.state["scaler"])
     return training
-
-
-def check_preset_fits(cfg: TrainConfig, base) -> None:
-    """A preset made for one family of base (a UNet, an MM-DiT: PRESET_FAMILY) refused on the other, before any
-    work: its blocks, timesteps and recipe are that family's."""
-    family = PRESET_FAMILY.get(cfg.preset)
-    if family is not None and family != base.family:
-        fits = [p for p, f in PRESET_FAMILY.items() if f == base.family]
-        raise ValueError(f"preset {cfg.preset!r} is for a {family} base; {cfg.base_model} is {base.kind} base "
-                         f"({base.family}): use one of {fits} (--preset NAME, -p preset NAME)")
 
 
 def make_training(cfg: TrainConfig, shard: distributed.Shard, base, adapter) -> Training:
@@ -422,11 +414,38 @@ class Saver:
 
     def __init__(self, training: Training, folder: Path, log, bar):
         self.training, self.folder, self.log, self.bar = training, folder, log, bar
+        self.detector = None                        # the run's detector, loaded at the first measurement
+        self.measuring = training.cfg.checkpoint_grounding
 
-    def __call__(self, at_step: int, rng_state: torch.Tensor, skipped: int) -> None:
-        self.training.shard.main_only(self._save)(at_step, rng_state, skipped)
+    def __call__(self, at_step: int, rng_state: torch.Tensor, skipped: int) -> dict:
+        """Save (rank 0); the checkpoint samples' grounding (`measure`), {} when not measured or on another rank."""
+        return self.training.shard.main_only(self._save)(at_step, rng_state, skipped) or {}
 
-    def _save(self, at_step: int, rng_state: torch.Tensor, skipped: int) -> None:
+    def measure(self, images, at_step: int) -> dict:
+        """The checkpoint samples measured by the run's detector (`checkpoint_grounding`): the grounding_* columns
+        of metrics.csv, and a train.log line with what it cost. Turned off, with one line saying why, when the
+        detector can measure none of the layouts' phrases (the colour detector on "dog")."""
+        training, cfg = self.training, self.training.cfg
+        start = time.perf_counter()
+        if self.detector is None:
+            self.detector = worlds.load_detector(cfg.detector, training.device)
+        records = training.eval_records
+        if not any(self.detector.measurable(o.phrase) for r in records for o in r.objects):
+            self.measuring = False
+            self.log.text(f"checkpoint grounding off: the {self.detector.name} detector can measure none of the "
+                          f"checkpoint samples' phrases (e.g. {records[0].objects[0].phrase!r}); set `detector`")
+            return {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*could not be measured")
+            summary = worlds.measure(images, records, self.detector)[1]
+        found = dict(grounding_success=summary["success_rate"], grounding_miou=summary["miou"],
+                     grounding_o_miou=math.nan if summary["o_miou"] is None else summary["o_miou"])
+        self.log.text(f"grounding at step {at_step} on the {len(records)} checkpoint samples by {self.detector.name}: "
+                      f"success {found['grounding_success']:.3f}, mIoU {found['grounding_miou']:.3f}, O-mIoU "
+                      f"{found['grounding_o_miou']:.3f} (measured in {time.perf_counter() - start:.2f} s)")
+        return found
+
+    def _save(self, at_step: int, rng_state: torch.Tensor, skipped: int) -> dict:
         training, cfg, folder, log = self.training, self.training.cfg, self.folder, self.log
         state = dict(optimizer=training.opt.state_dict(), scheduler=training.sched.state_dict(), scaler=training.scaler.state_dict(),
                      rng=checkpoint.rng_state(rng_state), step=at_step, samples_seen=at_step * cfg.batch_size,
@@ -447,6 +466,7 @@ class Saver:
             grid.save(folder / "samples" / f"step_{at_step:07d}.png")
             log.image("samples", grid, at_step)
         log.text(f"checkpoint {path.relative_to(folder)}")
+        return self.measure(images, at_step) if training.eval_records and self.measuring else {}
 
 
 def _loop(training: Training, run: OpenedRun, progress: bool, progress_every_s: float, on_log, stop_at_step) -> Path:
@@ -472,20 +492,22 @@ def _loop(training: Training, run: OpenedRun, progress: bool, progress_every_s: 
                 continue
             meter.add(batch_loss, good)
             bar.tick(step)
-            logging, due = step % cfg.log_every == 0 or step == cfg.steps, bar.due()
-            if training.sync_free and (logging or due or step % cfg.save_every == 0):
+            saving = step % cfg.save_every == 0 or step == cfg.steps
+            logging, due = step % cfg.log_every == 0 or saving, bar.due()    # a checkpoint's row holds its grounding
+            if training.sync_free and (logging or due):
                 meter.read_device_counts(step)
             if due:
                 bar.line(meter.loss_avg(), gate_stats(training.adapter)["gate_mean"], meter.samples_per_s(),
                          cfg.batch_size)
-            if logging:
-                log.row(meter.row(step, batch_loss, grad_norm))
-                if on_log is not None and shard.main:
-                    on_log(folder)
-            if step % cfg.save_every == 0:
-                save(step, rng_done, meter.skipped)
+            row = meter.row(step, batch_loss, grad_norm) if logging else None     # its speed: before the save
+            if saving:
+                row.update(save(step, rng_done, meter.skipped))
                 meter.last_saved = step
                 meter.restart_clock()
+            if logging:
+                log.row(row)
+                if on_log is not None and shard.main:
+                    on_log(folder)
     except torch.OutOfMemoryError as e:
         raise _out_of_memory(training, step, meter, log, bar) from e
     except KeyboardInterrupt as stop:           # Ctrl-C, a kernel interrupt, SIGTERM, stop_at_step

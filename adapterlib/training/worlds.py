@@ -3,8 +3,8 @@
 A run's `data` is a manifest path (any grounded data set in the manifest format) or "shapes" (the
 embedded default: a generated Shapes set). What the generic path needs from a world goes through here:
 - `training_manifest`: the manifest to train on (a Shapes set is written once under the runs root);
-- `sample_records`: the layouts a run samples at each checkpoint (held-out Shapes layouts, or the
-  first records of the run's manifest);
+- `sample_records`: the layouts a run samples (and measures) at each checkpoint (its held-out layouts, or
+  the first records of the run's manifest);
 - `heldout_records` / `ground_truth_images`: the shipped held-out layouts (version 1, or version 2:
   stratified by object count and overlap, for `buckets.bucket_report`) and their renders;
 - `load_detector` / `measure`: the detector that scores grounding ("color": the Shapes colour detector,
@@ -62,11 +62,19 @@ def training_manifest(data: str, n_train: int, root: Path, started_with: str | P
     return folder / "data.jsonl"
 
 
-def sample_records(data: str, records: list[Record], n: int) -> list[Record]:
-    """What a run samples at each checkpoint: the first n held-out layouts of its Shapes world, else the first
-    n of its (verified) training records (their boxes, drawn on the samples, show the grounding)."""
+def sample_records(data: str, records: list[Record], n: int, heldout: str = "") -> list[Record]:
+    """What a run samples (and measures: `checkpoint_grounding`) at each checkpoint, layout i with seed i: the
+    first n layouts of its `heldout` field when set (v1, v2, a manifest or a COCO-MIG file), else of its Shapes
+    world's held-out set, else the first n of its (verified) training records (their boxes, drawn on the samples,
+    show the grounding)."""
     if n <= 0:
         return []
+    if heldout:
+        from adapterlib.data.mig import read_layouts
+        from adapterlib.training.evalspec import HELDOUT_SETS
+        if heldout in HELDOUT_SETS:
+            return heldout_records(n, HELDOUT_SETS[heldout])
+        return read_layouts(repo_path(heldout), n)[0]
     return heldout_records(n, heldout_version(data)) if is_shapes(data) else list(records[:n])
 
 
@@ -76,6 +84,12 @@ def heldout_records(n: int | None = None, version: int = 1) -> list[Record]:
     each bucket)."""
     from adapterlib.shapes import heldout_records as shipped
     return shipped(n, version)
+
+
+def renders_phrases(phrases: list[str]) -> bool:
+    """Whether the Shapes world can render these phrases: each names a palette colour and a shape."""
+    from adapterlib.shapes.world import color_of, shape_of
+    return all(color_of(p) and shape_of(p) for p in phrases)
 
 
 def ground_truth_images(records: list[Record]):
