@@ -433,6 +433,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(evaluate.format_summary({name: summary}))
     report = bucket_report(layouts.records, table, ceiling=ceiling)
     print(f"\nby bucket (objects x overlap; the ceiling is the ground truth's):\n{format_buckets(report, measured=name)}")
+    extra["overlay_splits"] = _overlay_report(layouts, evaluate.load_base_for(args.base, args.device), table,
+                                              ceiling=ceiling, measured=name)
     extra.update(_protocol_report(layouts, args, {**({} if truth is None or args.reference == "ground-truth"
                                                      else {"ground truth": truth}), name: summary}))
     _print_json({**summary, "reference": args.reference, "layouts": layouts.source,
@@ -446,6 +448,23 @@ def _segmenter(args: argparse.Namespace):
         return None
     from adapterlib.model.segment import BoxSegmenter
     return BoxSegmenter(args.sam, device=args.device)
+
+
+def _overlay_report(layouts: evaluate.Layouts, base, table, *, ceiling=None, base_table=None,
+                    measured: str = "adapter") -> list[dict]:
+    """Print the layouts' OverLayBench split (OverLayScore from `base`'s phrase embeddings; `protocols`) with
+    success, mIoU and O-mIoU of each row; return it as JSON rows ([] when no layout has overlapping boxes)."""
+    from adapterlib.data.buckets import format_splits, split_report
+    from adapterlib.evaluation.protocols import overlay_scores
+    from adapterlib.data.buckets import overlap_pairs
+    if not any(overlap_pairs(r) for r in layouts.records):
+        return []
+    scores = overlay_scores(layouts.records, base)
+    report = split_report(layouts.records, scores, table, ceiling=ceiling, base=base_table)
+    print(f"\nby OverLayScore (OverLayBench's; phrase similarity from {Path(str(base.path)).name}'s text encoder; "
+          f"overlapping layouts split at their own tertiles):\n{format_splits(report, measured=measured)}")
+    return [{k: (v if isinstance(v, str) else None if v != v else int(v) if k in ("n_layouts", "n_objects")
+                 else float(v)) for k, v in row.items()} for row in report.to_dict("records")]
 
 
 def _protocol_report(layouts: evaluate.Layouts, args: argparse.Namespace, rows: dict[str, dict]) -> dict:
@@ -498,7 +517,8 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     print(evaluate.format_summary(rows))
     report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
     print(f"\nby bucket (objects x overlap; ratio = adapter / ceiling):\n{format_buckets(report)}")
-    protocol = _protocol_report(layouts, args, rows)
+    protocol = {"overlay_splits": _overlay_report(layouts, ckpt.base, table, ceiling=ceiling, base_table=base_table),
+                **_protocol_report(layouts, args, rows)}
     _print_json({**adapter, "run": str(run_dir), "step": ckpt.step, "scale": args.scale, "tau": args.tau,
                  "guidance": args.guidance, "grounding_guidance": args.grounding_guidance,
                  "layouts": layouts.source, "held_out": layouts.held_out, "detector": spec, **protocol,

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 
+import math
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from adapterlib.__main__ import main
@@ -201,3 +204,47 @@ def test_evaluate_on_the_shapes_mig_file_prints_the_levels_and_the_json_line(tmp
     assert result["levels"]["average"]["n_instances"] == result["n_objects"] == 2 + 2 + 3 + 3 + 4 + 4
     assert all(0 <= result[k]["average"]["isr"] <= 1 for k in ("levels", "ground_truth_levels", "base_levels"))
     assert result["ground_truth_o_miou"] is not None and any(b["o_miou"] is not None for b in result["buckets"])
+
+
+def test_overlay_score_and_the_split_of_any_layouts_by_it():
+    from adapterlib.data.buckets import format_splits, overlay_score, overlay_splits, split_report
+    a, b, c = (0.0, 0.0, 0.5, 0.5), (0.25, 0.0, 0.75, 0.5), (0.5, 0.5, 1.0, 1.0)     # IoU(a, b) = 1/3; c apart
+    record = Record("", (GroundedObject("red dog", a), GroundedObject("red cat", b), GroundedObject("red cup", c)))
+    similarity = [[1.0, 0.6, 0.9], [0.6, 1.0, 0.9], [0.9, 0.9, 1.0]]
+    assert overlay_score(record, similarity) == pytest.approx(0.6 / 3)            # only the overlapping pair counts
+    apart = Record("", (GroundedObject("red dog", a), GroundedObject("red cup", c)))
+    assert overlay_score(apart, similarity) == 0.0
+    pair = lambda s: Record("", (GroundedObject("x y", a), GroundedObject("x z", b)))      # noqa: E731
+    records = [apart, pair(0), pair(0), pair(0), pair(0), pair(0), pair(0)]
+    scores = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    assert overlay_splits(records, scores) == ["no overlap", "simple", "simple", "regular", "regular", "complex",
+                                               "complex"]
+    assert overlay_splits([apart], [0.0]) == ["no overlap"]
+    rows = [(r, k, o.box, o.box, True) for r, rec in enumerate(records) for k, o in enumerate(rec.objects)]
+    table = pd.DataFrame([dict(record=r, box=box, found_box=found, measurable=m, success=k == 0, iou=0.5 + 0.5 * (k == 0))
+                          for r, k, box, found, m in rows])
+    report = split_report(records, scores, table, ceiling=table)
+    assert report.split.tolist() == ["no overlap", "simple", "regular", "complex"]
+    assert report.n_layouts.tolist() == [1, 2, 2, 2] and report.n_objects.tolist() == [2, 4, 4, 4]
+    assert report.success_rate.tolist() == [0.5] * 4 and report.miou.tolist() == [0.75] * 4
+    assert math.isnan(report.o_miou[0]) and report.o_miou[1:].tolist() == [1.0] * 3      # found = requested
+    assert report.base_success_rate.isna().all() and "base" not in format_splits(report)
+    assert report.score_min.tolist() == [0.0, 0.1, 0.3, 0.5]
+
+
+def test_overlay_scores_take_the_bases_phrase_similarity_and_evaluate_reports_the_split(capsys):
+    from adapterlib.evaluation.evaluate import load_base_for
+    from adapterlib.evaluation.protocols import overlay_scores
+    a, b = (0.0, 0.0, 0.5, 0.5), (0.25, 0.0, 0.75, 0.5)
+    same = Record("", (GroundedObject("red circle", a), GroundedObject("red circle", b)))
+    other = Record("", (GroundedObject("red circle", a), GroundedObject("blue square", b)))
+    first, second = overlay_scores([same, other], load_base_for("shapes-tiny"))
+    assert first == pytest.approx(1 / 3, abs=1e-6)                   # one phrase: cosine 1, the score is the IoU
+    assert second < first
+    assert main(["evaluate", "--reference", "ground-truth"]) == 0
+    text = capsys.readouterr().out
+    splits = json.loads(text.strip().splitlines()[-1])["overlay_splits"]
+    assert "by OverLayScore" in text and [s["split"] for s in splits] == ["no overlap", "simple", "regular", "complex"]
+    assert splits[0]["n_layouts"] == 120 and sum(s["n_layouts"] for s in splits[1:]) == 100      # v2's 100 overlapping
+    assert all(32 <= s["n_layouts"] <= 35 for s in splits[1:])
+    assert splits[0]["o_miou"] is None and all(0 < s["o_miou"] <= 1 for s in splits[1:])

@@ -158,3 +158,73 @@ def format_buckets(report: pd.DataFrame, measured: str = "adapter") -> str:
         shown = shown.drop(columns=[c for c in shown.columns if c.endswith("O-mIoU")])
     shown["overlap"] = shown["overlap"].map({True: "yes", False: "no"})
     return shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# OverLayBench's OverLayScore and a split of any layouts by it
+
+OVERLAY_SPLITS = ("no overlap", "simple", "regular", "complex")
+SPLIT_COLUMNS = ["split", "n_layouts", "score_min", "score_max", "n_objects", "success_rate", "miou", "o_miou",
+                 "ceiling_success_rate", "ceiling_miou", "ceiling_o_miou", "base_success_rate", "base_miou",
+                 "base_o_miou"]
+
+
+def overlay_score(record: Record, similarity) -> float:
+    """OverLayBench's OverLayScore of a layout: the sum over pairs of its requested boxes of their IoU times the
+    similarity of their phrases (`similarity[i][j]`: e.g. the cosine of the base's phrase embeddings, which can be
+    negative for a small text encoder). 0 for a layout whose boxes do not overlap."""
+    from adapterlib.data.manifest import box_iou
+    boxes = [o.box for o in record.objects]
+    return float(sum(box_iou(boxes[i], boxes[j]) * float(similarity[i][j]) for i, j in overlap_pairs(record)))
+
+
+def overlay_splits(records: Sequence[Record], scores: Sequence[float]) -> list[str]:
+    """Each layout's split: "no overlap" (no two requested boxes intersect), else simple / regular / complex at the
+    tertiles of the scores of these layouts' overlapping ones (OverLayBench balances its three splits by
+    OverLayScore; its thresholds are not published with its code, so any set of layouts is split at its own)."""
+    import numpy as np
+    overlapping = [bool(overlap_pairs(r)) for r in records]
+    positive = np.asarray([s for s, o in zip(scores, overlapping) if o], dtype=float)
+    if not len(positive):
+        return [OVERLAY_SPLITS[0]] * len(scores)
+    low, high = np.quantile(positive, [1 / 3, 2 / 3])
+    return [OVERLAY_SPLITS[0] if not o else "simple" if s <= low else "regular" if s <= high else "complex"
+            for s, o in zip(scores, overlapping)]
+
+
+def split_report(records: Sequence[Record], scores: Sequence[float], measured: pd.DataFrame, *,
+                 ceiling: pd.DataFrame | None = None, base: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per OverLayScore split (`overlay_splits`; the splits present, in order): the layouts, their score range, and
+    success / mIoU / O-mIoU of `measured`, the `ceiling` and the `base` (NaN where not given). Per-object tables of
+    `records`, in order."""
+    splits = overlay_splits(records, scores)
+    rows = []
+    for name in [s for s in OVERLAY_SPLITS if s in splits]:
+        index = [i for i, s in enumerate(splits) if s == name]
+        row = {"split": name, "n_layouts": len(index), "score_min": min(scores[i] for i in index),
+               "score_max": max(scores[i] for i in index)}
+        for prefix, table in (("", measured), ("ceiling_", ceiling), ("base_", base)):
+            if table is None:
+                continue
+            part = table[table["record"].isin(index)]
+            kept = part[part["measurable"].astype(bool)] if "measurable" in part.columns else part
+            if not prefix:
+                row["n_objects"] = int(len(kept))
+            row[f"{prefix}success_rate"] = float(kept["success"].mean()) if len(kept) else float("nan")
+            row[f"{prefix}miou"] = float(kept["iou"].mean()) if len(kept) else float("nan")
+            if {"box", "found_box"} <= set(part.columns):
+                subset = [records[i] for i in index]
+                renumbered = part.assign(record=part["record"].map({r: k for k, r in enumerate(index)}))
+                row[f"{prefix}o_miou"] = o_miou(overlap_ious(subset, renumbered))
+        rows.append(row)
+    return pd.DataFrame(rows).reindex(columns=SPLIT_COLUMNS)
+
+
+def format_splits(report: pd.DataFrame, measured: str = "adapter") -> str:
+    """The split report as an aligned text table (the base's and the ceiling's columns where given)."""
+    names = {"split": "split", "n_layouts": "layouts", "score_min": "score min", "score_max": "score max",
+             "ceiling_success_rate": "ceiling", "base_success_rate": "base", "success_rate": measured,
+             "ceiling_miou": "ceiling mIoU", "base_miou": "base mIoU", "miou": f"{measured} mIoU",
+             "ceiling_o_miou": "ceiling O-mIoU", "base_o_miou": "base O-mIoU", "o_miou": f"{measured} O-mIoU"}
+    shown = report[list(names)].dropna(axis=1, how="all").rename(columns=names)
+    return shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}")

@@ -14,6 +14,11 @@ COCO-MIG (MIGC; `LeyRio/MIG_Bench`, `eval_mig.py`), on the layouts of a MIG layo
   nothing is found, and 0 for a placed instance of the wrong colour; an unplaced instance keeps its IoU below 0.5),
   image success (every instance of the layout succeeds). "average" is over all instances (ISR, mIoU) and all
   layouts (image success), as eval_mig.py averages.
+
+OverLayBench (`mlpc-ucsd/OverLayBench`): OverLayScore, the sum over overlapping box pairs of their IoU times the
+similarity of their phrases, here the cosine of the base's own phrase embeddings (`overlay_scores`: the vector the
+adapter is given for each phrase); layouts split simple / regular / complex by it (`buckets.overlay_splits`), and
+O-mIoU, the IoU on the overlap regions (`buckets.overlap_ious`), reported everywhere grounding is.
 """
 from __future__ import annotations
 
@@ -128,6 +133,24 @@ def _regions(image: np.ndarray, boxes: list, segmenter) -> list[np.ndarray]:
     if hasattr(segmenter, "masks"):
         return list(segmenter.masks(image, boxes))
     return [segmenter.mask(image, box) for box in boxes]
+
+
+def overlay_scores(records: Sequence[Record], base) -> list[float]:
+    """OverLayScore of each layout (`buckets.overlay_score`), the phrase similarity the cosine of `base`'s phrase
+    embeddings (`BaseModel.encode_phrases`: CLIP's pooled output; SD3's two, SDXL's second)."""
+    import torch
+    from adapterlib.data.buckets import overlay_score
+    phrases = sorted({o.phrase for r in records for o in r.objects})
+    if not phrases:
+        return [0.0] * len(records)
+    with torch.no_grad():
+        vectors = torch.nn.functional.normalize(base.encode_phrases(phrases).float(), dim=-1).cpu().numpy()
+    index = {p: k for k, p in enumerate(phrases)}
+    scores = []
+    for r in records:
+        v = vectors[[index[o.phrase] for o in r.objects]]
+        scores.append(overlay_score(r, v @ v.T))
+    return scores
 
 
 def mig_levels(table: pd.DataFrame) -> dict[str, dict]:
