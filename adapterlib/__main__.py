@@ -43,7 +43,7 @@ from adapterlib.evaluation import evaluate
 from adapterlib.training.config import BENCH_SIZES, FIELDS, PRESETS, RESUME_FREE, TrainConfig
 from adapterlib.data.manifest import ManifestError
 from adapterlib.paths import SHIPPED_BASES
-from adapterlib.files import dumps
+from adapterlib.files import OutOfSpace, dumps, is_out_of_space, out_of_space
 from adapterlib.options import GROUNDING_GUIDANCE
 from adapterlib.training.lock import RunLocked
 
@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ManifestError, ValueError, TypeError, RunLocked) as e:
         print(f"adapterlib {args.command_name}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:                  # a full disk: one line naming what was being written, no traceback
+        if not is_out_of_space(e):
+            raise
+        print(f"adapterlib {args.command_name}: error: "
+              f"{e if isinstance(e, OutOfSpace) else f'out of disk space: {e}'}", file=sys.stderr)
+        return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -178,8 +184,10 @@ def _export(args: argparse.Namespace) -> int:
 
     if (args.layouts is not None or args.detector is not None) and args.measure <= 0:
         raise ValueError("--layouts / --detector choose what --measure N measures: give --measure N too")
-    _print_json(export(args.run, args.out, checkpoint=args.checkpoint, measure=args.measure, device=args.device,
-                       overwrite=args.overwrite, layouts=args.layouts, detector=args.detector))
+    with out_of_space("the export folder", args.out):
+        written = export(args.run, args.out, checkpoint=args.checkpoint, measure=args.measure, device=args.device,
+                         overwrite=args.overwrite, layouts=args.layouts, detector=args.detector)
+    _print_json(written)
     return 0
 
 

@@ -2,15 +2,64 @@
 become lists), every file through `atomic_write` (a temporary file renamed over the target, so a reader never sees
 half a file and a killed writer leaves the old one), `fsync` where a crash must not lose it, and one file hash.
 Folders written as a whole (checkpoints, exports, the base's cached samples) are built beside their target and
-renamed in the same way, with these helpers for their files."""
+renamed in the same way, with these helpers for their files.
+
+A write that runs out of space (a full disk, a quota, a file-size limit) stops as `OutOfSpace`: one line naming the
+path and what was being written (`atomic_write`, `out_of_space`), which the command line prints as it is; the
+temporary file or folder is removed, so the next call after freeing space starts from what was complete."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+# errors a full disk gives: no space, over quota, over the file-size limit (EFBIG), and what libraries that write
+# through their own code say for them (torch.save: "unexpected pos"; safetensors: the Rust io::Error's kind)
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_SPACE_WORDS = ("no space left", "disk quota", "file too large", "unexpected pos", "storagefull", "filetoolarge",
+                  "code: 28,", "code: 27,", "code: 122,")
+
+
+class OutOfSpace(OSError):
+    """A write that ran out of space: the message names the path and what was being written."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def is_out_of_space(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is a write that ran out of space."""
+    while error is not None:
+        if isinstance(error, OutOfSpace) or (isinstance(error, OSError) and error.errno in NO_SPACE_ERRNOS):
+            return True
+        if any(word in str(error).lower() for word in NO_SPACE_WORDS):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def out_of_space_message(path, what: str, error: BaseException) -> str:
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).strip().splitlines()[0]
+    return (f"out of disk space writing {what} to {path} ({reason[:160]}): free space there (df -h "
+            f"{Path(path).parent}) and run the same command again; what was complete before is intact")
+
+
+@contextmanager
+def out_of_space(what: str, path):
+    """Inside it, a write that runs out of space is raised as `OutOfSpace` naming `path` and `what`."""
+    try:
+        yield
+    except OutOfSpace:
+        raise
+    except Exception as e:
+        if is_out_of_space(e):
+            raise OutOfSpace(errno.ENOSPC, out_of_space_message(path, what, e)) from e
+        raise
 
 
 def strict_json(value):
@@ -43,10 +92,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], *, durable: 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(tmp)
-        if durable:
-            fsync(tmp)
-        os.replace(tmp, path)
+        with out_of_space("a file", path):
+            write(tmp)
+            if durable:
+                fsync(tmp)
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -44,6 +44,7 @@ import numpy as np
 
 from adapterlib.data.buckets import bucket_of
 from adapterlib.data.manifest import GroundedObject, Record, png_bytes, read_manifest, write_manifest
+from adapterlib.files import out_of_space
 
 RESOLUTION = 32
 BACKGROUND = (255, 255, 255)
@@ -355,10 +356,11 @@ def write_dataset(folder: str | Path, n: int, seed: int = 0, max_objects: int | 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     images, records = render_batch(range(seed, seed + n), max_objects, options)
     out = []
-    for image, record in zip(images, records):
-        name = f"images/{record.seed:07d}.png"
-        (folder / name).write_bytes(png_bytes(image))
-        out.append(Record(record.caption, record.objects, image=name, id=record.id, seed=record.seed))
+    with out_of_space("the generated Shapes set's images", folder / "images"):   # data.jsonl last: redone if cut
+        for image, record in zip(images, records):
+            name = f"images/{record.seed:07d}.png"
+            (folder / name).write_bytes(png_bytes(image))
+            out.append(Record(record.caption, record.objects, image=name, id=record.id, seed=record.seed))
     return write_manifest(folder / "data.jsonl", out)
 
 

@@ -171,10 +171,12 @@ def _build(base, manifest, folder, key, parts, crop, dtype, max_objects, on_bad_
             write(name, {k: torch.cat(v) for k, v in chunks.items()})
 
     # the VAE's latent moments (or a pixel-space base's pixels), then the captions' hidden states
-    encode_shards("images", n_images, lambda lo, hi: _encode_images(base, data, first_of_image[lo:hi], store))
-    captions = list(caption_rows)
-    encode_shards("captions", n_captions, lambda lo, hi: _encode_captions(base, captions[lo:hi], store))
-    bar.close()
+    try:                                # the bar closed before any error is printed (a full disk: one line)
+        encode_shards("images", n_images, lambda lo, hi: _encode_images(base, data, first_of_image[lo:hi], store))
+        captions = list(caption_rows)
+        encode_shards("captions", n_captions, lambda lo, hi: _encode_captions(base, captions[lo:hi], store))
+    finally:
+        bar.close()
     # --- the records as trained on (the crop applied to their boxes), and their phrases
     for i, r in enumerate(data.records):
         if crop != "none":

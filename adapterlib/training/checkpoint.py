@@ -14,6 +14,7 @@ write that fails (a full disk) removes the partial folder and says which checkpo
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from adapterlib.model.adapter import SpatialAdapter, build_adapter, grounding_width
 from adapterlib.model.base import BaseModel, load_base
 from adapterlib.model.precision import resolve_device
-from adapterlib.files import fsync, sha256
+from adapterlib.files import OutOfSpace, fsync, is_out_of_space, out_of_space, out_of_space_message, sha256
 from adapterlib.runs import CHECKPOINT_FILES, checkpoint_dir, list_checkpoints, read_config, resolve_checkpoint, resolve_run
 
 CHECKSUMS = "checksums.json"
@@ -82,10 +83,15 @@ def save_checkpoint(run: Path, step: int, adapter: SpatialAdapter, state: dict, 
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync(final.parent)                 # the rename itself is durable
-    except OSError as e:
+    except Exception as e:
+        if not (isinstance(e, OSError) or is_out_of_space(e)):       # torch.save on a full disk: a RuntimeError
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         good = [s for s, _ in list_checkpoints(run) if s != step]
         still = f"the checkpoint of step {good[-1]} is intact: resume from it" if good else "there is no earlier checkpoint"
+        if is_out_of_space(e):
+            raise OutOfSpace(errno.ENOSPC, f"{out_of_space_message(final, f'the checkpoint of step {step}', e)}; "
+                                           f"{still}") from e
         raise CheckpointError(f"could not write the checkpoint of step {step} to {final} ({e}); {still} once the "
                               "cause (disk space, the mount) is fixed") from e
     return final
@@ -97,10 +103,15 @@ def save_final(run: Path, adapter: SpatialAdapter, info: dict) -> Path:
     final, tmp = Path(run) / "final", Path(run) / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_adapter(adapter, tmp / "adapter.safetensors")
-    (tmp / "info.json").write_text(json.dumps(info))
-    for name in ("adapter.safetensors", "info.json"):
-        fsync(tmp / name)
+    try:
+        with out_of_space("the final adapter", final):
+            save_adapter(adapter, tmp / "adapter.safetensors")
+            (tmp / "info.json").write_text(json.dumps(info))
+            for name in ("adapter.safetensors", "info.json"):
+                fsync(tmp / name)
+    except OutOfSpace:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final

@@ -33,7 +33,7 @@ from adapterlib.analysis.figures import boxed_grid
 from adapterlib.analysis.gates import gate_stats
 from adapterlib.paths import repo_path
 from adapterlib.model.precision import precision_policy
-from adapterlib.files import write_json
+from adapterlib.files import OutOfSpace, write_json
 from adapterlib.training.lock import RunLock, RunLocked
 from adapterlib.training.progress import Progress
 from adapterlib.runs import CHANGES, DATA_REPORT, RunLog, effective_config, latest_checkpoint, run_dir, runs_root
@@ -452,7 +452,7 @@ class Saver:
                      skipped=skipped, processes=training.shard.world)
         try:
             path = checkpoint.save_checkpoint(folder, at_step, training.adapter, state, cfg.to_dict())
-        except checkpoint.CheckpointError as e:
+        except (checkpoint.CheckpointError, OutOfSpace) as e:
             log.text(f"checkpoint failed: {e}")
             self.bar.say(f"checkpoint failed: {e}")
             raise
