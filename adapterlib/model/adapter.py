@@ -124,6 +124,10 @@ class Grounding:
             out.keep_text = draw.to(device) >= phrase_dropout
         return out
 
+    def rows(self, rows: slice) -> "Grounding":
+        """These rows of the batch (a micro-batch of gradient accumulation), with the batch's slot count."""
+        return Grounding(self.phrases[rows], self.boxes[rows], self.present[rows], self.keep_text[rows])
+
     def repeat(self, times: int) -> "Grounding":
         """The batch repeated `times` (e.g. twice for the unconditional and conditional halves of CFG)."""
         return Grounding(*(t.repeat(times, *[1] * (t.dim() - 1)) for t in

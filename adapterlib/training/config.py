@@ -44,6 +44,8 @@ class TrainConfig:
     # --- the training plan's parameters (docs/guide/training-plan.md)
     steps: int = 2400                    # optimiser steps (each of batch_size samples)
     batch_size: int = 16                 # samples a step (the global batch over every process)
+    gradient_accumulation_steps: int = 1  # that batch in this many micro-batches (forward + backward each), then one
+    # optimizer step: the same update with a micro-batch's activations (batch_size / processes must divide by it)
     lr: float = 1e-3                     # AdamW learning rate (the gates: lr * gate_lr_scale)
     phrase_dropout: float = 0.1          # a dropped phrase becomes the learned null phrase
     scale_min: float = 0.5               # injection scale drawn per sample from [scale_min, scale_max]
@@ -143,9 +145,13 @@ class TrainConfig:
             raise ValueError(f"init_from = {self.init_from!r} (a diffusers GLIGEN folder) needs adapter_attention = "
                              f"'gligen', not {self.adapter_attention!r}")
         for name in ("steps", "batch_size", "save_every", "log_every", "n_train", "max_nonfinite_steps",
-                     "adapter_ff_mult"):
+                     "adapter_ff_mult", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 1")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(f"batch_size = {self.batch_size} does not split into gradient_accumulation_steps = "
+                             f"{self.gradient_accumulation_steps} equal micro-batches: give a batch_size that is a "
+                             "multiple of it")
         from adapterlib.training.evalspec import check_detector, check_heldout
         check_heldout(self.heldout)              # both checked here, before any work: a typo found now, not
         check_detector(self.detector)            # after the training, at the first checkpoint test
@@ -167,7 +173,8 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # The resume policy, stated once: every field is in exactly one part (tests/test_config.py checks it).
 # Fixed: what the run *is* -- its identity, the base and the adapter's architecture, the data and its
 # order, the optimisation recipe. Changing one of these is a new run, under a new run_name.
-RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size", "lr",
+RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size",
+                "gradient_accumulation_steps", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
                 "warmup", "lr_schedule", "box_loss_weight", "box_loss_region", "timesteps", "grad_clip", "adapter_attention",
                 "adapter_norm", "adapter_feedforward", "adapter_ff_mult", "adapter_depth", "adapter_blocks",

@@ -198,6 +198,11 @@ def setup(cfg: TrainConfig) -> tuple[Shard, TrainConfig]:
     if processes == 1:
         return Shard(resolve_device(cfg.device)), cfg
     check_batch(cfg.batch_size, processes)
+    if (cfg.batch_size // processes) % cfg.gradient_accumulation_steps:
+        raise ValueError(f"batch_size = {cfg.batch_size} over {processes} processes is {cfg.batch_size // processes} "
+                         f"a process, which does not split into gradient_accumulation_steps = "
+                         f"{cfg.gradient_accumulation_steps} equal micro-batches: give a batch_size that is a multiple "
+                         f"of {processes * cfg.gradient_accumulation_steps}")
     if cfg.device.startswith("cuda:"):
         raise ValueError(f"device = {cfg.device!r} with {processes} processes: each process takes its own GPU "
                          "(LOCAL_RANK); give device auto or cuda (or pick GPUs with CUDA_VISIBLE_DEVICES)")

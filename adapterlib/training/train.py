@@ -14,6 +14,7 @@ import json
 import math
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,9 +282,23 @@ def make_training(cfg: TrainConfig, shard: distributed.Shard, base, adapter) -> 
                     slots, source=None, eval_records=[])
 
 
-def step_loss(training: Training, batch: inputs.Batch, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch's loss and the global batch's (every process decides alike on it). The random numbers of the
-    whole global batch are drawn in a fixed order from `gen` (several processes: each keeps its rows)."""
+@dataclass
+class StepInputs:
+    """Everything a step's forward takes, for this process's rows of the global batch, drawn in one fixed order."""
+    noisy: torch.Tensor
+    target: torch.Tensor
+    net_t: torch.Tensor
+    context: torch.Tensor
+    grounding: Grounding
+    scale: torch.Tensor
+    added: dict | None                      # SDXL's / SD3's added conditioning
+    region: torch.Tensor | None             # the box loss's regions (box_loss_region other than "box")
+    objects: torch.Tensor | None            # the box loss's divisor: the global batch's objects / processes
+
+
+def step_inputs(training: Training, batch: inputs.Batch, gen: torch.Generator) -> StepInputs:
+    """The inputs of one step. The random numbers of the whole global batch are drawn in a fixed order from `gen`
+    (several processes: each keeps its rows), so micro-batches and processes split the same draws."""
     cfg, shard, device, base = training.cfg, training.shard, training.device, training.base
     # --- inputs: captions (caption dropout), grounding (phrase dropout), latents, noise, timesteps, scales
     drop = shard.take(torch.rand(cfg.batch_size, generator=gen)) < cfg.caption_dropout
@@ -297,18 +312,62 @@ def step_loss(training: Training, batch: inputs.Batch, gen: torch.Generator) -> 
     t = shard.take(draw_timesteps(cfg.timesteps, cfg.batch_size, base.scheduler.config.num_train_timesteps, gen)).to(device)
     scale = shard.take(cfg.scale_min + (cfg.scale_max - cfg.scale_min) * torch.rand(cfg.batch_size, generator=gen)).to(device)
     noisy, target, net_t = base.noised(latents, noise, t)       # DDPM's target, or flow matching's velocity (SD3)
-    # --- forward: the frozen network with the adapter, through the one module
-    with torch.autocast(device.type, training.amp_dtype, enabled=training.amp_dtype is not None):
-        pred = training.model(noisy.to(training.compute_dtype), net_t, context, grounding, scale, added)  # added: SDXL's, SD3's
-    loss = F.mse_loss(pred.float(), target)
+    region = objects = None
     if cfg.box_loss_weight > 0:
         # several processes: each adds its objects' errors over the global batch's object count, times the
-        # process count (DDP averages the gradients), so together they make the global batch's loss
+        # process count (DDP averages the gradients), so together they make the global batch's loss; micro-batches
+        # the same, summed
         objects = shard.sum(grounding.present.sum().float()) / shard.world
-        region = (visible_region(batch, grounding, pred.shape[-2:], cfg.box_loss_region)
+        region = (visible_region(batch, grounding, latents.shape[-2:], cfg.box_loss_region)
                   if cfg.box_loss_region != "box" else None)
-        loss = loss + cfg.box_loss_weight * box_loss(pred.float(), target, grounding, objects, region)
-    return loss, shard.mean(loss.detach())
+    return StepInputs(noisy, target, net_t, context, grounding, scale, added, region, objects)
+
+
+def micro_loss(training: Training, x: StepInputs, rows: slice | None = None, share: float = 1.0) -> torch.Tensor:
+    """The loss of `rows` of the step's inputs (None: all of them) through the one module: the image MSE (times
+    `share`, the rows' part of the batch, so that micro-batches sum to the batch's mean) plus the box loss (its
+    divisor is the whole batch's object count already)."""
+    cfg = training.cfg
+    take = (lambda v: v) if rows is None else (lambda v: None if v is None else v[rows])
+    grounding = x.grounding if rows is None else x.grounding.rows(rows)
+    added = x.added if rows is None or not x.added else {k: take(v) for k, v in x.added.items()}
+    target = take(x.target)
+    with torch.autocast(training.device.type, training.amp_dtype, enabled=training.amp_dtype is not None):
+        pred = training.model(take(x.noisy).to(training.compute_dtype), take(x.net_t), take(x.context), grounding,
+                              take(x.scale), added)                    # added: SDXL's, SD3's
+    loss = F.mse_loss(pred.float(), target)
+    if rows is not None:
+        loss = loss * share
+    if cfg.box_loss_weight > 0:
+        loss = loss + cfg.box_loss_weight * box_loss(pred.float(), target, grounding, x.objects, take(x.region))
+    return loss
+
+
+def step_loss(training: Training, batch: inputs.Batch, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's loss and the global batch's (every process decides alike on it): `step_inputs`, then the
+    forward of all its rows (`micro_loss`)."""
+    loss = micro_loss(training, step_inputs(training, batch, gen))
+    return loss, training.shard.mean(loss.detach())
+
+
+def accumulated_backward(training: Training, batch: inputs.Batch, gen: torch.Generator) -> torch.Tensor:
+    """`gradient_accumulation_steps` micro-batches of this process's rows, each forward and backward in turn (the
+    activations of one at a time), their gradients summed into the one step's; DDP averages over the processes at
+    the last one only. Returns the global batch's loss, as `step_loss` does; `update(training, None, ...)` steps."""
+    k = training.cfg.gradient_accumulation_steps
+    x = step_inputs(training, batch, gen)
+    n = len(x.noisy)
+    size = n // k
+    total = torch.zeros((), device=training.device)
+    for i in range(k):
+        last = i == k - 1
+        sync = nullcontext() if last or not hasattr(training.model, "no_sync") else training.model.no_sync()
+        with sync:
+            loss = micro_loss(training, x, slice(i * size, (i + 1) * size), size / n)
+            if torch.isfinite(loss) or training.sync_free:            # a non-finite one: the step is skipped
+                training.scaler.scale(loss).backward()
+        total = total + loss.detach()
+    return training.shard.mean(total)
 
 
 def update(training: Training, loss: torch.Tensor, batch_loss: torch.Tensor, counted: "NonFiniteCount | None"):
@@ -324,7 +383,8 @@ def update(training: Training, loss: torch.Tensor, batch_loss: torch.Tensor, cou
     if not training.sync_free and not good:
         training.sched.step()
         return None, good
-    training.scaler.scale(loss).backward()
+    if loss is not None:                     # None: `accumulated_backward` did the backward passes
+        training.scaler.scale(loss).backward()
     training.scaler.unscale_(training.opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(list(training.params.values()), training.cfg.grad_clip)
     if training.sync_free:
@@ -483,8 +543,12 @@ def _loop(training: Training, run: OpenedRun, progress: bool, progress_every_s: 
                 raise Interrupted(f"stop_at_step {stop_at_step}")
             if shard.stopping:
                 raise Interrupted(f"a signal to one of the {shard.world} processes")
-            loss, batch_loss = step_loss(training, next(batches), gen)
-            training.opt.zero_grad(set_to_none=True)
+            if cfg.gradient_accumulation_steps == 1:
+                loss, batch_loss = step_loss(training, next(batches), gen)
+                training.opt.zero_grad(set_to_none=True)
+            else:
+                training.opt.zero_grad(set_to_none=True)
+                loss, batch_loss = None, accumulated_backward(training, next(batches), gen)
             grad_norm, good = update(training, loss, batch_loss, meter.counted)
             step, rng_done = step + 1, gen.get_state()   # the step is complete only now
             if grad_norm is None:                        # non-finite, skipped on the host (update's guard)
