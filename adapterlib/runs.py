@@ -146,7 +146,7 @@ def resolve_checkpoint(run: Path, which: str | int = "latest") -> tuple[int, Pat
 # what a run writes: train.log and metrics.csv
 
 METRIC_COLUMNS = ["step", "loss", "loss_avg", "lr", "grad_norm", "gate_mean", "gate_max", "gate_raw_max",
-                  "samples_per_s", "wall_s", "skipped"]
+                  "samples_per_s", "wall_s", "skipped", "peak_mem_gib"]     # peak: CUDA's allocated, or the CPU's RSS
 # at a checkpoint (`checkpoint_grounding`): its samples measured by the run's detector; empty on other rows
 GROUNDING_COLUMNS = ["grounding_success", "grounding_miou", "grounding_o_miou"]
 
@@ -183,7 +183,7 @@ class RunLog:
     def row(self, row: dict) -> None:
         with self.csv_path.open("a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
-        self.text(" ".join(f"{k}={_fmt(row[k])}" for k in METRIC_COLUMNS + [c for c in GROUNDING_COLUMNS if c in row]))
+        self.text(" ".join(f"{k}={_fmt(row[k])}" for k in METRIC_COLUMNS + GROUNDING_COLUMNS if k in row))
         if self.board is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and v == v:          # NaN (nothing measured): left out

@@ -93,7 +93,7 @@ def run_status(run_dir: str | Path, *, stalled_after_s: float = 600.0, now: floa
     status = dict(run=run_dir.name, path=str(run_dir), state=state, step=None, total_steps=total, progress=None,
                   loss_smoothed=None, gate_mean=None, gate_max=None, gate_raw_max=None, samples_per_s=None,
                   eta_s=None, last_checkpoint=None, skipped=0, metrics_age_s=age, last_log_line=last_line,
-                  grounding=None, warnings=[])
+                  grounding=None, peak_mem_gib=None, warnings=[])
     latest = latest_checkpoint(run_dir)
     if latest is not None:
         status["last_checkpoint"] = latest[0]
@@ -104,6 +104,8 @@ def run_status(run_dir: str | Path, *, stalled_after_s: float = 600.0, now: floa
         status.update(step=step, loss_smoothed=float(metrics.loss_avg.ewm(span=10).mean().iloc[-1]),
                       gate_mean=float(row.gate_mean), gate_max=float(row.gate_max),
                       gate_raw_max=float(row.gate_raw_max), samples_per_s=float(recent), skipped=int(row.skipped))
+        if "peak_mem_gib" in metrics and metrics.peak_mem_gib.notna().any():     # a run saved before: none
+            status["peak_mem_gib"] = float(metrics.peak_mem_gib.max())
         measured = metrics.dropna(subset=["grounding_success"]) if "grounding_success" in metrics else []
         if len(measured):                                # the last checkpoint's samples, measured while training
             last = measured.iloc[-1]
@@ -150,6 +152,8 @@ def format_status(status: dict) -> str:
              f"gate        mean {num(status['gate_mean'], '.3f')}   max {num(status['gate_max'], '.3f')}   "
              f"raw max {num(status['gate_raw_max'], '.3f')}",
              f"speed       {num(status['samples_per_s'], '.1f')} samples/s",
+             f"memory      peak {num(status.get('peak_mem_gib'), '.2f')} GiB (CUDA's allocated on a GPU, the "
+             f"process's resident peak on the CPU; the estimate before the first step is in train.log)",
              f"checkpoint  {checkpoint}",
              f"grounding   {_grounding_line(status.get('grounding'))}",
              f"skipped     {status['skipped']} non-finite step(s)",

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from adapterlib.training import checkpoint
+from adapterlib.training import memory
 from adapterlib.training import worlds
 from adapterlib.training import distributed
 from adapterlib.training import batches as inputs
@@ -350,7 +351,8 @@ def step_loss(training: Training, batch: inputs.Batch, gen: torch.Generator) -> 
     return loss, training.shard.mean(loss.detach())
 
 
-def accumulated_backward(training: Training, batch: inputs.Batch, gen: torch.Generator) -> torch.Tensor:
+def accumulated_backward(training: Training, batch: inputs.Batch, gen: torch.Generator,
+                         first=nullcontext()) -> torch.Tensor:
     """`gradient_accumulation_steps` micro-batches of this process's rows, each forward and backward in turn (the
     activations of one at a time), their gradients summed into the one step's; DDP averages over the processes at
     the last one only. Returns the global batch's loss, as `step_loss` does; `update(training, None, ...)` steps."""
@@ -363,7 +365,8 @@ def accumulated_backward(training: Training, batch: inputs.Batch, gen: torch.Gen
         last = i == k - 1
         sync = nullcontext() if last or not hasattr(training.model, "no_sync") else training.model.no_sync()
         with sync:
-            loss = micro_loss(training, x, slice(i * size, (i + 1) * size), size / n)
+            with first if i == 0 else nullcontext():          # (the memory estimate watches the first forward)
+                loss = micro_loss(training, x, slice(i * size, (i + 1) * size), size / n)
             if torch.isfinite(loss) or training.sync_free:            # a non-finite one: the step is skipped
                 training.scaler.scale(loss).backward()
         total = total + loss.detach()
@@ -457,7 +460,7 @@ class Meter:
         now = time.perf_counter()
         row = dict(step=step, loss=batch_loss.item(), loss_avg=self.loss_avg(), lr=self.training.sched.get_last_lr()[0],
                    grad_norm=grad_norm.item(), samples_per_s=self.samples_per_s(now), wall_s=now - self.t_start,
-                   skipped=self.skipped, **stats)
+                   skipped=self.skipped, peak_mem_gib=memory.peak(self.training.device), **stats)
         self.restart()
         return row
 
@@ -533,6 +536,10 @@ def _loop(training: Training, run: OpenedRun, progress: bool, progress_every_s: 
     """The steps from the run's current step to `steps`, with logging and checkpoints, then the final adapter."""
     cfg, shard, folder = training.cfg, training.shard, run.folder
     gen, step, log, bar, meter, save = _start(training, run, progress, progress_every_s)
+    watch = None                           # the first step's saved activations (rank 0; not under torch.compile)
+    if shard.main and step < cfg.steps:
+        log.text(memory.describe_parameters(training))
+        watch = None if cfg.compile else memory.SavedBytes(getattr(training.model, "module", training.model))
     rng_done = gen.get_state()                 # RNG state after the last completed step: what a checkpoint holds
     batches = inputs.step_batches(training.source, seed=cfg.seed, batch_size=cfg.batch_size, start=step,
                                  stop=cfg.steps, workers=cfg.num_workers, take=shard.take)
@@ -543,13 +550,19 @@ def _loop(training: Training, run: OpenedRun, progress: bool, progress_every_s: 
                 raise Interrupted(f"stop_at_step {stop_at_step}")
             if shard.stopping:
                 raise Interrupted(f"a signal to one of the {shard.world} processes")
+            first = watch if watch is not None and not watch.done else nullcontext()
             if cfg.gradient_accumulation_steps == 1:
-                loss, batch_loss = step_loss(training, next(batches), gen)
+                with first:
+                    loss, batch_loss = step_loss(training, next(batches), gen)
                 training.opt.zero_grad(set_to_none=True)
             else:
                 training.opt.zero_grad(set_to_none=True)
-                loss, batch_loss = None, accumulated_backward(training, next(batches), gen)
+                loss, batch_loss = None, accumulated_backward(training, next(batches), gen, first)
             grad_norm, good = update(training, loss, batch_loss, meter.counted)
+            if first is watch:
+                micro = cfg.batch_size // shard.world // cfg.gradient_accumulation_steps
+                log.text(memory.describe(memory.estimate(training, watch.bytes // micro), training.device,
+                                         memory.peak(training.device)))
             step, rng_done = step + 1, gen.get_state()   # the step is complete only now
             if grad_norm is None:                        # non-finite, skipped on the host (update's guard)
                 meter.skip(batch_loss, step)
@@ -623,8 +636,12 @@ def _out_of_memory(training: Training, step: int, meter: "Meter", log, bar) -> O
     """The out-of-memory stop, logged, naming what to lower."""
     cfg = training.cfg
     per = cfg.batch_size // training.shard.world
-    message = (f"out of {training.device.type} memory at step {step + 1} (batch {per} per process at "
-               f"{training.base.resolution} px, mixed_precision {cfg.mixed_precision!r}): lower batch_size, keep "
+    k = cfg.gradient_accumulation_steps
+    fits = (f"gradient_accumulation_steps {2 * k} keeps the batch and halves the activations (micro-batch "
+            f"{per // (2 * k)}; a new run), " if per % (2 * k) == 0 else "")
+    message = (f"out of {training.device.type} memory at step {step + 1} (batch {per} per process in micro-batches "
+               f"of {per // k}, at {training.base.resolution} px, mixed_precision {cfg.mixed_precision!r}): {fits}"
+               f"lower batch_size, keep "
                f"mixed_precision bf16/fp16 on a GPU, train at a lower resolution (a base with a smaller sample_size), "
                f"or spread the batch over more GPUs (accelerate launch); the last checkpoint (step {meter.last_saved}) "
                f"is untouched")
