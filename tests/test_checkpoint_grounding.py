@@ -80,3 +80,11 @@ def test_a_detector_that_can_measure_none_of_the_phrases_turns_it_off_with_one_l
     assert saver.measure(np.zeros((1, 32, 32, 3), np.uint8), 10) == {}
     assert saver.measuring is False and len(lines) == 1
     assert "checkpoint grounding off: the color detector can measure none" in lines[0] and "'dog'" in lines[0]
+
+
+def test_status_shows_a_checkpoint_grounding_without_overlaps_or_objects():
+    from adapterlib.notebook.monitor import _grounding_line
+    line = _grounding_line(dict(step=4, success_rate=0.5, miou=0.25, o_miou=None))       # strict JSON's NaN
+    assert line.startswith("success 0.500   mIoU 0.250   O-mIoU -") and "step 4" in line
+    assert "O-mIoU -" in _grounding_line(dict(step=4, success_rate=0.5, miou=0.25, o_miou=float("nan")))
+    assert _grounding_line(None).startswith("- (not measured")

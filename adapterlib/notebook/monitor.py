@@ -168,6 +168,8 @@ def _grounding_line(grounding: dict | None) -> str:
     """The last checkpoint samples' grounding (`checkpoint_grounding`), or why there is none."""
     if grounding is None:
         return "- (not measured: no checkpoint yet, n_samples 0 or checkpoint_grounding false)"
-    o_miou = "-" if grounding["o_miou"] != grounding["o_miou"] else f"{grounding['o_miou']:.3f}"
-    return (f"success {grounding['success_rate']:.3f}   mIoU {grounding['miou']:.3f}   O-mIoU {o_miou}   "
+    def num(key):                 # None (strict JSON's NaN): no object measured, or no overlap among the samples
+        value = grounding.get(key)
+        return "-" if value is None or value != value else f"{value:.3f}"
+    return (f"success {num('success_rate')}   mIoU {num('miou')}   O-mIoU {num('o_miou')}   "
             f"(step {grounding['step']}, the checkpoint samples)")
