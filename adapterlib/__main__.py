@@ -95,9 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                          "alone, so guidance strengthens the grounding with the caption; null: the adapter on null "
                          "objects (diffusers' StableDiffusionGLIGENPipeline); off: the same grounding, only the "
                          "caption is guided. on: the earlier name of base")
-    ev.add_argument("--layouts", "--manifest", dest="layouts", default=None, metavar="v1|v2|MANIFEST",
+    ev.add_argument("--layouts", "--manifest", dest="layouts", default=None, metavar="v1|v2|crowds|MANIFEST",
                     help="the layouts: v1 (the 200 shipped held-out layouts), v2 (220 held-out layouts by object count "
-                         "1-6 x overlap), a manifest (JSON Lines) path, or a COCO-MIG layout file (MIG-Bench's JSON, "
+                         "1-6 x overlap), crowds (240 held-out layouts placed at random: overlaps of any depth), a manifest (JSON Lines) path, or a COCO-MIG layout file (MIG-Bench's JSON, "
                          "measured also the MIG way: L2-L6, ISR, mIoU, image success; the Shapes one ships as "
                          "adapterlib/shapes/mig_shapes.json); default: a run's own layouts (its `heldout` "
                          "field; else the held-out set of its Shapes world: v2 for shapes-v2, v1 for shapes; else its "
@@ -169,7 +169,7 @@ def _export_parser(commands) -> None:
                     help="measure the grounding on the first N layouts now and write it into the card, as "
                          "`evaluate RUN --limit N` does: the run's own layouts (its `heldout` field, ...) by its own "
                          "detector (its `detector` field, else 'color'), unless --layouts / --detector say otherwise")
-    ex.add_argument("--layouts", default=None, metavar="v1|v2|MANIFEST",
+    ex.add_argument("--layouts", default=None, metavar="v1|v2|crowds|MANIFEST",
                     help="with --measure: these layouts instead of the run's own (as evaluate's --layouts)")
     ex.add_argument("--detector", default=None,
                     help="with --measure: 'color' or a local OWL-ViT / OWLv2 folder instead of the run's detector")
@@ -441,6 +441,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(evaluate.format_summary({name: summary}))
     report = bucket_report(layouts.records, table, ceiling=ceiling)
     print(f"\nby bucket (objects x overlap; the ceiling is the ground truth's):\n{format_buckets(report, measured=name)}")
+    extra.update(_depth_report(layouts, table, ceiling=None if args.reference == "ground-truth" else ceiling,
+                               measured=name))
     extra["overlay_splits"] = _overlay_report(layouts, evaluate.load_base_for(args.base, args.device), table,
                                               ceiling=ceiling, measured=name)
     extra.update(_protocol_report(layouts, args, {**({} if truth is None or args.reference == "ground-truth"
@@ -473,6 +475,24 @@ def _overlay_report(layouts: evaluate.Layouts, base, table, *, ceiling=None, bas
           f"overlapping layouts split at their own tertiles):\n{format_splits(report, measured=measured)}")
     return [{k: (v if isinstance(v, str) else None if v != v else int(v) if k in ("n_layouts", "n_objects")
                  else float(v)) for k, v in row.items()} for row in report.to_dict("records")]
+
+
+def _depth_report(layouts: evaluate.Layouts, table, *, ceiling=None, base_table=None, measured: str = "adapter") -> dict:
+    """Print where the overlaps bite: by the depth of each layout's deepest overlap, and which objects are lost (by
+    how much of the box is hidden, size, border, how many it covers); return both as JSON rows under "depths" and
+    "factors" (nothing when no layout has overlapping boxes)."""
+    from adapterlib.data.buckets import (bucket_rows, depth_report, factor_report, format_buckets, format_factors,
+                                         overlap_pairs)
+    if not any(overlap_pairs(r) for r in layouts.records):
+        return {}
+    depths = depth_report(layouts.records, table, ceiling=ceiling, base=base_table)
+    print(f"\nby overlap depth (the deepest overlap's share of the smaller box: shallow <= 1/3, deep, inside = 1):\n"
+          f"{format_buckets(depths, measured=measured)}")
+    factors = factor_report(layouts.records, table, ceiling=ceiling, base=base_table)
+    print(f"\nwhich objects are lost (hidden: share of the requested box under boxes in front; side: of the image; "
+          f"border: the box touches the edge; in front of: boxes it covers in part):\n"
+          f"{format_factors(factors, measured=measured)}")
+    return {"depths": bucket_rows(depths), "factors": bucket_rows(factors)}
 
 
 def _protocol_report(layouts: evaluate.Layouts, args: argparse.Namespace, rows: dict[str, dict]) -> dict:
@@ -525,7 +545,8 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     print(evaluate.format_summary(rows))
     report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
     print(f"\nby bucket (objects x overlap; ratio = adapter / ceiling):\n{format_buckets(report)}")
-    protocol = {"overlay_splits": _overlay_report(layouts, ckpt.base, table, ceiling=ceiling, base_table=base_table),
+    protocol = {**_depth_report(layouts, table, ceiling=ceiling, base_table=base_table),
+                "overlay_splits": _overlay_report(layouts, ckpt.base, table, ceiling=ceiling, base_table=base_table),
                 **_protocol_report(layouts, args, rows)}
     _print_json({**adapter, "run": str(run_dir), "step": ckpt.step, "scale": args.scale, "tau": args.tau,
                  "guidance": args.guidance, "grounding_guidance": args.grounding_guidance,
@@ -578,7 +599,8 @@ def _evaluate_gligen(args: argparse.Namespace) -> int:
     print(evaluate.format_summary({"ground truth": truth, "base alone (scale 0)": base_alone, "GLIGEN": measured}))
     report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
     print(f"\nby bucket (objects x overlap; ratio = GLIGEN / ceiling):\n{format_buckets(report)}")
-    _print_json({**measured, "gligen": str(args.gligen), "base": args.base, "scale": args.scale, "tau": args.tau,
+    depths = _depth_report(layouts, table, ceiling=ceiling, base_table=base_table, measured="GLIGEN")
+    _print_json({**measured, **depths, "gligen": str(args.gligen), "base": args.base, "scale": args.scale, "tau": args.tau,
                  "guidance": args.guidance, "grounding_guidance": args.grounding_guidance,
                  "layouts": layouts.source, "detector": args.detector or "color",
                  "base_success_rate": base_alone["success_rate"], "ground_truth_success_rate": truth["success_rate"],

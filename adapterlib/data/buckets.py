@@ -1,5 +1,7 @@
 """Grounding per bucket of layouts: how many objects a layout requests and whether any two of its
-requested boxes intersect ("overlap"). A mean over all layouts hides where grounding fails: crowded
+requested boxes intersect ("overlap"); also by how deep the deepest overlap goes (`depth_of`), and per requested
+object by what may hide it (`object_factors`: how much of its box is under boxes in front, its size, the image
+border). A mean over all layouts hides where grounding fails: crowded
 and overlapping layouts are the hard part, and even the ground truth (the ceiling) can fail there, as
 an object hidden in part by another is found smaller than its requested (full) box.
 
@@ -82,23 +84,46 @@ def o_miou(pairs: pd.DataFrame) -> float:
     return float(pairs.groupby("record")["o_iou"].mean().mean()) if len(pairs) else float("nan")
 
 
-def _per_bucket(buckets: list[tuple[int, bool]], table: pd.DataFrame, name: str) -> pd.DataFrame:
-    """n_objects, success_rate, miou per (objects, overlap) of one per-object table (its measurable rows),
-    given the bucket of each record."""
+def _per_key(keys: list[tuple], names: list[str], table: pd.DataFrame, name: str) -> pd.DataFrame:
+    """n_objects, success_rate, miou per key (columns `names`) of one per-object table (its measurable rows), given
+    the key of each record."""
     missing = [c for c in _TABLE_COLUMNS if c not in table.columns]
     if missing:
         raise ValueError(f"the {name} table lacks column(s) {missing}: give a per-object table of datasets.measure")
     rows = table[table["measurable"].astype(bool)] if "measurable" in table.columns else table
     index = rows["record"].to_numpy(int)
-    bad = index[(index < 0) | (index >= len(buckets))]
+    bad = index[(index < 0) | (index >= len(keys))]
     if len(bad):
-        raise ValueError(f"the {name} table names record {int(bad[0])} but there are {len(buckets)} records: "
+        raise ValueError(f"the {name} table names record {int(bad[0])} but there are {len(keys)} records: "
                          "give the records the table was measured on")
-    frame = pd.DataFrame({"objects": [buckets[i][0] for i in index], "overlap": [buckets[i][1] for i in index],
+    frame = pd.DataFrame({**{n: [keys[i][k] for i in index] for k, n in enumerate(names)},
                           "success": rows["success"].to_numpy(float), "iou": rows["iou"].to_numpy(float)})
-    grouped = frame.groupby(["objects", "overlap"])
+    grouped = frame.groupby(names)
     return pd.DataFrame({"n_objects": grouped.size(), "success_rate": grouped["success"].mean(),
                          "miou": grouped["iou"].mean()})
+
+
+def _key_report(records: Sequence[Record], keys: list[tuple], names: list[str], measured: pd.DataFrame,
+                ceiling: pd.DataFrame | None, base: pd.DataFrame | None) -> pd.DataFrame:
+    """The body of `bucket_report` for any key of a layout (`keys[i]` of record i, columns `names`)."""
+    layouts = pd.DataFrame(keys, columns=names)
+    report = layouts.groupby(names).size().rename("n_layouts").to_frame()
+    report = report.join(_per_key(keys, names, measured, "measured"))
+    for prefix, table in (("ceiling_", ceiling), ("base_", base)):
+        if table is not None:
+            report = report.join(_per_key(keys, names, table, prefix[:-1])[["success_rate", "miou"]].add_prefix(prefix))
+    for prefix, table in (("", measured), ("ceiling_", ceiling), ("base_", base)):
+        pairs = overlap_ious(records, table) if table is not None and {"box", "found_box"} <= set(table.columns) \
+            else ()
+        if len(pairs):
+            pairs["key"] = [keys[r] for r in pairs["record"]]
+            o = pd.Series({k: o_miou(p) for k, p in pairs.groupby("key")}, dtype=float, name=f"{prefix}o_miou")
+            report = report.join(o.rename_axis(names) if len(names) > 1 else
+                                 o.set_axis(pd.Index([k[0] for k in o.index], name=names[0])))
+    report = report.reset_index().reindex(columns=[*names, *REPORT_COLUMNS[2:]])
+    report["n_objects"] = report["n_objects"].fillna(0).astype(int)
+    report["ratio"] = report["success_rate"] / report["ceiling_success_rate"].where(report["ceiling_success_rate"] > 0)
+    return report
 
 
 def bucket_report(records: Sequence[Record], measured: pd.DataFrame, *, ceiling: pd.DataFrame | None,
@@ -112,41 +137,141 @@ def bucket_report(records: Sequence[Record], measured: pd.DataFrame, *, ceiling:
     `records`, in order."""
     if not len(records):
         return pd.DataFrame(columns=REPORT_COLUMNS)
-    buckets = [bucket_of(r) for r in records]
-    layouts = pd.DataFrame(buckets, columns=["objects", "overlap"])
-    report = layouts.groupby(["objects", "overlap"]).size().rename("n_layouts").to_frame()
-    report = report.join(_per_bucket(buckets, measured, "measured"))
-    if ceiling is not None:
-        report = report.join(_per_bucket(buckets, ceiling, "ceiling")[["success_rate", "miou"]].add_prefix("ceiling_"))
-    if base is not None:
-        report = report.join(_per_bucket(buckets, base, "base")[["success_rate", "miou"]].add_prefix("base_"))
+    return _key_report(records, [bucket_of(r) for r in records], ["objects", "overlap"], measured, ceiling, base)
+
+
+# ---------------------------------------------------------------------------------------------
+# How deep the overlaps go, and which objects are lost
+
+DEPTHS = ("apart", "shallow", "deep", "inside")
+
+
+def depth_of(record: Record) -> str:
+    """How deep a layout's deepest overlap goes, as the share of the smaller box of a pair that the other covers:
+    "apart" (no two requested boxes intersect), "shallow" (at most 1/3), "deep" (more, short of all), "inside"
+    (one box wholly inside another)."""
+    box_area = lambda b: (b[2] - b[0]) * (b[3] - b[1])
+    boxes = [o.box for o in record.objects]
+    cover = 0.0
+    for i, j in overlap_pairs(record):
+        a, b = boxes[i], boxes[j]
+        cover = max(cover, box_area(overlap_box(a, b)) / min(box_area(a), box_area(b)))
+    return DEPTHS[0] if cover == 0 else "shallow" if cover <= 1 / 3 else "inside" if cover >= 1 - 1e-9 else "deep"
+
+
+def depth_report(records: Sequence[Record], measured: pd.DataFrame, *, ceiling: pd.DataFrame | None,
+                 base: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`bucket_report`'s columns per overlap depth (`depth_of`: apart / shallow / deep / inside, those present) in
+    place of (objects, overlap)."""
+    if not len(records):
+        return pd.DataFrame(columns=["depth", *REPORT_COLUMNS[2:]])
+    report = _key_report(records, [(depth_of(r),) for r in records], ["depth"], measured, ceiling, base)
+    return report.sort_values("depth", key=lambda d: d.map(DEPTHS.index), ignore_index=True)
+
+
+# The factors `object_factors` gives each requested object, and the groups `factor_report` splits them into.
+FACTOR_GROUPS = {"hidden": ("none", "< 1/3", "1/3 - 2/3", ">= 2/3"), "side": ("< 1/4", "1/4 - 3/8", ">= 3/8"),
+                 "border": ("no", "yes"), "in front of": ("none", "1", "2+")}
+
+
+def object_factors(records: Sequence[Record]) -> pd.DataFrame:
+    """One row per requested object (record, object, in order) with what may make it hard to ground: `hidden`, the
+    share of its requested box under the boxes in front of it (the Shapes depth rule: the smaller box in front, of
+    equal ones the later; measured on a 128-px grid), `side` (the box's longer side, a fraction of the image side),
+    `border` (the box touches the image's edge) and `in_front` (how many boxes it covers in part)."""
+    import numpy as np
+    grid = (np.arange(128) + 0.5) / 128
+    rows = []
+    for index, record in enumerate(records):
+        boxes = [o.box for o in record.objects]
+        area = [(b[2] - b[0]) * (b[3] - b[1]) for b in boxes]
+        masks = [(grid[None, :] >= b[0]) & (grid[None, :] < b[2]) & (grid[:, None] >= b[1]) & (grid[:, None] < b[3])
+                 for b in boxes]
+        front = lambda i, j: area[j] < area[i] or (area[j] == area[i] and j > i)    # j drawn over i
+        for i, box in enumerate(boxes):
+            over = [j for j in range(len(boxes)) if j != i and boxes_intersect(box, boxes[j])]
+            cover = np.zeros_like(masks[i])
+            for j in over:
+                if front(i, j):
+                    cover |= masks[j]
+            hidden = float((cover & masks[i]).sum() / max(masks[i].sum(), 1))
+            rows.append({"record": index, "object": i, "hidden": hidden,
+                         "side": float(max(box[2] - box[0], box[3] - box[1])),
+                         "border": bool(min(box[0], box[1]) <= 1e-6 or max(box[2], box[3]) >= 1 - 1e-6),
+                         "in_front": sum(1 for j in over if front(j, i))})
+    return pd.DataFrame(rows, columns=["record", "object", "hidden", "side", "border", "in_front"])
+
+
+def _factor_groups(factors: pd.DataFrame) -> dict[str, pd.Series]:
+    """Each factor's group of every object (FACTOR_GROUPS' labels)."""
+    cut = lambda v, edges, labels: pd.Series(pd.cut(v, edges, labels=labels, right=False).astype(str), index=v.index)
+    return {"hidden": factors["hidden"].map(lambda h: "none" if h == 0 else "< 1/3" if h < 1 / 3 else
+                                            "1/3 - 2/3" if h < 2 / 3 else ">= 2/3"),
+            "side": cut(factors["side"], [0, 0.25, 0.375, 2], list(FACTOR_GROUPS["side"])),
+            "border": factors["border"].map({False: "no", True: "yes"}),
+            "in front of": factors["in_front"].map(lambda n: "none" if n == 0 else "1" if n == 1 else "2+")}
+
+
+def factor_report(records: Sequence[Record], measured: pd.DataFrame, *, ceiling: pd.DataFrame | None = None,
+                  base: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Which objects are lost: success and mIoU of the measured objects per group of each factor of
+    `object_factors` (factor, group, n_objects, then success_rate / miou of `measured`, the `ceiling` and the
+    `base` where given, and ratio = success_rate / ceiling_success_rate)."""
+    factors = object_factors(records)
+    groups = _factor_groups(factors)
+    out = []
     for prefix, table in (("", measured), ("ceiling_", ceiling), ("base_", base)):
-        pairs = overlap_ious(records, table) if table is not None and {"box", "found_box"} <= set(table.columns) \
-            else ()
-        if len(pairs):
-            pairs["bucket"] = [buckets[r] for r in pairs["record"]]
-            report = report.join(pd.Series({b: o_miou(p) for b, p in pairs.groupby("bucket")}, dtype=float,
-                                           name=f"{prefix}o_miou").rename_axis(["objects", "overlap"]))
-    report = report.reset_index().reindex(columns=REPORT_COLUMNS)
-    report["n_objects"] = report["n_objects"].fillna(0).astype(int)
-    report["ratio"] = report["success_rate"] / report["ceiling_success_rate"].where(report["ceiling_success_rate"] > 0)
-    return report
+        if table is None:
+            continue
+        if len(table) != len(factors):
+            raise ValueError(f"the {prefix[:-1] or 'measured'} table has {len(table)} rows for {len(factors)} "
+                             "requested objects: give the records the table was measured on")
+        kept = table["measurable"].astype(bool).to_numpy() if "measurable" in table.columns else None
+        for factor, group in groups.items():
+            frame = pd.DataFrame({"group": group.to_numpy(), "success": table["success"].to_numpy(float),
+                                  "iou": table["iou"].to_numpy(float)})
+            frame = frame[kept] if kept is not None else frame
+            for name, part in frame.groupby("group"):
+                out.append({"factor": factor, "group": name, "who": prefix, "n_objects": len(part),
+                            "success_rate": part["success"].mean(), "miou": part["iou"].mean()})
+    long = pd.DataFrame(out)
+    wide = long[long["who"] == ""].drop(columns="who").set_index(["factor", "group"])
+    for prefix in ("ceiling_", "base_"):
+        part = long[long["who"] == prefix]
+        if len(part):
+            wide = wide.join(part.set_index(["factor", "group"])[["success_rate", "miou"]].add_prefix(prefix))
+    wide = wide.reindex(columns=["n_objects", "success_rate", "miou", "ceiling_success_rate", "ceiling_miou",
+                                 "base_success_rate", "base_miou"])
+    wide["ratio"] = wide["success_rate"] / wide["ceiling_success_rate"].where(wide["ceiling_success_rate"] > 0)
+    order = [(f, g) for f, labels in FACTOR_GROUPS.items() for g in labels if (f, g) in wide.index]
+    return wide.loc[order].reset_index()
+
+
+def format_factors(report: pd.DataFrame, measured: str = "adapter") -> str:
+    """The factor report as an aligned text table (the ceiling's and the base's columns where given)."""
+    names = {"factor": "factor", "group": "group", "n_objects": "objects", "ceiling_success_rate": "ceiling",
+             "base_success_rate": "base", "success_rate": measured, "ratio": "ratio", "ceiling_miou": "ceiling mIoU",
+             "base_miou": "base mIoU", "miou": f"{measured} mIoU"}
+    shown = report[list(names)].dropna(axis=1, how="all").rename(columns=names)
+    return shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}")
 
 
 def bucket_rows(report: pd.DataFrame) -> list[dict]:
-    """The report as JSON-ready dicts (plain ints, bools and floats; NaN stays NaN), one per bucket."""
+    """The report (by bucket, depth or factor) as JSON-ready dicts (plain ints, bools, strings and floats; NaN
+    stays NaN), one per row."""
     rows = []
     for row in report.to_dict("records"):
-        rows.append({k: (int(v) if k in ("objects", "n_layouts", "n_objects") else
-                         bool(v) if k == "overlap" else float(v)) for k, v in row.items()})
+        rows.append({k: (int(v) if k in ("objects", "n_layouts", "n_objects") else bool(v) if k == "overlap" else
+                         str(v) if k in ("depth", "factor", "group") else float(v)) for k, v in row.items()})
     return rows
 
 
 def format_buckets(report: pd.DataFrame, measured: str = "adapter") -> str:
-    """The report as an aligned text table: objects, overlap, layouts, measured objects, then success
-    (and mIoU, then O-mIoU where any bucket overlaps) of the ceiling, the base and `measured`, and the ratio
-    to the ceiling."""
-    columns = {"objects": "objects", "overlap": "overlap", "n_layouts": "layouts", "n_objects": "n_objects",
+    """The report as an aligned text table: objects, overlap (a `depth_report`: depth), layouts, measured objects,
+    then success (and mIoU, then O-mIoU where any bucket overlaps) of the ceiling, the base and `measured`, and the
+    ratio to the ceiling."""
+    keys = {"depth": "depth"} if "depth" in report.columns else {"objects": "objects", "overlap": "overlap"}
+    columns = {**keys, "n_layouts": "layouts", "n_objects": "n_objects",
                "ceiling_success_rate": "ceiling", "base_success_rate": "base", "success_rate": measured,
                "ratio": "ratio", "ceiling_miou": "ceiling mIoU", "base_miou": "base mIoU", "miou": f"{measured} mIoU",
                "ceiling_o_miou": "ceiling O-mIoU", "base_o_miou": "base O-mIoU", "o_miou": f"{measured} O-mIoU"}
@@ -156,7 +281,8 @@ def format_buckets(report: pd.DataFrame, measured: str = "adapter") -> str:
             shown = shown.drop(columns=[name, f"{name} mIoU", f"{name} O-mIoU", *(["ratio"] if name == "ceiling" else [])])
     if report[["o_miou", "ceiling_o_miou", "base_o_miou"]].isna().all().all():         # no overlapping layouts, or no boxes
         shown = shown.drop(columns=[c for c in shown.columns if c.endswith("O-mIoU")])
-    shown["overlap"] = shown["overlap"].map({True: "yes", False: "no"})
+    if "overlap" in shown.columns:
+        shown["overlap"] = shown["overlap"].map({True: "yes", False: "no"})
     return shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}")
 
 

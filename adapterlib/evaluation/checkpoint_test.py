@@ -47,7 +47,7 @@ def cached_result(run_dir: Path, step: int, settings: dict) -> dict | None:
 
 def checkpoint_test_setup(run_dir: Path, n: int, layouts: str | Path | None = None, detector: str | Path | None = None):
     """(layouts, detector spec) of a checkpoint test, checked before any sampling: the run's layouts (or
-    `layouts`: v1, v2 or a manifest path), at least n of them; the run's detector (or `detector`), able to
+    `layouts`: v1, v2, crowds or a manifest path), at least n of them; the run's detector (or `detector`), able to
     measure some of their objects. The detector is loaded later, only when something is measured."""
     from adapterlib.evaluation.evaluate import named_layouts
     spec = run_detector(run_dir, detector)
@@ -68,7 +68,7 @@ def probe_checkpoint(run_dir: str | Path, which: str | int = "latest", n: int = 
                      device: str | None = None, force: bool = False, layouts: str | Path | None = None,
                      detector: str | Path | Detector | None = None, **sampling) -> dict:
     """Test one checkpoint (`latest`, `final`, a step, or 0: the base alone): n samples at the run's first n
-    layouts (`evaluate.run_layouts`; or `layouts`: v1, v2 or a manifest path), their grid with the requested
+    layouts (`evaluate.run_layouts`; or `layouts`: v1, v2, crowds or a manifest path), their grid with the requested
     boxes, the gate statistics and the grounding summary by `detector` (None or "": the run's `detector`
     field; "color"; a zero-shot detector folder; or a loaded Detector). Writes grid.png and results.json
     under checkpoint_test/step_XXXXXXX/ and returns the results. Sampling settings (steps, guidance, scale,

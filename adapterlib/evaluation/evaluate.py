@@ -10,7 +10,7 @@ Sampling settings are `sample.Sampling`'s, given as keyword arguments (steps, gu
 grounding_guidance).
 
 What a run is judged on (`run_layouts`) and by what (`run_detector`) come from its config: `heldout` (a
-manifest path, v1 or v2; "" = the held-out set of its Shapes world, or for a run on a manifest its own first
+manifest path, v1, v2 or crowds; "" = the held-out set of its Shapes world, or for a run on a manifest its own first
 training records, which every title then marks "(training records: not held out)") and `detector` ("" = the
 colour detector). The base alone is sampled once per base, layouts, seeds and settings and kept on disk
 (`basecache`), so a second evaluation does not sample it again.
@@ -63,7 +63,7 @@ class Layouts:
     records: list[Record]
     seeds: list[int]
     manifest: Path | None = None
-    version: int = 1              # which shipped held-out set (manifest None): 1, or 2 (by object count x overlap)
+    version: int = 1              # which shipped held-out set (manifest None): 1, 2 (by object count x overlap), 3 (crowds)
     held_out: bool = True         # False: the run's own training records (its `source` says so)
     protocol: str | None = None   # "coco-mig": a MIG layout file, measured also the MIG way (`protocols`)
 
@@ -90,10 +90,11 @@ class Layouts:
     @property
     def source(self) -> str:
         """Where the layouts come from, as every table's title names them: a manifest path (with
-        "(training records: not held out)" when it is the run's training data), heldout or heldout-v2."""
+        "(training records: not held out)" when it is the run's training data), heldout, heldout-v2 or
+        heldout-crowds."""
         if self.manifest is not None:
             return str(self.manifest) + ("" if self.held_out else f" {NOT_HELD_OUT}")
-        return "heldout" if self.version == 1 else f"heldout-v{self.version}"
+        return {1: "heldout", 2: "heldout-v2", 3: "heldout-crowds"}[self.version]
 
     @property
     def title(self) -> str:
@@ -119,9 +120,9 @@ class Layouts:
 
 
 def heldout_layouts(n: int | None = None, version: int = 1) -> Layouts:
-    """The shipped held-out layouts (the first n if given): version 1 (200 layouts of the default world) or 2
-    (220, stratified by object count 1-6 and overlap; the first 11 hold one of each bucket); layout i is
-    sampled with seed i."""
+    """The shipped held-out layouts (the first n if given): version 1 (200 layouts of the default world), 2
+    (220, stratified by object count 1-6 and overlap; the first 11 hold one of each bucket) or 3 (the random
+    crowds: 240, 40 of each object count 1-6, the first 6 one of each); layout i is sampled with seed i."""
     if n is not None and n < 1:
         raise ValueError(f"n={n}: give a positive number of layouts (or None for all)")
     records = worlds.heldout_records(n, version)
@@ -151,15 +152,16 @@ def manifest_layouts(path: str | Path, n: int | None = None) -> Layouts:
 
 
 def named_layouts(spec: str | Path, n: int | None = None) -> Layouts:
-    """Layouts by name: v1 / v2 (also heldout / heldout-v2: the shipped held-out sets) or a manifest path."""
+    """Layouts by name: v1 / v2 / crowds (also heldout / heldout-v2 / heldout-crowds: the shipped held-out sets) or a
+    manifest path."""
     if str(spec) in HELDOUT_SETS:
         return heldout_layouts(n, HELDOUT_SETS[str(spec)])
     return manifest_layouts(repo_path(spec), n)
 
 
 def run_layouts(run: str | Path, n: int | None = None) -> Layouts:
-    """The layouts a run is judged on: its `heldout` field (a manifest, v1 or v2) when set; else the
-    held-out layouts of its Shapes world (v1 or v2); else the first n records of the run's own manifest
+    """The layouts a run is judged on: its `heldout` field (a manifest, v1, v2 or crowds) when set; else
+    the held-out layouts of its Shapes world (v1, v2 or crowds); else the first n records of the run's own manifest
     (its boxes, captions and images), marked as not held out (`Layouts.source`)."""
     from adapterlib.runs import effective_config, resolve_run
     config = effective_config(resolve_run(run))

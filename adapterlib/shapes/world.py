@@ -22,9 +22,11 @@ ground truth: that is the ceiling of its layout.
 Seeds: training sets use seeds < HELDOUT_SEED0; the held-out layouts (v1,
 default options) use seeds from HELDOUT_SEED0 up and ship as `heldout.jsonl`;
 the held-out layouts v2 (HELDOUT_V2_OPTIONS, stratified by object count and
-overlap) use seeds from HELDOUT_V2_SEED0 up and ship as `heldout_v2.jsonl`.
-A seed from HELDOUT_V2_SEED0 up is rendered with HELDOUT_V2_OPTIONS, any other
-with the default options (`options_for_seed`).
+overlap) use seeds from HELDOUT_V2_SEED0 up and ship as `heldout_v2.jsonl`; the
+held-out crowds (version 3, CROWDS_OPTIONS: boxes placed at random, so overlaps
+of any depth and boxes inside boxes) use seeds from CROWDS_SEED0 up and ship as
+`heldout_crowds.jsonl`. A held-out seed is rendered in its set's options, any
+other with the default options (`options_for_seed`).
 
 `WORLDS` names the worlds a run (or a base) trains on: for each, the options its
 training layouts are drawn with and the held-out set that judges it (v2 trains on
@@ -90,6 +92,9 @@ _MAX_IOU = 0.5  # at most this IoU between two boxes, so no object hides behind 
 MIN_SIDE_PX = 4  # the smallest object side in pixels (a side-4 triangle has 8 px, a detectable blob)
 
 
+PLACEMENTS = ("ruled", "random", "mixed")
+
+
 @dataclass(frozen=True)
 class WorldOptions:
     """How layouts are drawn; the defaults are the original world.
@@ -99,11 +104,15 @@ class WorldOptions:
     fewer than min_objects. overlap: the probability that an object after the first is placed
     overlapping an earlier one (sharing at least 2 px each way, IoU <= 1/2); otherwise it keeps a
     pixel of background to every earlier box. side: the range of object sides, as fractions of the
-    image side (rounded to pixels, at least MIN_SIDE_PX)."""
+    image side (rounded to pixels, at least MIN_SIDE_PX). placement: "ruled" (the above: apart, or over one
+    earlier box at IoU <= 1/2) or "random" (each box anywhere, uniformly: overlaps of any depth, one box inside
+    another, boxes against the border; `overlap` is then unused): the held-out crowds; or "mixed" (even seeds
+    random, odd seeds ruled: half of a training set each way)."""
     max_objects: int = 3
     min_objects: int = 1
     overlap: float = 0.0
     side: tuple[float, float] = (0.25, 0.5)
+    placement: str = "ruled"
 
     def __post_init__(self):
         for name in ("max_objects", "min_objects"):
@@ -121,6 +130,8 @@ class WorldOptions:
             raise ValueError(f"WorldOptions.side = {self.side!r}: must be (lo, hi) with 0 < lo <= hi <= 1, "
                              "fractions of the image side")
         object.__setattr__(self, "side", (float(side[0]), float(side[1])))  # hashable, compares equal
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"WorldOptions.placement = {self.placement!r}: must be one of {PLACEMENTS}")
 
     def sides_px(self, resolution: int) -> tuple[int, int]:
         """The object side range (lo, hi) in pixels at `resolution`."""
@@ -183,9 +194,12 @@ def sample_layout(seed: int, max_objects: int | None = None, resolution: int = R
     for j, c in enumerate(colors):
         side = int(sides[j])
         xy = (u[j] * (resolution - side + 1)).astype(np.int64)  # (T, 2) top-left corners
-        x0s, y0s = xy[:, 0], xy[:, 1]
-        ok = _placeable(x0s, y0s, x0s + side, y0s + side, [o.box for o in objects],
-                        overlap=bool(overlapping[j]) and bool(objects))
+        if opts.placement == "random" or (opts.placement == "mixed" and seed % 2 == 0):   # anywhere: the first candidate
+            xy = xy[:1]
+            ok = np.ones(1, dtype=bool)
+        else:
+            ok = _placeable(xy[:, 0], xy[:, 1], xy[:, 0] + side, xy[:, 1] + side, [o.box for o in objects],
+                            overlap=bool(overlapping[j]) and bool(objects))
         if not ok.any():
             continue  # a failed placement drops this object: fewer objects, same seed
         x0, y0 = (int(v) for v in xy[ok.argmax()])  # first accepted candidate
@@ -382,6 +396,11 @@ HELDOUT_V2_BUCKETS = tuple((k, o) for k in range(1, 7) for o in (False, True) if
 V2_TRAINING_OPTIONS = WorldOptions(max_objects=6, min_objects=2, overlap=0.6, side=(0.1875, 0.5))
 
 
+# The crowds' training layouts: 2 to 6 objects, half placed as the held-out crowds are (even seeds), half as the v2
+# world's training layouts (odd seeds), so the apart and the bounded overlaps of held-out v2 stay in training.
+CROWDS_TRAINING_OPTIONS = WorldOptions(max_objects=6, min_objects=2, overlap=0.6, side=(0.1875, 0.5), placement="mixed")
+
+
 @dataclass(frozen=True)
 class World:
     """A named Shapes world: how its training layouts are drawn and which held-out set (1 or 2) judges it."""
@@ -393,18 +412,22 @@ class World:
 WORLDS = {
     "shapes": World(WorldOptions(), heldout=1),              # the first world: 1-3 objects, apart
     "shapes-v2": World(V2_TRAINING_OPTIONS, heldout=2),      # up to 6 objects, overlapping, smaller in front
+    "shapes-crowds": World(CROWDS_TRAINING_OPTIONS, heldout=3),  # half v2's layouts, half anywhere: any depth
 }
 
 
 def options_tag(options: WorldOptions) -> str:
     """8 hex digits that change whenever the options do (names a generated set, so a changed world never
-    reuses a set written under other options)."""
-    return hashlib.sha256(repr(options).encode()).hexdigest()[:8]
+    reuses a set written under other options). The default placement is left out of the text hashed, so the
+    tags of sets written before `placement` existed stand."""
+    text = repr(options) if options.placement != "ruled" else repr(options).replace(", placement='ruled'", "")
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def options_for_seed(seed: int) -> WorldOptions:
-    """The world a held-out seed is rendered in: HELDOUT_V2_OPTIONS from HELDOUT_V2_SEED0 up, else the default."""
-    return HELDOUT_V2_OPTIONS if seed >= HELDOUT_V2_SEED0 else WorldOptions()
+    """The world a held-out seed is rendered in: CROWDS_OPTIONS from CROWDS_SEED0 up, HELDOUT_V2_OPTIONS from
+    HELDOUT_V2_SEED0 up, else the default."""
+    return CROWDS_OPTIONS if seed >= CROWDS_SEED0 else HELDOUT_V2_OPTIONS if seed >= HELDOUT_V2_SEED0 else WorldOptions()
 
 
 def write_heldout(n: int = 200, path: str | Path = HELDOUT_PATH) -> Path:
@@ -440,6 +463,36 @@ def write_heldout_v2(per_bucket: int = HELDOUT_V2_PER_BUCKET, path: str | Path =
     return write_manifest(path, out)
 
 
+# The held-out crowds: boxes placed uniformly at random (any overlap depth, one box inside another, boxes against
+# the border), 1 to 6 objects of sides 6 to 16 px; 40 layouts of each object count, seeds from CROWDS_SEED0 up.
+CROWDS_SEED0 = 30_000_000
+CROWDS_PATH = Path(__file__).parent / "heldout_crowds.jsonl"
+CROWDS_OPTIONS = WorldOptions(max_objects=6, side=(0.1875, 0.5), placement="random")
+CROWDS_PER_COUNT = 40
+
+
+def write_crowds(per_count: int = CROWDS_PER_COUNT, path: str | Path = CROWDS_PATH) -> Path:
+    """(Re)generate the shipped held-out crowds (version 3): the first `per_count` layouts of each object count
+    1-6 among seeds CROWDS_SEED0, +1, ... drawn with CROWDS_OPTIONS (random placement: how deep the overlaps
+    go is left to chance, `data.buckets.depth_of` sorts them). Records interleave the counts (the first 6 hold
+    one of each), ids like "crowd-4obj-0007"."""
+    found: dict[int, list[Layout]] = {k: [] for k in range(1, CROWDS_OPTIONS.max_objects + 1)}
+    seed = CROWDS_SEED0
+    while any(len(v) < per_count for v in found.values()):
+        layout = sample_layout(seed, options=CROWDS_OPTIONS)
+        if len(found[len(layout.objects)]) < per_count:
+            found[len(layout.objects)].append(layout)
+        seed += 1
+    layouts = [found[k][i] for i in range(per_count) for k in sorted(found)]
+    _, tight = _render_many(layouts)
+    records = [_record(l, t, None, f"crowd-{len(l.objects)}obj-{i // len(found):04d}")
+               for i, (l, t) in enumerate(zip(layouts, tight))]
+    return write_manifest(path, records)
+
+
+HELDOUT_PATHS = {1: HELDOUT_PATH, 2: HELDOUT_V2_PATH, 3: CROWDS_PATH}
+
+
 MIG_SHAPES_PATH = Path(__file__).parent / "mig_shapes.json"
 
 
@@ -452,11 +505,11 @@ def write_mig_shapes(path: str | Path = MIG_SHAPES_PATH) -> Path:
 
 
 def heldout_records(n: int | None = None, version: int = 1) -> list[Record]:
-    """The shipped held-out records (first n if given): version 1 (heldout.jsonl, the default world) or
-    2 (heldout_v2.jsonl, stratified by object count and overlap)."""
-    if version not in (1, 2):
-        raise ValueError(f"version={version!r}: the held-out layouts are version 1 or 2")
-    records = read_manifest(HELDOUT_PATH if version == 1 else HELDOUT_V2_PATH, require_image=False)
+    """The shipped held-out records (first n if given): version 1 (heldout.jsonl, the default world), 2
+    (heldout_v2.jsonl, stratified by object count and overlap) or 3 (heldout_crowds.jsonl, the random crowds)."""
+    if version not in HELDOUT_PATHS:
+        raise ValueError(f"version={version!r}: the held-out layouts are version 1, 2 or 3 (the crowds)")
+    records = read_manifest(HELDOUT_PATHS[version], require_image=False)
     return records if n is None else records[:n]
 
 
@@ -476,5 +529,5 @@ def heldout_images(records: Sequence[Record], max_objects: int | None = None,
         for i, g in zip(index, rendered):
             if records[i].objects != g.objects:
                 raise ValueError(f"record {records[i].id!r} does not match the layout of seed {records[i].seed}; "
-                                 "regenerate with write_heldout() / write_heldout_v2()")
+                                 "regenerate with write_heldout() / write_heldout_v2() / write_crowds()")
     return images

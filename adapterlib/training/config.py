@@ -35,9 +35,10 @@ class TrainConfig:
                                          # sdxl and sd3 presets'): none given, which the config refuses (give the
                                          # folder); shapes-dit: the shipped tiny MM-DiT
     data: str = "shapes-v2"              # a manifest (.jsonl) path, or a generated Shapes set: "shapes-v2" (1-6 objects,
-                                         # some overlapping, smaller in front) or "shapes" (the first world: 1-3, apart);
+                                         # some overlapping, smaller in front), "shapes-crowds" (half of them placed
+                                         # anywhere) or "shapes" (the first world: 1-3, apart);
                                          # "" (the sd15 preset's): none given, which training refuses
-    n_train: int = 20_000                # size of the generated Shapes set (data "shapes-v2" or "shapes")
+    n_train: int = 20_000                # size of the generated Shapes set (data "shapes-v2", "shapes-crowds", "shapes")
     seed: int = 0                        # data order, noise, timesteps, dropouts, scales: one random stream
     device: str = "auto"                 # auto (cuda when available, else cpu) | cpu | cuda | cuda:N
     mixed_precision: str = "bf16"        # bf16 | fp16 | no; CPU always runs fp32
@@ -96,8 +97,8 @@ class TrainConfig:
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
     checkpoint_grounding: bool = True    # measure those samples by the run's detector: grounding_* in metrics.csv
     # --- how the run is measured (checkpoint tests, notebooks 04/05, evaluate; docs/guide/real-data.md)
-    heldout: str = ""                    # the layouts it is judged on: a manifest path (e.g. an imported COCO val), v1
-                                         # or v2; "" -> its Shapes world's held-out set, or for a manifest run its own
+    heldout: str = ""                    # the layouts it is judged on: a manifest path (e.g. an imported COCO val), v1,
+                                         # v2 or crowds; "" -> its Shapes world's held-out set, or for a manifest run its own
                                          # first training records, marked "(training records: not held out)"
     detector: str = ""                   # what measures grounding: "" (or "color") the Shapes colour detector, or a
                                          # folder with a local zero-shot OWL-ViT / OWLv2 model (real images)

@@ -10,12 +10,12 @@ from pathlib import Path
 from adapterlib.data.mig import read_layouts
 from adapterlib.paths import repo_path
 
-HELDOUT_SETS = {"v1": 1, "heldout": 1, "v2": 2, "heldout-v2": 2}     # names of the shipped held-out sets
+HELDOUT_SETS = {"v1": 1, "heldout": 1, "v2": 2, "heldout-v2": 2, "crowds": 3, "heldout-crowds": 3}  # shipped held-out sets
 NOT_HELD_OUT = "(training records: not held out)"
 
 
 def check_heldout(spec: str, field: str = "heldout") -> None:
-    """A clear error, before any work, for a held-out spec that is not v1, v2, a readable manifest or a COCO-MIG
+    """A clear error, before any work, for a held-out spec that is not v1, v2, crowds, a readable manifest or a COCO-MIG
     layout file (the ManifestError of a bad record names the file and the record)."""
     if not spec or str(spec) in HELDOUT_SETS:
         return
@@ -23,7 +23,7 @@ def check_heldout(spec: str, field: str = "heldout") -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{field} = {spec!r}: {path} is not a file; give a held-out manifest (JSON Lines, "
                                 f"e.g. from `python -m adapterlib import coco ... --out DIR`: DIR/data.jsonl), "
-                                f"v1 or v2, or \"\" for the run's default")
+                                f"v1, v2 or crowds, or \"\" for the run's default")
     if not read_layouts(path)[0]:
         raise ValueError(f"{field} = {spec!r}: {path} has no records")
 

@@ -64,7 +64,7 @@ def training_manifest(data: str, n_train: int, root: Path, started_with: str | P
 
 def sample_records(data: str, records: list[Record], n: int, heldout: str = "") -> list[Record]:
     """What a run samples (and measures: `checkpoint_grounding`) at each checkpoint, layout i with seed i: the
-    first n layouts of its `heldout` field when set (v1, v2, a manifest or a COCO-MIG file), else of its Shapes
+    first n layouts of its `heldout` field when set (v1, v2, crowds, a manifest or a COCO-MIG file), else of its Shapes
     world's held-out set, else the first n of its (verified) training records (their boxes, drawn on the samples,
     show the grounding)."""
     if n <= 0:
