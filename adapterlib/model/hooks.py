@@ -1,8 +1,12 @@
 """What both adapters (ours in `adapter`, diffusers' GLIGEN modules in `gligen`) share: the network's transformer
-blocks by name (a UNet's `BasicTransformerBlock`s, an MM-DiT's joint blocks), and hooks on them that are attached,
-detached and asked about in one way."""
+blocks by name (a UNet's `BasicTransformerBlock`s, an MM-DiT's joint blocks), hooks on them that are attached,
+detached and asked about in one way, and gradient checkpointing with those hooks inside."""
 from __future__ import annotations
 
+import contextlib
+
+import torch
+import torch.utils.checkpoint
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from torch import nn
 
@@ -82,3 +86,34 @@ class HookedAdapter(nn.Module):
     @property
     def attached(self) -> bool:
         return bool(self._handles)
+
+
+def set_gradient_checkpointing(net, adapter: HookedAdapter, enabled: bool) -> None:
+    """Gradient checkpointing of `net` (a UNet's resnets and transformer blocks, an MM-DiT's blocks: diffusers' own
+    segments) with the adapter's hooks inside: each segment's activations are dropped after the forward and
+    recomputed in the backward pass. A hook reads the adapter's `injection`, which lives only for the length of one
+    forward; the recompute runs later, in the backward pass, so each segment keeps the injection its forward saw
+    and puts it back while it is recomputed. The same gradients as without it, for less memory and a second forward
+    of the checkpointed blocks."""
+    if not enabled:
+        if getattr(net, "is_gradient_checkpointing", False):
+            net.disable_gradient_checkpointing()
+        return
+
+    def checkpointed(module, *args):
+        injection = adapter.injection                   # what this segment's forward sees
+
+        def contexts():
+            return contextlib.nullcontext(), _injected(adapter, injection)
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, context_fn=contexts)
+    net.enable_gradient_checkpointing(checkpointed)
+
+
+@contextlib.contextmanager
+def _injected(adapter: HookedAdapter, injection):
+    """The adapter's injection set to `injection` for the length of the block (a segment's recompute)."""
+    saved, adapter.injection = adapter.injection, injection
+    try:
+        yield
+    finally:
+        adapter.injection = saved

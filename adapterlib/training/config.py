@@ -92,6 +92,8 @@ class TrainConfig:
                                          # (runs/_cache/; encodings.py); crop="random" is never cached
     num_workers: int = 2                 # DataLoader workers decoding images when they are read every step
     compile: bool = False                # torch.compile the adapted UNet (a GPU speed option; minutes to compile)
+    gradient_checkpointing: bool = False  # drop the network's activations after the forward, recompute them in the
+                                         # backward: less memory for a second forward; the same gradients
     tensorboard: bool = False            # also log metrics and checkpoint samples to RUN/tensorboard/ (needs tensorboard)
     log_every: int = 25                  # a metrics.csv row every this many steps
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
@@ -186,7 +188,7 @@ RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "
 # them can be given a held-out set or a detector later, and a moved held-out manifest pointed to again.
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
                "max_nonfinite_steps", "cache", "num_workers", "compile", "tensorboard", "heldout", "detector",
-               "checkpoint_grounding")
+               "checkpoint_grounding", "gradient_checkpointing")
 # The subset of RESUME_FIXED that a checkpoint's adapter is built from (options.ARCHITECTURE).
 ARCHITECTURE_FIELDS = tuple(ARCHITECTURE)
 

@@ -74,7 +74,7 @@ def estimate(training, per_sample: int) -> dict:
     trainable = sum(p.numel() for p in training.params.values())
     parts = dict(base=base_bytes(training.base), adapter=16 * trainable, activations=per_sample * micro)
     return dict(parts, total=sum(parts.values()), trainable_parameters=trainable, activations_per_sample=per_sample,
-                micro_batch=micro)
+                micro_batch=micro, checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)))
 
 
 def describe_parameters(training) -> str:
@@ -92,8 +92,11 @@ def describe(est: dict, device: torch.device, peak_gib: float) -> str:
     return (f"memory estimated: about {est['total'] / GIB:.2f} GiB on {device.type} = frozen base {mib(est['base'])} "
             f"+ adapter {est['trainable_parameters']:,} parameters x 16 bytes {mib(est['adapter'])} + activations "
             f"{mib(est['activations_per_sample'])} a sample (what autograd kept for the first step's backward) x "
-            f"micro-batch {est['micro_batch']} {mib(est['activations'])}; not counted: the framework's own (a CUDA "
-            f"context) and one layer's temporaries; peak so far {peak_gib:.2f} GiB ({where})")
+            f"micro-batch {est['micro_batch']} {mib(est['activations'])}"
+            f"{' (gradient checkpointing: only what enters each block)' if est.get('checkpointing') else ''}; not counted: "
+            f"the framework's own (a CUDA context) and one layer's temporaries"
+            f"{' and one block recomputed at a time' if est.get('checkpointing') else ''}; peak so far {peak_gib:.2f} GiB "
+            f"({where})")
 
 
 def peak(device: torch.device) -> float:

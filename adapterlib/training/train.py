@@ -28,6 +28,7 @@ from adapterlib.training import worlds
 from adapterlib.training import distributed
 from adapterlib.training import batches as inputs
 from adapterlib.model.adapter import AdaptedUNet, Grounding, architecture_options, build_adapter
+from adapterlib.model.hooks import set_gradient_checkpointing
 from adapterlib.model.base import load_base, resolve_base_path
 from adapterlib.training.config import FIELDS, TrainConfig, check_preset_fits, resume_changes
 from adapterlib.training.losses import box_loss, draw_timesteps, lr_factor, visible_region
@@ -264,6 +265,7 @@ def make_training(cfg: TrainConfig, shard: distributed.Shard, base, adapter) -> 
     `set_up` adds the data; `bench` builds one to time this same step (`step_loss`, `update`)."""
     device = shard.device
     compute_dtype, amp_dtype, use_scaler = precision_policy(device, cfg.mixed_precision)
+    set_gradient_checkpointing(base.net, adapter, cfg.gradient_checkpointing)
     model = shard.wrap(AdaptedUNet(base.net, adapter))      # DDP with several processes
     params = adapter.trainable_parameters()
     fast = adapter.fast_parameters()                        # the gates (and learned depth weights): lr * gate_lr_scale
@@ -639,6 +641,8 @@ def _out_of_memory(training: Training, step: int, meter: "Meter", log, bar) -> O
     k = cfg.gradient_accumulation_steps
     fits = (f"gradient_accumulation_steps {2 * k} keeps the batch and halves the activations (micro-batch "
             f"{per // (2 * k)}; a new run), " if per % (2 * k) == 0 else "")
+    if not cfg.gradient_checkpointing:
+        fits += "gradient_checkpointing true keeps only each block's inputs (free on resume: --resume RUN), "
     message = (f"out of {training.device.type} memory at step {step + 1} (batch {per} per process in micro-batches "
                f"of {per // k}, at {training.base.resolution} px, mixed_precision {cfg.mixed_precision!r}): {fits}"
                f"lower batch_size, keep "
