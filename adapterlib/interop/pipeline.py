@@ -28,13 +28,15 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from adapterlib.model.adapter import build_adapter
+from adapterlib.model.adapter import build_adapter, grounding_width
+from adapterlib.model.hooks import block_width, transformer_blocks
 from adapterlib.model.base import T5_TOKENS, BaseModel, load_base
-from adapterlib.training.checkpoint import load_adapter, load_checkpoint
+from adapterlib.training.checkpoint import adapter_config, load_adapter, load_checkpoint
 from adapterlib.data.manifest import GroundedObject, Record
 from adapterlib.model import sample
 from adapterlib.options import GROUNDING_GUIDANCE
@@ -51,10 +53,57 @@ class GroundedPipelineOutput(BaseOutput):
     images: list  # PIL images, or (B, H, W, 3) uint8 with output_type="np"
 
 
-class GroundedPipeline(DiffusionPipeline):
+def architecture_differences(path: Path, base: BaseModel) -> list[str]:
+    """What differs between the architecture the adapter saved at `path` was built for (its adapter_config and
+    its tensors' shapes) and `base`'s, one phrase per dimension: the phrase width, the cross-attention width, the
+    number (or names) of transformer blocks, an adapted block's width or attention width. Empty: it fits."""
+    from safetensors import safe_open
+    saved = adapter_config(path)
+    blocks = transformer_blocks(base.net)
+    out = []
+    for what, theirs, ours in (("the phrase width (the text encoder's phrase embedding)", saved.get("text_dim"),
+                                base.phrase_dim),
+                               ("the cross-attention width (the grounding tokens' width, the network's "
+                                "cross_attention_dim)", saved.get("token_dim"), grounding_width(base.net))):
+        if theirs is not None and theirs != ours:
+            out.append(f"{what}: {theirs} in the adapter, {ours} in this base")
+    names, structure = list(saved.get("blocks") or []), len(out)
+    if names and len(names) != len(blocks):
+        out.append(f"the number of transformer blocks: {len(names)} in the adapter, {len(blocks)} in this base")
+    elif names and names != list(blocks):
+        first = next(i for i, (a, b) in enumerate(zip(names, blocks)) if a != b)
+        out.append(f"the transformer blocks' names: block {first} is {names[first]} in the adapter, "
+                   f"{list(blocks)[first]} in this base")
+    if len(out) > structure:
+        return out                      # the blocks themselves differ: their widths say nothing more
+    widths = []
+    layer_blocks = saved.get("adapted_blocks") or names          # layer i is on block layer_blocks[i]
+    first_key = "linear" if saved.get("attention") == "gligen" else "to_objects"   # (block width, token width)
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        for i, name in enumerate(layer_blocks):
+            block, key = blocks.get(name), f"layers.{i}.{first_key}.weight"
+            if block is None or key not in keys:
+                continue
+            theirs, ours = f.get_slice(key).get_shape()[0], block_width(block)
+            if theirs != ours:
+                widths.append(f"the width of transformer block {name}: {theirs} in the adapter, {ours} in this base")
+                continue
+            inner = f"layers.{i}.attn.to_q.weight"           # GLIGEN's fuser (UNet blocks only): heads x head width
+            if inner in keys and (theirs := f.get_slice(inner).get_shape()[0]) != block.attn1.inner_dim:
+                widths.append(f"the attention width (heads x head width) of transformer block {name}: {theirs} in "
+                              f"the adapter, {block.attn1.inner_dim} in this base")
+    if len(widths) > 3:
+        widths = widths[:3] + [f"and {len(widths) - 3} more blocks' widths"]
+    return out + widths
+
+
+class GroundedPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     """The base's parts (vae may be None: a pixel-space base; text_encoder_2 / tokenizer_2: SDXL's and SD3's; an
     SD3 base has `transformer` in place of `unet`, and its optional T5, text_encoder_3 / tokenizer_3), a scheduler,
-    and an attached adapter."""
+    and an attached adapter. On an SD 1.x/2.x (or pixel-space UNet) base, `load_lora_weights` (and `fuse_lora`,
+    `set_adapters`, `unload_lora_weights`) are StableDiffusionPipeline's: a LoRA goes into `unet` / `text_encoder`,
+    inside the transformer blocks the adapter's hooks are on, which stay."""
     _optional_components = ["vae", "unet", "text_encoder_2", "tokenizer_2", "transformer", "text_encoder_3",
                             "tokenizer_3"]
 
@@ -88,10 +137,16 @@ class GroundedPipeline(DiffusionPipeline):
     def from_adapter(cls, folder, base, *, device: str | None = "cpu") -> "GroundedPipeline":
         """An exported adapter folder (or a checkpoint folder), or a diffusers GLIGEN folder, on `base` (a
         BaseModel or a base name/folder). Another base than the one it was trained on is allowed when the
-        architecture matches (a fine-tune of it); a warning says so."""
+        architecture matches (a fine-tune of it); a warning says so. Another architecture is a ValueError naming
+        the folder, the base and each dimension that differs, before anything is built."""
         folder = Path(folder)
         base = base if isinstance(base, BaseModel) else load_base(base, device=device or "cpu")
         if (folder / "adapter.safetensors").is_file():
+            differ = architecture_differences(folder / "adapter.safetensors", base)
+            if differ:
+                raise ValueError(f"adapter {folder / 'adapter.safetensors'} does not fit the base {base.path} "
+                                 f"({base.kind} base): {'; '.join(differ)}. An adapter loads on the base it was "
+                                 "trained on or a fine-tune of it (the same architecture); for this base, train one")
             info = folder / "adapter_config.json"
             trained_on = json.loads(info.read_text()).get("base_model") if info.is_file() else None
             adapter = load_adapter(folder, base)
@@ -112,6 +167,19 @@ class GroundedPipeline(DiffusionPipeline):
                 raise FileNotFoundError(f"{folder}: no adapter.safetensors (an export or checkpoint folder) and no "
                                         "unet/config.json (a diffusers GLIGEN folder)")
         return cls.from_base(base, adapter)
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, **kwargs):
+        """StableDiffusionPipeline's LoRA loading (`StableDiffusionLoraLoaderMixin.load_lora_weights`): a LoRA
+        folder, file or state dict into `unet` and `text_encoder`. SD 1.x/2.x-family (and pixel-space UNet) bases
+        only: an SDXL or SD3 base is refused, before anything is read."""
+        if self.text_encoder_2 is not None or self.transformer is not None:
+            base = self._base()
+            raise ValueError(f"load_lora_weights: the base {base.path} is {base.kind} base; this pipeline loads SD "
+                             "1.x/2.x LoRAs (StableDiffusionPipeline's loader: unet and text_encoder). Load the "
+                             "network's part alone: pipe.unet.load_lora_adapter(LORA, prefix='unet', "
+                             "use_safetensors=True) (SDXL), pipe.transformer.load_lora_adapter(LORA, "
+                             "prefix='transformer', use_safetensors=True) (SD3)")
+        return super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
 
     def to(self, *args, **kwargs) -> "GroundedPipeline":
         super().to(*args, **kwargs)
