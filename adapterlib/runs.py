@@ -16,6 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 
@@ -152,10 +153,12 @@ GROUNDING_COLUMNS = ["grounding_success", "grounding_miou", "grounding_o_miou"]
 
 
 class RunLog:
-    """train.log (appended, timestamped) and metrics.csv (one row per logging interval) of a run.
+    """train.log (appended, timestamped) and metrics.csv (one row per logging interval) of a run, and the same rows
+    and the checkpoint sample grids to each tracker named (`trackers`: tensorboard, wandb; `open_tracker`).
     On resume at `resume_step`, rows logged after that step are dropped: they are redone, never doubled."""
 
-    def __init__(self, run: Path, gate_columns: list[str], resume_step: int | None, tensorboard: bool = False):
+    def __init__(self, run: Path, gate_columns: list[str], resume_step: int | None, trackers: Sequence[str] = (),
+                 config: dict | None = None):
         self.log_path, self.csv_path = Path(run) / "train.log", Path(run) / "metrics.csv"
         self.columns = METRIC_COLUMNS + gate_columns + GROUNDING_COLUMNS
         rows = []
@@ -163,9 +166,7 @@ class RunLog:
             with self.csv_path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         self._write_rows(rows)
-        # TensorBoard (optional): the same columns as scalars and the checkpoint sample grids as images, under
-        # RUN/tensorboard/; on resume, events after the resumed step are purged like the csv rows
-        self.board = open_tensorboard(Path(run) / "tensorboard", resume_step) if tensorboard else None
+        self.trackers = [open_tracker(name, Path(run), resume_step, config or {}) for name in trackers]
 
     def _write_rows(self, rows):
         """Rewrite metrics.csv through a temporary file: a kill here never loses the logged history."""
@@ -184,31 +185,75 @@ class RunLog:
         with self.csv_path.open("a", newline="") as f:
             csv.DictWriter(f, self.columns).writerow(row)
         self.text(" ".join(f"{k}={_fmt(row[k])}" for k in METRIC_COLUMNS + GROUNDING_COLUMNS if k in row))
-        if self.board is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and v == v:          # NaN (nothing measured): left out
-                    self.board.add_scalar(k, v, row["step"])
-            self.board.flush()
+        scalars = {k: v for k, v in row.items()                 # NaN (nothing measured): left out
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+        for tracker in self.trackers:
+            tracker.scalars(scalars, row["step"])
 
     def image(self, tag: str, image, step: int) -> None:
-        """A PIL image (a checkpoint's sample grid) to TensorBoard, when it is on."""
-        if self.board is not None:
-            import numpy as np
-            self.board.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
-            self.board.flush()
+        """A PIL image (a checkpoint's sample grid) to every tracker."""
+        for tracker in self.trackers:
+            tracker.image(tag, image, step)
 
     def close(self) -> None:
-        if self.board is not None:
-            self.board.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
-def open_tensorboard(folder: Path, resume_step: int | None):
-    """A torch SummaryWriter on `folder` (a clear error if the tensorboard package is missing)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from e
-    return SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1)
+def open_tracker(name: str, run: Path, resume_step: int | None, config: dict):
+    """A tracker by name: "tensorboard" (RUN/tensorboard/; on resume, events after the resumed step are purged like
+    the csv rows) or "wandb" (a wandb run under RUN/wandb/, named after the run, grouped by it: a resume starts a
+    new wandb run in the group from the resumed step, as wandb does not take back logged steps). A clear error when
+    the package is missing."""
+    if name == "tensorboard":
+        return TensorBoardTracker(run / "tensorboard", resume_step)
+    if name == "wandb":
+        return WandbTracker(run, resume_step, config)
+    raise ValueError(f"unknown tracker {name!r}")
+
+
+class TensorBoardTracker:
+    def __init__(self, folder: Path, resume_step: int | None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError("report_to tensorboard needs the tensorboard package: pip install tensorboard") from e
+        self.board = SummaryWriter(str(folder), purge_step=None if resume_step is None else resume_step + 1)
+
+    def scalars(self, values: dict, step: int) -> None:
+        for k, v in values.items():
+            self.board.add_scalar(k, v, step)
+        self.board.flush()
+
+    def image(self, tag: str, image, step: int) -> None:
+        import numpy as np
+        self.board.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        self.board.flush()
+
+    def close(self) -> None:
+        self.board.close()
+
+
+class WandbTracker:
+    def __init__(self, run: Path, resume_step: int | None, config: dict):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError("report_to wandb needs the wandb package: pip install wandb (WANDB_MODE=offline "
+                              "logs without an account; `wandb sync RUN/wandb/offline-run-*` uploads later)") from e
+        self.wandb = wandb
+        name = run.name if resume_step is None else f"{run.name} (resumed at step {resume_step})"
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "adapterlib"), dir=str(run), name=name,
+                              group=run.name, config=config, reinit="create_new")
+
+    def scalars(self, values: dict, step: int) -> None:
+        self.run.log(values, step=step)
+
+    def image(self, tag: str, image, step: int) -> None:
+        self.run.log({tag: self.wandb.Image(image.convert("RGB"))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def _fmt(v):

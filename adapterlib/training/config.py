@@ -94,7 +94,11 @@ class TrainConfig:
     compile: bool = False                # torch.compile the adapted UNet (a GPU speed option; minutes to compile)
     gradient_checkpointing: bool = False  # drop the network's activations after the forward, recompute them in the
                                          # backward: less memory for a second forward; the same gradients
-    tensorboard: bool = False            # also log metrics and checkpoint samples to RUN/tensorboard/ (needs tensorboard)
+    tensorboard: bool = False            # also log metrics and checkpoint samples to RUN/tensorboard/ (needs tensorboard;
+                                         # the earlier switch for report_to tensorboard)
+    report_to: str = "none"              # trackers that get metrics.csv's rows and the checkpoint samples: none |
+                                         # tensorboard | wandb | tensorboard,wandb (wandb: pip install wandb; offline
+                                         # with WANDB_MODE=offline)
     log_every: int = 25                  # a metrics.csv row every this many steps
     n_samples: int = 8                   # samples (with boxes drawn) written at each checkpoint
     checkpoint_grounding: bool = True    # measure those samples by the run's detector: grounding_* in metrics.csv
@@ -129,6 +133,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} = {getattr(self, name)!r}: choose one of {allowed}")
         check_blocks_spec(self.adapter_blocks)
+        trackers(self)                           # a tracker we do not know: an error now
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             raise ValueError(f"device = {self.device!r}: choose auto, cpu, cuda or cuda:N")
         for name in ("lr", "grad_clip", "gate_lr_scale"):
@@ -172,6 +177,20 @@ class TrainConfig:
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+TRACKERS = ("tensorboard", "wandb")
+
+
+def trackers(cfg) -> list[str]:
+    """The trackers a run reports to: `report_to`'s (none, or a comma list of TRACKERS), and tensorboard when the
+    earlier switch `tensorboard` is on; an unknown name is an error naming the choices."""
+    names = [n.strip() for n in str(cfg.report_to).split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ValueError(f"report_to = {cfg.report_to!r}: {', '.join(map(repr, unknown))} is not a tracker; give none, "
+                         f"or a comma list of {', '.join(TRACKERS)}")
+    if getattr(cfg, "tensorboard", False) and "tensorboard" not in names:
+        names.insert(0, "tensorboard")
+    return names
 
 # The resume policy, stated once: every field is in exactly one part (tests/test_config.py checks it).
 # Fixed: what the run *is* -- its identity, the base and the adapter's architecture, the data and its
@@ -187,8 +206,8 @@ RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "
 # How it is measured (heldout, detector) is free too: training never reads them, so a run trained without
 # them can be given a held-out set or a detector later, and a moved held-out manifest pointed to again.
 RESUME_FREE = ("steps", "save_every", "log_every", "n_samples", "device", "mixed_precision", "keep_last",
-               "max_nonfinite_steps", "cache", "num_workers", "compile", "tensorboard", "heldout", "detector",
-               "checkpoint_grounding", "gradient_checkpointing")
+               "max_nonfinite_steps", "cache", "num_workers", "compile", "tensorboard", "report_to", "heldout",
+               "detector", "checkpoint_grounding", "gradient_checkpointing")
 # The subset of RESUME_FIXED that a checkpoint's adapter is built from (options.ARCHITECTURE).
 ARCHITECTURE_FIELDS = tuple(ARCHITECTURE)
 

@@ -30,7 +30,7 @@ from adapterlib.training import batches as inputs
 from adapterlib.model.adapter import AdaptedUNet, Grounding, architecture_options, build_adapter
 from adapterlib.model.hooks import set_gradient_checkpointing
 from adapterlib.model.base import load_base, resolve_base_path
-from adapterlib.training.config import FIELDS, TrainConfig, check_preset_fits, resume_changes
+from adapterlib.training.config import FIELDS, TrainConfig, check_preset_fits, resume_changes, trackers
 from adapterlib.training.losses import box_loss, draw_timesteps, lr_factor, visible_region
 from adapterlib.analysis.figures import boxed_grid
 from adapterlib.analysis.gates import gate_stats
@@ -620,7 +620,7 @@ def _start(training: Training, run: OpenedRun, progress: bool, progress_every_s:
         checkpoint.set_rng_state(gen, run.state["rng"])
         skipped = run.state["skipped"]
     log = RunLog(folder, list(gate_stats(training.adapter))[3:], step if run.resume else None,
-                 tensorboard=cfg.tensorboard) if shard.main else distributed.SILENT
+                 trackers=trackers(cfg), config=cfg.to_dict()) if shard.main else distributed.SILENT
     bar = (Progress(folder.name, step, cfg.steps, every_s=progress_every_s, bar=progress) if shard.main
            else distributed.SILENT)
     notes = run.notes
