@@ -111,3 +111,30 @@ def test_evaluate_prints_depth_and_factor_tables_for_the_crowds(capsys):
     assert {r["depth"] for r in result["depths"]} <= set(DEPTHS) and len(result["depths"]) >= 3
     hidden = {r["group"]: r for r in result["factors"] if r["factor"] == "hidden"}
     assert hidden["none"]["success_rate"] == 1.0                         # an unhidden object is always found
+
+
+def test_the_box_loss_ring_is_the_background_just_outside_each_box_and_reaches_the_run(tmp_path, monkeypatch):
+    import torch
+    from adapterlib.training.losses import edge_ring
+    boxes = torch.tensor([[[0.25, 0.25, 0.5, 0.5], [0.5, 0.25, 0.75, 0.5], [0.0, 0.0, 0.125, 0.125]]])
+    ring = edge_ring(boxes, (8, 8), 1).reshape(1, 8, 8, 3)
+    first = ring[0, :, :, 0]
+    # a 1-cell frame around cells 2-3 x 2-3, less the cells of the box beside it (rows 2-3 of column 4)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[1, 1:5] = expected[4, 1:5] = expected[1:5, 1] = True
+    assert torch.equal(first, expected), first.int()
+    assert not ring[0, 0, 0, 2] and ring[0, 1, 0, 2] and ring[0, 1, 1, 2] and ring[0, 0, 1, 2]  # the image's edge cuts it
+    assert ring.sum() == expected.sum() + 10 + 3
+    assert edge_ring(boxes, (8, 8), 2).sum() > ring.sum()
+    # the field reaches the run and changes what it trains
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
+    from adapterlib.__main__ import main
+    from safetensors.torch import load_file
+    fields = ["--steps", "3", "--batch_size", "4", "--n_train", "16", "--save_every", "3", "--n_samples", "0"]
+    assert main(["train", "--run_name", "plain", *fields]) == 0
+    assert main(["train", "--run_name", "ring", *fields, "--box_loss_ring", "1"]) == 0
+    import json
+    assert json.loads((tmp_path / "ring" / "config.json").read_text())["box_loss_ring"] == 1
+    a, b = (load_file(str(tmp_path / n / "final" / "adapter.safetensors")) for n in ("plain", "ring"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 0
+    assert main(["train", "--resume", "ring", "--box_loss_ring", "2"]) == 2              # it defines the run

@@ -66,6 +66,9 @@ class TrainConfig:
                                          # training image, found by its phrase's colour) | exclusive (its box less the
                                          # pixels other objects show) | layered (visible for an object hidden in part,
                                          # exclusive otherwise); all but box: Shapes data, a pixel base
+    box_loss_ring: int = 0               # cells of the prediction's grid just outside each box, outside every box, added
+                                         # to the object's region: the box's edge, where an object spilling over it
+                                         # shows (0: none; losses.edge_ring)
     timesteps: str = "uniform"           # uniform | cubic: t = (1 - u^3) T, most steps at high noise, where the layout is
                                          # decided (T2I-Adapter's schedule; losses.draw_timesteps) | logit-normal (SD3's
                                          # density; on a flow base t picks the schedule's sigma)
@@ -139,7 +142,7 @@ class TrainConfig:
         for name in ("lr", "grad_clip", "gate_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be > 0")
-        for name in ("warmup", "box_loss_weight", "weight_decay", "n_samples", "seed", "keep_last", "num_workers"):
+        for name in ("warmup", "box_loss_weight", "box_loss_ring", "weight_decay", "n_samples", "seed", "keep_last", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be >= 0")
         check_max_objects(self.max_objects)
@@ -198,7 +201,7 @@ def trackers(cfg) -> list[str]:
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size",
                 "gradient_accumulation_steps", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
-                "warmup", "lr_schedule", "box_loss_weight", "box_loss_region", "timesteps", "grad_clip", "adapter_attention",
+                "warmup", "lr_schedule", "box_loss_weight", "box_loss_region", "box_loss_ring", "timesteps", "grad_clip", "adapter_attention",
                 "adapter_norm", "adapter_feedforward", "adapter_ff_mult", "adapter_depth", "adapter_blocks",
                 "max_objects", "on_bad_record", "crop", "flip", "init_from")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its

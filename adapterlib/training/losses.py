@@ -1,5 +1,6 @@
 """The losses and schedules of a training step, in one place: the learning-rate schedule (`lr_factor`), the
-timestep density (`draw_timesteps`), and the per-object box loss (`box_loss`) with its region (`visible_region`).
+timestep density (`draw_timesteps`), and the per-object box loss (`box_loss`) with its region (`visible_region`, and
+the box's edge: `edge_ring`).
 The step that uses them is `train.step_loss`."""
 from __future__ import annotations
 
@@ -52,6 +53,15 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor, grounding: Grounding,
     per_box = (err[:, :, None] * inside).sum(1) / inside.sum(1).clamp(min=1)  # (B, N)
     present = grounding.present.float()
     return (per_box * present).sum() / (present.sum() if objects is None else objects).clamp(min=1)
+
+
+def edge_ring(boxes: torch.Tensor, grid: tuple[int, int], ring: int) -> torch.Tensor:
+    """(B, h * w, N) bool: for each box, the cells within `ring` cells outside it that lie outside every box of the
+    sample: its edge, where an object drawn larger than its box spills over (the box loss's `box_loss_ring`)."""
+    h, w = grid
+    grow = torch.tensor([-ring / w, -ring / h, ring / w, ring / h], device=boxes.device)
+    outside = ~region_mask(boxes, h, w).any(-1, keepdim=True)                 # (B, h * w, 1) no box covers the cell
+    return region_mask(boxes.float() + grow, h, w) & outside
 
 
 def visible_region(batch: Batch, grounding: Grounding, grid: tuple[int, int],

@@ -27,11 +27,11 @@ from adapterlib.training import memory
 from adapterlib.training import worlds
 from adapterlib.training import distributed
 from adapterlib.training import batches as inputs
-from adapterlib.model.adapter import AdaptedUNet, Grounding, architecture_options, build_adapter
+from adapterlib.model.adapter import AdaptedUNet, Grounding, architecture_options, build_adapter, region_mask
 from adapterlib.model.hooks import set_gradient_checkpointing
 from adapterlib.model.base import load_base, resolve_base_path
 from adapterlib.training.config import FIELDS, TrainConfig, check_preset_fits, resume_changes, trackers
-from adapterlib.training.losses import box_loss, draw_timesteps, lr_factor, visible_region
+from adapterlib.training.losses import box_loss, draw_timesteps, edge_ring, lr_factor, visible_region
 from adapterlib.analysis.figures import boxed_grid
 from adapterlib.analysis.gates import gate_stats
 from adapterlib.paths import repo_path
@@ -323,6 +323,10 @@ def step_inputs(training: Training, batch: inputs.Batch, gen: torch.Generator) -
         objects = shard.sum(grounding.present.sum().float()) / shard.world
         region = (visible_region(batch, grounding, latents.shape[-2:], cfg.box_loss_region)
                   if cfg.box_loss_region != "box" else None)
+        if cfg.box_loss_ring > 0:                                # and the background just outside each box
+            grid = tuple(latents.shape[-2:])
+            inside = region if region is not None else region_mask(grounding.boxes, *grid)
+            region = inside | edge_ring(grounding.boxes, grid, cfg.box_loss_ring)
     return StepInputs(noisy, target, net_t, context, grounding, scale, added, region, objects)
 
 
