@@ -404,7 +404,7 @@ class _Renamed(argparse.Action):
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from adapterlib.data.buckets import bucket_report, bucket_rows, format_buckets
+    from adapterlib.evaluation.report import breakdowns
     from adapterlib.training.worlds import load_detector
 
     if args.limit is not None and args.limit < 1:
@@ -439,16 +439,13 @@ def _evaluate(args: argparse.Namespace) -> int:
                                            guidance=args.guidance, **measure)
     print(f"on {layouts.title}")
     print(evaluate.format_summary({name: summary}))
-    report = bucket_report(layouts.records, table, ceiling=ceiling)
-    print(f"\nby bucket (objects x overlap; the ceiling is the ground truth's):\n{format_buckets(report, measured=name)}")
-    extra.update(_depth_report(layouts, table, ceiling=None if args.reference == "ground-truth" else ceiling,
-                               measured=name))
-    extra["overlay_splits"] = _overlay_report(layouts, evaluate.load_base_for(args.base, args.device), table,
-                                              ceiling=ceiling, measured=name)
-    extra.update(_protocol_report(layouts, args, {**({} if truth is None or args.reference == "ground-truth"
-                                                     else {"ground truth": truth}), name: summary}))
+    fields, buckets = breakdowns(layouts, table, ceiling=ceiling, measured=name,
+                                 buckets_title="the ceiling is the ground truth's", buckets_measured=name,
+                                 base=evaluate.load_base_for(args.base, args.device),
+                                 protocol_rows={**({} if truth is None or args.reference == "ground-truth"
+                                                   else {"ground truth": truth}), name: summary}, sam=bool(args.sam))
     _print_json({**summary, "reference": args.reference, "layouts": layouts.source,
-                 "detector": evaluate.detector_spec(args.detector), **extra, "buckets": bucket_rows(report)})
+                 "detector": evaluate.detector_spec(args.detector), **extra, **fields, "buckets": buckets})
     return 0
 
 
@@ -460,61 +457,8 @@ def _segmenter(args: argparse.Namespace):
     return BoxSegmenter(args.sam, device=args.device)
 
 
-def _overlay_report(layouts: evaluate.Layouts, base, table, *, ceiling=None, base_table=None,
-                    measured: str = "adapter") -> list[dict]:
-    """Print the layouts' OverLayBench split (OverLayScore from `base`'s phrase embeddings; `protocols`) with
-    success, mIoU and O-mIoU of each row; return it as JSON rows ([] when no layout has overlapping boxes)."""
-    from adapterlib.data.buckets import format_splits, split_report
-    from adapterlib.evaluation.protocols import overlay_scores
-    from adapterlib.data.buckets import overlap_pairs
-    if not any(overlap_pairs(r) for r in layouts.records):
-        return []
-    scores = overlay_scores(layouts.records, base)
-    report = split_report(layouts.records, scores, table, ceiling=ceiling, base=base_table)
-    print(f"\nby OverLayScore (OverLayBench's; phrase similarity from {Path(str(base.path)).name}'s text encoder; "
-          f"overlapping layouts split at their own tertiles):\n{format_splits(report, measured=measured)}")
-    return [{k: (v if isinstance(v, str) else None if v != v else int(v) if k in ("n_layouts", "n_objects")
-                 else float(v)) for k, v in row.items()} for row in report.to_dict("records")]
-
-
-def _depth_report(layouts: evaluate.Layouts, table, *, ceiling=None, base_table=None, measured: str = "adapter") -> dict:
-    """Print where the overlaps bite: by the depth of each layout's deepest overlap, and which objects are lost (by
-    how much of the box is hidden, size, border, how many it covers); return both as JSON rows under "depths" and
-    "factors" (nothing when no layout has overlapping boxes)."""
-    from adapterlib.data.buckets import (bucket_rows, depth_report, factor_report, format_buckets, format_factors,
-                                         overlap_pairs)
-    if not any(overlap_pairs(r) for r in layouts.records):
-        return {}
-    depths = depth_report(layouts.records, table, ceiling=ceiling, base=base_table)
-    print(f"\nby overlap depth (the deepest overlap's share of the smaller box: shallow <= 1/3, deep, inside = 1):\n"
-          f"{format_buckets(depths, measured=measured)}")
-    factors = factor_report(layouts.records, table, ceiling=ceiling, base=base_table)
-    print(f"\nwhich objects are lost (hidden: share of the requested box under boxes in front; side: of the image; "
-          f"border: the box touches the edge; in front of: boxes it covers in part):\n"
-          f"{format_factors(factors, measured=measured)}")
-    return {"depths": bucket_rows(depths), "factors": bucket_rows(factors)}
-
-
-def _protocol_report(layouts: evaluate.Layouts, args: argparse.Namespace, rows: dict[str, dict]) -> dict:
-    """For the layouts of a COCO-MIG file: print the L2-L6 table of `rows` (name -> summary with its "levels")
-    and return the JSON's protocol fields (the measured row's levels are already the summary's "levels" at the
-    top level; the ground truth's and the base's beside them). Nothing for other layouts."""
-    from adapterlib.evaluation.protocols import format_levels
-    if layouts.protocol is None:
-        return {}
-    region = "SAM masks" if args.sam else "the box's pixels (no --sam)"
-    print(f"\n{layouts.protocol} on {layouts.title}, by level (instances), colour checked on {region}:")
-    print(format_levels({name: summary["levels"] for name, summary in rows.items()}))
-    out = {"protocol": layouts.protocol, "color_region": "sam" if args.sam else "box"}
-    for name, summary in rows.items():
-        key = "ground_truth_levels" if name == "ground truth" else "base_levels" if name.startswith("base") else None
-        if key is not None:
-            out[key] = summary["levels"]
-    return out
-
-
 def _evaluate_run(args: argparse.Namespace) -> int:
-    from adapterlib.data.buckets import bucket_report, bucket_rows, format_buckets
+    from adapterlib.evaluation.report import breakdowns
     from adapterlib.training.checkpoint import load_checkpoint
     from adapterlib.training.worlds import load_detector
     from adapterlib.runs import resolve_run
@@ -543,18 +487,16 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     rows = {**({"ground truth": truth} if truth is not None else {}), "base alone (scale 0)": base_alone,
             f"adapter step {ckpt.step}": adapter}
     print(evaluate.format_summary(rows))
-    report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
-    print(f"\nby bucket (objects x overlap; ratio = adapter / ceiling):\n{format_buckets(report)}")
-    protocol = {**_depth_report(layouts, table, ceiling=ceiling, base_table=base_table),
-                "overlay_splits": _overlay_report(layouts, ckpt.base, table, ceiling=ceiling, base_table=base_table),
-                **_protocol_report(layouts, args, rows)}
+    fields, buckets = breakdowns(layouts, table, ceiling=ceiling, base_table=base_table,
+                                 buckets_title="ratio = adapter / ceiling", base=ckpt.base, protocol_rows=rows,
+                                 sam=bool(args.sam))
     _print_json({**adapter, "run": str(run_dir), "step": ckpt.step, "scale": args.scale, "tau": args.tau,
                  "guidance": args.guidance, "grounding_guidance": args.grounding_guidance,
-                 "layouts": layouts.source, "held_out": layouts.held_out, "detector": spec, **protocol,
+                 "layouts": layouts.source, "held_out": layouts.held_out, "detector": spec, **fields,
                  "base_success_rate": base_alone["success_rate"],
                  "ground_truth_success_rate": truth["success_rate"] if truth is not None else None,
                  "ground_truth_o_miou": truth["o_miou"] if truth is not None else None,
-                 "buckets": bucket_rows(report)})
+                 "buckets": buckets})
     return 0
 
 
@@ -575,7 +517,7 @@ def _check_real_base_is_measured(args: argparse.Namespace, what: str) -> None:
 def _evaluate_gligen(args: argparse.Namespace) -> int:
     """A diffusers GLIGEN folder's fusers and position net on --base, measured like a run's adapter."""
     from adapterlib.model.adapter import build_adapter
-    from adapterlib.data.buckets import bucket_report, bucket_rows, format_buckets
+    from adapterlib.evaluation.report import breakdowns
     from adapterlib.training.worlds import load_detector
     from adapterlib.model.gligen import load_gligen_weights, read_gligen_folder
 
@@ -597,14 +539,13 @@ def _evaluate_gligen(args: argparse.Namespace) -> int:
                                         scale=args.scale, tau=args.tau, grounding_guidance=args.grounding_guidance,
                                         **sampling)
     print(evaluate.format_summary({"ground truth": truth, "base alone (scale 0)": base_alone, "GLIGEN": measured}))
-    report = bucket_report(layouts.records, table, ceiling=ceiling, base=base_table)
-    print(f"\nby bucket (objects x overlap; ratio = GLIGEN / ceiling):\n{format_buckets(report)}")
-    depths = _depth_report(layouts, table, ceiling=ceiling, base_table=base_table, measured="GLIGEN")
-    _print_json({**measured, **depths, "gligen": str(args.gligen), "base": args.base, "scale": args.scale, "tau": args.tau,
+    fields, buckets = breakdowns(layouts, table, ceiling=ceiling, base_table=base_table, measured="GLIGEN",
+                                 buckets_title="ratio = GLIGEN / ceiling")
+    _print_json({**measured, **fields, "gligen": str(args.gligen), "base": args.base, "scale": args.scale, "tau": args.tau,
                  "guidance": args.guidance, "grounding_guidance": args.grounding_guidance,
                  "layouts": layouts.source, "detector": args.detector or "color",
                  "base_success_rate": base_alone["success_rate"], "ground_truth_success_rate": truth["success_rate"],
-                 "buckets": bucket_rows(report)})
+                 "buckets": buckets})
     return 0
 
 

@@ -1,3 +1,4 @@
 """Floor 6, measuring: grounding on held-out layouts (`evaluate`, with the base's cached samples in `basecache`),
 the published protocols (`protocols`: COCO-MIG), the checkpoint test (`checkpoint_test`), notebook 01's checks
-(`checks`) and training-step throughput (`bench`)."""
+(`checks`), training-step throughput (`bench`) and the breakdowns `python -m adapterlib evaluate` prints below its
+summary (`report`)."""
