@@ -8,6 +8,7 @@
 #   4. the real loop at real size: `train --preset sd15` on that folder, cache on, bf16, at batch 16 (beside the
 #      bench) and at the preset's batch 2, BLOCKS as the preset's unless set: samples/s from metrics.csv past the
 #      first LOOP_SKIP steps, peak CUDA memory, the plan's 25,000 steps x batch 2 projected in minutes;
+#   4b. the memory ladder, each micro-batch's CUDA peak with and without gradient checkpointing (scripts/memory_ladder.py);
 #   5. `bench --compile` with what time is left: masked+FF at all and decoder, the peer and the floor, eager and compiled.
 #   OUT=<dir> bash scripts/gpu_speed_check.sh                  # on the device (carry .whl when diffusers is not there)
 #   SMALL=1 OUT=/tmp/rehearsal bash scripts/gpu_speed_check.sh  # a CPU rehearsal: every part tiny, no compile
@@ -69,6 +70,11 @@ echo "== 4. the real loop: train --preset sd15 (blocks $BLOCKS), cache on, bf16"
 loop sd15-b16 16 "$LOOP16"
 loop sd15-b2 2 "$LOOP2"
 rm -rf "$R/real" "$ADAPTERLIB_RUNS/_cache"
+
+if [ -z "${SMALL:-}" ] && [ "$(left)" -gt 150 ]; then
+  echo "== 4b. the memory ladder measured (scripts/memory_ladder.py --cuda; $(left) s left)" | tee -a "$R/speed.txt"
+  timeout $(($(left) / 2)) $PY scripts/memory_ladder.py --cuda --json "$R/ladder.json" 2>&1 | tee "$R/ladder.txt"
+fi
 
 if [ -z "${SMALL:-}" ] && [ "$(left)" -gt 120 ]; then
   echo "== 5. bench --compile ($(left) s left)" | tee -a "$R/speed.txt"
