@@ -142,19 +142,19 @@ def test_extra_and_train_step_rows_are_timed_in_the_same_rounds():
 
 
 def test_the_train_step_row_is_the_training_loops_own_step(monkeypatch, tmp_path):
-    """bench's `train_step` row calls train.step_loss and train.update (what train._loop calls each step) on a
+    """bench's `train_step` row calls step.step_loss and step.update (what train._loop calls each step) on a
     train.make_training of the preset: the same optimiser groups, schedule and box loss as a run."""
-    from adapterlib.training import train as train_module
+    from adapterlib.training import step as step_module, train as train_module
     calls, made = [], []
-    for name in ("step_loss", "update", "make_training"):
-        real = getattr(train_module, name)
+    for module, name in ((step_module, "step_loss"), (step_module, "update"), (train_module, "make_training")):
+        real = getattr(module, name)
 
         def spy(*a, _real=real, _name=name, **k):
             calls.append(_name)
             out = _real(*a, **k)
             made.append(out) if _name == "make_training" else None
             return out
-        monkeypatch.setattr(train_module, name, spy)
+        monkeypatch.setattr(module, name, spy)
     w = bench.make_workload("tiny", device="cpu", batch=4)
     step = bench.train_step(w, root=tmp_path)
     assert calls == ["make_training"]

@@ -72,7 +72,7 @@ def test_checkpoint_grounding_false_from_the_command_line_measures_nothing(runs)
 
 
 def test_a_detector_that_can_measure_none_of_the_phrases_turns_it_off_with_one_line(tmp_path):
-    from adapterlib.training.train import Saver
+    from adapterlib.training.saver import Saver
     lines = []
     training = SimpleNamespace(cfg=SimpleNamespace(checkpoint_grounding=True, detector=""), device="cpu",
                                eval_records=[Record("a dog", (GroundedObject("dog", (0.1, 0.1, 0.5, 0.5)),))])

@@ -177,7 +177,7 @@ def test_box_loss_weight_reaches_training(runs):
 
 
 def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_training(runs, monkeypatch):
-    from adapterlib.training import losses, train as train_module
+    from adapterlib.training import losses, step as step_module
     from adapterlib.model.adapter import Grounding
     from adapterlib.training.batches import Batch
     # error 9 in the top-left 2x2, 1 elsewhere; one object whose box is the whole image but shows only that corner
@@ -234,8 +234,8 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
           progress=False)
     # the field reaches the loop: each step's box loss gets the visible pixels, and the weights differ from the box's
     seen = []
-    real = train_module.visible_region
-    monkeypatch.setattr(train_module, "visible_region", lambda *a: seen.append(real(*a)) or seen[-1])
+    real = step_module.visible_region
+    monkeypatch.setattr(step_module, "visible_region", lambda *a: seen.append(real(*a)) or seen[-1])
     run = train(tiny("visible", steps=2, box_loss_region="visible"))
     assert len(seen) == 2 and seen[0].shape[1] == 32 * 32 and seen[0].any()
     assert json.loads((run / "config.json").read_text())["box_loss_region"] == "visible"
@@ -245,7 +245,7 @@ def test_box_loss_region_visible_judges_an_object_on_its_own_pixels_and_reaches_
 
 
 def test_cubic_timesteps_put_most_steps_at_high_noise_and_the_field_reaches_training(runs, monkeypatch):
-    from adapterlib.training import losses, train as train_module
+    from adapterlib.training import losses, step as step_module
     g = torch.Generator().manual_seed(0)
     uniform, cubic = (losses.draw_timesteps(rule, 20_000, 1000, g) for rule in ("uniform", "cubic"))
     for t in (uniform, cubic):
@@ -255,8 +255,8 @@ def test_cubic_timesteps_put_most_steps_at_high_noise_and_the_field_reaches_trai
     with pytest.raises(ValueError, match="timesteps"):
         TrainConfig(timesteps="late")
     drawn = []
-    real = train_module.draw_timesteps
-    monkeypatch.setattr(train_module, "draw_timesteps", lambda rule, *a: drawn.append(rule) or real(rule, *a))
+    real = step_module.draw_timesteps
+    monkeypatch.setattr(step_module, "draw_timesteps", lambda rule, *a: drawn.append(rule) or real(rule, *a))
     run = train(tiny("cubic", steps=2, timesteps="cubic"))
     assert drawn == ["cubic", "cubic"]
     assert json.loads((run / "config.json").read_text())["timesteps"] == "cubic"

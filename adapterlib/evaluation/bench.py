@@ -21,7 +21,7 @@ Every row is one full training step on the same batch, the same frozen weights a
   carries it, `xM`, unless it is 4), only the adapter's parameters trained; `ours gligen` is the peer's own
   modules (fusers + position net) lent to the frozen base through our forward (adapterlib/model/gligen.py): its
   cost against `peer` is what our route adds or saves (GLIGEN's 30 slots, as diffusers' pipeline pads);
-- `train_step` (optional): the training loop's own step, `train.step_loss` + `train.update` on a
+- `train_step` (optional): the training loop's own step, `step.step_loss` + `step.update` on a
   `train.make_training` of the size's preset (its whole recipe: box loss, dropouts, AdamW groups, schedule,
   clipping), fed one batch from the preset's own data source (the encoding cache); reading batches is left out;
 - `extra` rows: the caller's own, `extra={name: make}` with `make(workload)` returning the row's step
@@ -381,7 +381,7 @@ def adapter_step(w: Workload, attention: str, feedforward: bool, *, blocks: str 
 
 
 def train_step(w: Workload, root: str | Path | None = None) -> Step:
-    """The training loop's own step, timed: `train.step_loss` then `train.update` (the calls `train._loop` makes),
+    """The training loop's own step, timed: `step.step_loss` then `step.update` (the calls `train._loop` makes),
     on a `train.make_training` of the size's preset at the workload's batch (its blocks, feed-forward width,
     box loss and region, dropouts, timestep density, AdamW groups, schedule, clipping, guard). The batch is one
     the preset's data source gives (the encoding cache of a few generated Shapes records, under `root`, default a
@@ -392,7 +392,8 @@ def train_step(w: Workload, root: str | Path | None = None) -> Step:
     from adapterlib.training import batches, worlds
     from adapterlib.training.config import make_config
     from adapterlib.training.distributed import Shard
-    from adapterlib.training.train import make_training, step_loss, update
+    from adapterlib.training.step import step_loss, update
+    from adapterlib.training.train import make_training
 
     if w.base is None:
         raise ValueError(f"the train_step row needs a loaded base with its text encoder (size 'tiny'), not size "
@@ -411,7 +412,7 @@ def train_step(w: Workload, root: str | Path | None = None) -> Step:
     training = make_training(cfg, Shard(w.device), w.base, adapter)
     counted = None
     if training.sync_free:
-        from adapterlib.training.train import NonFiniteCount
+        from adapterlib.training.step import NonFiniteCount
         counted = NonFiniteCount(w.device)
     gen = torch.Generator().manual_seed(cfg.seed)
 
