@@ -11,7 +11,6 @@ Two detectors: the Shapes colour detector (`adapterlib.shapes.detector.ColorDete
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -23,6 +22,7 @@ import pandas as pd
 
 from adapterlib.data.buckets import o_miou, overlap_ious
 from adapterlib.data.manifest import Record, box_iou
+from adapterlib.model.model_folder import check_model_folder, load_model_folder
 
 Box = tuple[float, float, float, float]   # normalised x0, y0, x1, y1
 Detection = tuple[Box | None, float]      # the best box for a phrase (None: not found) and its score
@@ -176,16 +176,9 @@ class ZeroShotDetector(Detector):
         self.spec = str(self.path)
         self.model_type = check_detector_folder(self.path)
         self.device = resolve_device(device)
-        from adapterlib.model.base import _quiet_loading
-        try:
-            with _quiet_loading():                  # no loading progress bar in a notebook's output
-                self.processor = AutoProcessor.from_pretrained(self.path, local_files_only=True)
-                model = AutoModelForZeroShotObjectDetection.from_pretrained(self.path, local_files_only=True,
-                                                                            use_safetensors=True)  # no pickle
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"detector folder {self.path}: could not load a {self.model_type} model and its "
-                             f"processor ({EXPECTED_FILES}): {e}") from e
-        self.model = model.to(self.device).eval()
+        self.processor, self.model = load_model_folder(self.path, AutoProcessor, AutoModelForZeroShotObjectDetection,
+                                                       self.device, field="detector", kind="detector",
+                                                       model=self.model_type, expected=EXPECTED_FILES)
 
     def detect(self, image: np.ndarray, phrases: list[str]) -> list[Detection]:
         from types import SimpleNamespace
@@ -216,48 +209,23 @@ class ZeroShotDetector(Detector):
 
 
 def check_detector_folder(path: str | Path, field: str = "detector") -> str:
-    """A zero-shot detector folder checked before anything loads (or any sampling starts): it exists, its
-    config.json names OWL-ViT, OWLv2 or GroundingDINO (DETECTOR_TYPES), and the weights (safetensors), the image
-    processor's config and the tokenizer files (OWL's CLIP BPE tokenizer: tokenizer.json or vocab.json +
+    """A zero-shot detector folder checked before anything loads (or any sampling starts; `check_model_folder`): it
+    exists, its config.json names OWL-ViT, OWLv2 or GroundingDINO (DETECTOR_TYPES), and the weights (safetensors), the
+    image processor's config and the tokenizer files (OWL's CLIP BPE tokenizer: tokenizer.json or vocab.json +
     merges.txt; GroundingDINO's BERT WordPiece tokenizer: tokenizer.json or vocab.txt) are there; a clear error
     naming the folder and what is missing otherwise. Returns the model_type."""
     path = Path(path)
-    model_type = _zero_shot_model_type(path, field)
-    if model_type in GROUNDING_DINO_TYPES:
-        tokenizer = ("tokenizer.json or vocab.txt", (path / "tokenizer.json").is_file()
-                     or (path / "vocab.txt").is_file())
-    else:
-        tokenizer = ("tokenizer.json or vocab.json + merges.txt", (path / "tokenizer.json").is_file()
-                     or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()))
-    missing = [name for name, present in (
-        ("model.safetensors", (path / "model.safetensors").is_file()
-         or (path / "model.safetensors.index.json").is_file()),
-        ("preprocessor_config.json", (path / "preprocessor_config.json").is_file()),
-        tokenizer) if not present]
-    if missing:
-        raise FileNotFoundError(f"{field}: detector folder {path} lacks {', '.join(missing)}: expected {_HINT} "
-                                "(a pickled pytorch_model.bin is not loaded)")
-    return model_type
+
+    def tokenizer(model_type: str) -> list[tuple[str, bool]]:
+        if model_type in GROUNDING_DINO_TYPES:
+            return [("tokenizer.json or vocab.txt", (path / "tokenizer.json").is_file()
+                     or (path / "vocab.txt").is_file())]
+        return [("tokenizer.json or vocab.json + merges.txt", (path / "tokenizer.json").is_file()
+                 or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()))]
+    return check_model_folder(path, field=field, kind="detector", types=DETECTOR_TYPES, hint=_HINT, names=("color",),
+                              files=tokenizer)
 
 
 _HINT = ("a local transformers zero-shot detection model (OWL-ViT, OWLv2 or GroundingDINO) with "
          f"{EXPECTED_FILES}, e.g. `hf download google/owlv2-base-patch16-ensemble --local-dir DIR` or "
          "`hf download IDEA-Research/grounding-dino-tiny --local-dir DIR`")
-
-
-def _zero_shot_model_type(path: Path, field: str = "detector") -> str:
-    """The model_type of a detector folder, checked before anything loads: a clear error otherwise."""
-    hint = _HINT
-    if not path.is_dir():
-        raise FileNotFoundError(f"{field} {str(path)!r} is not 'color' nor a folder: expected {hint}")
-    config = path / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{field}: detector folder {path} has no config.json: expected {hint}")
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"detector folder {path}: config.json is not a JSON object ({e})") from e
-    if model_type not in DETECTOR_TYPES:
-        raise ValueError(f"detector folder {path}: model_type {model_type!r} is not supported; expected one of "
-                         f"{list(DETECTOR_TYPES)} ({hint})")
-    return model_type

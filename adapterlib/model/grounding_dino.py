@@ -21,6 +21,7 @@ import numpy as np
 
 from adapterlib.model.detectors import (EXPECTED_FILES, GROUNDING_DINO_TYPES, Box, Detection, Detector,
                                         check_detector_folder)
+from adapterlib.model.model_folder import load_model_folder
 
 BOX_THRESHOLD = 0.25     # the COCO-MIG protocol's thresholds
 TEXT_THRESHOLD = 0.25
@@ -66,7 +67,6 @@ class GroundingDinoDetector(Detector):
                  text_threshold: float = TEXT_THRESHOLD, nms_iou: float = NMS_IOU):
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
-        from adapterlib.model.base import _quiet_loading
         from adapterlib.model.precision import resolve_device
 
         self.path = Path(path)
@@ -78,15 +78,9 @@ class GroundingDinoDetector(Detector):
                              f"({list(GROUNDING_DINO_TYPES)}); `worlds.load_detector` picks the detector for a folder")
         self.box_threshold, self.text_threshold, self.nms_iou = float(box_threshold), float(text_threshold), float(nms_iou)
         self.device = resolve_device(device)
-        try:
-            with _quiet_loading():                  # no loading progress bar in a notebook's output
-                self.processor = AutoProcessor.from_pretrained(self.path, local_files_only=True)
-                model = GroundingDinoForObjectDetection.from_pretrained(self.path, local_files_only=True,
-                                                                        use_safetensors=True)  # no pickle
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"detector folder {self.path}: could not load a {self.model_type} model and its "
-                             f"processor ({EXPECTED_FILES}): {e}") from e
-        self.model = model.to(self.device).eval()
+        self.processor, self.model = load_model_folder(self.path, AutoProcessor, GroundingDinoForObjectDetection,
+                                                       self.device, field="detector", kind="detector",
+                                                       model=self.model_type, expected=EXPECTED_FILES)
         # transformers < 4.51 named the box threshold `box_threshold`; later ones `threshold`
         params = inspect.signature(self.processor.post_process_grounded_object_detection).parameters
         self._box_threshold_arg = "threshold" if "threshold" in params else "box_threshold"

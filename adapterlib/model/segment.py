@@ -9,11 +9,12 @@ protocol's argmax over its scores give). transformers `SamModel` + `SamProcessor
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from adapterlib.model.model_folder import check_model_folder, load_model_folder
 
 SAM_TYPES = ("sam",)        # config.json model_type values BoxSegmenter runs
 SAM_FILES = "config.json, model.safetensors and preprocessor_config.json"
@@ -22,30 +23,10 @@ _SAM_HINT = (f"a local transformers Segment Anything model with {SAM_FILES}, "
 
 
 def check_sam_folder(path: str | Path, field: str = "segmenter") -> str:
-    """A SAM folder checked before anything loads: it exists, its config.json says model_type "sam", and the
-    weights (safetensors) and the image processor's config are there; a clear error naming the folder and what
-    is wrong otherwise (a pickled pytorch_model.bin is not loaded). Returns the model_type."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{field} {str(path)!r} is not a folder: expected {_SAM_HINT}")
-    config = path / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{field}: SAM folder {path} has no config.json: expected {_SAM_HINT}")
-    try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(f"{field}: SAM folder {path}: config.json is not a JSON object ({e})") from e
-    if model_type not in SAM_TYPES:
-        raise ValueError(f"{field}: SAM folder {path}: model_type {model_type!r} is not supported; expected one of "
-                         f"{list(SAM_TYPES)} ({_SAM_HINT})")
-    missing = [name for name, present in (
-        ("model.safetensors", (path / "model.safetensors").is_file()
-         or (path / "model.safetensors.index.json").is_file()),
-        ("preprocessor_config.json", (path / "preprocessor_config.json").is_file())) if not present]
-    if missing:
-        raise FileNotFoundError(f"{field}: SAM folder {path} lacks {', '.join(missing)}: expected {_SAM_HINT} "
-                                "(a pickled pytorch_model.bin is not loaded)")
-    return model_type
+    """A SAM folder checked before anything loads (`check_model_folder`): it exists, its config.json says model_type
+    "sam", and the weights (safetensors) and the image processor's config are there; a clear error naming the folder
+    and what is wrong otherwise (a pickled pytorch_model.bin is not loaded). Returns the model_type."""
+    return check_model_folder(path, field=field, kind="SAM", types=SAM_TYPES, hint=_SAM_HINT)
 
 
 class BoxSegmenter:
@@ -54,7 +35,6 @@ class BoxSegmenter:
     def __init__(self, path: str | Path, device: str | None = None):
         from transformers import SamModel, SamProcessor
 
-        from adapterlib.model.base import _quiet_loading
         from adapterlib.model.precision import resolve_device
 
         self.path = Path(path)
@@ -62,14 +42,8 @@ class BoxSegmenter:
         self.spec = str(self.path)
         self.model_type = check_sam_folder(self.path)
         self.device = resolve_device(device)
-        try:
-            with _quiet_loading():
-                self.processor = SamProcessor.from_pretrained(self.path, local_files_only=True)
-                model = SamModel.from_pretrained(self.path, local_files_only=True, use_safetensors=True)  # no pickle
-        except (OSError, ValueError, KeyError) as e:
-            raise ValueError(f"segmenter: SAM folder {self.path}: could not load a SAM model and its processor "
-                             f"({SAM_FILES}): {e}") from e
-        self.model = model.to(self.device).eval()
+        self.processor, self.model = load_model_folder(self.path, SamProcessor, SamModel, self.device,
+                                                       field="segmenter", kind="SAM", model="SAM", expected=SAM_FILES)
 
     def mask(self, image: np.ndarray, box: Sequence[float]) -> np.ndarray:
         """The (H, W) bool mask SAM predicts for an (H, W, 3) uint8 image prompted with one normalised box."""
