@@ -1,5 +1,5 @@
-"""Shared fixtures: the tiny model folders (built once a session from the builders in tests/helpers.py), the shipped
-base and adapters on it."""
+"""Shared fixtures: the tiny model folders (built once a session from the builders in tests/helpers.py), a temporary
+runs root (`runs`), the shipped base and adapters on it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,6 +37,13 @@ def tiny_sd3_no_t5_folder(tmp_path_factory) -> Path:
 def tiny_owl_folder(tmp_path_factory) -> Path:
     """A tiny random-weight OWL-ViT folder on disk, built once per test session."""
     return build_tiny_owl_folder(tmp_path_factory.mktemp("tiny-owlvit"))
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """A temporary runs root: run names resolve there. (A test file whose tmp_path holds more than runs has its own.)"""
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
+    return tmp_path
 
 
 # --- the shipped base and adapters on it, shared by the adapter, checks, evaluation and slider tests

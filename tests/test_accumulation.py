@@ -21,12 +21,6 @@ FIELDS = ["--steps", "6", "--batch_size", "16", "--n_train", "64", "--save_every
 ACCUMULATION_TOLERANCE = 1e-6     # measured: 7.5e-9 after 6 steps (summation order of the micro-batches' means)
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    return tmp_path
-
-
 def _final(run):
     return load_file(str(run / "final" / "adapter.safetensors"))
 

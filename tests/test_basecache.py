@@ -20,12 +20,6 @@ TINY = dict(steps=2, batch_size=2, n_train=16, save_every=2, log_every=1, n_samp
 
 
 @pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    return tmp_path
-
-
-@pytest.fixture
 def base_calls(monkeypatch):
     """Counts the calls of `sample.generate` that sample the base alone (no adapter)."""
     calls = []

@@ -30,12 +30,6 @@ def sd15_unet():
         return UNet2DConditionModel(**bench.sd15_unet_config())
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    return tmp_path
-
-
 def test_named_choices_select_the_documented_blocks_on_sd15(sd15_unet):
     assert len(select_blocks(sd15_unet, "all")) == 16
     assert groups(select_blocks(sd15_unet, "decoder")) == {"mid_block", "up_blocks.1", "up_blocks.2", "up_blocks.3"}

@@ -19,12 +19,6 @@ TINY = ["--steps", "4", "--batch_size", "2", "--n_train", "16", "--save_every", 
         "--n_samples", "3", "--warmup", "1"]
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    return tmp_path
-
-
 def test_each_checkpoint_row_holds_the_grounding_of_its_samples(runs, capsys):
     from adapterlib.training.checkpoint import load_run_base
     from adapterlib.model.sample import generate

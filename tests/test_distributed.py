@@ -35,12 +35,6 @@ def _flags(settings: dict) -> list[str]:
     return [f for k, v in settings.items() for f in (f"--{k}", str(v))]
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    return tmp_path
-
-
 def test_two_processes_match_one_and_resume(runs):
     one = train(make_config("smoke", run_name="one", steps=6, **SETTINGS), progress=False)
     from accelerate.state import PartialState

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,12 +15,6 @@ from helpers import max_diff
 FIELDS = ["--steps", "4", "--batch_size", "8", "--n_train", "32", "--save_every", "2", "--log_every", "1",
           "--n_samples", "0", "--warmup", "1"]
 CHECKPOINTING_TOLERANCE = 1e-6     # the recompute is the same arithmetic: measured 0.0 on this CPU
-
-
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    return tmp_path
 
 
 def _final(run):

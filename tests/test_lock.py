@@ -20,12 +20,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(steps=4, batch_size=2, n_train=16, save_every=2, log_every=1, n_samples=0, warmup=1)
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    return tmp_path
-
-
 def _env(root) -> dict:
     return {**os.environ, "ADAPTERLIB_RUNS": str(root), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

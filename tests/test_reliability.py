@@ -17,12 +17,6 @@ from adapterlib.runs import list_checkpoints, read_metrics
 from adapterlib.training.train import NonFiniteLoss, resume_config, train
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    return tmp_path
-
-
 def small(name, **kw):
     return make_config("smoke", run_name=name, **{**dict(steps=6, batch_size=2, n_train=16, save_every=2,
                                                          log_every=1, n_samples=0, warmup=2), **kw})

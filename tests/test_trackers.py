@@ -13,12 +13,6 @@ FIELDS = ["--steps", "4", "--batch_size", "4", "--n_train", "16", "--save_every"
           "--n_samples", "2", "--warmup", "1"]
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    return tmp_path
-
-
 def test_report_to_names_the_trackers_and_refuses_unknown_ones():
     assert trackers(make_config("shapes")) == []
     assert trackers(make_config("shapes", report_to="wandb", tensorboard=True)) == ["tensorboard", "wandb"]

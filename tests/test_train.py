@@ -22,13 +22,6 @@ def tiny(name, **kw):
     return make_config("shapes", run_name=name, **{**TINY, **kw})
 
 
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    """A temporary runs root: run names resolve there."""
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    return tmp_path
-
-
 def weights(run_dir):
     return load_file(str(run_dir / "final" / "adapter.safetensors"))
 
