@@ -1,7 +1,7 @@
 """The losses and schedules of a training step, in one place: the learning-rate schedule (`lr_factor`), the
 timestep density (`draw_timesteps`), and the per-object box loss (`box_loss`) with its region (`visible_region`, and
 the box's edge: `edge_ring`).
-The step that uses them is `train.step_loss`."""
+The step that uses them is `step.step_loss`."""
 from __future__ import annotations
 
 import math
