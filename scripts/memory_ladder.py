@@ -141,24 +141,33 @@ def measured_peak(size: str, micro: int, checkpointing: bool) -> int | None:
         torch.cuda.empty_cache()
 
 
-def measured_ladder(size: str) -> dict:
-    """The ladder's cells measured on this GPU (the network's peak plus the VAE's and text encoders' weights)."""
-    others = base_bytes(size) - 2 * _network_parameters(size)
+def cells(total) -> list[dict]:
+    """The ladder's rows: each (checkpointing, batch, accumulation) with `total(micro_batch, checkpointing)` in GiB
+    (None: out of memory) and the cards it fits."""
     rows = []
-    peaks = {}
     for checkpointing in (False, True):
         for batch in BATCHES:
             for accumulation in ACCUMULATION:
                 if batch % accumulation:
                     continue
-                micro = batch // accumulation
-                if (micro, checkpointing) not in peaks:
-                    peaks[micro, checkpointing] = measured_peak(size, micro, checkpointing)
-                peak = peaks[micro, checkpointing]
-                total = None if peak is None else peak + others
+                need = total(batch // accumulation, checkpointing)
                 rows.append(dict(batch=batch, accumulation=accumulation, checkpointing=checkpointing,
-                                 total_gib=None if total is None else total / GiB,
-                                 fits={gb: total is not None and total <= HEADROOM * gb * 1e9 for gb in CARDS_GB}))
+                                 total_gib=None if need is None else need / GiB,
+                                 fits={gb: need is not None and need <= HEADROOM * gb * 1e9 for gb in CARDS_GB}))
+    return rows
+
+
+def measured_ladder(size: str) -> dict:
+    """The ladder's cells measured on this GPU (the network's peak plus the VAE's and text encoders' weights)."""
+    others = base_bytes(size) - 2 * _network_parameters(size)
+    peaks = {}
+
+    def total(micro: int, checkpointing: bool) -> int | None:
+        if (micro, checkpointing) not in peaks:
+            peaks[micro, checkpointing] = measured_peak(size, micro, checkpointing)
+        peak = peaks[micro, checkpointing]
+        return None if peak is None else peak + others
+    rows = cells(total)
     return dict(size=size, measured_on=torch.cuda.get_device_name(), others_gib=others / GiB, rows=rows)
 
 
@@ -176,18 +185,8 @@ def ladder(size: str) -> dict:
     plain2, _, _ = activations(size, 2, False)
     ckpt1, _, segment = activations(size, 1, True)
     per = {False: plain1, True: ckpt1}
-    rows = []
-    for checkpointing in (False, True):
-        for batch in BATCHES:
-            for accumulation in ACCUMULATION:
-                if batch % accumulation:
-                    continue
-                micro = batch // accumulation
-                recompute = segment * micro if checkpointing else 0       # one segment of the micro-batch
-                total = base + 16 * trainable + per[checkpointing] * micro + recompute + OVERHEAD
-                rows.append(dict(batch=batch, accumulation=accumulation, checkpointing=checkpointing,
-                                 total_gib=total / GiB,
-                                 fits={gb: total <= HEADROOM * gb * 1e9 for gb in CARDS_GB}))
+    rows = cells(lambda micro, checkpointing: base + 16 * trainable + per[checkpointing] * micro + OVERHEAD
+                 + (segment * micro if checkpointing else 0))      # + one segment's recompute of the micro-batch
     return dict(size=size, base_gib=base / GiB, trainable=trainable, adapter_gib=16 * trainable / GiB,
                 activations_per_sample_gib=plain1 / GiB, batch2_over_batch1=plain2 / plain1,
                 checkpointed_per_sample_gib=ckpt1 / GiB, recompute_segment_gib=segment / GiB, rows=rows)
@@ -199,7 +198,8 @@ def show(result: dict) -> None:
               f"text encoders' bf16 weights ({result['others_gib']:.2f} GiB)")
     else:
         _show_parts(result)
-    print("| batch | accumulation | checkpointing | total GiB | " + " | ".join(f"{gb} GB" for gb in CARDS_GB) + " |")
+    label = "total GiB" if "measured_on" in result else "total GiB (computed)"
+    print(f"| batch | accumulation | checkpointing | {label} | " + " | ".join(f"{gb} GB" for gb in CARDS_GB) + " |")
     print("|---" * (4 + len(CARDS_GB)) + "|")
     for r in result["rows"]:
         total = "OOM" if r["total_gib"] is None else f"{r['total_gib']:.1f}"
