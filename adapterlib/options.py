@@ -14,9 +14,9 @@ NORMS = ("layernorm", "rmsnorm")
 DEPTHS = ("none", "smaller-front", "learned")
 # the named block choices (a UNet's: decoder, low, migc; a stack's, an MM-DiT's above all: first-half, last-half,
 # middle); else a comma list of blocks
-BLOCK_CHOICES = ("all", "decoder", "low", "migc", "first-half", "last-half", "middle")
-# where a listed block name starts (diffusers' UNet; an SD3 transformer's joint blocks)
-BLOCK_PARTS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks")
+BLOCK_CHOICES = ("all", "decoder", "low", "migc", "first-half", "last-half", "middle", "double", "single")
+# where a listed block name starts (diffusers' UNet; an SD3 transformer's joint blocks; FLUX's single-stream blocks)
+BLOCK_PARTS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks")
 
 TIMESTEPS = ("uniform", "cubic", "logit-normal")
 LR_SCHEDULES = ("constant", "cosine")

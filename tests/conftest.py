@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import build_tiny_owl_folder, build_tiny_sd3_folder, build_tiny_sd_folder, build_tiny_sdxl_folder
+from helpers import (build_tiny_flux_folder, build_tiny_owl_folder, build_tiny_sd3_folder, build_tiny_sd_folder,
+                     build_tiny_sdxl_folder)
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +32,18 @@ def tiny_sd3_folder(tmp_path_factory) -> Path:
 def tiny_sd3_no_t5_folder(tmp_path_factory) -> Path:
     """A tiny SD3-architecture folder without a T5 (no text_encoder_3/), built once per test session."""
     return build_tiny_sd3_folder(tmp_path_factory.mktemp("tiny-sd3-no-t5"), t5=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_folder(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-architecture folder (guidance-distilled, as FLUX.1-dev) on disk, built once per test session."""
+    return build_tiny_flux_folder(tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_plain_folder(tmp_path_factory) -> Path:
+    """A tiny FLUX.1-architecture folder without the guidance embedding (as FLUX.1-schnell), built once per session."""
+    return build_tiny_flux_folder(tmp_path_factory.mktemp("tiny-flux-plain"), distilled=False)
 
 
 @pytest.fixture(scope="session")

@@ -306,6 +306,62 @@ def build_tiny_sd3_folder(folder: Path, t5: bool = True) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
+# tiny FLUX.1
+
+FLUX_SAMPLE_SIZE = 8             # latent side (sample_size.json): a 4x4 grid of 2x2-patch tokens
+FLUX_RESOLUTION = 16             # two VAE blocks: one downsampling by 2
+FLUX_DOUBLE, FLUX_SINGLE = 2, 3  # double- then single-stream blocks (FLUX.1: 19 and 38)
+FLUX_WIDTH = 16                  # heads x head width (2 x 8; FLUX.1: 24 x 128 = 3,072)
+FLUX_T5_WIDTH = 24               # joint_attention_dim = the T5's d_model (FLUX.1: 4,096)
+FLUX_T5_TOKENS = 8               # the T5 part of a caption (t5_tokens.json; FLUX.1-dev's: 512)
+FLUX_VAE_SHIFT, FLUX_VAE_SCALE = 0.1159, 0.3611
+
+
+def flux_transformer_config(**changes) -> dict:
+    """The tiny FLUX transformer's config (`changes` on top): 4 latent channels packed 2x2 (16 inputs), rotary axes
+    2 + 2 + 4 = the head width 8, guidance-distilled (FLUX.1-dev's `guidance_embeds`) unless changed."""
+    return {**dict(patch_size=1, in_channels=16, out_channels=16, num_layers=FLUX_DOUBLE,
+                   num_single_layers=FLUX_SINGLE, attention_head_dim=8, num_attention_heads=2,
+                   joint_attention_dim=FLUX_T5_WIDTH, pooled_projection_dim=TEXT_WIDTH, guidance_embeds=True,
+                   axes_dims_rope=(2, 2, 4)), **changes}
+
+
+def build_tiny_flux_folder(folder: Path, distilled: bool = True) -> Path:
+    """Write a random-weight, FLUX.1-architecture pipeline folder through diffusers' own FluxPipeline (so
+    model_index.json is a real FLUX's): a latent VAE with 4 channels and FLUX's shift and scaling (FLUX.1's has 16),
+    a CLIP encoder (its pooled output is the pooled vector) and a tiny T5 (its states are the caption's tokens), a
+    flow-matching Euler scheduler with FLUX's resolution-dependent shift, and a transformer with 2 double- and 3
+    single-stream blocks, guidance-distilled when `distilled` (dev), else not (schnell). t5_tokens.json keeps a
+    caption's T5 part short; sample_size.json gives the latent side (a FLUX transformer's config has none)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    folder = Path(folder)
+    torch.manual_seed(0)
+    vocab_size = write_clip_tokenizer(folder / "_clip")
+    parts = dict(
+        transformer=FluxTransformer2DModel(**flux_transformer_config(guidance_embeds=distilled)),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        vae=AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                          norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, sample_size=FLUX_RESOLUTION,
+                          scaling_factor=FLUX_VAE_SCALE, shift_factor=FLUX_VAE_SHIFT, use_quant_conv=False,
+                          use_post_quant_conv=False),
+        text_encoder=CLIPTextModel(_text_config(vocab_size)),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "_clip"),
+        text_encoder_2=T5EncoderModel(T5Config(
+            vocab_size=len(T5_WORDS), d_model=FLUX_T5_WIDTH, d_ff=32, num_layers=2, num_heads=2, d_kv=12,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)),
+        tokenizer_2=T5Tokenizer(vocab=[(w, 0.0 if i < 3 else -1.0) for i, w in enumerate(T5_WORDS)], extra_ids=0,
+                                model_max_length=512))
+    FluxPipeline(**parts).save_pretrained(folder)
+    shutil.rmtree(folder / "_clip")
+    (folder / "t5_tokens.json").write_text(json.dumps({"t5_tokens": FLUX_T5_TOKENS}) + "\n")
+    (folder / "sample_size.json").write_text(json.dumps({"sample_size": FLUX_SAMPLE_SIZE}) + "\n")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
 # photos, runs, adapters
 
 def photo_manifest(folder: Path, n: int = 6) -> Path:

@@ -141,8 +141,8 @@ def check_dtypes(base, adapter: SpatialAdapter, compute_dtype: torch.dtype) -> t
 def _unet_batch(base, records, generator: torch.Generator):
     """Random latents and timesteps, the records' captions (and SDXL's or SD3's added conditioning, else None); the
     training target for them (`base.noised`: DDPM's, or flow matching's velocity)."""
-    B, cfg = len(records), base.net.config
-    x0 = torch.randn(B, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=generator)
+    B, (channels, side) = len(records), base.latent_shape
+    x0 = torch.randn(B, channels, side, side, generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, base.scheduler.config.num_train_timesteps, (B,), generator=generator)
     noisy, target, t = base.noised(x0, noise, t)

@@ -99,8 +99,8 @@ def architecture_differences(path: Path, base: BaseModel) -> list[str]:
 
 
 class GroundedPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
-    """The base's parts (vae may be None: a pixel-space base; text_encoder_2 / tokenizer_2: SDXL's and SD3's; an
-    SD3 base has `transformer` in place of `unet`, and its optional T5, text_encoder_3 / tokenizer_3), a scheduler,
+    """The base's parts (vae may be None: a pixel-space base; text_encoder_2 / tokenizer_2: SDXL's and SD3's, FLUX's T5; an
+    MM-DiT base (SD3, FLUX) has `transformer` in place of `unet`; SD3 its optional T5, text_encoder_3 / tokenizer_3), a scheduler,
     and an attached adapter. On an SD 1.x/2.x (or pixel-space UNet) base, `load_lora_weights` (and `fuse_lora`,
     `set_adapters`, `unload_lora_weights`) are StableDiffusionPipeline's: a LoRA goes into `unet` / `text_encoder`,
     inside the transformer blocks the adapter's hooks are on, which stay."""
@@ -109,12 +109,13 @@ class GroundedPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, adapter=None, base_path: str = "",
                  text_encoder_2=None, tokenizer_2=None, zero_empty_prompt: bool = False, transformer=None,
-                 text_encoder_3=None, tokenizer_3=None, t5_tokens: int = T5_TOKENS):
+                 text_encoder_3=None, tokenizer_3=None, t5_tokens: int = T5_TOKENS, sample_size: int | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                               text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
                               text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
-        self.t5_tokens = t5_tokens      # SD3: the T5 part of a caption (BaseModel.t5_tokens)
+        self.t5_tokens = t5_tokens      # SD3, FLUX: the T5 part of a caption (BaseModel.t5_tokens)
+        self.sample_size = sample_size  # FLUX: the latent side (BaseModel.sample_size)
         self.adapter = adapter          # not a registered component: it stays fp32 whatever .to() casts
         self.base_path = base_path
         self.zero_empty_prompt = zero_empty_prompt     # SDXL: an empty prompt is zeros (the folder's own setting)
@@ -125,7 +126,7 @@ class GroundedPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         scheduler = sample.sampler(base)          # our sampler's: DDIM, or SD3's flow-matching Euler
         return cls(base.vae, base.text_encoder, base.tokenizer, base.unet, scheduler, adapter, base.path,
                    base.text_encoder_2, base.tokenizer_2, base.zero_empty_prompt, base.transformer,
-                   base.text_encoder_3, base.tokenizer_3, base.t5_tokens)
+                   base.text_encoder_3, base.tokenizer_3, base.t5_tokens, base.sample_size)
 
     @classmethod
     def from_run(cls, run=None, checkpoint: str | int = "latest", *, device: str | None = None) -> "GroundedPipeline":
@@ -178,7 +179,7 @@ class GroundedPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                              "1.x/2.x LoRAs (StableDiffusionPipeline's loader: unet and text_encoder). Load the "
                              "network's part alone: pipe.unet.load_lora_adapter(LORA, prefix='unet', "
                              "use_safetensors=True) (SDXL), pipe.transformer.load_lora_adapter(LORA, "
-                             "prefix='transformer', use_safetensors=True) (SD3)")
+                             "prefix='transformer', use_safetensors=True) (SD3, FLUX)")
         return super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
 
     def to(self, *args, **kwargs) -> "GroundedPipeline":
@@ -233,7 +234,7 @@ class GroundedPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def _base(self) -> BaseModel:
         return BaseModel(self.unet, self.text_encoder, self.tokenizer, self.scheduler, self.vae, self.base_path,
                          self.text_encoder_2, self.tokenizer_2, self.zero_empty_prompt, self.transformer,
-                         self.text_encoder_3, self.tokenizer_3, self.t5_tokens)
+                         self.text_encoder_3, self.tokenizer_3, self.t5_tokens, self.sample_size)
 
     @torch.no_grad()
     def __call__(self, prompt, phrases=None, boxes=None, *, scale: float = 1.0, tau: float = 1.0,
@@ -255,8 +256,8 @@ class GroundedPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         sampling = Sampling(steps=num_inference_steps, guidance=guidance_scale, scale=scale, tau=tau,
                             grounding_guidance=grounding_guidance)
         base, n = self._base(), len(records)
-        config = base.net.config
-        shape = (n, config.in_channels, config.sample_size, config.sample_size)
+        channels, side = base.latent_shape
+        shape = (n, channels, side, side)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=base.device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:

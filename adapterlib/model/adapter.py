@@ -340,8 +340,10 @@ class SpatialAdapter(HookedAdapter):
 
 def grounding_width(net) -> int:
     """The width of the grounding tokens for a network: a UNet's cross-attention width (its caption's), an
-    MM-DiT's joint width (caption_projection_dim, what its caption tokens are projected to)."""
-    width = net.config.get("cross_attention_dim") or net.config.get("caption_projection_dim")
+    MM-DiT's joint width (caption_projection_dim, what its caption tokens are projected to; FLUX's: its inner
+    width, heads x head width)."""
+    width = net.config.get("cross_attention_dim") or net.config.get("caption_projection_dim") or \
+        net.config.num_attention_heads * net.config.attention_head_dim
     return width[0] if isinstance(width, (list, tuple)) else width
 
 
@@ -377,8 +379,11 @@ def select_blocks(unet, spec: str = "all") -> list[str]:
       block is chosen when its name is an item or starts with an item followed by a dot.
     - "first-half", "last-half", "middle" (the middle third): positions in the stack of blocks, the choices that
       mean something for an MM-DiT's joint blocks (ContextGen found the middle third of FLUX's best); on a UNet
-      they count its transformer blocks in order;
-    "decoder", "low" and "migc" are a UNet's (an MM-DiT has no encoder, decoder or resolutions): an error there.
+      they count its transformer blocks in order; on FLUX they count its double- then single-stream blocks;
+    - "double", "single": FLUX's double-stream blocks (`transformer_blocks.*`: image and caption tokens in two
+      streams, CreatiLayout-FLUX's site) or its single-stream ones (`single_transformer_blocks.*`: one sequence);
+    "decoder", "low" and "migc" are a UNet's (an MM-DiT has no encoder, decoder or resolutions): an error there;
+    "double" and "single" are FLUX's.
     A choice or an item matching no transformer block is an error naming it and this UNet's blocks."""
     blocks = list(transformer_blocks(unet))
     spec = str(spec).strip()
@@ -387,6 +392,13 @@ def select_blocks(unet, spec: str = "all") -> list[str]:
              "middle": blocks[n // 3: n - n // 3] if n >= 3 else blocks}
     if spec in stack:
         return stack[spec]
+    single = [b for b in blocks if b.startswith("single_transformer_blocks.")]
+    if spec in ("double", "single"):
+        if not single:
+            raise ValueError(f"adapter_blocks {spec!r} is FLUX's choice (its double- and single-stream blocks); this "
+                             f"network has no single-stream blocks: choose one of {BLOCK_CHOICES} that fits it "
+                             "(an MM-DiT: all, first-half, last-half, middle)")
+        return single if spec == "single" else [b for b in blocks if b not in single]
     if spec in ("decoder", "low", "migc") and not any(n.startswith(("down_blocks.", "mid_block", "up_blocks."))
                                                       for n in blocks):
         raise ValueError(f"adapter_blocks {spec!r} is a UNet's choice (encoder, decoder, resolutions); this network "

@@ -16,6 +16,13 @@ two CLIP encoders with projection and the optional T5 (`text_encoder_3/`), the 1
 a flow-matching schedule. `base.net` is the denoising network of either family (the UNet or the transformer) and
 `predict` calls it; `noised` is the training objective of the base's schedule (DDPM's noise, or rectified flow's
 velocity). The shipped tiny MM-DiT (`shapes-dit`) is a pixel-space SD3 transformer. docs/guide/sd3.md.
+
+FLUX.1 (a `FluxTransformer2DModel`: 19 double-stream then 38 single-stream blocks) loads through the same call: its
+CLIP (`text_encoder/`, the pooled vector) and T5 (`text_encoder_2/`, the caption's tokens), the 16-channel VAE, and a
+flow-matching schedule whose shift depends on the image's token count. Everything outside `predict` sees its latents
+as (B, 16, h, w) like any other base's; `predict` packs them into 2x2 patches with their rotary position ids and
+unpacks the prediction, so the losses, the box regions and the sampler are the same code. A guidance-distilled
+FLUX (dev: `guidance_embeds`) takes the guidance value as an input (`guidance`). docs/guide/flux.md.
 """
 from __future__ import annotations
 
@@ -25,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                       UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
+                       SD3Transformer2DModel, UNet2DConditionModel)
 from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
                           T5EncoderModel)
 
@@ -36,12 +43,16 @@ from adapterlib.paths import SHIPPED_BASES, repo_path
 DEFAULT_BASE = "shapes-tiny"  # the name `load_base` resolves to the shipped folder (paths.SHIPPED_BASES: the others)
 SHIPPED_BASE = SHIPPED_BASES[DEFAULT_BASE]
 T5_TOKENS = 256    # the T5 part of an SD3 caption (StableDiffusion3Pipeline's max_sequence_length default)
+FLUX_T5_TOKENS = 512      # a FLUX caption's T5 tokens (FluxPipeline's max_sequence_length default)
+FLUX_SAMPLE_SIZE = 128    # a FLUX folder's latent side (FluxPipeline's default: 1,024 px through the 8x VAE)
+FLUX_GUIDANCE = 3.5       # the guidance a guidance-distilled FLUX (dev) trains and samples at (its card's, FluxPipeline's)
 
 
 @dataclass
 class BaseModel:
     """The frozen parts of a text-to-image model, ready for training or sampling an adapter. A UNet base has
-    `unet`; an MM-DiT base (SD3) has `transformer` (and `unet` None). `net` is whichever it has."""
+    `unet`; an MM-DiT base (SD3, FLUX) has `transformer` (and `unet` None). `net` is whichever it has. A FLUX base
+    keeps its T5 where its folder does, in `text_encoder_2` / `tokenizer_2`."""
     unet: UNet2DConditionModel | None
     text_encoder: CLIPTextModel
     tokenizer: PreTrainedTokenizerFast
@@ -55,10 +66,14 @@ class BaseModel:
     zero_empty_prompt: bool = False
     # SD3 only: the MM-DiT, the optional T5 encoder and its tokenizer, and how many T5 tokens a caption has
     # (with no T5, that many zero tokens, as diffusers' pipeline gives; the shipped tiny DiT has 0)
-    transformer: SD3Transformer2DModel | None = None
+    transformer: SD3Transformer2DModel | FluxTransformer2DModel | None = None
     text_encoder_3: T5EncoderModel | None = None
     tokenizer_3: PreTrainedTokenizerFast | None = None
     t5_tokens: int = T5_TOKENS
+    # FLUX only: the latent side (its transformer's config has none; the folder's sample_size.json, else
+    # FLUX_SAMPLE_SIZE) and, for a guidance-distilled one, the guidance value its forward takes in training
+    sample_size: int | None = None
+    guidance: float = FLUX_GUIDANCE
 
     @property
     def net(self):
@@ -67,8 +82,8 @@ class BaseModel:
 
     @property
     def family(self) -> str:
-        """"unet" (SD 1.x/2.x, SDXL, the tiny UNet) or "mmdit" (SD3 / 3.5, the tiny DiT)."""
-        return "mmdit" if self.transformer is not None else "unet"
+        """"unet" (SD 1.x/2.x, SDXL, the tiny UNet), "mmdit" (SD3 / 3.5, the tiny DiT) or "flux" (FLUX.1)."""
+        return "flux" if self.is_flux else "mmdit" if self.transformer is not None else "unet"
 
     @property
     def is_sdxl(self) -> bool:
@@ -76,7 +91,17 @@ class BaseModel:
 
     @property
     def is_sd3(self) -> bool:
-        return self.transformer is not None
+        return self.transformer is not None and not self.is_flux
+
+    @property
+    def is_flux(self) -> bool:
+        return isinstance(self.transformer, FluxTransformer2DModel)
+
+    @property
+    def distilled(self) -> bool:
+        """A guidance-distilled base (FLUX.1-dev): the guidance value is an input of its forward, and sampling
+        runs one branch (no classifier-free guidance)."""
+        return self.is_flux and bool(self.transformer.config.guidance_embeds)
 
     @property
     def pooled(self) -> bool:
@@ -93,6 +118,8 @@ class BaseModel:
         """The base's family in words (messages)."""
         if self.is_sd3:
             return "an SD3 (MM-DiT)" if self.vae is not None else "a pixel-space MM-DiT"
+        if self.is_flux:
+            return "a FLUX (MM-DiT)" if self.vae is not None else "a pixel-space FLUX-architecture"
         return "an SDXL" if self.is_sdxl else "an SD 1.x/2.x" if self.vae is not None else "a pixel-space"
 
     @property
@@ -114,7 +141,16 @@ class BaseModel:
     def resolution(self) -> int:
         """Side of generated images in pixels (the network's sample size times the VAE's scale: diffusers'
         pipelines' default)."""
-        return self.net.config.sample_size * self.vae_scale_factor
+        return self.latent_shape[1] * self.vae_scale_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """(channels, side) of what the network denoises, as everything but `predict` sees it: a FLUX
+        transformer's input is 2x2 patches of it (in_channels = 4 x channels)."""
+        config = self.net.config
+        if self.is_flux:
+            return config.in_channels // 4, self.sample_size or FLUX_SAMPLE_SIZE
+        return config.in_channels, config.sample_size
 
     @property
     def vae_scale_factor(self) -> int:
@@ -143,6 +179,8 @@ class BaseModel:
         zeroed embeddings for a dropped caption and its pipeline samples the unconditional branch with them."""
         if self.is_sd3:
             return self._encode_sd3(captions)
+        if self.is_flux:
+            return self._encode_flux(captions)
         if not self.is_sdxl:
             return self.encode_captions(captions), None
         first = self.text_encoder(self.tokenize(captions), output_hidden_states=True)
@@ -172,12 +210,28 @@ class BaseModel:
         context = torch.cat([torch.nn.functional.pad(clip, (0, width - clip.shape[-1])), t5.to(clip.dtype)], dim=-2)
         return context, torch.cat([first.text_embeds, second.text_embeds], dim=-1)
 
-    def added_cond(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None = None) -> dict | None:
+    def _encode_flux(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLUX, as FluxPipeline encodes a prompt: the T5's last hidden states (`t5_tokens` of them) are the caption's
+        tokens; the CLIP's pooled output (before any projection) is the pooled vector. An empty caption is encoded
+        like any other."""
+        pooled = self.text_encoder(self.tokenize(captions), output_hidden_states=False).pooler_output
+        ids = self.tokenizer_2(list(captions), padding="max_length", max_length=self.t5_tokens, truncation=True,
+                               return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder_2(ids, output_hidden_states=False)[0], pooled
+
+    def added_cond(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None = None,
+                   guidance: float | None = None) -> dict | None:
         """The UNet's `added_cond_kwargs`: None for SD; for SDXL the pooled caption embeddings (B, P) and the
         size / crop conditioning `time_ids` (B, 6), by default an uncropped image at the base's resolution
         (original size = target size, crop (0, 0): what StableDiffusionXLPipeline samples with)."""
         if self.is_sd3:
             return {"pooled_projections": pooled}
+        if self.is_flux:         # a guidance-distilled FLUX: the guidance value per sample (`guidance`, else the base's)
+            if not self.distilled:
+                return {"pooled_projections": pooled}
+            value = self.guidance if guidance is None else guidance
+            return {"pooled_projections": pooled, "guidance": torch.full((len(pooled),), float(value),
+                                                                         device=pooled.device)}
         if not self.is_sdxl:
             return None
         if time_ids is None:
@@ -197,6 +251,7 @@ class BaseModel:
                               self.text_encoder_2(_token_ids(self.tokenizer_2, phrases, self.device)).text_embeds], -1)
         if self.is_sdxl:
             return self.text_encoder_2(_token_ids(self.tokenizer_2, phrases, self.device)).text_embeds
+        # SD 1.x/2.x and FLUX (whose pooled vector for a whole caption is this one: its CLIP's pooled output)
         return self.text_encoder(self.tokenize(phrases)).pooler_output
 
     def to_latents(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -247,7 +302,7 @@ class BaseModel:
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
-        self.net.save_pretrained(folder / ("transformer" if self.is_sd3 else "unet"))
+        self.net.save_pretrained(folder / ("transformer" if self.transformer is not None else "unet"))
         self.text_encoder.save_pretrained(folder / "text_encoder")
         self.tokenizer.save_pretrained(folder / "tokenizer")
         self.scheduler.save_pretrained(folder / "scheduler")
@@ -259,8 +314,10 @@ class BaseModel:
         if self.text_encoder_3 is not None:
             self.text_encoder_3.save_pretrained(folder / "text_encoder_3")
             self.tokenizer_3.save_pretrained(folder / "tokenizer_3")
-        if self.is_sd3 and self.t5_tokens != T5_TOKENS:
+        if self.transformer is not None and self.t5_tokens != (FLUX_T5_TOKENS if self.is_flux else T5_TOKENS):
             (folder / T5_TOKENS_FILE).write_text(json.dumps({"t5_tokens": self.t5_tokens}) + "\n")
+        if self.is_flux and self.sample_size is not None and self.sample_size != FLUX_SAMPLE_SIZE:
+            (folder / SAMPLE_SIZE_FILE).write_text(json.dumps({"sample_size": self.sample_size}) + "\n")
         return folder
 
     # --- the network and its objective, for either family
@@ -271,13 +328,23 @@ class BaseModel:
         (`pooled_projections`) as keyword arguments and one timestep per sample."""
         return predict(self.net if net is None else net, noisy, t, context, added)
 
+    def flow_mu(self) -> float | None:
+        """The resolution-dependent shift of a FLUX schedule (`use_dynamic_shifting`) at the base's resolution
+        (FluxPipeline's `calculate_shift` of its image token count); None for a schedule with a fixed shift."""
+        if not (self.is_flow and self.scheduler.config.get("use_dynamic_shifting")):
+            return None
+        side = self.latent_shape[1] // 2 if self.is_flux else self.latent_shape[1]
+        return flow_mu(self.scheduler.config, side * side)
+
     def noised(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
         """The training objective at integer timesteps `t` in [0, T) (larger: noisier): (the noisy input, the
         target, the network's timestep). DDPM: `add_noise`, and the noise, the velocity or the sample as the
         schedule's prediction_type says. Flow matching (SD3's rectified flow): x_t = (1 - sigma) x0 + sigma noise
-        with sigma the schedule's (shifted) sigma of `t`, target the velocity noise - x0, timestep sigma * T."""
+        with sigma the schedule's (shifted) sigma of `t`, target the velocity noise - x0, timestep sigma * T. A
+        schedule whose shift depends on the resolution (FLUX's) is shifted at the base's (`flow_mu`), as its
+        sampler is."""
         if self.is_flow:
-            sigma = flow_sigmas(self.scheduler.config).to(latents.device)[t].float()
+            sigma = flow_sigmas(self.scheduler.config, self.flow_mu()).to(latents.device)[t].float()
             s = sigma.reshape(-1, *[1] * (latents.dim() - 1))
             T = self.scheduler.config.num_train_timesteps
             return (1 - s) * latents + s * noise, noise - latents, sigma * T
@@ -287,27 +354,63 @@ class BaseModel:
         return noisy, target, t
 
 
-T5_TOKENS_FILE = "t5_tokens.json"     # an SD3 folder's own T5 length (the shipped tiny DiT: 0); else T5_TOKENS
+T5_TOKENS_FILE = "t5_tokens.json"     # an MM-DiT folder's own T5 length (the shipped tiny DiT: 0); else the default
+SAMPLE_SIZE_FILE = "sample_size.json"  # a FLUX folder's own latent side; else FLUX_SAMPLE_SIZE
 
 
 def predict(net, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor, added: dict | None = None):
-    """Call a UNet (`added`: its added_cond_kwargs) or an SD3 transformer (`added`: pooled_projections; one
-    timestep per sample) and return its prediction tensor."""
+    """Call a UNet (`added`: its added_cond_kwargs), an SD3 transformer (`added`: pooled_projections; one
+    timestep per sample) or a FLUX transformer (`added`: pooled_projections and, distilled, guidance) and return
+    its prediction tensor, (B, C, h, w) like `noisy`."""
     if isinstance(net, SD3Transformer2DModel):
         t = torch.as_tensor(t, device=noisy.device).reshape(-1).expand(len(noisy))
         return net(hidden_states=noisy, timestep=t, encoder_hidden_states=context, **(added or {})).sample
+    if isinstance(net, FluxTransformer2DModel):
+        return _predict_flux(net, noisy, t, context, added)
     return net(noisy, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+
+
+def _predict_flux(net, noisy, t, context, added):
+    """FLUX's forward on (B, C, h, w) latents, as FluxPipeline calls it: 2x2 patches in row-major order (the image
+    token at row i, column j of the h/2 x w/2 grid has rotary id (0, i, j); every caption token (0, 0, 0)), the
+    timestep (sigma * 1000) over 1000, then the prediction unpacked."""
+    B, C, h, w = noisy.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"a FLUX transformer takes 2x2 patches of its latents; these are {h}x{w}")
+    packed = noisy.reshape(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w // 4, C * 4)
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(noisy.device, noisy.dtype)
+    txt_ids = torch.zeros(context.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+    t = torch.as_tensor(t, device=noisy.device).reshape(-1).expand(B) / 1000
+    out = net(hidden_states=packed, timestep=t, encoder_hidden_states=context, img_ids=img_ids, txt_ids=txt_ids,
+              **(added or {})).sample
+    return out.reshape(B, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, h, w)
 
 
 _SIGMAS: dict = {}
 
 
-def flow_sigmas(config) -> torch.Tensor:
+def flow_mu(config, image_tokens: int) -> float:
+    """A resolution-dependent flow shift (FluxPipeline's `calculate_shift`): linear in the image's token count from
+    base_shift at base_image_seq_len to max_shift at max_image_seq_len."""
+    lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    a, b = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    return a + (b - a) * (image_tokens - lo) / (hi - lo)
+
+
+def flow_sigmas(config, mu: float | None = None) -> torch.Tensor:
     """(T,) the flow-matching schedule's training sigmas in ascending order (index t: larger is noisier), as
-    FlowMatchEulerDiscreteScheduler computes them from `config` (its shift included)."""
-    key = json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, sort_keys=True, default=str)
+    FlowMatchEulerDiscreteScheduler computes them from `config` (its shift included); a schedule with a
+    resolution-dependent shift (`use_dynamic_shifting`) is shifted by `mu` (`flow_mu`) as its sampler shifts:
+    sigma' = e^mu / (e^mu + 1/sigma - 1)."""
+    key = json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, sort_keys=True,
+                     default=str) + repr(mu)
     if key not in _SIGMAS:
-        _SIGMAS[key] = FlowMatchEulerDiscreteScheduler.from_config(config).sigmas.flip(0).float().clone()
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+        sigmas = scheduler.sigmas.flip(0).double()
+        if mu is not None and config.get("use_dynamic_shifting"):
+            sigmas = scheduler.time_shift(mu, 1.0, sigmas)
+        _SIGMAS[key] = sigmas.float().clone()
     return _SIGMAS[key]
 
 
@@ -328,13 +431,15 @@ def resolve_base_path(name_or_path: str | Path) -> Path:
         return path
     path = repo_path(name_or_path)      # relative paths are relative to the repository root
     if (path / "transformer" / "config.json").is_file():
-        check_sd3_folder(path)
+        kind = json.loads((path / "transformer" / "config.json").read_text()).get("_class_name")
+        check_flux_folder(path) if kind == "FluxTransformer2DModel" else check_sd3_folder(path)
         return path
     if not (path / "unet" / "config.json").is_file():
         raise FileNotFoundError(f"base model {str(name_or_path)!r}: no unet/config.json or transformer/config.json "
                                 f"under {path}. Give one of {list(SHIPPED_BASES)}, a diffusers-style Stable Diffusion "
                                 "folder (unet/, text_encoder/, tokenizer/, scheduler/, vae/) or a Stable Diffusion 3 "
-                                "folder (transformer/, text_encoder/, text_encoder_2/, tokenizers, scheduler/, vae/)")
+                                "folder (transformer/, text_encoder/, text_encoder_2/, tokenizers, scheduler/, vae/) "
+                                "or a FLUX.1 folder (the same parts; its text_encoder_2/ is the T5)")
     check_base_folder(path)
     return path
 
@@ -416,7 +521,8 @@ def check_sd3_folder(path: Path) -> None:
     kind = transformer.get("_class_name", "?")
     if kind != "SD3Transformer2DModel":
         raise ValueError(f"base model {path}: its transformer is a {kind}; adapterlib takes UNet bases (SD 1.x/2.x, "
-                         "SDXL) and Stable Diffusion 3 / 3.5 MM-DiTs (SD3Transformer2DModel)")
+                         "SDXL), Stable Diffusion 3 / 3.5 MM-DiTs (SD3Transformer2DModel) and FLUX.1 "
+                         "(FluxTransformer2DModel)")
     missing = [f"{part}/{file or ''}" for part, file in SD3_PARTS.items()
                if not ((path / part / file).is_file() if file else (path / part).is_dir())]
     if (path / "text_encoder_3").is_dir() and not (path / "tokenizer_3").is_dir():
@@ -439,6 +545,43 @@ def check_sd3_folder(path: Path) -> None:
         raise ValueError(f"base model {path}: its text encoders (hidden widths {widths} together, projections {pooled}) "
                          f"do not fit its transformer (joint_attention_dim {transformer.get('joint_attention_dim')}, "
                          f"pooled_projection_dim {transformer.get('pooled_projection_dim')})")
+
+
+FLUX_PARTS = {"transformer": "config.json", "text_encoder": "config.json", "tokenizer": None,
+              "text_encoder_2": "config.json", "tokenizer_2": None, "scheduler": "scheduler_config.json"}
+
+
+def check_flux_folder(path: Path) -> None:
+    """A clear error, before anything loads, for a FLUX folder adapterlib cannot train on: a missing part (FLUX
+    needs its T5: text_encoder_2/ + tokenizer_2/), a latent transformer without its VAE, a schedule that is not flow
+    matching, a text encoder that is not a T5 where FLUX has one, or encoders whose widths do not fit the
+    transformer's."""
+    read = lambda *parts: json.loads(path.joinpath(*parts).read_text())
+    missing = [f"{part}/{file or ''}" for part, file in FLUX_PARTS.items()
+               if not ((path / part / file).is_file() if file else (path / part).is_dir())]
+    if missing:
+        raise FileNotFoundError(f"base model folder {path} lacks {', '.join(missing)}: a FLUX.1 folder has "
+                                "transformer/, text_encoder/ + tokenizer/ (CLIP), text_encoder_2/ + tokenizer_2/ (the "
+                                "T5), scheduler/ and vae/; copy the whole folder")
+    transformer = read("transformer", "config.json")
+    if transformer.get("in_channels", 64) != 12 and not (path / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"base model {path}: a latent FLUX transformer ({transformer.get('in_channels', 64)} "
+                                "input channels: 2x2 patches of the VAE's latents) needs its VAE, and there is no "
+                                "vae/config.json")
+    scheduler = read("scheduler", "scheduler_config.json").get("_class_name", "?")
+    if scheduler != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(f"base model {path}: its scheduler is a {scheduler}; a FLUX base is trained with flow "
+                         "matching (FlowMatchEulerDiscreteScheduler)")
+    clip, t5 = read("text_encoder", "config.json"), read("text_encoder_2", "config.json")
+    if t5.get("model_type") != "t5":
+        raise ValueError(f"base model {path}: its text_encoder_2/ is a {t5.get('model_type', '?')} model; FLUX's "
+                         "second text encoder is a T5 (T5EncoderModel), whose states are the caption's tokens")
+    if clip.get("hidden_size") != transformer.get("pooled_projection_dim", 768) or \
+            t5.get("d_model") != transformer.get("joint_attention_dim", 4096):
+        raise ValueError(f"base model {path}: its text encoders (CLIP hidden width {clip.get('hidden_size')}, T5 width "
+                         f"{t5.get('d_model')}) do not fit its transformer (pooled_projection_dim "
+                         f"{transformer.get('pooled_projection_dim')}, joint_attention_dim "
+                         f"{transformer.get('joint_attention_dim')})")
 
 
 @contextlib.contextmanager
@@ -471,7 +614,9 @@ def load_base(name_or_path: str | Path = DEFAULT_BASE, device: str | torch.devic
 def _load_parts(path: Path) -> BaseModel:
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae") if (path / "vae").is_dir() else None
     if (path / "transformer").is_dir():
-        return _load_sd3(path, vae)
+        flux = json.loads((path / "transformer" / "config.json").read_text()).get("_class_name") == \
+            "FluxTransformer2DModel"
+        return _load_flux(path, vae) if flux else _load_sd3(path, vae)
     if (path / "text_encoder_2").is_dir() and UNet2DConditionModel.load_config(path, subfolder="unet").get(
             "addition_embed_type") == "text_time":
         return _load_sdxl(path, vae)
@@ -511,6 +656,21 @@ def _load_sd3(path: Path, vae: AutoencoderKL | None) -> BaseModel:
         text_encoder_3=T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3") if t5 else None,
         tokenizer_3=AutoTokenizer.from_pretrained(path / "tokenizer_3") if t5 else None,
         t5_tokens=json.loads(length.read_text())["t5_tokens"] if length.is_file() else T5_TOKENS,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(
+            FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")),
+        vae=vae, path=str(path))
+
+
+def _load_flux(path: Path, vae: AutoencoderKL | None) -> BaseModel:
+    length, side = path / T5_TOKENS_FILE, path / SAMPLE_SIZE_FILE
+    return BaseModel(
+        unet=None, transformer=FluxTransformer2DModel.from_pretrained(path, subfolder="transformer"),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
+        text_encoder_2=T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2"),
+        tokenizer_2=AutoTokenizer.from_pretrained(path / "tokenizer_2"),
+        t5_tokens=json.loads(length.read_text())["t5_tokens"] if length.is_file() else FLUX_T5_TOKENS,
+        sample_size=json.loads(side.read_text())["sample_size"] if side.is_file() else FLUX_SAMPLE_SIZE,
         scheduler=FlowMatchEulerDiscreteScheduler.from_config(
             FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")),
         vae=vae, path=str(path))

@@ -1,5 +1,5 @@
 """What both adapters (ours in `adapter`, diffusers' GLIGEN modules in `gligen`) share: the network's transformer
-blocks by name (a UNet's `BasicTransformerBlock`s, an MM-DiT's joint blocks), hooks on them that are attached,
+blocks by name (a UNet's `BasicTransformerBlock`s, an MM-DiT's joint blocks, FLUX's double- and single-stream blocks), hooks on them that are attached,
 detached and asked about in one way, and gradient checkpointing with those hooks inside."""
 from __future__ import annotations
 
@@ -8,30 +8,34 @@ import contextlib
 import torch
 import torch.utils.checkpoint
 from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import nn
 
-BLOCK_TYPES = (BasicTransformerBlock, JointTransformerBlock)
+JOINT_TYPES = (JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock)   # return (context, image)
+BLOCK_TYPES = (BasicTransformerBlock, *JOINT_TYPES)
 
 
 def transformer_blocks(unet) -> dict[str, nn.Module]:
-    """The network's transformer blocks by module name, in its order: a UNet's `BasicTransformerBlock`s, or an
-    SD3 transformer's `JointTransformerBlock`s (`transformer_blocks.0` ..)."""
+    """The network's transformer blocks by module name, in its order: a UNet's `BasicTransformerBlock`s, an SD3
+    transformer's `JointTransformerBlock`s (`transformer_blocks.0` ..), or FLUX's double-stream blocks
+    (`transformer_blocks.0` ..) then its single-stream ones (`single_transformer_blocks.0` ..)."""
     return {name: m for name, m in unet.named_modules() if isinstance(m, BLOCK_TYPES)}
 
 
 def block_width(block: nn.Module) -> int:
     """The width of a block's image tokens."""
-    if isinstance(block, JointTransformerBlock):
-        return block.norm2.normalized_shape[0]
+    if isinstance(block, JOINT_TYPES):
+        return block.attn.to_q.in_features
     return block.norm1.normalized_shape[0]
 
 
 def block_heads(block: nn.Module) -> int:
-    return (block.attn if isinstance(block, JointTransformerBlock) else block.attn1).heads
+    return (block.attn if isinstance(block, JOINT_TYPES) else block.attn1).heads
 
 
 def image_tokens(output):
-    """The image tokens of a block's output: a UNet block returns them; a joint block returns (context, image)."""
+    """The image tokens of a block's output: a UNet block returns them; a joint block (SD3's; FLUX's double- and
+    single-stream blocks, whose one sequence is split back into its two parts) returns (context, image)."""
     return output[1] if isinstance(output, tuple) else output
 
 

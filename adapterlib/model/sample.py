@@ -115,7 +115,7 @@ def sampler(base: BaseModel):
 
 def initial_noise(base: BaseModel, seeds: list[int]) -> torch.Tensor:
     """(B, C, h, w) standard normal noise, one CPU generator per seed (same on every device)."""
-    channels, side = base.net.config.in_channels, base.net.config.sample_size
+    channels, side = base.latent_shape
     noise = [torch.randn(channels, side, side, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.stack(noise).to(base.device)
 
@@ -137,6 +137,16 @@ def generate(base: BaseModel, records: list[Record], seeds: list[int], *, adapte
     out = [denoise(base, records[i:i + batch_size], initial_noise(base, seeds[i:i + batch_size]), sampling,
                    adapter=adapter) for i in range(0, len(records), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, base.resolution, base.resolution, 3), np.uint8)
+
+
+def timestep_settings(base: BaseModel, scheduler, steps: int) -> dict:
+    """What `set_timesteps` takes besides the step count: for FLUX's schedule (a resolution-dependent shift), the
+    shift at the base's resolution (`mu`) and FluxPipeline's sigmas, 1 down to 1/steps; else nothing."""
+    mu = base.flow_mu()
+    if mu is None or not isinstance(scheduler, FlowMatchEulerDiscreteScheduler) or \
+            not scheduler.config.get("use_dynamic_shifting"):
+        return {}
+    return {"mu": mu, "sigmas": np.linspace(1.0, 1 / steps, steps)}
 
 
 def halves(added: dict | None, n: int) -> tuple[dict | None, dict | None]:
@@ -171,25 +181,38 @@ def denoise(base: BaseModel, records: list[Record], latents: torch.Tensor, sampl
     `negatives`: the unconditional branch's captions (None: empty). The grounding acts at `sampling.scale` on the first
     `tau` share of the steps (not at all at scale 0 or without an adapter); the unconditional branch is
     `sampling.grounding_guidance`'s. `generator` reaches the scheduler's step when it takes one (stochastic
-    samplers); `callback(i, t, latents)` after each step; `progress` wraps the timesteps (a progress bar)."""
+    samplers); `callback(i, t, latents)` after each step; `progress` wraps the timesteps (a progress bar).
+
+    A guidance-distilled base (FLUX.1-dev: `base.distilled`) takes `sampling.guidance` as an input and runs one
+    branch, the conditional one, as FluxPipeline does: no unconditional branch, so `negatives` and
+    `grounding_guidance` do not apply."""
     s, n = sampling, len(records)
     model = AdaptedUNet(base.net, adapter) if adapter is not None else None
     scheduler = sampler(base) if scheduler is None else scheduler
     with autocast_for(base):
         captions = (list(negatives) if negatives is not None else [""] * n) + [r.caption for r in records]
-        context, pooled = base.encode_text(captions)                  # (2n, L, D): [uncond; cond]
+        context, pooled = base.encode_text(captions[n:] if base.distilled else captions)   # (2n, L, D): [uncond; cond]
         grounding = ground(base, records, max_objects=adapter.max_objects) if model is not None else None   # (n, ...)
-    added = base.added_cond(pooled)        # SDXL: pooled captions, uncropped at the base's size; SD: None
+    added = base.added_cond(pooled, guidance=s.guidance)   # SDXL: pooled captions, uncropped at the base's size; SD: None
     uncond_added, cond_added = halves(added, n)
     if grounding is not None and s.grounding_guidance != "base":    # both branches through the adapter
         pair = grounding.repeat(2) if s.grounding_guidance == "off" else stack(null_objects(grounding), grounding)
-    scheduler.set_timesteps(s.steps, device=timesteps_device)
+    scheduler.set_timesteps(s.steps, device=timesteps_device, **timestep_settings(base, scheduler, s.steps))
     latents = latents.to(base.device) * getattr(scheduler, "init_noise_sigma", 1.0)
     step_kwargs = {"generator": generator} if generator is not None and \
         "generator" in inspect.signature(scheduler.step).parameters else {}
     timesteps = scheduler.timesteps
     grounded_steps = round(s.tau * len(timesteps))
     for i, t in enumerate(progress(timesteps) if progress is not None else timesteps):
+        if base.distilled:                         # one branch, the guidance an input of the network
+            grounded = model is not None and s.scale != 0 and i < grounded_steps
+            with autocast_for(base):
+                pred = model(latents, t, context, grounding, s.scale, added) if grounded else \
+                    base.predict(latents, t, context, added)
+            latents = scheduler.step(pred.float(), t, latents, **step_kwargs).prev_sample
+            if callback is not None:
+                callback(i, t, latents)
+            continue
         model_in = torch.cat([latents, latents])
         if hasattr(scheduler, "scale_model_input"):            # flow-matching schedulers have none
             model_in = scheduler.scale_model_input(model_in, t)
