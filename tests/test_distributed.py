@@ -163,11 +163,13 @@ def test_phrase_dropout_of_batch_parts_is_the_whole_batch_draw():
         assert torch.equal(part.present, whole.present[start:start + 2, :n])
 
 
-@pytest.mark.parametrize("preset, folder", [("sdxl", "tiny_sdxl_folder"), ("sd3", "tiny_sd3_folder")])
+@pytest.mark.parametrize("preset, folder", [("sdxl", "tiny_sdxl_folder"), ("sd3", "tiny_sd3_folder"),
+                                            ("flux", "tiny_flux_folder")])
 def test_two_processes_on_a_latent_base_train_what_one_does(tmp_path, monkeypatch, request, preset, folder):
     """`accelerate launch` with 2 CPU processes on a tiny SDXL (pooled embeddings and time_ids: its added
-    conditioning) and a tiny SD3 (pooled projections, flow-matching sigmas): each rank takes its rows of the global
-    batch with everything a row carries, so the job trains what one process does."""
+    conditioning), a tiny SD3 (pooled projections, flow-matching sigmas) and a tiny FLUX (packed latents, the
+    guidance input, the resolution-dependent shift): each rank takes its rows of the global batch with everything a
+    row carries, so the job trains what one process does."""
     runs = tmp_path / "runs"
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
     settings = dict(base_model=str(request.getfixturevalue(folder)), data=str(photo_manifest(tmp_path / "d")),

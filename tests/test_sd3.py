@@ -359,14 +359,19 @@ def test_a_t5_without_its_tokenizer_is_refused_naming_tokenizer_3(tmp_path, tiny
         load_base(folder)
 
 
-def test_a_flux_transformer_a_ddpm_scheduler_a_missing_vae_or_misfitting_encoders_are_refused(tmp_path,
-                                                                                              tiny_sd3_folder):
+def test_another_transformer_a_ddpm_scheduler_a_missing_vae_or_misfitting_encoders_are_refused(tmp_path,
+                                                                                        tiny_sd3_folder):
     folder = _copy(tiny_sd3_folder, tmp_path)
     config = folder / "transformer" / "config.json"
     original = config.read_text()
-    _edit(config, _class_name="FluxTransformer2DModel")
-    with pytest.raises(ValueError, match=rf"{folder}: its transformer is a FluxTransformer2DModel; adapterlib takes UNet "
-                                         r"bases .* and Stable Diffusion 3 / 3.5 MM-DiTs \(SD3Transformer2DModel\)"):
+    _edit(config, _class_name="PixArtTransformer2DModel")
+    with pytest.raises(ValueError, match=rf"{folder}: its transformer is a PixArtTransformer2DModel; adapterlib takes "
+                                         r"UNet bases .*, Stable Diffusion 3 / 3.5 MM-DiTs \(SD3Transformer2DModel\) "
+                                         r"and FLUX.1 \(FluxTransformer2DModel\)"):
+        load_base(folder)
+    _edit(config, _class_name="FluxTransformer2DModel")        # checked as a FLUX folder: its text_encoder_2 is no T5
+    with pytest.raises(ValueError, match=rf"{folder}: its text_encoder_2/ is a clip_text_model model; FLUX's second "
+                                         r"text encoder is a T5"):
         load_base(folder)
     config.write_text(original)
     _edit(config, pooled_projection_dim=48)

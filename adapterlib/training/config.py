@@ -3,7 +3,7 @@ and the command line's flags.
 
 A config is a preset (`shapes`, the embedded default; `sd15`, the training plan's values for Stable
 Diffusion 1.5 on one GPU; `sdxl`, the same on Stable Diffusion XL; `sd3`, on Stable Diffusion 3 / 3.5 (an MM-DiT);
-`shapes-dit`, the default on the shipped tiny MM-DiT; `smoke`, a seconds-long run for tests)
+`flux`, on FLUX.1; `shapes-dit`, the default on the shipped tiny MM-DiT; `smoke`, a seconds-long run for tests)
 with overrides. Every field given
 (`-p NAME VALUE` to papermill, `--NAME VALUE` to `python -m adapterlib train`) reaches the config and
 the run's config.json; a name that is not a field is an error that lists the fields.
@@ -31,8 +31,8 @@ class TrainConfig:
     # --- the run
     preset: str = "shapes"               # the PRESETS entry the other fields started from
     run_name: str = ""                   # "" -> "<preset>-<date>-<time>"
-    base_model: str = "shapes-tiny"      # the shipped tiny base, or a diffusers-style SD folder path; "" (the sd15 and
-                                         # sdxl and sd3 presets'): none given, which the config refuses (give the
+    base_model: str = "shapes-tiny"      # the shipped tiny base, or a diffusers-style SD folder path; "" (the sd15,
+                                         # sdxl, sd3 and flux presets'): none given, which the config refuses (give the
                                          # folder); shapes-dit: the shipped tiny MM-DiT
     data: str = "shapes-v2"              # a manifest (.jsonl) path, or a generated Shapes set: "shapes-v2" (1-6 objects,
                                          # some overlapping, smaller in front), "shapes-crowds" (half of them placed
@@ -69,6 +69,8 @@ class TrainConfig:
     box_loss_ring: int = 0               # cells of the prediction's grid just outside each box, outside every box, added
                                          # to the object's region: the box's edge, where an object spilling over it
                                          # shows (0: none; losses.edge_ring)
+    base_guidance: float = 3.5           # a guidance-distilled base (FLUX.1-dev) trains with this as its guidance input
+                                         # (its card's 3.5, FluxPipeline's); every other base has no such input
     timesteps: str = "uniform"           # uniform | cubic: t = (1 - u^3) T, most steps at high noise, where the layout is
                                          # decided (T2I-Adapter's schedule; losses.draw_timesteps) | logit-normal (SD3's
                                          # density; on a flow base t picks the schedule's sigma)
@@ -86,7 +88,7 @@ class TrainConfig:
     adapter_blocks: str = "all"          # which transformer blocks get a gated layer: all | decoder (mid + up blocks) |
                                          # low (a quarter of the input's side or less) | migc (mid + first up block with
                                          # transformer blocks) | first-half | last-half | middle (the middle third; an
-                                         # MM-DiT's choices) | a comma list of block names / prefixes (adapter.select_blocks)
+                                         # MM-DiT's choices) | double | single (FLUX's double- / single-stream blocks) | a comma list of block names / prefixes (adapter.select_blocks)
     max_objects: int = MAX_OBJECTS       # the object limit: the manifest reader's, the adapter's (data.MAX_OBJECTS)
     crop: str = "none"                   # none (stretch to a square) | center | random (per sample, per epoch):
                                          # shorter side to the resolution, square crop, boxes clipped (data.transform_sample)
@@ -201,7 +203,7 @@ def trackers(cfg) -> list[str]:
 RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "batch_size",
                 "gradient_accumulation_steps", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
-                "warmup", "lr_schedule", "box_loss_weight", "box_loss_region", "box_loss_ring", "timesteps", "grad_clip", "adapter_attention",
+                "warmup", "lr_schedule", "box_loss_weight", "box_loss_region", "box_loss_ring", "base_guidance", "timesteps", "grad_clip", "adapter_attention",
                 "adapter_norm", "adapter_feedforward", "adapter_ff_mult", "adapter_depth", "adapter_blocks",
                 "max_objects", "on_bad_record", "crop", "flip", "init_from")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
@@ -249,13 +251,19 @@ PRESETS["shapes-dit"] = {**PRESETS["shapes"], "base_model": "shapes-dit", "adapt
 # default), a centre crop at the base's resolution
 PRESETS["sd3"] = {**PRESETS["sd15"], "adapter_blocks": "middle", "timesteps": "logit-normal", "crop": "center"}
 
-# Which family of base each user preset is for: a run of one on the other family's base is refused before any work
-PRESET_FAMILY = {"shapes": "unet", "sd15": "unet", "sdxl": "unet", "shapes-dit": "mmdit", "sd3": "mmdit"}
+# FLUX.1 (docs/guide/flux.md): sd3's values and recipe (SD3's logit-normal density, a centre crop) on the middle third
+# of its 19 double- + 38 single-stream blocks (ContextGen's measured choice on FLUX; the tiny DiT's best O-mIoU), with
+# the 2x feed-forward: at FLUX's width (3,072) a 4x layer is 113M parameters, a 2x one 75M (docs/notes/flux.md)
+PRESETS["flux"] = {**PRESETS["sd3"], "adapter_ff_mult": 2}
+
+# Which family of base each user preset is for: a run of one on another family's base is refused before any work
+PRESET_FAMILY = {"shapes": "unet", "sd15": "unet", "sdxl": "unet", "shapes-dit": "mmdit", "sd3": "mmdit",
+                 "flux": "flux"}
 
 
 def check_preset_fits(cfg: TrainConfig, base) -> None:
-    """A preset made for one family of base (a UNet, an MM-DiT: PRESET_FAMILY) refused on the other, before any
-    work: its blocks, timesteps and recipe are that family's."""
+    """A preset made for one family of base (a UNet, an SD3 MM-DiT, FLUX: PRESET_FAMILY) refused on another, before
+    any work: its blocks, timesteps and recipe are that family's."""
     family = PRESET_FAMILY.get(cfg.preset)
     if family is not None and family != base.family:
         fits = [p for p, f in PRESET_FAMILY.items() if f == base.family]
@@ -269,10 +277,10 @@ GLIGEN_FIXED = dict(adapter_blocks="all", adapter_ff_mult=4)
 
 # The sizes `python -m adapterlib bench` measures, each with the preset that trains such a base (whose blocks and
 # feed-forward width its "ours" row takes)
-BENCH_SIZES = {"tiny": "shapes", "sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3"}
+BENCH_SIZES = {"tiny": "shapes", "sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 
 # The presets a user picks (`smoke` is the test harness's), in the order `train --help` lists their values
-USER_PRESETS = ("shapes", "sd15", "sdxl", "shapes-dit", "sd3")
+USER_PRESETS = ("shapes", "sd15", "sdxl", "shapes-dit", "sd3", "flux")
 
 
 def preset_value(preset: str, name: str):

@@ -192,6 +192,10 @@ def set_up(cfg: TrainConfig, shard: distributed.Shard, run: OpenedRun, progress:
     torch.manual_seed(cfg.seed)
     base = load_base(cfg.base_model, device=device, dtype=compute_dtype)
     check_preset_fits(cfg, base)
+    base.guidance = cfg.base_guidance        # a guidance-distilled base's guidance input in training (FLUX.1-dev)
+    if base.distilled:
+        run.notes.append(f"guidance-distilled base: trains with guidance {cfg.base_guidance} as its input "
+                         "(base_guidance)")
     if cfg.box_loss_weight > 0 and cfg.box_loss_region != "box" and base.vae is not None:
         raise ValueError(f"box_loss_region = {cfg.box_loss_region!r} needs a pixel base (the Shapes bases); "
                          f"{cfg.base_model} has a "
