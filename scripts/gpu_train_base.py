@@ -7,6 +7,8 @@
 
     OMP_NUM_THREADS=1 OUT=/some/dir python scripts/gpu_train_base.py --family dit --steps 1300 --batch-size 64 \
         --n-images 100000 --ema-decay 0.995                       # the tiny MM-DiT (shapes-dit) on the CPU
+    OMP_NUM_THREADS=1 OUT=/some/dir python scripts/gpu_train_base.py --family flux --steps 1000 --batch-size 64 \
+        --n-images 100000 --ema-decay 0.995                       # the tiny FLUX (shapes-flux) on the CPU
 
 Writes $OUT/shapes-tiny/ (or $OUT/shapes-dit/: the diffusers-style base folder), $OUT/base_eval.json and a sample
 grid. The same recipe runs on CPU through notebooks/00_base_model.ipynb (much slower); `--steps N` skips the probe
@@ -32,7 +34,8 @@ ap.add_argument("--world", default=PretrainConfig.world, help="shapes | shapes-v
 ap.add_argument("--init-from", default="", help="a base to fine-tune (name or folder); default: from scratch")
 ap.add_argument("--lr", type=float, default=PretrainConfig.lr)
 ap.add_argument("--ema-decay", type=float, default=PretrainConfig.ema_decay)
-ap.add_argument("--family", default="unet", choices=["unet", "dit"], help="unet: shapes-tiny; dit: shapes-dit")
+ap.add_argument("--family", default="unet", choices=["unet", "dit", "flux"],
+                help="unet: shapes-tiny; dit: shapes-dit; flux: shapes-flux")
 ap.add_argument("--steps", type=int, default=0, help="train this many steps (0: as many as --budget-s allows)")
 ap.add_argument("--warmup", type=int, default=0, help="warm-up steps (0: a tenth of the run, at most 500)")
 ap.add_argument("--eval-limit", type=int, default=0, help="only the first N held-out layouts (0: all; a rehearsal)")
@@ -43,7 +46,7 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 print("device", torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch", torch.__version__, flush=True)
 
-name = {"unet": "shapes-tiny", "dit": "shapes-dit"}[args.family]
+name = {"unet": "shapes-tiny", "dit": "shapes-dit", "flux": "shapes-flux"}[args.family]
 # 1) probe the step time, then size the run to the budget (the cosine schedule needs the total)
 steps, sec_per_step = args.steps, None
 if not steps:

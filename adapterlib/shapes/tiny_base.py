@@ -1,6 +1,8 @@
 """The tiny Shapes base models: built from the real diffusers/transformers classes, trained on
-captions only (placing objects is the adapter's job). Two families: the tiny UNet (`shapes-tiny`, the default)
-and the tiny MM-DiT (`shapes-dit`: an SD3 transformer in pixel space, two tiny CLIP encoders, flow matching).
+captions only (placing objects is the adapter's job). Three families: the tiny UNet (`shapes-tiny`, the default),
+the tiny MM-DiT (`shapes-dit`: an SD3 transformer in pixel space, two tiny CLIP encoders, flow matching) and the
+tiny FLUX (`shapes-flux`: a FLUX transformer in pixel space, double- then single-stream blocks, a tiny CLIP for the
+pooled vector and a tiny T5 for the caption's tokens, flow matching).
 
 Used by notebooks/00_base_model.ipynb and by scripts/gpu_train_base.py. The recipe, and why:
 - v-prediction on a cosine schedule, loss weighted min(1 + SNR, gamma) in x0 terms: every noise level
@@ -8,7 +10,7 @@ Used by notebooks/00_base_model.ipynb and by scripts/gpu_train_base.py. The reci
   epsilon-loss trial learned shapes but ignored the caption: the model card, adapterlib/models/shapes-tiny/README.md);
 - the text encoder trains jointly (it is ours and tiny); 10% empty captions for guidance;
 - an EMA of the weights is what gets saved.
-The tiny DiT (`family="dit"`) trains with SD3's objective instead, rectified flow (the velocity noise - x0 at
+The tiny DiT (`family="dit"`) and the tiny FLUX (`family="flux"`) train with SD3's objective instead, rectified flow (the velocity noise - x0 at
 sigma drawn uniformly: a pixel-space model decides colours at high noise, which a logit-normal density rarely
 draws), unweighted, as diffusers' SD3 training example with weighting "none"; the rest as above.
 """
@@ -23,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+from diffusers import (DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel,
+                       UNet2DConditionModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config,
+                          T5EncoderModel)
 
 from adapterlib.model.base import BaseModel, load_base
 from . import world as shapes
@@ -44,7 +48,8 @@ class PretrainConfig:
     world: str = "mix"               # the layouts: "shapes" (the first world), "shapes-v2" (1-6 objects, overlaps,
                                      # smaller sides) or "mix" (half the seeds in each: the shipped base's)
     init_from: str = ""              # "" trains from scratch; a base name/folder fine-tunes it (its UNet and text encoder)
-    family: str = "unet"             # "unet" (the tiny UNet, shapes-tiny) or "dit" (the tiny MM-DiT, shapes-dit)
+    family: str = "unet"             # "unet" (the tiny UNet, shapes-tiny), "dit" (the tiny MM-DiT, shapes-dit) or
+                                     # "flux" (the tiny FLUX, shapes-flux)
     seed: int = 0
     mixed_precision: str = "bf16"    # on CUDA; CPU always runs fp32
     log_every: int = 200
@@ -234,4 +239,36 @@ def build_tiny_dit(seed: int = 0) -> BaseModel:
                      vae=None, path="(untrained tiny DiT)")
 
 
-BUILDERS = {"unet": build_tiny_base, "dit": build_tiny_dit}
+def tiny_flux_config(double: int = 2, single: int = 4, width: int = 128) -> dict:
+    """Pixel-space FLUX transformer: 2x2 patches of the RGB image (12 inputs: a 16x16 token grid at 32 px), `double`
+    double-stream then `single` single-stream blocks (FLUX.1's ratio, 19 : 38) of `width` (heads of 32, rotary axes
+    4 + 14 + 14 = 32 as FLUX's 16 + 56 + 56 = 128), the T5's tokens and the CLIP's pooled vector 64 wide, no
+    guidance input (trained with caption dropout for classifier-free guidance, like the tiny DiT)."""
+    return dict(patch_size=1, in_channels=12, out_channels=12, num_layers=double, num_single_layers=single,
+                attention_head_dim=32, num_attention_heads=width // 32, joint_attention_dim=TEXT_WIDTH,
+                pooled_projection_dim=TEXT_WIDTH, guidance_embeds=False, axes_dims_rope=(4, 14, 14))
+
+
+def build_tiny_flux(seed: int = 0) -> BaseModel:
+    """A freshly initialised tiny FLUX: FLUX.1's architecture (`FluxTransformer2DModel`: 2 double- + 4 single-stream
+    blocks, a CLIP text encoder whose pooled output is the pooled vector, a T5 encoder whose states are the caption's
+    32 tokens, flow matching) in pixel space, the Shapes tokenizer for both encoders. The schedule's shift is fixed at
+    1.0, the tiny DiT's (FLUX's resolution-dependent shift would give 1.65 at 256 tokens: toward the noise, where a
+    pixel-space model already decides colours)."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=TEXT_WIDTH, d_ff=2 * TEXT_WIDTH, num_layers=2,
+                                 num_heads=4, d_kv=TEXT_WIDTH // 4, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id))
+    return BaseModel(unet=None, transformer=FluxTransformer2DModel(**tiny_flux_config()), text_encoder=clip,
+                     tokenizer=tokenizer, text_encoder_2=t5, tokenizer_2=build_tokenizer(), t5_tokens=MAX_TOKENS,
+                     sample_size=shapes.RESOLUTION,
+                     scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+                     vae=None, path="(untrained tiny FLUX)")
+
+
+BUILDERS = {"unet": build_tiny_base, "dit": build_tiny_dit, "flux": build_tiny_flux}
