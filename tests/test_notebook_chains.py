@@ -1,6 +1,6 @@
 """Notebooks 01 to 05 through papermill, as a user runs them, on each kind of base that is not the Shapes default:
-a tiny SD 1.x folder with our adapter, the same folder with diffusers' own GLIGEN modules, a tiny SDXL folder and a
-tiny SD3 (MM-DiT) folder (all built from configs: tests/helpers.py). One chain, parametrized: 01 checks (identity at init), 02 trains 2 steps,
+a tiny SD 1.x folder with our adapter, the same folder with diffusers' own GLIGEN modules, a tiny SDXL folder, a
+tiny SD3 (MM-DiT) folder and a tiny FLUX.1 folder (all built from configs: tests/helpers.py). One chain, parametrized: 01 checks (identity at init), 02 trains 2 steps,
 03 resumes to 4, 04 reads the gates and runs the checkpoint test with a zero-shot detector (a tiny OWL-ViT), 05 draws
 the gate-effect grid. Nothing here touches the Shapes world: samples, checkpoint tests and 05 use the run's records.
 """
@@ -21,6 +21,7 @@ CHAINS = {
     "gligen": ("tiny_sd_folder", "sd15", {"adapter_attention": "gligen"}, "coco"),
     "sdxl": ("tiny_sdxl_folder", "sdxl", {}, "photos"),
     "sd3": ("tiny_sd3_folder", "sd3", {}, "photos"),
+    "flux": ("tiny_flux_folder", "flux", {}, "photos"),
 }
 
 
@@ -44,7 +45,8 @@ def test_notebooks_01_to_05_on_a_tiny_base(chain, tmp_path, request):
 
     # 02: two steps of the preset on the folder; every -p reaches config.json
     run("02_train.ipynb", "02.ipynb", dict(**given, steps=2, save_every=2, log_every=1, n_samples=2, batch_size=2,
-                                           run_name="r", **({"crop": "center"} if data == "coco" else {})))
+                                           run_name="r", **({"crop": "center"} if data == "coco" else {}),
+                                           **({"base_guidance": 2.5} if chain == "flux" else {})))
     folder = runs / "r"
     config = json.loads((folder / "config.json").read_text())
     assert (config["preset"], config["base_model"], config["data"], config["steps"]) == \
@@ -75,5 +77,7 @@ def test_notebooks_01_to_05_on_a_tiny_base(chain, tmp_path, request):
     if chain == "gligen":      # diffusers' GLIGEN modules in every block; its gates are tanh(alpha_attn / alpha_dense)
         assert (config["adapter_attention"], config["adapter_blocks"]) == ("gligen", "all")
         assert {"gate_0_attn", "gate_0_ff"} <= set(pd.read_csv(folder / "metrics.csv").columns)
+    if chain == "flux":        # a -p reaches the config, and train.log says the guidance a distilled base trains at
+        assert config["base_guidance"] == 2.5 and "trains with guidance 2.5" in (folder / "train.log").read_text()
     if chain == "sd":          # each image sampled once in 05 (scale 1, grounding guidance on and off, 2 layouts)
         assert "images sampled in this notebook: 4 " in text
