@@ -37,9 +37,11 @@ IN_REPOSITORY = _is_repository(PACKAGE_DIR.parent)
 # (code that resolves paths calls project_root(), which follows later changes of directory)
 REPO_ROOT = PACKAGE_DIR.parent if IN_REPOSITORY else Path.cwd()
 FIGURES = REPO_ROOT / "figures"   # the figures the notebooks write (run folders: runs.runs_root())
-# the shipped bases by name: the tiny UNet (the default) and the tiny MM-DiT (an SD3 transformer in pixel space)
+# the shipped bases by name: the tiny UNet (the default), the tiny MM-DiT (an SD3 transformer in pixel space) and the
+# tiny FLUX (a FLUX transformer in pixel space)
 MODELS = PACKAGE_DIR / "models"
-SHIPPED_BASES = {"shapes-tiny": MODELS / "shapes-tiny", "shapes-dit": MODELS / "shapes-dit"}
+SHIPPED_BASES = {"shapes-tiny": MODELS / "shapes-tiny", "shapes-dit": MODELS / "shapes-dit",
+                 "shapes-flux": MODELS / "shapes-flux"}
 
 
 def project_root() -> Path:

@@ -421,7 +421,7 @@ def test_another_familys_preset_on_flux_or_the_flux_preset_elsewhere_is_refused_
     assert main(["train", "--preset", "sd3", "--base_model", str(tiny_flux_folder), "--data", str(manifest),
                  "--run_name", "sd3-on-flux"]) == 2
     assert re.search(rf"preset 'sd3' is for a mmdit base; {tiny_flux_folder} is a FLUX \(MM-DiT\) base \(flux\): use "
-                     r"one of \['flux'\]", capsys.readouterr().err)
+                     r"one of \['shapes-flux', 'flux'\]", capsys.readouterr().err)
     assert main(["train", "--preset", "flux", "--base_model", str(tiny_sd3_folder), "--data", str(manifest),
                  "--run_name", "flux-on-sd3"]) == 2
     assert re.search(r"preset 'flux' is for a flux base; .* is an SD3 \(MM-DiT\) base \(mmdit\): use one of "

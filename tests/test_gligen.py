@@ -266,7 +266,7 @@ def test_a_gligen_folder_on_a_real_base_needs_layouts_and_a_detector_named_befor
                                (["--detector", str(tiny_owl_folder)], "--layouts")):
             assert main(["evaluate", "--gligen", str(source), "--base", str(tiny_sd_folder), *given]) == 2
             err = capsys.readouterr().err
-            assert f"--gligen on --base {tiny_sd_folder} (not a shipped Shapes base: shapes-tiny, shapes-dit) needs {missing}:" in err
+            assert f"--gligen on --base {tiny_sd_folder} (not a shipped Shapes base: shapes-tiny, shapes-dit, shapes-flux) needs {missing}:" in err
     # both given: measured on those layouts by that detector
     assert main(["evaluate", "--gligen", str(source), "--base", str(tiny_sd_folder), "--layouts", str(manifest),
                  "--detector", str(tiny_owl_folder), "--limit", "1", "--steps", "2", "--device", "cpu"]) == 0

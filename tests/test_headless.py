@@ -311,14 +311,18 @@ def test_train_help_gives_each_presets_own_value_of_every_field(monkeypatch, cap
             checked += 1
     assert checked > 100
     # the fields the shapes preset overrides say its value, not the dataclass default
-    assert helps["--lr_schedule"].endswith("default: the preset's: shapes, sd15, sdxl, shapes-dit, sd3 'cosine'")
-    assert helps["--box_loss_region"].endswith("default: the preset's: shapes, shapes-dit 'layered'; sd15, sdxl, sd3 'box'")
-    assert helps["--adapter_blocks"].endswith("default: the preset's: shapes, sd15, sdxl 'decoder'; shapes-dit, sd3 'middle'")
-    assert helps["--adapter_ff_mult"].endswith("default: the preset's: shapes, shapes-dit 2; sd15, sdxl, sd3 4")
-    assert helps["--timesteps"].endswith("default: the preset's: shapes, sd15, sdxl, shapes-dit 'uniform'; sd3 "
-                                         "'logit-normal'")
-    assert "default: the preset's: shapes 'shapes-tiny'; sd15, sdxl, sd3 '' (none: give one); shapes-dit " \
-           "'shapes-dit'; " in helps["--base_model"]
+    assert helps["--lr_schedule"].endswith("default: the preset's: shapes, sd15, sdxl, shapes-dit, sd3, shapes-flux, "
+                                           "flux 'cosine'")
+    assert helps["--box_loss_region"].endswith("default: the preset's: shapes, shapes-dit, shapes-flux 'layered'; sd15, "
+                                               "sdxl, sd3, flux 'box'")
+    assert helps["--adapter_blocks"].endswith("default: the preset's: shapes, sd15, sdxl 'decoder'; shapes-dit, sd3, "
+                                              "shapes-flux, flux 'middle'")
+    assert helps["--adapter_ff_mult"].endswith("default: the preset's: shapes, shapes-dit, shapes-flux, flux 2; sd15, "
+                                               "sdxl, sd3 4")
+    assert helps["--timesteps"].endswith("default: the preset's: shapes, sd15, sdxl, shapes-dit, shapes-flux 'uniform'; "
+                                         "sd3, flux 'logit-normal'")
+    assert "default: the preset's: shapes 'shapes-tiny'; sd15, sdxl, sd3, flux '' (none: give one); shapes-dit " \
+           "'shapes-dit'; shapes-flux 'shapes-flux'" in helps["--base_model"]
 
 
 def test_import_and_train_run_from_another_directory_meet_on_the_same_relative_path(tmp_path, monkeypatch, capsys):

@@ -33,7 +33,7 @@ class TrainConfig:
     run_name: str = ""                   # "" -> "<preset>-<date>-<time>"
     base_model: str = "shapes-tiny"      # the shipped tiny base, or a diffusers-style SD folder path; "" (the sd15,
                                          # sdxl, sd3 and flux presets'): none given, which the config refuses (give the
-                                         # folder); shapes-dit: the shipped tiny MM-DiT
+                                         # folder); shapes-dit, shapes-flux: the shipped tiny MM-DiT, FLUX
     data: str = "shapes-v2"              # a manifest (.jsonl) path, or a generated Shapes set: "shapes-v2" (1-6 objects,
                                          # some overlapping, smaller in front), "shapes-crowds" (half of them placed
                                          # anywhere) or "shapes" (the first world: 1-3, apart);
@@ -88,7 +88,8 @@ class TrainConfig:
     adapter_blocks: str = "all"          # which transformer blocks get a gated layer: all | decoder (mid + up blocks) |
                                          # low (a quarter of the input's side or less) | migc (mid + first up block with
                                          # transformer blocks) | first-half | last-half | middle (the middle third; an
-                                         # MM-DiT's choices) | double | single (FLUX's double- / single-stream blocks) | a comma list of block names / prefixes (adapter.select_blocks)
+                                         # MM-DiT's choices) | double | single (FLUX's double- / single-stream
+                                         # blocks) | a comma list of block names / prefixes (adapter.select_blocks)
     max_objects: int = MAX_OBJECTS       # the object limit: the manifest reader's, the adapter's (data.MAX_OBJECTS)
     crop: str = "none"                   # none (stretch to a square) | center | random (per sample, per epoch):
                                          # shorter side to the resolution, square crop, boxes clipped (data.transform_sample)
@@ -257,8 +258,12 @@ PRESETS["sd3"] = {**PRESETS["sd15"], "adapter_blocks": "middle", "timesteps": "l
 PRESETS["flux"] = {**PRESETS["sd3"], "adapter_ff_mult": 2}
 
 # Which family of base each user preset is for: a run of one on another family's base is refused before any work
+# The tiny FLUX on Shapes (`shapes-flux`, a FLUX transformer in pixel space: 2 double- + 4 single-stream blocks): the
+# shapes-dit recipe, the middle third of its blocks (docs/notes/flux.md)
+PRESETS["shapes-flux"] = {**PRESETS["shapes-dit"], "base_model": "shapes-flux"}
+
 PRESET_FAMILY = {"shapes": "unet", "sd15": "unet", "sdxl": "unet", "shapes-dit": "mmdit", "sd3": "mmdit",
-                 "flux": "flux"}
+                 "shapes-flux": "flux", "flux": "flux"}
 
 
 def check_preset_fits(cfg: TrainConfig, base) -> None:
@@ -280,7 +285,7 @@ GLIGEN_FIXED = dict(adapter_blocks="all", adapter_ff_mult=4)
 BENCH_SIZES = {"tiny": "shapes", "sd15": "sd15", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 
 # The presets a user picks (`smoke` is the test harness's), in the order `train --help` lists their values
-USER_PRESETS = ("shapes", "sd15", "sdxl", "shapes-dit", "sd3", "flux")
+USER_PRESETS = ("shapes", "sd15", "sdxl", "shapes-dit", "sd3", "shapes-flux", "flux")
 
 
 def preset_value(preset: str, name: str):
@@ -363,8 +368,8 @@ def parameters_cell() -> str:
     with its comment from TrainConfig's source. tests/test_headless.py holds the notebook to it word for word;
     `python -m adapterlib.training.config` rewrites the cell."""
     width = max(map(len, FIELDS))
-    lines = ['preset = ""   # "" -> shapes (the embedded default) | sd15 | sdxl | sd3 (give base_model and data) | '
-             'shapes-dit | smoke',
+    lines = ['preset = ""   # "" -> shapes (the embedded default) | sd15 | sdxl | sd3 | flux (give base_model and '
+             'data) | shapes-dit | shapes-flux | smoke',
              "# Every field of adapterlib.training.config.TrainConfig; None = the preset's value (generated from the",
              "# config's source by `python -m adapterlib.training.config`: edit the comments there).",]
     for name, comment in field_comments().items():
