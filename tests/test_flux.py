@@ -193,6 +193,26 @@ def test_a_fresh_adapter_on_flux_is_the_base_exactly_and_opened_it_acts(flux):
     assert not any(block._forward_hooks for block in transformer_blocks(flux.net).values())
 
 
+def test_the_dtype_check_covers_the_transformer_and_the_t5(flux):
+    """The frozen-base check reads every part the base has: a FLUX transformer or T5 weight that would train, or is
+    not in the compute dtype, is named."""
+    from adapterlib.evaluation.checks import _dtype_problems, dtype_table
+    adapter = build_adapter(flux)
+    try:
+        assert {"base.transformer", "base.text_encoder_2"} <= set(dtype_table(flux, adapter).module)
+        assert _dtype_problems(flux, adapter, torch.float32) == []
+        weight = next(flux.transformer.parameters())
+        weight.requires_grad_(True)
+        try:
+            assert any("frozen base.transformer." in what for what, _ in _dtype_problems(flux, adapter, torch.float32))
+        finally:
+            weight.requires_grad_(False)
+        problems = _dtype_problems(flux, adapter, torch.bfloat16)
+        assert {"transformer", "text_encoder_2"} <= {what.split(".")[1] for what, _ in problems}
+    finally:
+        adapter.detach()
+
+
 @pytest.mark.parametrize("spec, chosen", [
     ("all", [0, 1, 2, 3, 4]), ("double", [0, 1]), ("single", [2, 3, 4]), ("first-half", [0, 1, 2]),
     ("middle", [1, 2, 3]), ("last-half", [2, 3, 4]), ("single_transformer_blocks.1", [3]),

@@ -86,10 +86,7 @@ def dtype_table(base, adapter: SpatialAdapter) -> pd.DataFrame:
     as a whole, the adapter's parameters grouped by name across its layers."""
     trainable = {id(p) for p in adapter.trainable_parameters().values()}
     rows = []
-    for module_name in ("unet", "text_encoder", "vae", "text_encoder_2"):
-        module = getattr(base, module_name)
-        if module is None:
-            continue
+    for module_name, module in base.parts().items():
         for p in module.parameters():
             rows.append(dict(module=f"base.{module_name}", parameter="(all)", dtype=str(p.dtype),
                              trainable=p.requires_grad, tensors=1, numel=p.numel()))
@@ -111,9 +108,8 @@ def _dtype_problems(base, adapter: SpatialAdapter, compute_dtype: torch.dtype) -
         if not p.requires_grad:
             problems.append((f"trainable parameter {name} does not require grad",
                              "adapter.trainable_parameters() must list only parameters that train"))
-    for module_name in ("unet", "text_encoder", "vae", "text_encoder_2"):
-        module = getattr(base, module_name)
-        for name, p in (module.named_parameters() if module is not None else []):
+    for module_name, module in base.parts().items():
+        for name, p in module.named_parameters():
             if p.requires_grad:
                 problems.append((f"frozen base.{module_name}.{name} requires grad",
                                  "freeze the base (base.freeze()); only adapter parameters train"))

@@ -284,9 +284,13 @@ class BaseModel:
             module.requires_grad_(False).eval()
         return self
 
+    def parts(self) -> dict[str, torch.nn.Module]:
+        """The base's networks by their folder name (the ones it has)."""
+        names = ("unet", "transformer", "text_encoder", "vae", "text_encoder_2", "text_encoder_3")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.unet, self.transformer, self.text_encoder, self.vae, self.text_encoder_2,
-                            self.text_encoder_3) if m is not None]
+        return list(self.parts().values())
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "BaseModel":
         """Move every part; `dtype` casts the (frozen) weights, e.g. to bf16 on a GPU. SDXL's VAE stays fp32
