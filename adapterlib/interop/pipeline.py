@@ -242,7 +242,9 @@ class GroundedPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                  generator=None, latents: torch.Tensor | None = None, grounding_guidance: str = "base",
                  output_type: str = "pil", callback=None, unconditional: str | None = None) -> GroundedPipelineOutput:
         """Images of `prompt` (a string or a list), each with its `phrases` and `boxes` (x0, y0, x1, y1 in [0, 1]),
-        sampled by `sample.denoise` with this pipeline's scheduler. `unconditional`: deprecated, see the module."""
+        sampled by `sample.denoise` with this pipeline's scheduler. On a guidance-distilled base (FLUX.1-dev)
+        `guidance_scale` is the transformer's guidance input and one branch is sampled, as FluxPipeline does
+        (`negative_prompt` and `grounding_guidance` then do not apply). `unconditional`: deprecated, see the module."""
         if unconditional is not None:
             if unconditional not in UNCONDITIONAL:
                 raise ValueError(f"unconditional = {unconditional!r}: choose one of {tuple(UNCONDITIONAL)} (its "
