@@ -204,28 +204,27 @@ def denoise(base: BaseModel, records: list[Record], latents: torch.Tensor, sampl
     timesteps = scheduler.timesteps
     grounded_steps = round(s.tau * len(timesteps))
     for i, t in enumerate(progress(timesteps) if progress is not None else timesteps):
-        if base.distilled:                         # one branch, the guidance an input of the network
-            grounded = model is not None and s.scale != 0 and i < grounded_steps
+        grounded = model is not None and s.scale != 0 and i < grounded_steps
+        if base.distilled:                         # one branch: the guidance is an input of the network
             with autocast_for(base):
                 pred = model(latents, t, context, grounding, s.scale, added) if grounded else \
                     base.predict(latents, t, context, added)
-            latents = scheduler.step(pred.float(), t, latents, **step_kwargs).prev_sample
-            if callback is not None:
-                callback(i, t, latents)
-            continue
-        model_in = torch.cat([latents, latents])
-        if hasattr(scheduler, "scale_model_input"):            # flow-matching schedulers have none
-            model_in = scheduler.scale_model_input(model_in, t)
-        with autocast_for(base):
-            if model is None or s.scale == 0 or i >= grounded_steps:
-                pred = base.predict(model_in, t, context, added)
-            elif s.grounding_guidance == "base":   # unconditional: the base alone; conditional: caption and grounding
-                pred = torch.cat([base.predict(model_in[:n], t, context[:n], uncond_added),
-                                  model(model_in[n:], t, context[n:], grounding, s.scale, cond_added)])
-            else:                                  # both branches grounded ("off": the same; "null": null objects)
-                pred = model(model_in, t, context, pair, s.scale, added)
-        uncond, cond = pred.float().chunk(2)
-        latents = scheduler.step(uncond + s.guidance * (cond - uncond), t, latents, **step_kwargs).prev_sample
+            guided = pred.float()
+        else:
+            model_in = torch.cat([latents, latents])
+            if hasattr(scheduler, "scale_model_input"):            # flow-matching schedulers have none
+                model_in = scheduler.scale_model_input(model_in, t)
+            with autocast_for(base):
+                if not grounded:
+                    pred = base.predict(model_in, t, context, added)
+                elif s.grounding_guidance == "base":   # unconditional: the base alone; conditional: caption, grounding
+                    pred = torch.cat([base.predict(model_in[:n], t, context[:n], uncond_added),
+                                      model(model_in[n:], t, context[n:], grounding, s.scale, cond_added)])
+                else:                                  # both branches grounded ("off": the same; "null": null objects)
+                    pred = model(model_in, t, context, pair, s.scale, added)
+            uncond, cond = pred.float().chunk(2)
+            guided = uncond + s.guidance * (cond - uncond)
+        latents = scheduler.step(guided, t, latents, **step_kwargs).prev_sample
         if callback is not None:
             callback(i, t, latents)
     with autocast_for(base):
