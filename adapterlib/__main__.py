@@ -15,7 +15,7 @@
     python -m adapterlib import odvg --jsonl FILE --images DIR --out DIR   # -> DIR/data.jsonl (a manifest)
     python -m adapterlib evaluate --gligen GLIGEN_DIR --base SD_DIR --layouts M --detector D  # a diffusers GLIGEN folder
     python -m adapterlib export <run> [--checkpoint STEP] --out DIR [--measure N]   # weights, config, model card
-    python -m adapterlib bench [--size tiny|sd15|sdxl|sd3] [--device auto] [--batch 16] [--rounds 5] [--compile] [--blocks all,decoder]  # samples/s
+    python -m adapterlib bench [--size tiny|sd15|sdxl|sd3|flux] [--device auto] [--batch 16] [--rounds 5] [--compile] [--blocks all,decoder]  # samples/s
 
 A run is a name under the runs root ($ADAPTERLIB_RUNS, default runs/) or a path.
 
@@ -593,10 +593,13 @@ def _bench_parser(commands) -> None:
                     help="tiny: the shipped base, 32x32 pixels; sd15: a random-weight SD 1.5-size UNet, 64x64 latents; "
                          "sdxl: a random-weight SDXL-size UNet, 128x128 latents (about 10 GB in fp32 and as much "
                          "again for the peer: a GPU); sd3: a random-weight SD3-medium MM-DiT, 128x128 16-channel "
-                         "latents, 77 + 256 context tokens (about 8 GB in fp32; no GLIGEN peer: GLIGEN is a UNet's)")
+                         "latents, 77 + 256 context tokens (about 8 GB in fp32; no GLIGEN peer: GLIGEN is a UNet's); "
+                         "flux: a random-weight FLUX.1-dev transformer, 128x128 16-channel latents packed 2x2, 512 T5 "
+                         "tokens (48 GB in fp32: on the CPU 1 double + 2 single of its 19 + 38 blocks at 32x32 "
+                         "unless --depth / --side say otherwise; no GLIGEN peer)")
     be.add_argument("--batch", type=int, default=16, help="samples a step (default 16)")
     be.add_argument("--objects", type=int, default=None,
-                    help="grounding slots a sample (default: tiny 3, all present; sd15, sdxl and sd3 30, ~30%% "
+                    help="grounding slots a sample (default: tiny 3, all present; sd15, sdxl, sd3 and flux 30, ~30%% "
                          "present)")
     be.add_argument("--rounds", type=int, default=5, help="interleaved rounds; a row's number is the median (default 5)")
     be.add_argument("--steps-per-round", type=int, default=10, metavar="N",
@@ -609,16 +612,20 @@ def _bench_parser(commands) -> None:
                          "gligen, a UNet's only; masked+ff, the config's default, is always measured)")
     be.add_argument("--blocks", default=None, metavar="LIST",
                     help="block choices of our rows, e.g. all,decoder,low,migc on a UNet, all,first-half,middle,"
-                         "last-half on sd3 (every variant at each; a list of blocks joined by +: "
-                         "mid_block+up_blocks.1). Default: the preset's for the size (tiny: shapes, sd15: sd15, sdxl: "
-                         "sdxl, sd3: sd3), always measured; it is the JSON's ours_*")
+                         "last-half on sd3, also double,single on flux (every variant at each; a list of blocks "
+                         "joined by +: mid_block+up_blocks.1). Default: the preset's for the size (tiny: shapes, "
+                         "sd15: sd15, sdxl: sdxl, sd3: sd3, flux: flux), always measured; it is the JSON's ours_*")
     be.add_argument("--ff-mult", default=None, metavar="LIST",
                     help="feed-forward widths of our rows with FF, e.g. 4,2 (each at every block choice). Default: "
                          "the preset's adapter_ff_mult for the size, always measured")
     be.add_argument("--side", type=int, default=None, metavar="N",
-                    help="sd15 / sdxl / sd3: the latents' side instead of the base's own (64 / 128 / 128); e.g. "
-                         "sdxl --side 64 (512 px) where a 1024-px step does not fit in memory, sd3 --side 32 (256 px) "
-                         "on a CPU")
+                    help="sd15 / sdxl / sd3 / flux: the latents' side instead of the base's own (64 / 128 / 128 / "
+                         "128); e.g. sdxl --side 64 (512 px) where a 1024-px step does not fit in memory, sd3 --side "
+                         "32 (256 px) on a CPU (flux on a CPU: 32 unless given)")
+    be.add_argument("--depth", type=int, default=None, metavar="N",
+                    help="sd3: N joint blocks instead of SD3-medium's 24; flux: N double- and 2N single-stream blocks "
+                         "instead of FLUX.1-dev's 19 + 38 (on a CPU: 1 unless given). Every other setting the real "
+                         "network's; the output says so above the table")
     be.add_argument("--compile", action="store_true",
                     help="also every row torch.compile'd (n/a with the reason when it fails)")
     be.add_argument("--train-step", action="store_true",
@@ -633,12 +640,13 @@ def _bench(args: argparse.Namespace) -> int:
                        variants=VARIANTS if args.variants is None else parse_variants(args.variants),
                        blocks=None if args.blocks is None else parse_blocks(args.blocks),
                        ff_mults=None if args.ff_mult is None else parse_ff_mults(args.ff_mult),
-                       with_train_step=args.train_step, side=args.side)
+                       with_train_step=args.train_step, side=args.side, depth=args.depth)
     print(f"{result['size']} (latents {result['side']}x{result['side']}) on {result['device_name']} ({result['threads']} threads), torch {result['torch']}, "
           f"batch {result['batch']}, {result['objects']} slots ({result['objects_present']} objects in the batch), "
           f"median of {result['rounds']} rounds x {result['steps_per_round']} steps")
-    if result["peer_note"]:
-        print(result["peer_note"])
+    for note in (result["size_note"], result["peer_note"]):
+        if note:
+            print(note)
     print(format_table(result))
     _print_json(result)
     return 0

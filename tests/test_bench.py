@@ -266,3 +266,105 @@ def test_the_cli_on_sd3_says_there_is_no_peer_and_refuses_a_unets_block_choice(m
     assert result["peer_note"] in lines and not any(line.startswith("peer ") for line in lines)
     assert main([*args, "--blocks", "decoder"]) == 2
     assert "adapter_blocks 'decoder' is a UNet's choice" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the bench at FLUX size: FLUX.1-dev's transformer (reduced on the CPU), the floor and ours at each block choice
+
+def tiny_flux_config() -> dict:
+    """The tests' tiny FLUX transformer (helpers: width 16, 4 latent channels packed 2x2, guidance-distilled) in place
+    of FLUX.1-dev's; the bench sets its depth."""
+    from helpers import flux_transformer_config
+    return flux_transformer_config()
+
+
+FLUX_CHOICES = ("all", "double", "single", "middle", "first-half", "last-half")
+
+
+def test_the_bench_flux_transformer_is_flux1_dev():
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+    from adapterlib.model.hooks import transformer_blocks
+    config = bench.flux_transformer_config()
+    assert config == dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                          num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                          guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    with torch.device("meta"):                                  # the architecture, without 48 GB of weights
+        net = FluxTransformer2DModel(**config)
+    blocks = transformer_blocks(net)
+    assert list(blocks) == ([f"transformer_blocks.{i}" for i in range(19)] +
+                            [f"single_transformer_blocks.{i}" for i in range(38)])
+    assert sum(isinstance(b, FluxTransformerBlock) for b in blocks.values()) == 19
+    assert sum(isinstance(b, FluxSingleTransformerBlock) for b in blocks.values()) == 38
+    assert round(sum(p.numel() for p in net.parameters()) / 1e9, 2) == 11.90    # FLUX.1-dev's 11.9 B
+    assert (bench.FLUX_POOLED, bench.FLUX_CPU_DEPTH, bench.FLUX_CPU_SIDE) == (768, 1, 32)
+    assert bench.DEFAULT_BLOCKS["flux"] == "middle" and bench.DEFAULT_FF_MULT["flux"] == 2   # the flux preset's
+    assert not bench.HAS_PEER["flux"]
+    assert bench.reduced_config("flux", config, 2) == {**config, "num_layers": 2, "num_single_layers": 4}
+
+
+def test_the_bench_flux_on_the_cpu_is_reduced_unless_told_and_says_so(monkeypatch):
+    monkeypatch.setattr(bench, "flux_transformer_config", tiny_flux_config)
+    w = bench.make_workload("flux", device="cpu", batch=2)
+    cfg = w.unet.config
+    assert (cfg.num_layers, cfg.num_single_layers) == (1, 2)                # FLUX_CPU_DEPTH, FLUX's 1:2
+    assert w.is_flux and w.is_dit and w.text_dim == 768 and w.peer_phrases is None
+    assert w.noisy.shape == w.target.shape == (2, 4, 32, 32)               # (B, in_channels / 4, side, side)
+    assert w.context.shape == (2, 512, cfg.joint_attention_dim)            # FLUX.1-dev's 512 T5 tokens
+    assert w.added["pooled_projections"].shape == (2, cfg.pooled_projection_dim)
+    assert w.added["guidance"].tolist() == [3.5, 3.5]                      # a guidance-distilled base's input
+    assert w.t.dtype == torch.float32 and ((0 <= w.t) & (w.t < 1000)).all()
+    assert w.note == ("reduced flux: 1 double- + 2 single-stream blocks of 2 + 3, latents 32x32 (256 px); every "
+                      "other setting the real network's (the CPU's default, not given: --depth, --side)")
+    told = bench.make_workload("flux", device="cpu", batch=1, depth=2, side=8)
+    assert (told.unet.config.num_layers, told.unet.config.num_single_layers) == (2, 4)
+    assert told.noisy.shape == (1, 4, 8, 8) and "not given" not in told.note
+    with pytest.raises(ValueError, match="depth 2: a reduced depth is an MM-DiT's"):
+        bench.make_workload("sd15", device="cpu", depth=2)
+
+
+def test_the_bench_flux_rows_run_the_floor_and_ours_at_each_of_fluxs_block_choices(monkeypatch):
+    from adapterlib.model.adapter import SpatialAdapter
+    monkeypatch.setattr(bench, "flux_transformer_config", tiny_flux_config)
+    seen = []
+    result = bench.run_bench("flux", device="cpu", batch=1, rounds=1, steps_per_round=1, warmup=0, depth=2, side=8,
+                             variants=(("masked", True), ("gligen", True)), blocks=FLUX_CHOICES,
+                             extra={"workload": lambda w: seen.append(w) or (lambda: None)})
+    w = seen[0]
+    rows = {r["name"]: r for r in result["rows"]}
+    names = {b: bench.variant_name("masked", True, b, 2) for b in FLUX_CHOICES}
+    assert list(rows) == ["floor", names["middle"], *(names[b] for b in FLUX_CHOICES if b != "middle"), "workload"]
+    for name in ("floor", *names.values()):
+        assert rows[name]["samples_per_s"] > 0 and rows[name]["x_peer"] is None, name
+    assert rows["floor"]["trainable_params"] == 0 and rows["floor"]["x_floor"] == 1
+    assert all(rows[n]["x_floor"] > 0 and rows[n]["ff_mult"] == 2 for n in names.values())
+    # each row's parameters are the adapter's built for that choice: 6 blocks of one width, so a grounding
+    # tokenizer plus one equal layer per adapted block (all 6, single 4, halves 3, double 2, middle 2: blocks 2-3)
+    params = {b: rows[names[b]]["trainable_params"] for b in FLUX_CHOICES}
+    for b in FLUX_CHOICES:
+        built = SpatialAdapter(w.unet, 768, adapted_blocks=b, ff_mult=2)
+        assert params[b] == sum(p.numel() for p in built.parameters()), b
+    layers = {"all": 6, "single": 4, "first-half": 3, "last-half": 3, "double": 2, "middle": 2}
+    layer = (params["all"] - params["double"]) // 4
+    assert layer > 0 and all(params[b] == params["double"] + (k - 2) * layer for b, k in layers.items())
+    assert result["ours_variant"] == names["middle"] and result["ours_blocks"] == "middle"
+    assert result["ours_ff_mult"] == 2 and result["side"] == 8 and result["blocks_in_network"] == 6
+    assert result["peer_samples_per_s"] is None and result["ours_x_peer"] is None
+    assert "no GLIGEN on flux" in result["peer_note"] and "variant gligen left out" in result["peer_note"]
+    assert result["size_note"].startswith("reduced flux: 2 double- + 4 single-stream blocks")
+
+
+def test_the_cli_on_flux_prints_the_reduction_and_takes_fluxs_block_choices(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "flux_transformer_config", tiny_flux_config)
+    args = ["bench", "--size", "flux", "--device", "cpu", "--side", "8", "--batch", "1", "--rounds", "1",
+            "--steps-per-round", "1", "--warmup", "0", "--variants", "masked+ff"]
+    assert main([*args, "--blocks", "double,single"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert [r["name"] for r in result["rows"]] == ["floor", "ours masked+FFx2 [middle]", "ours masked+FFx2 [double]",
+                                                   "ours masked+FFx2 [single]"]
+    assert result["size_note"] in lines and "not given: --depth)" in result["size_note"]   # --side was given
+    assert result["blocks_in_network"] == 3 and result["peer_note"] in lines
+    assert main([*args, "--blocks", "decoder"]) == 2
+    assert "adapter_blocks 'decoder' is a UNet's choice" in capsys.readouterr().err

@@ -4,6 +4,8 @@
     result = run_bench("sd15", device="cuda", batch=16)          # a random-weight SD 1.5-size UNet, 64x64 latents
     result = run_bench("sdxl", device="cuda", batch=4)           # a random-weight SDXL-size UNet, 128x128 latents
     result = run_bench("sd3", device="cuda", batch=4, blocks=["first-half", "middle"])   # SD3-medium's MM-DiT, 128x128
+    result = run_bench("flux", device="cuda", batch=1, blocks=["middle", "double"])      # FLUX.1-dev, 128x128 latents
+    result = run_bench("flux", device="cpu", batch=1)      # on the CPU: 1 double + 2 single of its 19 + 38 blocks, 32x32
     print(format_table(result))
 
 Every row is one full training step on the same batch, the same frozen weights and the same device:
@@ -12,12 +14,12 @@ Every row is one full training step on the same batch, the same frozen weights a
 - `peer`: diffusers' GLIGEN, `UNet2DConditionModel(attention_type="gated")` on the base's config with
   the base's weights loaded, `fuser` (a gated self-attention + feed-forward per transformer block) and
   `position_net` trained, grounded through `cross_attention_kwargs={"gligen": ...}`. UNet sizes only: GLIGEN is
-  made for a UNet's transformer blocks, so on sd3 (an MM-DiT) the rows are the floor and ours, `x_peer` None, a
-  `gligen` variant left out, and the result's `peer_note` says so;
+  made for a UNet's transformer blocks, so on sd3 and flux (MM-DiTs) the rows are the floor and ours, `x_peer` None,
+  a `gligen` variant left out, and the result's `peer_note` says so;
 - `ours <attention>[+FF[xM]] [<blocks>]`: `AdaptedUNet(unet, adapter)` for each adapter variant
   (`adapter.build_adapter`'s attention and feedforward options) at each block choice (`blocks`: all, decoder,
-  low, migc or a list on a UNet; all, first-half, middle, last-half or a list on the MM-DiT; the name carries it
-  unless it is all) and feed-forward width (`ff_mults`; the name
+  low, migc or a list on a UNet; all, first-half, middle, last-half or a list on the MM-DiT; on FLUX also double
+  and single, its double- and single-stream blocks; the name carries it unless it is all) and feed-forward width (`ff_mults`; the name
   carries it, `xM`, unless it is 4), only the adapter's parameters trained; `ours gligen` is the peer's own
   modules (fusers + position net) lent to the frozen base through our forward (adapterlib/model/gligen.py): its
   cost against `peer` is what our route adds or saves (GLIGEN's 30 slots, as diffusers' pipeline pads);
@@ -38,6 +40,13 @@ returns the block's output as it is, so the floor and the other rows pass throug
 Peak memory is CUDA's `max_memory_allocated` over a row's steps (all resident models included) and the
 part of it above what was allocated when the row started (its activations, gradients, temporaries);
 on the CPU both are None.
+
+FLUX.1-dev (`flux`) is 11.9 B parameters, 48 GB in fp32: on the CPU its network is built at a reduced depth and side
+unless told (`depth`, `side`: by default 1 double- + 2 single-stream blocks of its 19 + 38, FLUX's 1:2, and 32x32
+latents, 256 px), everything else FLUX.1-dev's (width 3,072, 24 heads of 128, 2x2 patches of 16 channels, 512 T5
+tokens of 4,096, the 768-wide pooled CLIP vector, the guidance input); the result's `size_note` says which. The block
+choices then keep their places in the shorter stack (`adapter.select_blocks`). `depth` reduces sd3 the same way
+(`num_layers`; no default reduction there).
 """
 from __future__ import annotations
 
@@ -50,20 +59,21 @@ from typing import Callable, Mapping, Sequence
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from torch import nn
 
 from adapterlib.model.adapter import AdaptedUNet, Grounding, SpatialAdapter
 from adapterlib.options import ATTENTIONS
-from adapterlib.model.base import load_base
+from adapterlib.model.base import FLUX_GUIDANCE, FLUX_SAMPLE_SIZE, FLUX_T5_TOKENS, _predict_flux, load_base
 from adapterlib.training.config import BENCH_SIZES, PRESET_FAMILY, PRESETS, TrainConfig, check_blocks_spec
 from adapterlib.model.gligen import GligenAdapter
+from adapterlib.model.hooks import transformer_blocks
 from adapterlib.model.precision import autocast, precision_policy, resolve_device
 
 SIZES = tuple(BENCH_SIZES)
-DEFAULT_OBJECTS = {"tiny": 3, "sd15": 30, "sdxl": 30, "sd3": 30}          # grounding slots per sample
-PRESENT_SHARE = {"tiny": 1.0, "sd15": 0.3, "sdxl": 0.3, "sd3": 0.3}        # share of the slots holding a real object
-# the sizes with diffusers' GLIGEN beside ours (the peer, and the `gligen` variant): a UNet's; not the MM-DiT (sd3)
+DEFAULT_OBJECTS = {"tiny": 3, "sd15": 30, "sdxl": 30, "sd3": 30, "flux": 30}          # grounding slots per sample
+PRESENT_SHARE = {"tiny": 1.0, "sd15": 0.3, "sdxl": 0.3, "sd3": 0.3, "flux": 0.3}   # share of the slots holding an object
+# the sizes with diffusers' GLIGEN beside ours (the peer, and the `gligen` variant): a UNet's; not the MM-DiTs (sd3, flux)
 HAS_PEER = {size: PRESET_FAMILY[p] == "unet" for size, p in BENCH_SIZES.items()}
 VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, False)) + (("gligen", True),)
 DEFAULT_VARIANT = (TrainConfig.adapter_attention, TrainConfig.adapter_feedforward)
@@ -135,7 +145,8 @@ class Workload:
     scale: torch.Tensor              # (B,) injection scale per sample, drawn as training draws it
     base: object | None = None       # the loaded BaseModel (tiny), for the train_step row
     added: dict | None = None        # the UNet's added_cond_kwargs (SDXL: pooled text_embeds, time_ids); the
-                                     # MM-DiT's keyword inputs (pooled_projections)
+                                     # MM-DiT's keyword inputs (pooled_projections; FLUX.1-dev's also guidance)
+    note: str | None = None          # how the network differs from the size's real one (a reduced depth or side)
 
     @property
     def batch(self) -> int:
@@ -143,7 +154,12 @@ class Workload:
 
     @property
     def is_dit(self) -> bool:
-        return isinstance(self.unet, SD3Transformer2DModel)
+        """An MM-DiT (SD3's or FLUX's): no GLIGEN peer, float timesteps, joint context."""
+        return isinstance(self.unet, (SD3Transformer2DModel, FluxTransformer2DModel))
+
+    @property
+    def is_flux(self) -> bool:
+        return isinstance(self.unet, FluxTransformer2DModel)
 
     def autocast(self):
         return autocast(self.device, self.amp)
@@ -180,8 +196,34 @@ SD3_POOLED = 2048         # both CLIPs' pooled projections (768 + 1280): our phr
 SD3_CONTEXT = 77 + 256    # SD3's context tokens: the CLIPs' 77, then T5's 256
 
 
+def flux_transformer_config() -> dict:
+    """FLUX.1-dev's transformer (its released config: 19 double-stream then 38 single-stream blocks of 24 x 128 =
+    3,072, 2x2 patches of 16-channel latents packed to 64 inputs, 4,096-wide T5 context, the 768-wide pooled CLIP
+    vector, guidance-distilled, rotary axes 16 + 56 + 56 = 128). Its config has no sample size: 128x128 latents
+    (1,024 px, FluxPipeline's default)."""
+    return dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+
+
+FLUX_POOLED = 768             # CLIP-L's pooled vector: FLUX's pooled_projections, and our phrase width on FLUX
+FLUX_CPU_DEPTH = 1            # on the CPU, unless told: 1 double- + 2 single-stream blocks (FLUX.1-dev: 19 + 38) ...
+FLUX_CPU_SIDE = 32            # ... and 32x32 latents (256 px: 256 image tokens beside the 512 T5 tokens)
+
+
+def reduced_config(size: str, config: dict, depth: int | None) -> dict:
+    """`config` at `depth`: sd3's `num_layers` joint blocks; flux's `depth` double- and 2 x `depth` single-stream
+    blocks (FLUX.1's 1:2). None: as it is."""
+    if depth is None:
+        return config
+    if size == "flux":
+        return {**config, "num_layers": depth, "num_single_layers": 2 * depth}
+    return {**config, "num_layers": depth}
+
+
 def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch: int = 16,
-                  objects: int | None = None, seed: int = 0, side: int | None = None) -> Workload:
+                  objects: int | None = None, seed: int = 0, side: int | None = None,
+                  depth: int | None = None) -> Workload:
     """The frozen network of `size` and one seeded batch: `tiny` is the shipped base (pixel space 32x32),
     `sd15` a random-weight SD 1.5-size UNet (64x64 latents, 77 context tokens, 30 slots ~30% present), `sdxl`
     a random-weight SDXL-size UNet (128x128 latents, 77 tokens of 2048, its pooled text embedding and size /
@@ -190,7 +232,11 @@ def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch
     projection, float timesteps in [0, 1000), 30 slots ~30% present; our phrases are 2048 wide, both CLIPs' pooled).
     `side`: the latents' side for sd15 / sdxl / sd3 instead of the base's own (64 / 128 / 128), e.g. SDXL at 64 (512
     px) where a 1024-px step does not fit in memory, as on a 24 GB CPU machine: the ratios then hold at that side
-    only."""
+    only. `flux` a random-weight FLUX.1-dev transformer (128x128 16-channel latents, which `base.predict` packs into
+    2x2 patches with their rotary ids; 512 T5 tokens of 4096; pooled_projections the 768-wide CLIP vector and the
+    guidance input 3.5; float timesteps in [0, 1000); 30 slots ~30% present; our phrases are 768 wide, CLIP's), on
+    the CPU at FLUX_CPU_DEPTH and FLUX_CPU_SIDE unless `depth` / `side` are given (the workload's `note` says so).
+    `depth`: sd3's joint blocks, or flux's double-stream blocks (and twice as many single-stream ones)."""
     if size not in SIZES:
         raise ValueError(f"size {size!r}: choose one of {SIZES}")
     if batch < 1:
@@ -201,7 +247,25 @@ def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch
     if side is not None and (size == "tiny" or side < 8 or side % 8):
         raise ValueError(f"side {side}: " + ("the shipped tiny base has its own (32 px)" if size == "tiny" else
                                              "give a latent side that is a multiple of 8 (64: 512 px)"))
+    if depth is not None and (size not in ("sd3", "flux") or depth < 1):
+        raise ValueError(f"depth {depth}: " + ("give at least 1 block" if size in ("sd3", "flux") else
+                                               "a reduced depth is an MM-DiT's (sd3, flux), a stack of blocks"))
     device = resolve_device(device)
+    note, defaulted = None, []
+    if size == "flux" and device.type == "cpu":       # 48 GB in fp32: the CPU builds a shorter, smaller-side FLUX
+        defaulted = [flag for flag, value in (("--depth", depth), ("--side", side)) if value is None]
+        depth = FLUX_CPU_DEPTH if depth is None else depth
+        side = FLUX_CPU_SIDE if side is None else side
+    if depth is not None or (size == "flux" and side not in (None, FLUX_SAMPLE_SIZE)):
+        full = {"sd3": sd3_transformer_config, "flux": flux_transformer_config}.get(size, dict)()
+        shape = reduced_config(size, full, depth)
+        blocks = (f"{shape['num_layers']} double- + {shape['num_single_layers']} single-stream blocks of "
+                  f"{full['num_layers']} + {full['num_single_layers']}" if size == "flux" else
+                  f"{shape['num_layers']} of {full['num_layers']} joint blocks" if size == "sd3" else "")
+        at = side or (FLUX_SAMPLE_SIZE if size == "flux" else full["sample_size"])
+        note = (f"reduced {size}: {blocks + ', ' if depth is not None else ''}latents {at}x{at} "
+                f"({8 * at} px); every other setting the real network's"
+                + (f" (the CPU's default, not given: {', '.join(defaulted)})" if defaulted else ""))
     compute_dtype, amp, _ = precision_policy(device, "bf16")
     torch.manual_seed(seed)
     if size == "tiny":
@@ -209,20 +273,25 @@ def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch
         unet, text_dim, context_len = base.unet, base.text_encoder.config.hidden_size, base.tokenizer.model_max_length
     else:
         with torch.device(device):
-            config = {"sd15": sd15_unet_config, "sdxl": sdxl_unet_config, "sd3": sd3_transformer_config}[size]()
-            kind = SD3Transformer2DModel if size == "sd3" else UNet2DConditionModel
-            unet = kind(**{**config, "sample_size": side or config["sample_size"]})
+            config = reduced_config(size, {"sd15": sd15_unet_config, "sdxl": sdxl_unet_config, "sd3": sd3_transformer_config,
+                                           "flux": flux_transformer_config}[size](), depth)
+            kind = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}.get(size, UNet2DConditionModel)
+            unet = kind(**config) if size == "flux" else kind(**{**config, "sample_size": side or config["sample_size"]})
         if compute_dtype != torch.float32:
             unet = unet.to(dtype=compute_dtype)
         unet = unet.requires_grad_(False).eval()
         base = None
-        text_dim, context_len = {"sd15": (768, 77), "sdxl": (SDXL_POOLED, 77), "sd3": (SD3_POOLED, SD3_CONTEXT)}[size]
+        text_dim, context_len = {"sd15": (768, 77), "sdxl": (SDXL_POOLED, 77), "sd3": (SD3_POOLED, SD3_CONTEXT),
+                                 "flux": (FLUX_POOLED, FLUX_T5_TOKENS)}[size]
     cfg = unet.config
-    dit = isinstance(unet, SD3Transformer2DModel)
+    dit = isinstance(unet, (SD3Transformer2DModel, FluxTransformer2DModel))
+    flux = isinstance(unet, FluxTransformer2DModel)
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=gen)
     B, N = batch, objects
-    side = cfg.sample_size
+    channels = cfg.in_channels // 4 if flux else cfg.in_channels     # FLUX: (B, 16, h, w), packed 2x2 in predict
+    out_channels = channels if flux else cfg.out_channels
+    side = (side or FLUX_SAMPLE_SIZE) if flux else cfg.sample_size
     xy = rand(B, N, 2) * 0.7
     boxes = torch.cat([xy, xy + 0.1 + rand(B, N, 2) * 0.2], dim=-1).clamp(max=1.0)
     present = rand(B, N) < PRESENT_SHARE[size]
@@ -232,16 +301,18 @@ def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch
     peer_phrases = None if dit else phrases if ctx_dim == text_dim else torch.randn(B, N, ctx_dim, generator=gen)
     grounding = Grounding(phrases=phrases.to(device), boxes=boxes.to(device), present=present.to(device),
                           keep_text=torch.ones(B, N, dtype=torch.bool, device=device))
+    added = _sdxl_added(unet, B, gen, device) if size == "sdxl" else \
+        {"pooled_projections": torch.randn(B, cfg.pooled_projection_dim, generator=gen).to(device)} if dit else None
+    if flux and cfg.guidance_embeds:              # FLUX.1-dev: the guidance value is an input (BaseModel.added_cond)
+        added["guidance"] = torch.full((B,), FLUX_GUIDANCE, device=device)
     return Workload(
         size=size, device=device, unet=unet, amp=amp, text_dim=text_dim,
-        noisy=torch.randn(B, cfg.in_channels, side, side, generator=gen).to(device),
+        noisy=torch.randn(B, channels, side, side, generator=gen).to(device),
         t=(rand(B) * 1000 if dit else torch.randint(0, 1000, (B,), generator=gen)).to(device),
         context=torch.randn(B, context_len, ctx_dim, generator=gen).to(device),
-        target=torch.randn(B, cfg.out_channels, side, side, generator=gen).to(device),
+        target=torch.randn(B, out_channels, side, side, generator=gen).to(device),
         grounding=grounding, peer_phrases=None if peer_phrases is None else peer_phrases.to(device),
-        scale=(0.5 + 0.5 * rand(B)).to(device), base=base,
-        added=_sdxl_added(unet, B, gen, device) if size == "sdxl" else
-        {"pooled_projections": torch.randn(B, cfg.pooled_projection_dim, generator=gen).to(device)} if dit else None)
+        scale=(0.5 + 0.5 * rand(B)).to(device), base=base, added=added, note=note)
 
 
 def _sdxl_added(unet, batch: int, gen: torch.Generator, device) -> dict:
@@ -274,14 +345,16 @@ def _maybe_compile(model: nn.Module, compile: bool):
 
 def floor_step(w: Workload, *, compile: bool = False) -> Step:
     """The frozen network's (UNet's or MM-DiT's) forward and backward, gradient to the input only. Its call is
-    `base.predict`'s, spelled out: a compiled wrapper hides the class `predict` tells them apart by."""
-    net, dit = _maybe_compile(w.unet, compile), w.is_dit
+    `base.predict`'s, spelled out: a compiled wrapper hides the class `predict` tells them apart by (FLUX's: the
+    same packing into 2x2 patches with rotary ids, `base._predict_flux`)."""
+    net, dit, flux = _maybe_compile(w.unet, compile), w.is_dit, w.is_flux
 
     def run():
         x = w.noisy.clone().requires_grad_(True)
         with w.autocast():
-            out = (net(hidden_states=x, timestep=w.t, encoder_hidden_states=w.context, **w.added) if dit else
-                   net(x, w.t, encoder_hidden_states=w.context, added_cond_kwargs=w.added)).sample
+            out = (_predict_flux(net, x, w.t, w.context, w.added) if flux else
+                   (net(hidden_states=x, timestep=w.t, encoder_hidden_states=w.context, **w.added) if dit else
+                    net(x, w.t, encoder_hidden_states=w.context, added_cond_kwargs=w.added)).sample)
         F.mse_loss(out.float(), w.target).backward()
     return Step("floor", run, {}, w.unet, compile)
 
@@ -476,19 +549,22 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
               rounds: int = 5, steps_per_round: int = 10, warmup: int = 2, compile: bool = False,
               variants: Sequence[tuple[str, bool]] = VARIANTS, blocks: Sequence[str] | None = None,
               ff_mults: Sequence[int] | None = None, with_train_step: bool = False, side: int | None = None,
-              extra: Mapping[str, Callable[[Workload], Callable[[], object]]] | None = None, seed: int = 0) -> dict:
+              extra: Mapping[str, Callable[[Workload], Callable[[], object]]] | None = None, seed: int = 0,
+              depth: int | None = None) -> dict:
     """Measure every row (module docstring) in one process; a JSON-ready dict: `rows` (one per row: name,
     samples_per_s, s_per_step, per-round seconds, peak/step memory in MiB or None, trainable_params,
     x_floor and x_peer against the floor and peer of the same mode, eager or compiled, note) and the
     headline numbers (`ours_samples_per_s` is the default variant, masked+FF, eager, at the size's default blocks and
     feed-forward width, `DEFAULT_BLOCKS` and `DEFAULT_FF_MULT`: the `shapes` preset's for tiny, the `sd15` preset's for
-    sd15, the `sdxl` preset's for sdxl, the `sd3` preset's for sd3).
-    On sd3 (an MM-DiT) there is no peer (`gligen_peer`): no `peer` row, `x_peer`, `peer_samples_per_s` and
+    sd15, the `sdxl` preset's for sdxl, the `sd3` preset's for sd3, the `flux` preset's for flux).
+    On sd3 and flux (MM-DiTs) there is no peer (`gligen_peer`): no `peer` row, `x_peer`, `peer_samples_per_s` and
     `ours_x_peer` None, a `gligen` variant left out; `peer_note` says so (None at a size with the peer).
     `blocks`: the block choices of our rows (every variant at each; the size's default is always measured).
     `ff_mults`: the feed-forward widths of our rows with FF (each at every block choice; the size's default, the
     preset's `adapter_ff_mult`, is always measured).
-    `side`: the latents' side at sd15 / sdxl / sd3 size (`make_workload`).
+    `side`: the latents' side at sd15 / sdxl / sd3 / flux size; `depth`: sd3's joint blocks, flux's double-stream
+    blocks (and twice as many single-stream ones); on the CPU flux is reduced unless told (`make_workload`; the
+    result's `size_note` says how, None for the real network).
     `extra`: {name: make(workload) -> step()}: more rows, each step one training step on
     `workload.batch` samples, timed in the same rounds."""
     if rounds < 1 or steps_per_round < 1 or warmup < 0:
@@ -521,7 +597,7 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
              for tag in ("", " compiled")} | {"train_step"}
     if set(extra or {}) & taken:
         raise ValueError(f"extra rows {sorted(set(extra) & taken)}: those names are taken")
-    w = make_workload(size, device, batch, objects, seed, side)
+    w = make_workload(size, device, batch, objects, seed, side, depth)
     rows: dict[str, Step] = {}
     peer = gligen_peer(w.unet) if HAS_PEER[size] else None
     for compiled in modes:
@@ -556,8 +632,8 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
         ours_x_peer=by_name[ours] / by_name["peer"] if peer is not None else None,
         ours_x_floor=by_name[ours] / by_name["floor"],
         peer_compiled_samples_per_s=by_name.get("peer compiled"), ours_variant=ours, ours_blocks=default_blocks,
-        ours_ff_mult=default_ff, peer_note=peer_note,
-        size=size, batch=batch, side=w.noisy.shape[-1],
+        ours_ff_mult=default_ff, peer_note=peer_note, size_note=w.note,
+        size=size, batch=batch, side=w.noisy.shape[-1], blocks_in_network=len(transformer_blocks(w.unet)),
         objects=w.grounding.present.shape[1], objects_present=int(w.grounding.present.sum()),
         device=str(w.device), device_name=torch.cuda.get_device_name(w.device) if w.device.type == "cuda" else "cpu",
         threads=torch.get_num_threads(), torch=torch.__version__, diffusers=diffusers.__version__,
