@@ -253,13 +253,14 @@ PRESETS["shapes-dit"] = {**PRESETS["shapes"], "base_model": "shapes-dit", "adapt
 PRESETS["sd3"] = {**PRESETS["sd15"], "adapter_blocks": "middle", "timesteps": "logit-normal", "crop": "center"}
 
 # FLUX.1 (docs/guide/flux.md): sd3's values and recipe (SD3's logit-normal density, a centre crop) on the middle third
-# of its 19 double- + 38 single-stream blocks (ContextGen's measured choice on FLUX; the tiny DiT's best O-mIoU), with
-# the 2x feed-forward: at FLUX's width (3,072) a 4x layer is 113M parameters, a 2x one 75M (docs/notes/flux.md)
+# of its 19 double- + 38 single-stream blocks (single-stream 0-18: ContextGen's measured choice on FLUX; the tiny DiT's
+# best O-mIoU), with the 2x feed-forward: at FLUX's width (3,072) a 4x layer is 122.7M parameters, a 2x one 85.0M
+# (docs/notes/memory.md; why: docs/notes/flux.md)
 PRESETS["flux"] = {**PRESETS["sd3"], "adapter_ff_mult": 2}
 
 # Which family of base each user preset is for: a run of one on another family's base is refused before any work
 # The tiny FLUX on Shapes (`shapes-flux`, a FLUX transformer in pixel space: 2 double- + 4 single-stream blocks): the
-# shapes-dit recipe, the middle third of its blocks (docs/notes/flux.md)
+# shapes-dit recipe, the middle third of its blocks (its first two single-stream ones; docs/notes/flux.md)
 PRESETS["shapes-flux"] = {**PRESETS["shapes-dit"], "base_model": "shapes-flux"}
 
 PRESET_FAMILY = {"shapes": "unet", "sd15": "unet", "sdxl": "unet", "shapes-dit": "mmdit", "sd3": "mmdit",
