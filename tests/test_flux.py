@@ -449,3 +449,29 @@ def test_another_familys_preset_on_flux_or_the_flux_preset_elsewhere_is_refused_
     for run in ("sd3-on-flux", "flux-on-sd3"):
         assert not (tmp_path / "runs" / run / "checkpoints").exists()
     assert not (tmp_path / "runs" / "_cache").exists()
+
+
+def test_gradient_checkpointing_on_flux_gives_the_plain_gradients_on_both_kinds_of_block(flux):
+    """diffusers' checkpointed segments of a FLUX transformer (each double- and single-stream block) recompute with
+    the adapter's injection put back: every trainable parameter of layers on both kinds of block gets the plain
+    backward's gradient (what the memory table's checkpointed cells count on)."""
+    from adapterlib.model.hooks import set_gradient_checkpointing
+    adapter = _open(build_adapter(flux, adapted_blocks="all"))
+    try:
+        model = AdaptedUNet(flux.net, adapter)
+        noisy, t, context, added = _inputs(flux, [DOG_AND_CAT, A_RED_BOX])
+        grounding = ground(flux, [DOG_AND_CAT, A_RED_BOX])
+        grads = []
+        for enabled in (False, True):
+            set_gradient_checkpointing(flux.net, adapter, enabled)
+            assert flux.net.gradient_checkpointing == enabled      # diffusers' segments: each block checkpointed
+            adapter.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                model(noisy, t, context, grounding, added=added).square().mean().backward()
+            grads.append({n: p.grad.clone() for n, p in adapter.trainable_parameters().items() if p.grad is not None})
+        assert set(grads[0]) == set(grads[1])
+        assert {n.split(".")[1] for n in grads[1] if n.startswith("layers.")} == {str(i) for i in range(len(BLOCKS))}
+        assert max((grads[0][n] - grads[1][n]).abs().max().item() for n in grads[0]) < 1e-6
+    finally:
+        set_gradient_checkpointing(flux.net, adapter, False)
+        adapter.detach()
