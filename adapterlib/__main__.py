@@ -82,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", choices=["ground-truth", "base"],
                     help="ground-truth: the rendered layouts (the ceiling); base: the base model alone")
     ev.add_argument("--base", default="shapes-tiny",
-                    help="'shapes-tiny' (the shipped default), 'shapes-dit' (the shipped tiny MM-DiT) or a "
-                         "diffusers-style Stable Diffusion / SD3 folder")
+                    help="'shapes-tiny' (the shipped default), 'shapes-dit' (the shipped tiny MM-DiT), 'shapes-flux' "
+                         "(the shipped tiny FLUX) or a diffusers-style Stable Diffusion / SD3 / FLUX.1 folder")
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N layouts (default: all)")
     ev.add_argument("--sampling-steps", type=int, default=25, metavar="N", help="DDIM sampling steps (default 25)")
     ev.add_argument("--steps", type=int, dest="sampling_steps", action=_Renamed, metavar="N",
