@@ -1,6 +1,7 @@
 """What both adapters (ours in `adapter`, diffusers' GLIGEN modules in `gligen`) share: the network's transformer
-blocks by name (a UNet's `BasicTransformerBlock`s, an MM-DiT's joint blocks, FLUX's double- and single-stream blocks), hooks on them that are attached,
-detached and asked about in one way, and gradient checkpointing with those hooks inside."""
+blocks by name (a UNet's `BasicTransformerBlock`s, an MM-DiT's joint blocks, FLUX's double- and single-stream
+blocks), hooks on them that are attached, detached and asked about in one way, and gradient checkpointing with those
+hooks inside."""
 from __future__ import annotations
 
 import contextlib
