@@ -432,6 +432,18 @@ def test_a_ddpm_scheduler_a_missing_vae_a_clip_for_the_t5_or_misfitting_encoders
         load_base(folder)
 
 
+def test_a_diffusers_whose_single_stream_blocks_take_one_joined_sequence_is_refused_naming_the_version(
+        tmp_path, monkeypatch, tiny_flux_folder):
+    """diffusers before 0.35 ran FLUX's single-stream blocks on [caption; image] joined, returning it joined: a hook
+    there cannot tell the image tokens apart, so such a diffusers is refused before anything loads."""
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+    monkeypatch.setattr(FluxSingleTransformerBlock, "forward", lambda self, hidden_states, temb, image_rotary_emb=None,
+                        joint_attention_kwargs=None: hidden_states)
+    with pytest.raises(RuntimeError, match=rf"{tiny_flux_folder} is a FLUX folder, and this diffusers .* FLUX needs "
+                                           r"diffusers >= 0.35"):
+        load_base(tiny_flux_folder)
+
+
 def test_another_familys_preset_on_flux_or_the_flux_preset_elsewhere_is_refused_before_any_work(
         tmp_path, monkeypatch, tiny_flux_folder, tiny_sd3_folder, capsys):
     """The sd3 preset (an SD3 MM-DiT's recipe) or a UNet's on a FLUX folder, and the flux preset on an SD3 folder:

@@ -27,13 +27,16 @@ FLUX (dev: `guidance_embeds`) takes the guidance value as an input (`guidance`).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
                        SD3Transformer2DModel, UNet2DConditionModel)
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 from transformers import (AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast,
                           T5EncoderModel)
 
@@ -556,10 +559,15 @@ FLUX_PARTS = {"transformer": "config.json", "text_encoder": "config.json", "toke
 
 
 def check_flux_folder(path: Path) -> None:
-    """A clear error, before anything loads, for a FLUX folder adapterlib cannot train on: a missing part (FLUX
-    needs its T5: text_encoder_2/ + tokenizer_2/), a latent transformer without its VAE, a schedule that is not flow
-    matching, a text encoder that is not a T5 where FLUX has one, or encoders whose widths do not fit the
+    """A clear error, before anything loads, for a FLUX folder adapterlib cannot train on: a diffusers older than
+    0.35 (its single-stream blocks take the joined sequence, not the image and caption tokens apart), a missing part
+    (FLUX needs its T5: text_encoder_2/ + tokenizer_2/), a latent transformer without its VAE, a schedule that is not
+    flow matching, a text encoder that is not a T5 where FLUX has one, or encoders whose widths do not fit the
     transformer's."""
+    if "encoder_hidden_states" not in inspect.signature(FluxSingleTransformerBlock.forward).parameters:
+        raise RuntimeError(f"base model {path} is a FLUX folder, and this diffusers ({diffusers.__version__}) runs FLUX's "
+                           "single-stream blocks on one joined sequence, where the adapter cannot tell the image tokens "
+                           "from the caption's: FLUX needs diffusers >= 0.35 (pip install -U diffusers)")
     read = lambda *parts: json.loads(path.joinpath(*parts).read_text())
     missing = [f"{part}/{file or ''}" for part, file in FLUX_PARTS.items()
                if not ((path / part / file).is_file() if file else (path / part).is_dir())]
@@ -591,7 +599,6 @@ def check_flux_folder(path: Path) -> None:
 @contextlib.contextmanager
 def _quiet_loading():
     """No download/loading progress bars while a few-MB model loads; the user's settings are restored."""
-    import diffusers
     import transformers
     libs = [diffusers.utils.logging, transformers.utils.logging]
     was = [lib.is_progress_bar_enabled() for lib in libs]
