@@ -364,6 +364,97 @@ def build_tiny_flux_folder(folder: Path, distilled: bool = True) -> Path:
 # ---------------------------------------------------------------------------------------------
 # photos, runs, adapters
 
+def import_train_resume(tmp_path: Path, monkeypatch, capsys, preset: str, folder: Path, *fields: str):
+    """As a user runs a base folder end to end, up to its checkpoints: `import coco` of the fixture (8 records),
+    `cache`, a 4-step run `whole` and a 2-step run `half` resumed to 4 steps (batch 2, a checkpoint and samples every
+    2 steps, flips, `fields` on top), each checked: the cache holds every record, the run trained (a gate moved), the
+    resume is exact on the CPU, samples were written, the encodings were read from the cache. Returns (the runs root,
+    the manifest, whole's final adapter weights); the captured output is cleared."""
+    from safetensors.torch import load_file
+
+    from adapterlib.__main__ import main
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
+    coco = write_coco_fixture(tmp_path / "coco")
+    assert main(["import", "coco", "--instances", str(coco / "instances.json"), "--images", str(coco / "images"),
+                 "--captions", str(coco / "captions.json"), "--out", str(tmp_path / "data")]) == 0
+    manifest = str(tmp_path / "data" / "data.jsonl")
+    common = ["--preset", preset, "--base_model", str(folder), "--data", manifest]
+    assert main(["cache", *common]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["records"] == 8
+    fields = ["--batch_size", "2", "--save_every", "2", "--log_every", "1", "--n_samples", "2", "--flip", "true",
+              *fields]
+    assert main(["train", *common, *fields, "--steps", "4", "--run_name", "whole"]) == 0
+    assert main(["train", *common, *fields, "--steps", "2", "--run_name", "half"]) == 0
+    assert main(["train", "--resume", "half", "--steps", "4"]) == 0
+    whole, resumed = (load_file(str(runs / name / "final" / "adapter.safetensors")) for name in ("whole", "half"))
+    assert max(whole[k].abs().max().item() for k in whole if "gate" in k) > 0          # it trained
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)                        # exact resume on the CPU
+    assert (runs / "whole" / "samples" / "step_0000004.png").is_file()
+    assert "encodings cached" in json.loads((runs / "whole" / "data_report.json").read_text())["inputs"]
+    capsys.readouterr()
+    return runs, manifest, whole
+
+
+def sample_and_export(tmp_path: Path, pipe, folder: Path, whole: dict, records: list) -> None:
+    """After `import_train_resume`: the run's pipeline `pipe` samples `records` (phrases and boxes) as our loop does,
+    an opened adapter changes the images, and `export` writes the run's adapter, which `GroundedPipeline.from_adapter`
+    on `folder` samples into the same images."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from adapterlib.__main__ import main
+    from adapterlib.interop.pipeline import GroundedPipeline
+    from adapterlib.model.sample import generate, initial_noise
+    base, adapter = pipe._base(), pipe.adapter
+    call = dict(prompt=[r.caption for r in records], phrases=[[o.phrase for o in r.objects] for r in records],
+                boxes=[[o.box for o in r.objects] for r in records], num_inference_steps=2, output_type="np")
+    noise = lambda: initial_noise(base, list(range(len(records))))
+    ours = pipe(**call, latents=noise()).images
+    assert ours.shape == (len(records), base.resolution, base.resolution, 3)
+    assert np.array_equal(ours, generate(base, records, list(range(len(records))), adapter=adapter, steps=2))
+    with torch.no_grad():                            # every gate at 1: the adapter acts
+        for gate in adapter.gate_parameters().values():
+            gate.fill_(1.0)
+    assert not np.array_equal(pipe(**call, latents=noise()).images,
+                              generate(base, records, list(range(len(records))), steps=2))   # the adapter acts
+    adapter.detach()
+    assert main(["export", "whole", "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "adapter.safetensors").is_file() and (tmp_path / "out" / "README.md").is_file()
+    assert max_diff(load_file(str(tmp_path / "out" / "adapter.safetensors")), whole) == 0
+    again = GroundedPipeline.from_adapter(tmp_path / "out", folder)
+    again.set_progress_bar_config(disable=True)
+    try:
+        assert np.array_equal(again(**call, latents=noise()).images, ours)
+    finally:
+        again.adapter.detach()
+
+
+def block_outputs(base, spec: str, inputs: tuple, records: list) -> tuple[list[str], dict[str, list]]:
+    """An adapter on the blocks `spec` chooses, every gate at 1: (the blocks with a layer, each block's output in the
+    base's forward and then in the adapted forward of `inputs` = (noisy, t, context, added)), the adapter detached."""
+    from adapterlib.model.adapter import AdaptedUNet, build_adapter
+    from adapterlib.model.hooks import transformer_blocks
+    from adapterlib.model.sample import ground
+    adapter = build_adapter(base, adapted_blocks=spec)
+    outputs: dict[str, list] = {}
+    spies = [block.register_forward_hook(lambda m, a, out, name=name: outputs.setdefault(name, []).append(out))
+             for name, block in transformer_blocks(base.net).items()]    # after the adapter's hooks: they see its output
+    try:
+        with torch.no_grad():
+            for gate in adapter.gate_parameters().values():
+                gate.fill_(1.0)
+            noisy, t, context, added = inputs
+            base.predict(noisy, t, context, added)
+            AdaptedUNet(base.net, adapter)(noisy, t, context, ground(base, records), added=added)
+    finally:
+        for spy in spies:
+            spy.remove()
+        adapter.detach()
+    assert len(adapter.layers) == len(adapter.block_names)
+    return adapter.block_names, outputs
+
+
 def photo_manifest(folder: Path, n: int = 6) -> Path:
     """Non-square pictures (a red and a blue rectangle) with captions that repeat, as COCO's do."""
     (folder / "images").mkdir(parents=True, exist_ok=True)

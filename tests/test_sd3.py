@@ -23,9 +23,8 @@ from adapterlib.model.hooks import image_tokens, transformer_blocks
 from adapterlib.model.sample import generate, ground, initial_noise
 
 from helpers import (SD3_JOINT_WIDTH, SD3_LAYERS, SD3_RESOLUTION, SD3_SAMPLE_SIZE, SD3_T5_TOKENS, SD3_VAE_SCALE,
-                     SD3_VAE_SHIFT, build_tiny_owl_folder, max_diff,
-                     photo_manifest, sd15_run_on_a_swapped_base)
-from helpers import write_coco_fixture as _coco
+                     SD3_VAE_SHIFT, block_outputs, build_tiny_owl_folder, import_train_resume, photo_manifest,
+                     sample_and_export, sd15_run_on_a_swapped_base)
 
 CLIP_TOKENS, CLIP_WIDTH = 77, 32          # both CLIPs' hidden states, 16 + 16 wide
 BLOCKS = [f"transformer_blocks.{i}" for i in range(SD3_LAYERS)]
@@ -184,23 +183,8 @@ def test_a_block_choice_on_sd3_puts_layers_on_those_joint_blocks_and_changes_onl
     """The chosen blocks get a layer; with the gates open, every block before the first chosen one gives the base's
     output exactly, the first chosen one changes its image tokens and passes its context tokens unchanged."""
     names = [BLOCKS[i] for i in chosen]
-    records = [DOG_AND_CAT]
-    adapter = build_adapter(sd3, adapted_blocks=spec)
-    blocks = transformer_blocks(sd3.net)
-    outputs: dict[str, list] = {}
-    spies = [block.register_forward_hook(lambda m, a, out, name=name: outputs.setdefault(name, []).append(out))
-             for name, block in blocks.items()]        # after the adapter's hooks: they see its output
-    try:
-        assert adapter.block_names == names and len(adapter.layers) == len(names)
-        _open(adapter)
-        noisy, t, context, added = _inputs(sd3, records)
-        with torch.no_grad():
-            sd3.predict(noisy, t, context, added)
-            AdaptedUNet(sd3.net, adapter)(noisy, t, context, ground(sd3, records), added=added)
-    finally:
-        for spy in spies:
-            spy.remove()
-        adapter.detach()
+    chosen_blocks, outputs = block_outputs(sd3, spec, _inputs(sd3, [DOG_AND_CAT]), [DOG_AND_CAT])
+    assert chosen_blocks == names
     for name in BLOCKS[:chosen[0]]:
         plain, adapted = outputs[name]
         assert torch.equal(image_tokens(plain), image_tokens(adapted)), name
@@ -231,62 +215,22 @@ def test_coco_import_cache_train_resume_evaluate_sample_export_on_a_tiny_sd3(tmp
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from adapterlib.interop.pipeline import GroundedPipeline
-    runs = tmp_path / "runs"
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
-    coco = _coco(tmp_path / "coco")
-    assert main(["import", "coco", "--instances", str(coco / "instances.json"), "--images", str(coco / "images"),
-                 "--captions", str(coco / "captions.json"), "--out", str(tmp_path / "data")]) == 0
-    manifest = str(tmp_path / "data" / "data.jsonl")
-    common = ["--preset", "sd3", "--base_model", str(tiny_sd3_folder), "--data", manifest]
-    assert main(["cache", *common]) == 0
-    cached = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert cached["records"] == 8
-    fields = ["--adapter_blocks", "middle", "--batch_size", "2", "--save_every", "2",
-              "--log_every", "1", "--n_samples", "2", "--flip", "true"]
-    assert main(["train", *common, *fields, "--steps", "4", "--run_name", "whole"]) == 0
-    assert main(["train", *common, *fields, "--steps", "2", "--run_name", "half"]) == 0
-    assert main(["train", "--resume", "half", "--steps", "4"]) == 0
-    whole, resumed = (load_file(str(runs / name / "final" / "adapter.safetensors")) for name in ("whole", "half"))
-    assert max(whole[k].abs().max().item() for k in whole if "gate" in k) > 0          # it trained
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)                        # exact resume on the CPU
-    assert (runs / "whole" / "samples" / "step_0000004.png").is_file()
+    runs, manifest, whole = import_train_resume(tmp_path, monkeypatch, capsys, "sd3", tiny_sd3_folder,
+                                                "--adapter_blocks", "middle")
     config = json.loads((runs / "whole" / "config.json").read_text())
     assert (config["adapter_blocks"], config["base_model"]) == ("middle", str(tiny_sd3_folder))
-    assert "encodings cached" in json.loads((runs / "whole" / "data_report.json").read_text())["inputs"]
-    capsys.readouterr()
     detector = build_tiny_owl_folder(tmp_path / "owl")
     assert main(["evaluate", "whole", "--limit", "2", "--sampling-steps", "2", "--layouts", manifest,
                  "--detector", str(detector)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n_images"] == 2 and "ap50" in result
-    # sampling through the run's pipeline: the flow-matching sampler, our loop's images, the adapter acting
+    # sampling through the run's pipeline (the flow-matching sampler), then the export
     pipe = GroundedPipeline.from_run("whole", device="cpu")
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.unet is None
     assert pipe.transformer is not None and pipe.text_encoder_3 is not None and pipe.t5_tokens == SD3_T5_TOKENS
-    base, adapter = pipe._base(), pipe.adapter
-    assert adapter.block_names == BLOCKS[1:3]
-    records = [DOG_AND_CAT, A_RED_BOX]
-    call = dict(prompt=[r.caption for r in records], phrases=[[o.phrase for o in r.objects] for r in records],
-                boxes=[[o.box for o in r.objects] for r in records], num_inference_steps=2, output_type="np")
-    ours = pipe(**call, latents=initial_noise(base, [0, 1])).images
-    assert ours.shape == (2, SD3_RESOLUTION, SD3_RESOLUTION, 3)
-    assert np.array_equal(ours, generate(base, records, [0, 1], adapter=adapter, steps=2))
-    _open(adapter)
-    assert not np.array_equal(pipe(**call, latents=initial_noise(base, [0, 1])).images,
-                              generate(base, records, [0, 1], steps=2))                # the adapter acts
-    pipe.adapter.detach()
-    # the export: its adapter on the SD3 folder is the run's
-    assert main(["export", "whole", "--out", str(tmp_path / "out")]) == 0
-    assert (tmp_path / "out" / "adapter.safetensors").is_file() and (tmp_path / "out" / "README.md").is_file()
-    exported = load_file(str(tmp_path / "out" / "adapter.safetensors"))
-    assert max_diff(exported, whole) == 0
-    again = GroundedPipeline.from_adapter(tmp_path / "out", tiny_sd3_folder)
-    again.set_progress_bar_config(disable=True)
-    try:
-        assert np.array_equal(again(**call, latents=initial_noise(base, [0, 1])).images, ours)
-    finally:
-        again.adapter.detach()
+    assert pipe.adapter.block_names == BLOCKS[1:3]
+    sample_and_export(tmp_path, pipe, tiny_sd3_folder, whole, [DOG_AND_CAT, A_RED_BOX])
 
 
 def test_training_on_an_sd3_folder_without_its_t5_trains_at_the_flow_objectives_timesteps(tmp_path, monkeypatch,

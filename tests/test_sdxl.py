@@ -20,8 +20,7 @@ from adapterlib.model.adapter import build_adapter
 from adapterlib.model.base import load_base
 from adapterlib.data.manifest import GroundedObject, ManifestImages, Record, transform_sample
 
-from helpers import SDXL_RESOLUTION, build_tiny_owl_folder, photo_manifest, sd15_run_on_a_swapped_base, unet_config
-from helpers import write_coco_fixture as _coco
+from helpers import SDXL_RESOLUTION, build_tiny_owl_folder, import_train_resume, photo_manifest, sd15_run_on_a_swapped_base, unet_config
 
 
 @pytest.fixture(scope="module")
@@ -153,27 +152,9 @@ def test_training_on_sdxl_from_the_cache_is_training_from_the_images(tmp_path, m
 # as a user runs it: import -> cache -> train -> --resume -> evaluate, and the sampler
 
 def test_coco_import_cache_train_resume_evaluate_on_a_tiny_sdxl(tmp_path, monkeypatch, tiny_sdxl_folder, capsys):
-    runs = tmp_path / "runs"
-    monkeypatch.setenv("ADAPTERLIB_RUNS", str(runs))
-    coco = _coco(tmp_path / "coco")
-    assert main(["import", "coco", "--instances", str(coco / "instances.json"), "--images", str(coco / "images"),
-                 "--captions", str(coco / "captions.json"), "--out", str(tmp_path / "data")]) == 0
-    manifest = str(tmp_path / "data" / "data.jsonl")
-    common = ["--preset", "sdxl", "--base_model", str(tiny_sdxl_folder), "--data", manifest]
-    assert main(["cache", *common]) == 0
-    cached = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert cached["records"] == 8
-    fields = ["--batch_size", "2", "--save_every", "2", "--log_every", "1", "--n_samples", "2", "--flip", "true"]
-    assert main(["train", *common, *fields, "--steps", "4", "--run_name", "whole"]) == 0
-    assert main(["train", *common, *fields, "--steps", "2", "--run_name", "half"]) == 0
-    assert main(["train", "--resume", "half", "--steps", "4"]) == 0
-    whole, resumed = (load_file(str(runs / name / "final" / "adapter.safetensors")) for name in ("whole", "half"))
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)               # exact resume on the CPU
-    assert (runs / "whole" / "samples" / "step_0000004.png").is_file()
+    runs, _, _ = import_train_resume(tmp_path, monkeypatch, capsys, "sdxl", tiny_sdxl_folder)
     config = json.loads((runs / "whole" / "config.json").read_text())
     assert (config["preset"], config["crop"], config["batch_size"]) == ("sdxl", "center", 2)
-    assert "encodings cached" in json.loads((runs / "whole" / "data_report.json").read_text())["inputs"]
-    capsys.readouterr()
     detector = build_tiny_owl_folder(tmp_path / "owl")
     assert main(["evaluate", "whole", "--limit", "2", "--sampling-steps", "2", "--detector", str(detector)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
