@@ -42,4 +42,4 @@ FIELD_CHOICES = dict(adapter_attention=ADAPTER_ATTENTIONS, adapter_norm=NORMS, a
 # (base_model is the base itself; None: not an adapter option). Fixed on resume.
 ARCHITECTURE = dict(base_model=None, adapter_attention="attention", adapter_norm="norm",
                     adapter_feedforward="feedforward", adapter_ff_mult="ff_mult", adapter_depth="depth",
-                    adapter_blocks="adapted_blocks", max_objects="max_objects")
+                    adapter_subcell="subcell", adapter_blocks="adapted_blocks", max_objects="max_objects")

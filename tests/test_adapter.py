@@ -284,3 +284,65 @@ def test_learned_depth_learns_with_the_gates_and_needs_cross_attention(base):
         adapter.detach()
     with pytest.raises(ValueError, match="learned"):
         build_adapter(base, attention="self", depth="learned")
+
+
+def test_cell_cover_is_each_box_clipped_to_each_cell_in_the_cells_coordinates():
+    from adapterlib.model.adapter import cell_cover
+    # a 4x2 grid; the box's left edge halfway into column 1, its right edge on column 2's right edge, all rows
+    box = torch.tensor([[[0.375, 0.0, 0.75, 1.0]]])
+    cover = cell_cover(box, 2, 4)                                            # (1, 8, 1, 4)
+    assert cover.shape == (1, 8, 1, 4)
+    row = cover[0, :4, 0]
+    assert torch.equal(row[1], torch.tensor([0.5, 0.0, 1.0, 1.0]))           # right half of column 1
+    assert torch.equal(row[2], torch.tensor([0.0, 0.0, 1.0, 1.0]))           # column 2: all of it
+    assert row[0][0] == row[0][2] == 1.0 and row[3][0] == row[3][2] == 0.0   # untouched: an empty box on the border
+    assert torch.equal(cover[0, 4:], cover[0, :4])                           # both rows alike
+    touched = (cover[..., 2] > cover[..., 0]) & (cover[..., 3] > cover[..., 1])
+    assert torch.equal(touched, region_mask(box, 2, 4))                      # what it covers: the region mask's cells
+
+
+def test_subcell_map_tells_apart_cells_the_masked_layer_sees_alike():
+    """Two cells with the same features, both touched by one box: the masked layer gives them the same output; with
+    the sub-cell map a cell the box covers wholly and one it half covers differ. The map at zero is the masked
+    layer exactly."""
+    from adapterlib.model.adapter import cell_cover
+    torch.manual_seed(0)
+    plain = GatedLayer(16, 8, 2, "masked", "layernorm", True)
+    subcell = GatedLayer(16, 8, 2, "masked", "layernorm", True, subcell=True)
+    subcell.load_state_dict(plain.state_dict(), strict=False)
+    for layer in (plain, subcell):
+        torch.nn.init.constant_(layer.gate_attn, 1.0), torch.nn.init.constant_(layer.gate_ff, 1.0)
+    box = torch.tensor([[[0.125, 0.0, 0.5, 1.0]]])                    # column 0 half covered, column 1 whole (4x1 grid)
+    x = torch.randn(1, 1, 16).expand(1, 4, 16)                       # every cell alike
+    args = (x, torch.randn(1, 1, 8), torch.ones(1, 1, dtype=torch.bool), region_mask(box, 1, 4), torch.ones(1, 1, 1), box)
+    cover = cell_cover(box, 1, 4)
+    with torch.no_grad():
+        p, s = plain(*args), subcell(*args, cover)
+        assert torch.allclose(p[0, 0], p[0, 1]) and not torch.allclose(s[0, 0], s[0, 1], atol=1e-4)
+        assert torch.allclose(s[0, 2:], p[0, 2:], atol=1e-6)          # outside the box: no object, no map
+        subcell.cell_value.zero_()
+        assert torch.allclose(subcell(*args, cover), p, atol=1e-6)
+
+
+def test_subcell_adapter_is_the_identity_at_init_round_trips_and_needs_masked_attention(base, records, tmp_path):
+    from adapterlib.training.checkpoint import load_adapter, save_checkpoint
+    adapter = build_adapter(base, subcell=True)
+    try:
+        assert checks.identity_at_init(base, adapter, records) == 0.0
+        open_gates(adapter)
+        g = ground(base, records)
+        latents, t, context = unet_inputs(base, records)
+        out = unet_out(base, latents, t, context, adapter, g)
+        path = save_checkpoint(tmp_path, 1, adapter, dict(step=1), {})
+    finally:
+        adapter.detach()
+    loaded = load_adapter(path, base)
+    try:
+        assert loaded.config["subcell"] is True and all(l.cell_value is not None for l in loaded.layers)
+        assert torch.equal(unet_out(base, latents, t, context, loaded, g), out)
+    finally:
+        loaded.detach()
+    with pytest.raises(ValueError, match="adapter_subcell needs the masked"):
+        build_adapter(base, attention="cross", subcell=True)
+    with pytest.raises(ValueError, match="adapter_subcell"):
+        build_adapter(base, attention="gligen", subcell=True)

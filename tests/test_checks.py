@@ -93,7 +93,12 @@ def test_architecture_options_cover_every_architecture_field():
     assert set(checks.CHECK_FIELDS) >= set(ARCHITECTURE_FIELDS)
 
 
-def test_the_adapter_built_from_a_config_is_the_one_its_run_trains(tmp_path, monkeypatch, base):
+@pytest.mark.parametrize("given, expected", [
+    (dict(adapter_attention="cross", adapter_norm="rmsnorm", adapter_feedforward=False, adapter_depth="learned",
+          max_objects=6), dict(attention="cross", norm="rmsnorm", feedforward=False, depth="learned", max_objects=6)),
+    (dict(adapter_subcell=True, adapter_depth="smaller-front", adapter_ff_mult=2),      # the masked attention's own
+     dict(attention="masked", subcell=True, depth="smaller-front", ff_mult=2))])
+def test_the_adapter_built_from_a_config_is_the_one_its_run_trains(tmp_path, monkeypatch, base, given, expected):
     """A run with every architecture field off its default saves an adapter whose config (what a checkpoint loads
     by) is the one `build_adapter(base, **architecture_options(cfg))` builds: notebook 01 checks that adapter."""
     from adapterlib.model.adapter import architecture_options
@@ -101,15 +106,12 @@ def test_the_adapter_built_from_a_config_is_the_one_its_run_trains(tmp_path, mon
     from adapterlib.training.config import make_config
     from adapterlib.training.train import train
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
-    cfg = make_config("smoke", run_name="arch", steps=1, save_every=1, n_samples=0, n_train=16, batch_size=2,
-                      adapter_attention="cross", adapter_norm="rmsnorm", adapter_feedforward=False,
-                      adapter_depth="learned", max_objects=6)
+    cfg = make_config("smoke", run_name="arch", steps=1, save_every=1, n_samples=0, n_train=16, batch_size=2, **given)
     run = train(cfg, progress=False)
     built = build_adapter(base, **architecture_options(cfg))
     try:
         assert adapter_config(run / "final" / "adapter.safetensors") == built.config
-        assert (built.config["attention"], built.config["norm"], built.config["feedforward"], built.config["depth"],
-                built.config["max_objects"]) == ("cross", "rmsnorm", False, "learned", 6)
+        assert {k: built.config.get(k) for k in expected} == expected
     finally:
         built.detach()
 

@@ -163,10 +163,11 @@ def _inputs(base, records, seed=0):
     return noisy, t, context, base.added_cond(pooled)
 
 
-def test_a_fresh_adapter_on_flux_is_the_base_exactly_and_opened_it_acts(flux):
+@pytest.mark.parametrize("subcell", [False, True])          # the sub-cell map on the joint blocks' token grid
+def test_a_fresh_adapter_on_flux_is_the_base_exactly_and_opened_it_acts(flux, subcell):
     from adapterlib.evaluation import checks
     records = [DOG_AND_CAT, A_RED_BOX]
-    adapter = build_adapter(flux)
+    adapter = build_adapter(flux, subcell=subcell)
     try:
         assert adapter.block_names == BLOCKS and len(adapter.layers) == FLUX_DOUBLE + FLUX_SINGLE
         assert adapter.config["text_dim"] == flux.phrase_dim == TEXT_WIDTH

@@ -146,10 +146,11 @@ def _inputs(base, records, seed=0):
     return noisy, t, context, base.added_cond(pooled)
 
 
-def test_a_fresh_adapter_on_sd3_is_the_base_exactly_and_opened_it_acts(sd3):
+@pytest.mark.parametrize("subcell", [False, True])          # the sub-cell map on the joint blocks' token grid
+def test_a_fresh_adapter_on_sd3_is_the_base_exactly_and_opened_it_acts(sd3, subcell):
     from adapterlib.evaluation import checks
     records = [DOG_AND_CAT, A_RED_BOX]
-    adapter = build_adapter(sd3)
+    adapter = build_adapter(sd3, subcell=subcell)
     try:
         assert adapter.block_names == BLOCKS and len(adapter.layers) == SD3_LAYERS
         assert adapter.config["text_dim"] == sd3.phrase_dim == 32

@@ -23,6 +23,13 @@ Attention variants (`attention`):
 - "masked": cross-attention where a visual token sees only the objects whose box covers it
             (InstanceDiffusion / MIGC's region prior). Cross variants also see a learned
             "nothing here" token, so a token outside every box has somewhere to attend.
+
+Sub-cell geometry (`subcell`, masked only): a box edge seldom falls on a cell's edge, and without it every cell a
+box touches gets the same value from the box's token, so an object fills whole cells (on a 16x16 grid over 32 px,
+edges drawn up to a pixel outside the box). With it, the value a cell takes from an object's token also carries
+the part of the cell the box covers: the box clipped to the cell, in the cell's own coordinates, as Fourier
+features through a learned per-head map (`cell_cover`). A fully covered cell reads (0, 0, 1, 1), a cell whose left
+half lies outside the box (0.5, 0, 1, 1).
 """
 from __future__ import annotations
 
@@ -47,6 +54,8 @@ from adapterlib.options import ARCHITECTURE, ATTENTIONS, BLOCK_CHOICES, DEPTHS, 
 # "learned" is the soft form: each head of each layer has a learned weight on the covering box's -log(area) in its
 # attention logits, zero at init (no preference), so training decides whether (and how much) smaller boxes win.
 # (The lists of choices are in adapterlib/options.py.)
+
+CELL_FREQS = 4           # Fourier frequencies of the sub-cell map's input (a box clipped to a cell, in [0, 1])
 
 
 def zero_gate() -> nn.Parameter:
@@ -143,6 +152,7 @@ class Injection:
     scale: torch.Tensor                  # (B, 1, 1) injection scale per sample
     sample_hw: tuple[int, int]           # the UNet input's spatial size (to place each block's tokens)
     regions: dict = field(default_factory=dict)   # token count -> (B, L, N) region mask, built once per forward
+    covers: dict = field(default_factory=dict)    # token count -> (B, L, N, 4) each box clipped to each cell
 
     def region(self, n_tokens: int, depth: str = "none") -> torch.Tensor:
         depth = "smaller-front" if depth == "smaller-front" else "none"    # only the hard rule changes the mask
@@ -150,6 +160,11 @@ class Injection:
             region = region_mask(self.boxes, *token_grid(self.sample_hw, n_tokens))
             self.regions[n_tokens, depth] = region if depth == "none" else front_only(region, self.boxes, self.present)
         return self.regions[n_tokens, depth]
+
+    def cover(self, n_tokens: int) -> torch.Tensor:
+        if n_tokens not in self.covers:
+            self.covers[n_tokens] = cell_cover(self.boxes, *token_grid(self.sample_hw, n_tokens))
+        return self.covers[n_tokens]
 
 
 class GroundingTokenizer(nn.Module):
@@ -174,7 +189,7 @@ class GatedLayer(nn.Module):
     """One gated grounding layer for a transformer block of width `dim`."""
 
     def __init__(self, dim: int, token_dim: int, heads: int, attention: str, norm: str, feedforward: bool,
-                 depth: str = "none", ff_mult: int = 4):
+                 depth: str = "none", ff_mult: int = 4, subcell: bool = False):
         super().__init__()
         if attention not in ATTENTIONS:
             raise ValueError(f"adapter_attention {attention!r}: choose one of {ATTENTIONS}")
@@ -193,21 +208,36 @@ class GatedLayer(nn.Module):
         if depth == "learned" and attention == "self":
             raise ValueError("adapter_depth 'learned' needs a cross or masked adapter_attention")
         self.depth_bias = nn.Parameter(torch.zeros(heads)) if depth == "learned" else None
+        if subcell and attention != "masked":
+            raise ValueError(f"adapter_subcell needs the masked adapter_attention (a box's cells), not {attention!r}")
+        # the sub-cell map: per head, Fourier features of the covered part of a cell -> that head's value width
+        features = 4 * 2 * CELL_FREQS
+        self.cell_value = nn.Parameter(torch.empty(heads, features, dim // heads).uniform_(
+            -features ** -0.5, features ** -0.5)) if subcell else None
 
-    def _attend(self, q_in, kv_in, allowed, key_bias=None):   # allowed: (B, Lq or 1, Lk) bool; key_bias (B, Lk)
+    def _attend(self, q_in, kv_in, allowed, key_bias=None, cover=None):
+        # allowed: (B, Lq or 1, Lk) bool; key_bias (B, Lk); cover (B, Lq, N, 4): the last N keys' boxes clipped to each cell
         B, Lq, C = q_in.shape
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, L, C/h)
         mask = allowed[:, None]
         if key_bias is not None:                                  # per head: depth_bias[h] * key_bias, -inf where not allowed
             bias = self.depth_bias[None, :, None, None].to(q_in.dtype) * key_bias[:, None, None, :].to(q_in.dtype)
             mask = torch.where(mask, bias, torch.tensor(float("-inf"), dtype=q_in.dtype, device=q_in.device))
-        out = F.scaled_dot_product_attention(split(self.q(q_in)), split(self.k(kv_in)), split(self.v(kv_in)),
-                                             attn_mask=mask)
+        q, k, v = split(self.q(q_in)), split(self.k(kv_in)), split(self.v(kv_in))
+        if cover is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:   # the attention weights are needed twice: for the values, and for each key's sub-cell features
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            weights = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + mask, dim=-1)   # (B, h, Lq, Lk)
+            cells = torch.einsum("bhqk,bqkf->bhqf", weights[..., -cover.shape[2]:],
+                                 fourier_embed(cover, CELL_FREQS).to(q.dtype))
+            out = weights @ v + torch.einsum("bhqf,hfd->bhqd", cells, self.cell_value.to(q.dtype))
         return self.out(out.transpose(1, 2).reshape(B, Lq, C))
 
-    def forward(self, x, tokens, present, region, scale, boxes=None):
+    def forward(self, x, tokens, present, region, scale, boxes=None, cover=None):
         # x (B, L, C) visual tokens; tokens (B, N, T); present (B, N); region (B, L, N) or None; scale (B, 1, 1);
-        # boxes (B, N, 4): read by the learned depth preference only
+        # boxes (B, N, 4): read by the learned depth preference only; cover (B, L, N, 4): by the sub-cell map only
         B, L, _ = x.shape
         objects = self.to_objects(tokens)                                      # (B, N, C)
         if self.attention == "self":
@@ -225,7 +255,7 @@ class GatedLayer(nn.Module):
             if self.depth_bias is not None:                  # -log(box area): larger for smaller boxes; 0 for "nothing"
                 area = box_area(boxes).clamp(min=1e-4)
                 key_bias = torch.cat([area.new_zeros(B, 1), -area.log()], dim=-1)
-            delta = self._attend(self.norm(x), kv, allowed, key_bias)
+            delta = self._attend(self.norm(x), kv, allowed, key_bias, cover if self.cell_value is not None else None)
         out = x + scale * torch.tanh(self.gate_attn) * delta
         if self.ff is not None:
             out = out + scale * torch.tanh(self.gate_ff) * self.ff(out)
@@ -240,6 +270,20 @@ def region_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     in_x = (xs / width < x1) & ((xs + 1) / width > x0)                        # (B, N, W)
     in_y = (ys / height < y1) & ((ys + 1) / height > y0)                      # (B, N, H)
     return (in_y[..., :, None] & in_x[..., None, :]).flatten(-2).transpose(1, 2)
+
+
+def cell_cover(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, N, 4) boxes -> (B, height * width, N, 4): each box clipped to each grid cell, in the cell's coordinates
+    ((0, 0, 1, 1): the box covers the whole cell; a cell the box does not touch reads an empty box on its border)."""
+    xs = torch.arange(width, device=boxes.device, dtype=torch.float32)
+    ys = torch.arange(height, device=boxes.device, dtype=torch.float32)
+    x0, y0, x1, y1 = (boxes[..., i, None].float() for i in range(4))         # (B, N, 1) each
+    cx0, cx1 = ((e * width - xs).clamp(0, 1) for e in (x0, x1))               # (B, N, W)
+    cy0, cy1 = ((e * height - ys).clamp(0, 1) for e in (y0, y1))              # (B, N, H)
+    H, W = height, width
+    cover = torch.stack([cx0[..., None, :].expand(-1, -1, H, W), cy0[..., :, None].expand(-1, -1, H, W),
+                         cx1[..., None, :].expand(-1, -1, H, W), cy1[..., :, None].expand(-1, -1, H, W)], dim=-1)
+    return cover.flatten(2, 3).transpose(1, 2)                                # (B, H * W, N, 4)
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
@@ -272,7 +316,7 @@ class SpatialAdapter(HookedAdapter):
     def __init__(self, unet, text_dim: int, *, attention: str = "masked", norm: str = "layernorm",
                  feedforward: bool = True, max_objects: int = MAX_OBJECTS, fourier_freqs: int = 8,
                  mlp_width: int | None = None, depth: str = "none", adapted_blocks: str = "all",
-                 ff_mult: int = 4):
+                 ff_mult: int = 4, subcell: bool = False):
         super().__init__()
         if ff_mult < 1:
             raise ValueError(f"adapter_ff_mult = {ff_mult}: give a width multiple >= 1")
@@ -291,13 +335,15 @@ class SpatialAdapter(HookedAdapter):
             self.config["depth"] = depth
         if feedforward and ff_mult != 4:          # written only when not GLIGEN's 4: older checkpoints read as 4
             self.config["ff_mult"] = ff_mult
+        if subcell:                               # written only when set: older checkpoints read as off
+            self.config["subcell"] = True
         if chosen != list(all_blocks):           # written only when not every block: older checkpoints read as all
             self.config["adapted_blocks"] = chosen
         self.block_names = chosen                # the blocks with a layer, in the UNet's order (one per layer)
         self.tokenizer = GroundingTokenizer(text_dim, token_dim, mlp_width, fourier_freqs)
         self.layers = nn.ModuleList(
             GatedLayer(block_width(all_blocks[n]), token_dim, block_heads(all_blocks[n]), attention, norm,
-                       feedforward, depth, ff_mult)
+                       feedforward, depth, ff_mult, subcell)
             for n in chosen)
         self.max_objects = max_objects
 
@@ -323,7 +369,8 @@ class SpatialAdapter(HookedAdapter):
                 return output
             x = image_tokens(output)        # a joint block's image stream; its context stream passes unchanged
             region = inj.region(x.shape[1], layer.depth) if layer.attention == "masked" else None
-            return with_image_tokens(output, layer(x, inj.tokens, inj.present, region, inj.scale, inj.boxes))
+            cover = inj.cover(x.shape[1]) if layer.cell_value is not None else None
+            return with_image_tokens(output, layer(x, inj.tokens, inj.present, region, inj.scale, inj.boxes, cover))
         return hook
 
     # --- gates, as the workbook watches them

@@ -72,16 +72,16 @@ class GligenAdapter(HookedAdapter):
     def __init__(self, unet, text_dim: int, *, attention: str = "gligen", norm: str = "layernorm",
                  feedforward: bool = True, max_objects: int = SLOTS, fourier_freqs: int = FOURIER_FREQS,
                  mlp_width: int | None = None, depth: str = "none", adapted_blocks: str = "all",
-                 ff_mult: int = 4):
+                 ff_mult: int = 4, subcell: bool = False):
         super().__init__()
         wrong = {k: v for k, v, ok in (("adapter_norm", norm, "layernorm"), ("adapter_feedforward", feedforward, True),
                                        ("adapter_depth", depth, "none"), ("fourier_freqs", fourier_freqs, FOURIER_FREQS),
                                        ("mlp_width", mlp_width or MLP_WIDTH, MLP_WIDTH), ("adapter_blocks", adapted_blocks, "all"),
-                                       ("adapter_ff_mult", ff_mult, 4)) if v != ok}
+                                       ("adapter_ff_mult", ff_mult, 4), ("adapter_subcell", subcell, False)) if v != ok}
         if attention != "gligen" or wrong:
             raise ValueError(f"adapter_attention 'gligen' is diffusers' GLIGEN as it is: {wrong} cannot be set for it "
-                             "(leave them at their defaults: layernorm, feed-forward on at width 4, depth none, every "
-                             "block)")
+                             "(leave them at their defaults: layernorm, feed-forward on at width 4, depth none, no "
+                             "sub-cell map, every block)")
         if not 1 <= max_objects <= SLOTS:
             raise ValueError(f"max_objects = {max_objects}: GLIGEN has {SLOTS} object slots; give 1..{SLOTS}")
         blocks = transformer_blocks(unet)

@@ -192,6 +192,7 @@ def load_adapter(checkpoint: Path, base: BaseModel) -> SpatialAdapter:
     _check_base_shape(path, config, base)
     options = {k: config[k] for k in ("attention", "norm", "feedforward", "max_objects", "fourier_freqs", "mlp_width")}
     options["depth"] = config.get("depth", "none")
+    options["subcell"] = config.get("subcell", False)                          # written before it: off
     options["ff_mult"] = config.get("ff_mult", 4)                               # written before it: GLIGEN's 4
     options["adapted_blocks"] = ",".join(config.get("adapted_blocks", [])) or "all"     # written before it: every block
     adapter = build_adapter(base, **options)

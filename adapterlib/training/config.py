@@ -85,6 +85,8 @@ class TrainConfig:
     adapter_depth: str = "none"          # masked attention, a token inside several boxes: none (all of them) |
                                          # smaller-front (only the smallest: smaller objects in front) | learned (a
                                          # per-head weight on the box's -log(area), zero at init: training decides)
+    adapter_subcell: bool = False        # masked attention: a cell's value from an object's token also carries the part
+                                         # of the cell its box covers (edges inside a cell; adapter.cell_cover)
     adapter_blocks: str = "all"          # which transformer blocks get a gated layer: all | decoder (mid + up blocks) |
                                          # low (a quarter of the input's side or less) | migc (mid + first up block with
                                          # transformer blocks) | first-half | last-half | middle (the middle third; an
@@ -205,8 +207,8 @@ RESUME_FIXED = ("preset", "run_name", "base_model", "data", "n_train", "seed", "
                 "gradient_accumulation_steps", "lr",
                 "phrase_dropout", "scale_min", "scale_max", "caption_dropout", "weight_decay", "gate_lr_scale",
                 "warmup", "lr_schedule", "box_loss_weight", "box_loss_region", "box_loss_ring", "base_guidance", "timesteps", "grad_clip", "adapter_attention",
-                "adapter_norm", "adapter_feedforward", "adapter_ff_mult", "adapter_depth", "adapter_blocks",
-                "max_objects", "on_bad_record", "crop", "flip", "init_from")
+                "adapter_norm", "adapter_feedforward", "adapter_ff_mult", "adapter_depth", "adapter_subcell",
+                "adapter_blocks", "max_objects", "on_bad_record", "crop", "flip", "init_from")
 # Free: how long it runs, how often it logs and saves, where (a run may move to another machine), how its
 # inputs are read (cache, workers), and its safety nets.
 # How it is measured (heldout, detector) is free too: training never reads them, so a run trained without
