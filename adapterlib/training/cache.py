@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from adapterlib.model.base import SDXL_PARTS
+from adapterlib.model.folders import SDXL_PARTS
 from adapterlib.data.manifest import ManifestImages, TransformReport, read_manifest_report, resolve_image
 from adapterlib.files import atomic_write, hash_file, write_json
 

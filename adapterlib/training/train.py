@@ -28,7 +28,8 @@ from adapterlib.training.step import NonFiniteCount, Training, accumulated_backw
 from adapterlib.training.saver import Saver
 from adapterlib.model.adapter import AdaptedUNet, architecture_options, build_adapter
 from adapterlib.model.hooks import set_gradient_checkpointing
-from adapterlib.model.base import load_base, resolve_base_path
+from adapterlib.model.base import load_base
+from adapterlib.model.folders import resolve_base_path
 from adapterlib.training.config import FIELDS, TrainConfig, check_preset_fits, resume_changes, trackers
 from adapterlib.training.losses import lr_factor
 from adapterlib.analysis.gates import gate_stats
