@@ -305,7 +305,7 @@ def test_subcell_map_tells_apart_cells_the_masked_layer_sees_alike():
     """Two cells with the same features, both touched by one box: the masked layer gives them the same output; with
     the sub-cell map a cell the box covers wholly and one it half covers differ. The map at zero is the masked
     layer exactly."""
-    from adapterlib.model.adapter import cell_cover
+    from adapterlib.model.adapter import cell_features
     torch.manual_seed(0)
     plain = GatedLayer(16, 8, 2, "masked", "layernorm", True)
     subcell = GatedLayer(16, 8, 2, "masked", "layernorm", True, subcell=True)
@@ -315,13 +315,13 @@ def test_subcell_map_tells_apart_cells_the_masked_layer_sees_alike():
     box = torch.tensor([[[0.125, 0.0, 0.5, 1.0]]])                    # column 0 half covered, column 1 whole (4x1 grid)
     x = torch.randn(1, 1, 16).expand(1, 4, 16)                       # every cell alike
     args = (x, torch.randn(1, 1, 8), torch.ones(1, 1, dtype=torch.bool), region_mask(box, 1, 4), torch.ones(1, 1, 1), box)
-    cover = cell_cover(box, 1, 4)
+    cells = cell_features(box, 1, 4)
     with torch.no_grad():
-        p, s = plain(*args), subcell(*args, cover)
+        p, s = plain(*args), subcell(*args, cells)
         assert torch.allclose(p[0, 0], p[0, 1]) and not torch.allclose(s[0, 0], s[0, 1], atol=1e-4)
         assert torch.allclose(s[0, 2:], p[0, 2:], atol=1e-6)          # outside the box: no object, no map
         subcell.cell_value.zero_()
-        assert torch.allclose(subcell(*args, cover), p, atol=1e-6)
+        assert torch.allclose(subcell(*args, cells), p, atol=1e-6)
 
 
 def test_subcell_adapter_is_the_identity_at_init_round_trips_and_needs_masked_attention(base, records, tmp_path):

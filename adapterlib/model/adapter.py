@@ -152,7 +152,7 @@ class Injection:
     scale: torch.Tensor                  # (B, 1, 1) injection scale per sample
     sample_hw: tuple[int, int]           # the UNet input's spatial size (to place each block's tokens)
     regions: dict = field(default_factory=dict)   # token count -> (B, L, N) region mask, built once per forward
-    covers: dict = field(default_factory=dict)    # token count -> (B, L, N, 4) each box clipped to each cell
+    cells: dict = field(default_factory=dict)     # token count -> (B, L, N, F) Fourier features of each box in each cell
 
     def region(self, n_tokens: int, depth: str = "none") -> torch.Tensor:
         depth = "smaller-front" if depth == "smaller-front" else "none"    # only the hard rule changes the mask
@@ -161,10 +161,11 @@ class Injection:
             self.regions[n_tokens, depth] = region if depth == "none" else front_only(region, self.boxes, self.present)
         return self.regions[n_tokens, depth]
 
-    def cover(self, n_tokens: int) -> torch.Tensor:
-        if n_tokens not in self.covers:
-            self.covers[n_tokens] = cell_cover(self.boxes, *token_grid(self.sample_hw, n_tokens))
-        return self.covers[n_tokens]
+    def cell_features(self, n_tokens: int) -> torch.Tensor:
+        """The sub-cell map's input on a grid of `n_tokens`, built once per forward (every layer's backward shares it)."""
+        if n_tokens not in self.cells:
+            self.cells[n_tokens] = cell_features(self.boxes, *token_grid(self.sample_hw, n_tokens))
+        return self.cells[n_tokens]
 
 
 class GroundingTokenizer(nn.Module):
@@ -215,8 +216,8 @@ class GatedLayer(nn.Module):
         self.cell_value = nn.Parameter(torch.empty(heads, features, dim // heads).uniform_(
             -features ** -0.5, features ** -0.5)) if subcell else None
 
-    def _attend(self, q_in, kv_in, allowed, key_bias=None, cover=None):
-        # allowed: (B, Lq or 1, Lk) bool; key_bias (B, Lk); cover (B, Lq, N, 4): the last N keys' boxes clipped to each cell
+    def _attend(self, q_in, kv_in, allowed, key_bias=None, cells=None):
+        # allowed: (B, Lq or 1, Lk) bool; key_bias (B, Lk); cells (B, Lq, N, F): the last N keys' `cell_features`
         B, Lq, C = q_in.shape
         split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, h, L, C/h)
         mask = allowed[:, None]
@@ -224,20 +225,19 @@ class GatedLayer(nn.Module):
             bias = self.depth_bias[None, :, None, None].to(q_in.dtype) * key_bias[:, None, None, :].to(q_in.dtype)
             mask = torch.where(mask, bias, torch.tensor(float("-inf"), dtype=q_in.dtype, device=q_in.device))
         q, k, v = split(self.q(q_in)), split(self.k(kv_in)), split(self.v(kv_in))
-        if cover is None:
+        if cells is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:   # the attention weights are needed twice: for the values, and for each key's sub-cell features
             if mask.dtype == torch.bool:
                 mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
             weights = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + mask, dim=-1)   # (B, h, Lq, Lk)
-            cells = torch.einsum("bhqk,bqkf->bhqf", weights[..., -cover.shape[2]:],
-                                 fourier_embed(cover, CELL_FREQS).to(q.dtype))
-            out = weights @ v + torch.einsum("bhqf,hfd->bhqd", cells, self.cell_value.to(q.dtype))
+            covered = torch.einsum("bhqk,bqkf->bhqf", weights[..., -cells.shape[2]:], cells.to(q.dtype))
+            out = weights @ v + torch.einsum("bhqf,hfd->bhqd", covered, self.cell_value.to(q.dtype))
         return self.out(out.transpose(1, 2).reshape(B, Lq, C))
 
-    def forward(self, x, tokens, present, region, scale, boxes=None, cover=None):
+    def forward(self, x, tokens, present, region, scale, boxes=None, cells=None):
         # x (B, L, C) visual tokens; tokens (B, N, T); present (B, N); region (B, L, N) or None; scale (B, 1, 1);
-        # boxes (B, N, 4): read by the learned depth preference only; cover (B, L, N, 4): by the sub-cell map only
+        # boxes (B, N, 4): read by the learned depth preference only; cells (B, L, N, F): by the sub-cell map only
         B, L, _ = x.shape
         objects = self.to_objects(tokens)                                      # (B, N, C)
         if self.attention == "self":
@@ -255,7 +255,7 @@ class GatedLayer(nn.Module):
             if self.depth_bias is not None:                  # -log(box area): larger for smaller boxes; 0 for "nothing"
                 area = box_area(boxes).clamp(min=1e-4)
                 key_bias = torch.cat([area.new_zeros(B, 1), -area.log()], dim=-1)
-            delta = self._attend(self.norm(x), kv, allowed, key_bias, cover if self.cell_value is not None else None)
+            delta = self._attend(self.norm(x), kv, allowed, key_bias, cells if self.cell_value is not None else None)
         out = x + scale * torch.tanh(self.gate_attn) * delta
         if self.ff is not None:
             out = out + scale * torch.tanh(self.gate_ff) * self.ff(out)
@@ -284,6 +284,11 @@ def cell_cover(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     cover = torch.stack([cx0[..., None, :].expand(-1, -1, H, W), cy0[..., :, None].expand(-1, -1, H, W),
                          cx1[..., None, :].expand(-1, -1, H, W), cy1[..., :, None].expand(-1, -1, H, W)], dim=-1)
     return cover.flatten(2, 3).transpose(1, 2)                                # (B, H * W, N, 4)
+
+
+def cell_features(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, N, 4) boxes -> (B, height * width, N, 4 * 2 * CELL_FREQS): `cell_cover` as Fourier features."""
+    return fourier_embed(cell_cover(boxes, height, width), CELL_FREQS)
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
@@ -369,8 +374,8 @@ class SpatialAdapter(HookedAdapter):
                 return output
             x = image_tokens(output)        # a joint block's image stream; its context stream passes unchanged
             region = inj.region(x.shape[1], layer.depth) if layer.attention == "masked" else None
-            cover = inj.cover(x.shape[1]) if layer.cell_value is not None else None
-            return with_image_tokens(output, layer(x, inj.tokens, inj.present, region, inj.scale, inj.boxes, cover))
+            cells = inj.cell_features(x.shape[1]) if layer.cell_value is not None else None
+            return with_image_tokens(output, layer(x, inj.tokens, inj.present, region, inj.scale, inj.boxes, cells))
         return hook
 
     # --- gates, as the workbook watches them
