@@ -94,6 +94,10 @@ def test_the_command_line_reaches_the_run_the_preset_has_it_and_an_older_run_res
     monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
     assert PRESETS["shapes"]["adapter_subcell"] is True and make_config("shapes").adapter_subcell is True
     assert TrainConfig.adapter_subcell is False and make_config("shapes-dit").adapter_subcell is False
+    for attention in ("self", "cross", "gligen"):    # the preset's map is the masked attention's: off with another
+        assert make_config("shapes", adapter_attention=attention).adapter_subcell is False
+    with pytest.raises(ValueError, match="adapter_subcell = True reads each box's cells: it needs adapter_attention"):
+        make_config("shapes", adapter_attention="cross", adapter_subcell=True)
     assert main(["train", "--preset", "smoke", "--run_name", "sc", "--steps", "2", "--save_every", "2",
                  "--n_samples", "0", "--adapter_subcell", "true"]) == 0
     run = tmp_path / "sc"

@@ -157,6 +157,9 @@ class TrainConfig:
                     raise ValueError(f"adapter_attention = 'gligen' is diffusers' GLIGEN as it is (a fuser in every "
                                      f"transformer block, its own feed-forward, as its diffusers export needs): give "
                                      f"{name} = {value!r}, not {getattr(self, name)!r}")
+        if self.adapter_subcell and self.adapter_attention != "masked":
+            raise ValueError(f"adapter_subcell = True reads each box's cells: it needs adapter_attention = 'masked', not "
+                             f"{self.adapter_attention!r} (give adapter_subcell = False)")
         if self.init_from and self.adapter_attention != "gligen":
             raise ValueError(f"init_from = {self.init_from!r} (a diffusers GLIGEN folder) needs adapter_attention = "
                              f"'gligen', not {self.adapter_attention!r}")
@@ -320,7 +323,8 @@ def unknown_fields_error(names, own=(), fields=FIELDS) -> ValueError:
 
 def make_config(preset: str = "", **overrides) -> TrainConfig:
     """A preset ("" or None: the default preset) with overrides; unknown names are an error that
-    lists the fields. `adapter_attention gligen` takes GLIGEN_FIXED's values for the fields not given."""
+    lists the fields. `adapter_attention gligen` takes GLIGEN_FIXED's values for the fields not given; another
+    attention than the masked one, without `adapter_subcell` given, runs without the preset's sub-cell map."""
     preset = preset or default_preset()
     if preset not in PRESETS:
         raise ValueError(f"preset {preset!r}: choose one of {list(PRESETS)}")
@@ -330,6 +334,8 @@ def make_config(preset: str = "", **overrides) -> TrainConfig:
     values = {**PRESETS[preset], **overrides, "preset": preset}
     if overrides.get("adapter_attention") == "gligen":    # GLIGEN's own placement and width, not the preset's
         values.update({name: value for name, value in GLIGEN_FIXED.items() if name not in overrides})
+    if overrides.get("adapter_attention", "masked") != "masked" and "adapter_subcell" not in overrides:
+        values["adapter_subcell"] = False                 # the preset's sub-cell map is the masked attention's
     return TrainConfig(**values)
 
 
