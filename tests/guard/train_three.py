@@ -27,7 +27,7 @@ SETTINGS = dict(steps=6, batch_size=2, n_train=16, save_every=4, log_every=1, n_
 RUNS = {
     "masked-all-4x": dict(adapter_blocks="all", adapter_ff_mult=4),
     "self-box-all-4x": dict(adapter_blocks="all", adapter_ff_mult=4, adapter_attention="self", box_loss_region="box"),
-    "preset": {},                               # the shapes preset as it stands (decoder blocks, 2x feed-forward)
+    "preset": {},                               # the shapes preset as it stands (decoder blocks, 2x feed-forward, sub-cell map)
 }
 out = {"package": os.path.dirname(adapterlib.__file__), "capability": torch.backends.cpu.get_cpu_capability()}
 for name, extra in RUNS.items():
