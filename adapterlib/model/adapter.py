@@ -227,12 +227,15 @@ class GatedLayer(nn.Module):
         q, k, v = split(self.q(q_in)), split(self.k(kv_in)), split(self.v(kv_in))
         if cells is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:   # the attention weights are needed twice: for the values, and for each key's sub-cell features
+        else:   # the attention weights are needed twice: for the values, and for each key's sub-cell features.
+            # Keys first, (B, h, Lk, Lq): a softmax over a few keys runs several times faster along a middle
+            # dimension than along the last (and this whole path faster than scaled_dot_product_attention on a CPU)
             if mask.dtype == torch.bool:
                 mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-            weights = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + mask, dim=-1)   # (B, h, Lq, Lk)
-            covered = torch.einsum("bhqk,bqkf->bhqf", weights[..., -cells.shape[2]:], cells.to(q.dtype))
-            out = weights @ v + torch.einsum("bhqf,hfd->bhqd", covered, self.cell_value.to(q.dtype))
+            logits = k @ q.transpose(-1, -2) * q.shape[-1] ** -0.5 + mask.transpose(-1, -2)
+            weights = torch.softmax(logits, dim=-2)                                                # (B, h, Lk, Lq)
+            covered = torch.einsum("bhkq,bqkf->bhqf", weights[:, :, -cells.shape[2]:], cells.to(q.dtype))
+            out = weights.transpose(-1, -2) @ v + torch.einsum("bhqf,hfd->bhqd", covered, self.cell_value.to(q.dtype))
         return self.out(out.transpose(1, 2).reshape(B, Lq, C))
 
     def forward(self, x, tokens, present, region, scale, boxes=None, cells=None):
