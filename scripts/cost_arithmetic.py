@@ -23,7 +23,7 @@ def counts() -> dict[str, int]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from adapterlib.evaluation.bench import sd15_unet_config
+    from adapterlib.evaluation.workloads import sd15_unet_config
 
     n = lambda module: sum(p.numel() for p in module.parameters())
     with torch.device("meta"):
@@ -50,7 +50,7 @@ def adapter_counts(unet, text_dim: int) -> dict[str, int]:
 def sdxl_counts() -> dict[str, int]:
     from diffusers import UNet2DConditionModel
 
-    from adapterlib.evaluation.bench import sdxl_unet_config
+    from adapterlib.evaluation.workloads import sdxl_unet_config
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sdxl_unet_config())

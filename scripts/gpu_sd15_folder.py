@@ -36,7 +36,7 @@ def build_sd15_folder(folder: Path, device: str) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from adapterlib.evaluation.bench import sd15_unet_config
+    from adapterlib.evaluation.workloads import sd15_unet_config
 
     torch.manual_seed(0)
     with torch.device(device):

@@ -63,7 +63,7 @@ def base_bytes(size: str) -> int:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from adapterlib.evaluation.bench import sd15_unet_config, sdxl_unet_config
+    from adapterlib.evaluation.workloads import sd15_unet_config, sdxl_unet_config
 
     n = lambda module: sum(p.numel() for p in module.parameters())
     with torch.device("meta"):
@@ -84,7 +84,8 @@ def base_bytes(size: str) -> int:
 def activations(size: str, batch: int, checkpointing: bool) -> tuple[int, int, int]:
     """(saved bytes of one forward at `batch`, trainable parameters, the largest segment's saved bytes when
     checkpointing: its recompute's extra) for the preset's adapter on a random-weight network of `size`, bf16."""
-    from adapterlib.evaluation.bench import make_adapter, make_workload
+    from adapterlib.evaluation.bench import make_adapter
+    from adapterlib.evaluation.workloads import make_workload
     from adapterlib.model.adapter import AdaptedUNet
     from adapterlib.model.hooks import set_gradient_checkpointing
     from adapterlib.training.config import PRESETS, TrainConfig
@@ -133,7 +134,8 @@ def measured_peak(size: str, micro: int, checkpointing: bool) -> int | None:
     """CUDA's peak allocated bytes over one training step (bf16 network, fp32 adapter under autocast, AdamW) at
     `micro` samples; None when it runs out of memory."""
     import torch.nn.functional as F
-    from adapterlib.evaluation.bench import make_adapter, make_workload
+    from adapterlib.evaluation.bench import make_adapter
+    from adapterlib.evaluation.workloads import make_workload
     from adapterlib.model.adapter import AdaptedUNet
     from adapterlib.model.hooks import set_gradient_checkpointing
     from adapterlib.training.config import PRESETS, TrainConfig
@@ -194,7 +196,7 @@ def measured_ladder(size: str) -> dict:
 
 def _network_parameters(size: str) -> int:
     from diffusers import UNet2DConditionModel
-    from adapterlib.evaluation.bench import sd15_unet_config, sdxl_unet_config
+    from adapterlib.evaluation.workloads import sd15_unet_config, sdxl_unet_config
     with torch.device("meta"):
         unet = UNet2DConditionModel(**(sd15_unet_config() if size == "sd15" else sdxl_unet_config()))
     return sum(p.numel() for p in unet.parameters())
@@ -251,7 +253,7 @@ MEASURE_CHOICES = ("double", "single", "middle")   # together they hold every cl
 
 
 def flux_config(**changes) -> dict:
-    from adapterlib.evaluation.bench import flux_transformer_config
+    from adapterlib.evaluation.workloads import flux_transformer_config
     return {**flux_transformer_config(), **changes}
 
 
@@ -261,7 +263,7 @@ def flux_trainable(config: dict | None = None, text_dim: int | None = None, choi
     feed-forward) on a FLUX transformer of `config` (default FLUX.1-dev's), the network and each adapter built on the
     meta device: the real modules' counts, without their memory."""
     from diffusers import FluxTransformer2DModel
-    from adapterlib.evaluation.bench import FLUX_POOLED
+    from adapterlib.evaluation.workloads import FLUX_POOLED
     from adapterlib.model.adapter import SpatialAdapter
 
     out = {}
@@ -305,8 +307,9 @@ def input_class(kind: str, previous: str, previous_adapted: bool) -> str:
 
 
 def flux_inputs(net, batch: int, side: int, text_tokens: int, text_dim: int, seed: int = 0):
-    """One seeded FLUX batch as the bench makes one (bench.make_workload's conventions), in bf16 where the run's are."""
-    from adapterlib.evaluation.bench import FLUX_GUIDANCE, PRESENT_SHARE
+    """One seeded FLUX batch as the bench makes one (workloads.make_workload's conventions), in bf16 where the run's are."""
+    from adapterlib.evaluation.workloads import PRESENT_SHARE
+    from adapterlib.model.base import FLUX_GUIDANCE
     from adapterlib.model.adapter import Grounding
 
     cfg, gen = net.config, torch.Generator().manual_seed(seed)
@@ -383,7 +386,7 @@ def flux_block_bytes(net, choice: str, ff_mult: int | None, batch: int, side: in
     first layer, which are saved and freed at once: it errs high)."""
     import gc
     import torch.utils.checkpoint as cp
-    from adapterlib.evaluation.bench import FLUX_POOLED
+    from adapterlib.evaluation.workloads import FLUX_POOLED
     from adapterlib.model.adapter import AdaptedUNet, SpatialAdapter
     from adapterlib.model.hooks import set_gradient_checkpointing, transformer_blocks
 

@@ -9,14 +9,14 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock, GatedSelfAttentionDense
 
-from adapterlib.evaluation import bench
+from adapterlib.evaluation import bench, workloads
 from adapterlib.__main__ import main
 from adapterlib.model.adapter import AdaptedUNet
 
 
 @pytest.fixture(scope="module")
 def workload():
-    return bench.make_workload("tiny", "cpu", batch=2, objects=3)
+    return workloads.make_workload("tiny", "cpu", batch=2, objects=3)
 
 
 def grads_reaching(params: dict, run) -> set[str]:
@@ -39,17 +39,17 @@ def test_cli_last_line_is_json_with_every_row_positive(capsys):
     result = json.loads(lines[-1])
     for key in ("ours_samples_per_s", "peer_samples_per_s", "floor_samples_per_s", "ours_x_peer", "ours_x_floor"):
         assert result[key] > 0 and math.isfinite(result[key]), key
-    assert result["ours_variant"] == "ours masked+FFx2 [decoder]"   # the shapes preset's adapter (docs/notes/blocks.md)
+    assert result["ours_variant"] == "ours masked+cells+FFx2 [decoder]"   # the shapes preset's adapter (docs/notes/blocks.md)
     assert (result["batch"], result["objects"], result["device_name"]) == (2, 3, "cpu")
     assert result["torch"] == torch.__version__
     names = [r["name"] for r in result["rows"]]
     assert names[:2] == ["floor", "peer"]
-    assert set(names[2:]) == {bench.variant_name(a, ff, "decoder", 2) for a, ff in bench.VARIANTS}
+    assert set(names[2:]) == {bench.variant_name(a, ff, "decoder", 2, a == "masked") for a, ff in bench.VARIANTS}
     for row in result["rows"]:
         assert row["samples_per_s"] > 0 and row["s_per_step"] > 0 and len(row["round_s"]) == 1, row
         assert row["peak_mib"] is None                          # the CPU reports no peak memory
     by_name = {r["name"]: r for r in result["rows"]}
-    assert by_name["ours masked+FFx2 [decoder]"]["samples_per_s"] == result["ours_samples_per_s"]
+    assert by_name["ours masked+cells+FFx2 [decoder]"]["samples_per_s"] == result["ours_samples_per_s"]
     assert by_name["floor"]["trainable_params"] == 0 and by_name["peer"]["trainable_params"] > 0
     assert any(line.startswith("peer ") for line in lines)      # the table is printed before the JSON
 
@@ -134,11 +134,11 @@ def test_extra_and_train_step_rows_are_timed_in_the_same_rounds():
     result = bench.run_bench("tiny", device="cpu", batch=2, rounds=2, steps_per_round=1, warmup=0,
                              variants=[("masked", True)], with_train_step=True, extra={"cached": make})
     rows = {r["name"]: r for r in result["rows"]}
-    assert list(rows) == ["floor", "peer", "ours masked+FFx2 [decoder]", "train_step", "cached"]
+    assert list(rows) == ["floor", "peer", "ours masked+cells+FFx2 [decoder]", "train_step", "cached"]
     assert made[0].batch == 2 and made[0].unet is made[0].base.unet        # the extra row got the same workload
     for name in ("train_step", "cached"):
         assert rows[name]["samples_per_s"] > 0 and len(rows[name]["round_s"]) == 2
-    assert rows["train_step"]["trainable_params"] == rows["ours masked+FFx2 [decoder]"]["trainable_params"]
+    assert rows["train_step"]["trainable_params"] == rows["ours masked+cells+FFx2 [decoder]"]["trainable_params"]
 
 
 def test_the_train_step_row_is_the_training_loops_own_step(monkeypatch, tmp_path):
@@ -155,7 +155,7 @@ def test_the_train_step_row_is_the_training_loops_own_step(monkeypatch, tmp_path
             made.append(out) if _name == "make_training" else None
             return out
         monkeypatch.setattr(module, name, spy)
-    w = bench.make_workload("tiny", device="cpu", batch=4)
+    w = workloads.make_workload("tiny", device="cpu", batch=4)
     step = bench.train_step(w, root=tmp_path)
     assert calls == ["make_training"]
     step.run()
@@ -174,7 +174,7 @@ def test_bad_settings_are_refused_before_any_work():
     with pytest.raises(ValueError, match="train_step row needs"):
         bench.run_bench("sd15", with_train_step=True)
     with pytest.raises(ValueError, match="size 'xl'"):
-        bench.make_workload("xl")
+        workloads.make_workload("xl")
     with pytest.raises(ValueError, match=r"extra rows \['peer'\]"):
         bench.run_bench("sd15", extra={"peer": lambda w: w})
     with pytest.raises(ValueError, match="variant 'dense'"):
@@ -213,7 +213,7 @@ def test_the_bench_sd3_transformer_is_sd3_medium():
     from diffusers.models.attention import JointTransformerBlock
 
     from adapterlib.model.hooks import transformer_blocks
-    config = bench.sd3_transformer_config()
+    config = workloads.sd3_transformer_config()
     assert config == dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                           attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
                           caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192)
@@ -223,13 +223,13 @@ def test_the_bench_sd3_transformer_is_sd3_medium():
     assert list(blocks) == [f"transformer_blocks.{i}" for i in range(24)]
     assert all(isinstance(b, JointTransformerBlock) for b in blocks.values())
     assert round(sum(p.numel() for p in net.parameters()) / 1e9, 2) == 2.03     # SD3-medium's 2.028 B
-    assert (bench.SD3_CONTEXT, bench.SD3_POOLED) == (77 + 256, 2048)            # CLIP + T5 tokens; 768 + 1280
+    assert (workloads.SD3_CONTEXT, workloads.SD3_POOLED) == (77 + 256, 2048)            # CLIP + T5 tokens; 768 + 1280
     assert bench.DEFAULT_BLOCKS["sd3"] == "middle" and not bench.HAS_PEER["sd3"]     # the sd3 preset's
     assert all(bench.HAS_PEER[size] for size in ("tiny", "sd15", "sdxl"))
 
 
 def test_the_bench_sd3_rows_run_the_mmdit_floor_and_ours_at_each_block_choice(monkeypatch):
-    monkeypatch.setattr(bench, "sd3_transformer_config", tiny_sd3_config)
+    monkeypatch.setattr(workloads, "sd3_transformer_config", tiny_sd3_config)
     seen = []
     result = bench.run_bench("sd3", device="cpu", batch=1, rounds=1, steps_per_round=1, warmup=0, side=16,
                              variants=(("masked", True), ("gligen", True)), blocks=("all", "first-half"),
@@ -256,7 +256,7 @@ def test_the_bench_sd3_rows_run_the_mmdit_floor_and_ours_at_each_block_choice(mo
 
 
 def test_the_cli_on_sd3_says_there_is_no_peer_and_refuses_a_unets_block_choice(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "sd3_transformer_config", tiny_sd3_config)
+    monkeypatch.setattr(workloads, "sd3_transformer_config", tiny_sd3_config)
     args = ["bench", "--size", "sd3", "--device", "cpu", "--side", "16", "--batch", "1", "--rounds", "1",
             "--steps-per-round", "1", "--warmup", "0", "--variants", "gligen,masked+ff"]
     assert main([*args, "--blocks", "last-half"]) == 0
@@ -286,7 +286,7 @@ def test_the_bench_flux_transformer_is_flux1_dev():
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
     from adapterlib.model.hooks import transformer_blocks
-    config = bench.flux_transformer_config()
+    config = workloads.flux_transformer_config()
     assert config == dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                           num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                           guidance_embeds=True, axes_dims_rope=(16, 56, 56))
@@ -298,15 +298,15 @@ def test_the_bench_flux_transformer_is_flux1_dev():
     assert sum(isinstance(b, FluxTransformerBlock) for b in blocks.values()) == 19
     assert sum(isinstance(b, FluxSingleTransformerBlock) for b in blocks.values()) == 38
     assert round(sum(p.numel() for p in net.parameters()) / 1e9, 2) == 11.90    # FLUX.1-dev's 11.9 B
-    assert (bench.FLUX_POOLED, bench.FLUX_CPU_DEPTH, bench.FLUX_CPU_SIDE) == (768, 1, 32)
+    assert (workloads.FLUX_POOLED, workloads.FLUX_CPU_DEPTH, workloads.FLUX_CPU_SIDE) == (768, 1, 32)
     assert bench.DEFAULT_BLOCKS["flux"] == "middle" and bench.DEFAULT_FF_MULT["flux"] == 2   # the flux preset's
     assert not bench.HAS_PEER["flux"]
-    assert bench.reduced_config("flux", config, 2) == {**config, "num_layers": 2, "num_single_layers": 4}
+    assert workloads.reduced_config("flux", config, 2) == {**config, "num_layers": 2, "num_single_layers": 4}
 
 
 def test_the_bench_flux_on_the_cpu_is_reduced_unless_told_and_says_so(monkeypatch):
-    monkeypatch.setattr(bench, "flux_transformer_config", tiny_flux_config)
-    w = bench.make_workload("flux", device="cpu", batch=2)
+    monkeypatch.setattr(workloads, "flux_transformer_config", tiny_flux_config)
+    w = workloads.make_workload("flux", device="cpu", batch=2)
     cfg = w.unet.config
     assert (cfg.num_layers, cfg.num_single_layers) == (1, 2)                # FLUX_CPU_DEPTH, FLUX's 1:2
     assert w.is_flux and w.is_dit and w.text_dim == 768 and w.peer_phrases is None
@@ -317,16 +317,16 @@ def test_the_bench_flux_on_the_cpu_is_reduced_unless_told_and_says_so(monkeypatc
     assert w.t.dtype == torch.float32 and ((0 <= w.t) & (w.t < 1000)).all()
     assert w.note == ("reduced flux: 1 double- + 2 single-stream blocks of 2 + 3, latents 32x32 (256 px); every "
                       "other setting the real network's (the CPU's default, not given: --depth, --side)")
-    told = bench.make_workload("flux", device="cpu", batch=1, depth=2, side=8)
+    told = workloads.make_workload("flux", device="cpu", batch=1, depth=2, side=8)
     assert (told.unet.config.num_layers, told.unet.config.num_single_layers) == (2, 4)
     assert told.noisy.shape == (1, 4, 8, 8) and "not given" not in told.note
     with pytest.raises(ValueError, match="depth 2: a reduced depth is an MM-DiT's"):
-        bench.make_workload("sd15", device="cpu", depth=2)
+        workloads.make_workload("sd15", device="cpu", depth=2)
 
 
 def test_the_bench_flux_rows_run_the_floor_and_ours_at_each_of_fluxs_block_choices(monkeypatch):
     from adapterlib.model.adapter import SpatialAdapter
-    monkeypatch.setattr(bench, "flux_transformer_config", tiny_flux_config)
+    monkeypatch.setattr(workloads, "flux_transformer_config", tiny_flux_config)
     seen = []
     result = bench.run_bench("flux", device="cpu", batch=1, rounds=1, steps_per_round=1, warmup=0, depth=2, side=8,
                              variants=(("masked", True), ("gligen", True)), blocks=FLUX_CHOICES,
@@ -356,7 +356,7 @@ def test_the_bench_flux_rows_run_the_floor_and_ours_at_each_of_fluxs_block_choic
 
 
 def test_the_cli_on_flux_prints_the_reduction_and_takes_fluxs_block_choices(monkeypatch, capsys):
-    monkeypatch.setattr(bench, "flux_transformer_config", tiny_flux_config)
+    monkeypatch.setattr(workloads, "flux_transformer_config", tiny_flux_config)
     args = ["bench", "--size", "flux", "--device", "cpu", "--side", "8", "--batch", "1", "--rounds", "1",
             "--steps-per-round", "1", "--warmup", "0", "--variants", "masked+ff"]
     assert main([*args, "--blocks", "double,single"]) == 0

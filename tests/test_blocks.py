@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from adapterlib.evaluation import bench
+from adapterlib.evaluation import bench, workloads
 from adapterlib.model.adapter import AdaptedUNet, build_adapter, select_blocks
 from adapterlib.model.hooks import transformer_blocks
 from adapterlib.model.base import load_base
@@ -27,7 +27,7 @@ def groups(names):
 @pytest.fixture(scope="module")
 def sd15_unet():
     with torch.device("meta"):                    # the architecture only: no weights are allocated
-        return UNet2DConditionModel(**bench.sd15_unet_config())
+        return UNet2DConditionModel(**workloads.sd15_unet_config())
 
 
 def test_named_choices_select_the_documented_blocks_on_sd15(sd15_unet):
@@ -174,9 +174,10 @@ def test_bench_rows_carry_their_blocks_and_bad_choices_are_refused():
     result = bench.run_bench("tiny", device="cpu", batch=1, rounds=1, steps_per_round=1, warmup=0,
                              variants=[("masked", True)], blocks=["decoder", "mid_block,up_blocks.1"])
     rows = {r["name"]: r for r in result["rows"]}
-    default, ff = bench.DEFAULT_BLOCKS["tiny"], bench.DEFAULT_FF_MULT["tiny"]
-    assert result["ours_blocks"] == default and result["ours_variant"] == bench.variant_name("masked", True, default, ff)
-    decoder, listed = (bench.variant_name("masked", True, b, ff) for b in ("decoder", "mid_block,up_blocks.1"))
+    default, ff, cells = bench.DEFAULT_BLOCKS["tiny"], bench.DEFAULT_FF_MULT["tiny"], bench.DEFAULT_SUBCELL["tiny"]
+    assert result["ours_blocks"] == default and result["ours_variant"] == bench.variant_name("masked", True, default, ff,
+                                                                                            cells)
+    decoder, listed = (bench.variant_name("masked", True, b, ff, cells) for b in ("decoder", "mid_block,up_blocks.1"))
     assert {decoder, listed, result["ours_variant"]} <= set(rows) and listed.endswith("[mid_block,up_blocks.1]")
     assert rows[decoder]["blocks"] == "decoder"
     assert rows[listed]["trainable_params"] < rows[decoder]["trainable_params"]

@@ -65,11 +65,11 @@ def test_bench_measures_each_width_in_one_run_and_refuses_bad_ones():
                              variants=[("masked", True), ("masked", False)], blocks=["decoder"], ff_mults=[4, 2])
     rows = {r["name"]: r for r in result["rows"]}
     assert result["ours_ff_mult"] == bench.DEFAULT_FF_MULT["tiny"]
-    assert {"ours masked+FF [decoder]", "ours masked+FFx2 [decoder]", "ours masked [decoder]"} <= set(rows)
-    assert sum(n.startswith("ours masked [decoder]") for n in rows) == 1       # no feed-forward: one row, no width
-    assert (rows["ours masked+FF [decoder]"]["ff_mult"], rows["ours masked+FFx2 [decoder]"]["ff_mult"]) == (4, 2)
-    params = [rows[n]["trainable_params"] for n in ("ours masked [decoder]", "ours masked+FFx2 [decoder]",
-                                                    "ours masked+FF [decoder]")]
+    assert {"ours masked+cells+FF [decoder]", "ours masked+cells+FFx2 [decoder]", "ours masked+cells [decoder]"} <= set(rows)
+    assert sum(n.startswith("ours masked+cells [decoder]") for n in rows) == 1       # no feed-forward: one row, no width
+    assert (rows["ours masked+cells+FF [decoder]"]["ff_mult"], rows["ours masked+cells+FFx2 [decoder]"]["ff_mult"]) == (4, 2)
+    params = [rows[n]["trainable_params"] for n in ("ours masked+cells [decoder]", "ours masked+cells+FFx2 [decoder]",
+                                                    "ours masked+cells+FF [decoder]")]
     assert params == sorted(set(params))
     assert bench.parse_ff_mults("4, 2,4") == (4, 2)
     for bad in ("0", "two", ""):

@@ -215,28 +215,28 @@ def test_the_pipeline_on_sdxl_gives_generates_images_and_any_scheduler_swaps_in(
 def test_the_bench_sdxl_unet_is_sdxl_base_and_its_rows_pass_the_added_conditioning(monkeypatch):
     from diffusers import UNet2DConditionModel
 
-    from adapterlib.evaluation import bench
+    from adapterlib.evaluation import bench, workloads
     from adapterlib.model.hooks import transformer_blocks
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**bench.sdxl_unet_config())
+        unet = UNet2DConditionModel(**workloads.sdxl_unet_config())
     assert len(transformer_blocks(unet)) == 70
     assert round(sum(p.numel() for p in unet.parameters()) / 1e9, 2) == 2.57     # SDXL base's 2.567 B
     # every row runs with the added conditioning (a tiny text_time UNet in place of the full size)
-    monkeypatch.setattr(bench, "sdxl_unet_config", unet_config)
-    monkeypatch.setattr(bench, "SDXL_POOLED", 16)
+    monkeypatch.setattr(workloads, "sdxl_unet_config", unet_config)
+    monkeypatch.setattr(workloads, "SDXL_POOLED", 16)
     built = []
-    monkeypatch.setattr(bench, "_sdxl_added", lambda unet, *a, _f=bench._sdxl_added: built.append(unet) or _f(unet, *a))
+    monkeypatch.setattr(workloads, "_sdxl_added", lambda unet, *a, _f=workloads._sdxl_added: built.append(unet) or _f(unet, *a))
     result = bench.run_bench("sdxl", device="cpu", batch=1, rounds=1, steps_per_round=1, warmup=1,
                              variants=(("masked", True),), side=16)          # --side: latents 16x16, 128-px ids
     assert [r["name"] for r in result["rows"]] == ["floor", "peer", bench.variant_name("masked", True,
                                                                                        bench.DEFAULT_BLOCKS["sdxl"])]
     assert all(r["samples_per_s"] > 0 for r in result["rows"]) and result["size"] == "sdxl"
     assert result["side"] == 16 and built[0].config.sample_size == 16
-    assert bench._sdxl_added(built[0], 1, torch.Generator(), "cpu")["time_ids"].tolist() == [[128, 128, 0, 0, 128, 128]]
+    assert workloads._sdxl_added(built[0], 1, torch.Generator(), "cpu")["time_ids"].tolist() == [[128, 128, 0, 0, 128, 128]]
     with pytest.raises(ValueError, match="side 12: give a latent side that is a multiple of 8"):
-        bench.make_workload("sdxl", side=12)
+        workloads.make_workload("sdxl", side=12)
     with pytest.raises(ValueError, match="side 16: the shipped tiny base has its own"):
-        bench.make_workload("tiny", side=16)
+        workloads.make_workload("tiny", side=16)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,12 +41,7 @@ Peak memory is CUDA's `max_memory_allocated` over a row's steps (all resident mo
 part of it above what was allocated when the row started (its activations, gradients, temporaries);
 on the CPU both are None.
 
-FLUX.1-dev (`flux`) is 11.9 B parameters, 48 GB in fp32: on the CPU its network is built at a reduced depth and side
-unless told (`depth`, `side`: by default 1 double- + 2 single-stream blocks of its 19 + 38, FLUX's 1:2, and 32x32
-latents, 256 px), everything else FLUX.1-dev's (width 3,072, 24 heads of 128, 2x2 patches of 16 channels, 512 T5
-tokens of 4,096, the 768-wide pooled CLIP vector, the guidance input); the result's `size_note` says which. The block
-choices then keep their places in the shorter stack (`adapter.select_blocks`). `depth` reduces sd3 the same way
-(`num_layers`; no default reduction there).
+The frozen network and batch of each size: adapterlib/evaluation/workloads.py.
 """
 from __future__ import annotations
 
@@ -59,20 +54,17 @@ from typing import Callable, Mapping, Sequence
 import diffusers
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from torch import nn
 
-from adapterlib.model.adapter import AdaptedUNet, Grounding, SpatialAdapter
+from adapterlib.model.adapter import AdaptedUNet, SpatialAdapter
 from adapterlib.options import ATTENTIONS
-from adapterlib.model.base import FLUX_GUIDANCE, FLUX_SAMPLE_SIZE, FLUX_T5_TOKENS, _predict_flux, load_base
+from adapterlib.model.base import _predict_flux
 from adapterlib.training.config import BENCH_SIZES, PRESET_FAMILY, PRESETS, TrainConfig, check_blocks_spec
+from adapterlib.evaluation.workloads import SIZES, Workload, make_workload
 from adapterlib.model.gligen import GligenAdapter
 from adapterlib.model.hooks import transformer_blocks
-from adapterlib.model.precision import autocast, precision_policy, resolve_device
 
-SIZES = tuple(BENCH_SIZES)
-DEFAULT_OBJECTS = {"tiny": 3, "sd15": 30, "sdxl": 30, "sd3": 30, "flux": 30}          # grounding slots per sample
-PRESENT_SHARE = {"tiny": 1.0, "sd15": 0.3, "sdxl": 0.3, "sd3": 0.3, "flux": 0.3}   # share of the slots holding an object
 # the sizes with diffusers' GLIGEN beside ours (the peer, and the `gligen` variant): a UNet's; not the MM-DiTs (sd3, flux)
 HAS_PEER = {size: PRESET_FAMILY[p] == "unet" for size, p in BENCH_SIZES.items()}
 VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, False)) + (("gligen", True),)
@@ -82,14 +74,17 @@ DEFAULT_BLOCKS = {size: PRESETS[p].get("adapter_blocks", TrainConfig.adapter_blo
                   for size, p in BENCH_SIZES.items()}
 DEFAULT_FF_MULT = {size: PRESETS[p].get("adapter_ff_mult", TrainConfig.adapter_ff_mult)
                    for size, p in BENCH_SIZES.items()}
+# ... and its sub-cell map where the preset has one (masked rows only; named "+cells")
+DEFAULT_SUBCELL = {size: PRESETS[p].get("adapter_subcell", TrainConfig.adapter_subcell)
+                   for size, p in BENCH_SIZES.items()}
 GATE_OPEN = 0.1
 
 
-def variant_name(attention: str, feedforward: bool, blocks: str = "all", ff_mult: int = 4) -> str:
+def variant_name(attention: str, feedforward: bool, blocks: str = "all", ff_mult: int = 4, subcell: bool = False) -> str:
     if attention == "gligen":              # diffusers' GLIGEN modules on our frozen base (always with its dense part)
         return "ours gligen"
     ff = ("+FF" + ("" if ff_mult == 4 else f"x{ff_mult}")) if feedforward else ""
-    return f"ours {attention}{ff}" + ("" if blocks == "all" else f" [{blocks}]")
+    return f"ours {attention}{'+cells' if subcell else ''}{ff}" + ("" if blocks == "all" else f" [{blocks}]")
 
 
 def parse_ff_mults(text: str) -> tuple[int, ...]:
@@ -126,200 +121,6 @@ def parse_variants(text: str) -> tuple[tuple[str, bool], ...]:
     if not out:
         raise ValueError("no variant given")
     return tuple(out)
-
-
-@dataclass
-class Workload:
-    """The frozen network, one batch of inputs and where it all runs: shared by every row."""
-    size: str
-    device: torch.device
-    unet: nn.Module                  # the frozen network (UNet or MM-DiT), in the compute dtype
-    amp: torch.dtype | None          # autocast dtype (None on the CPU)
-    text_dim: int                    # our adapter's phrase-embedding width (the text encoder's)
-    noisy: torch.Tensor              # (B, C, h, w)
-    t: torch.Tensor                  # (B,): UNet integer steps in [0, 1000); MM-DiT floats in [0, 1000) (sigma * 1000)
-    context: torch.Tensor            # (B, L, cross_attention_dim | joint_attention_dim)
-    target: torch.Tensor             # (B, C, h, w)
-    grounding: Grounding             # phrases (B, N, text_dim), boxes, present
-    peer_phrases: torch.Tensor | None  # (B, N, cross_attention_dim): diffusers' position_net's width; None: no peer
-    scale: torch.Tensor              # (B,) injection scale per sample, drawn as training draws it
-    base: object | None = None       # the loaded BaseModel (tiny), for the train_step row
-    added: dict | None = None        # the UNet's added_cond_kwargs (SDXL: pooled text_embeds, time_ids); the
-                                     # MM-DiT's keyword inputs (pooled_projections; FLUX.1-dev's also guidance)
-    note: str | None = None          # how the network differs from the size's real one (a reduced depth or side)
-
-    @property
-    def batch(self) -> int:
-        return len(self.noisy)
-
-    @property
-    def is_dit(self) -> bool:
-        """An MM-DiT (SD3's or FLUX's): no GLIGEN peer, float timesteps, joint context."""
-        return isinstance(self.unet, (SD3Transformer2DModel, FluxTransformer2DModel))
-
-    @property
-    def is_flux(self) -> bool:
-        return isinstance(self.unet, FluxTransformer2DModel)
-
-    def autocast(self):
-        return autocast(self.device, self.amp)
-
-
-def sd15_unet_config() -> dict:
-    """Stable Diffusion 1.5's UNet (diffusers' defaults are its widths and blocks), 64x64 latents."""
-    return dict(sample_size=64, in_channels=4, out_channels=4, cross_attention_dim=768, attention_head_dim=8)
-
-
-def sdxl_unet_config() -> dict:
-    """Stable Diffusion XL base's UNet (its released config: 70 transformer blocks, 2048-wide context,
-    text_time added conditioning of 6 ids x 256 + a 1280-wide pooled text embedding), 128x128 latents."""
-    return dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-                cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816)
-
-
-SDXL_POOLED = 1280        # text_encoder_2's projection: SDXL's text_embeds, and our phrase width on SDXL
-
-
-def sd3_transformer_config() -> dict:
-    """Stable Diffusion 3 medium's MM-DiT (its released transformer config: 24 joint blocks of 24 x 64 = 1536, 2x2
-    patches of 16-channel latents, 4096-wide T5 / CLIP context, 2048-wide pooled CLIP projections), 128x128 latents."""
-    return dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                pooled_projection_dim=2048, pos_embed_max_size=192)
-
-
-SD3_POOLED = 2048         # both CLIPs' pooled projections (768 + 1280): our phrase width on SD3
-SD3_CONTEXT = 77 + 256    # SD3's context tokens: the CLIPs' 77, then T5's 256
-
-
-def flux_transformer_config() -> dict:
-    """FLUX.1-dev's transformer (its released config: 19 double-stream then 38 single-stream blocks of 24 x 128 =
-    3,072, 2x2 patches of 16-channel latents packed to 64 inputs, 4,096-wide T5 context, the 768-wide pooled CLIP
-    vector, guidance-distilled, rotary axes 16 + 56 + 56 = 128). Its config has no sample size: 128x128 latents
-    (1,024 px, FluxPipeline's default)."""
-    return dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-
-
-FLUX_POOLED = 768             # CLIP-L's pooled vector: FLUX's pooled_projections, and our phrase width on FLUX
-FLUX_CPU_DEPTH = 1            # on the CPU, unless told: 1 double- + 2 single-stream blocks (FLUX.1-dev: 19 + 38) ...
-FLUX_CPU_SIDE = 32            # ... and 32x32 latents (256 px: 256 image tokens beside the 512 T5 tokens)
-
-
-def reduced_config(size: str, config: dict, depth: int | None) -> dict:
-    """`config` at `depth`: sd3's `num_layers` joint blocks; flux's `depth` double- and 2 x `depth` single-stream
-    blocks (FLUX.1's 1:2). None: as it is."""
-    if depth is None:
-        return config
-    if size == "flux":
-        return {**config, "num_layers": depth, "num_single_layers": 2 * depth}
-    return {**config, "num_layers": depth}
-
-
-def make_workload(size: str = "tiny", device: str | torch.device = "auto", batch: int = 16,
-                  objects: int | None = None, seed: int = 0, side: int | None = None,
-                  depth: int | None = None) -> Workload:
-    """The frozen network of `size` and one seeded batch: `tiny` is the shipped base (pixel space 32x32),
-    `sd15` a random-weight SD 1.5-size UNet (64x64 latents, 77 context tokens, 30 slots ~30% present), `sdxl`
-    a random-weight SDXL-size UNet (128x128 latents, 77 tokens of 2048, its pooled text embedding and size /
-    crop ids for 1024 px, 30 slots ~30% present; our phrases are 1280 wide, encoder 2's pooled output), `sd3` a
-    random-weight SD3-medium MM-DiT (128x128 16-channel latents, 77 + 256 tokens of 4096, a 2048-wide pooled
-    projection, float timesteps in [0, 1000), 30 slots ~30% present; our phrases are 2048 wide, both CLIPs' pooled).
-    `side`: the latents' side for sd15 / sdxl / sd3 instead of the base's own (64 / 128 / 128), e.g. SDXL at 64 (512
-    px) where a 1024-px step does not fit in memory, as on a 24 GB CPU machine: the ratios then hold at that side
-    only. `flux` a random-weight FLUX.1-dev transformer (128x128 16-channel latents, which `base.predict` packs into
-    2x2 patches with their rotary ids; 512 T5 tokens of 4096; pooled_projections the 768-wide CLIP vector and the
-    guidance input 3.5; float timesteps in [0, 1000); 30 slots ~30% present; our phrases are 768 wide, CLIP's), on
-    the CPU at FLUX_CPU_DEPTH and FLUX_CPU_SIDE unless `depth` / `side` are given (the workload's `note` says so).
-    `depth`: sd3's joint blocks, or flux's double-stream blocks (and twice as many single-stream ones)."""
-    if size not in SIZES:
-        raise ValueError(f"size {size!r}: choose one of {SIZES}")
-    if batch < 1:
-        raise ValueError(f"batch {batch}: give at least 1")
-    objects = DEFAULT_OBJECTS[size] if objects is None else objects
-    if objects < 1:
-        raise ValueError(f"objects {objects}: give at least 1")
-    if side is not None and (size == "tiny" or side < 8 or side % 8):
-        raise ValueError(f"side {side}: " + ("the shipped tiny base has its own (32 px)" if size == "tiny" else
-                                             "give a latent side that is a multiple of 8 (64: 512 px)"))
-    if depth is not None and (size not in ("sd3", "flux") or depth < 1):
-        raise ValueError(f"depth {depth}: " + ("give at least 1 block" if size in ("sd3", "flux") else
-                                               "a reduced depth is an MM-DiT's (sd3, flux), a stack of blocks"))
-    device = resolve_device(device)
-    note, defaulted = None, []
-    if size == "flux" and device.type == "cpu":       # 48 GB in fp32: the CPU builds a shorter, smaller-side FLUX
-        defaulted = [flag for flag, value in (("--depth", depth), ("--side", side)) if value is None]
-        depth = FLUX_CPU_DEPTH if depth is None else depth
-        side = FLUX_CPU_SIDE if side is None else side
-    if depth is not None or (size == "flux" and side not in (None, FLUX_SAMPLE_SIZE)):
-        full = {"sd3": sd3_transformer_config, "flux": flux_transformer_config}.get(size, dict)()
-        shape = reduced_config(size, full, depth)
-        blocks = (f"{shape['num_layers']} double- + {shape['num_single_layers']} single-stream blocks of "
-                  f"{full['num_layers']} + {full['num_single_layers']}" if size == "flux" else
-                  f"{shape['num_layers']} of {full['num_layers']} joint blocks" if size == "sd3" else "")
-        at = side or (FLUX_SAMPLE_SIZE if size == "flux" else full["sample_size"])
-        note = (f"reduced {size}: {blocks + ', ' if depth is not None else ''}latents {at}x{at} "
-                f"({8 * at} px); every other setting the real network's"
-                + (f" (the CPU's default, not given: {', '.join(defaulted)})" if defaulted else ""))
-    compute_dtype, amp, _ = precision_policy(device, "bf16")
-    torch.manual_seed(seed)
-    if size == "tiny":
-        base = load_base("shapes-tiny", device, dtype=compute_dtype)
-        unet, text_dim, context_len = base.unet, base.text_encoder.config.hidden_size, base.tokenizer.model_max_length
-    else:
-        with torch.device(device):
-            config = reduced_config(size, {"sd15": sd15_unet_config, "sdxl": sdxl_unet_config, "sd3": sd3_transformer_config,
-                                           "flux": flux_transformer_config}[size](), depth)
-            kind = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}.get(size, UNet2DConditionModel)
-            unet = kind(**config) if size == "flux" else kind(**{**config, "sample_size": side or config["sample_size"]})
-        if compute_dtype != torch.float32:
-            unet = unet.to(dtype=compute_dtype)
-        unet = unet.requires_grad_(False).eval()
-        base = None
-        text_dim, context_len = {"sd15": (768, 77), "sdxl": (SDXL_POOLED, 77), "sd3": (SD3_POOLED, SD3_CONTEXT),
-                                 "flux": (FLUX_POOLED, FLUX_T5_TOKENS)}[size]
-    cfg = unet.config
-    dit = isinstance(unet, (SD3Transformer2DModel, FluxTransformer2DModel))
-    flux = isinstance(unet, FluxTransformer2DModel)
-    gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.rand(*shape, generator=gen)
-    B, N = batch, objects
-    channels = cfg.in_channels // 4 if flux else cfg.in_channels     # FLUX: (B, 16, h, w), packed 2x2 in predict
-    out_channels = channels if flux else cfg.out_channels
-    side = (side or FLUX_SAMPLE_SIZE) if flux else cfg.sample_size
-    xy = rand(B, N, 2) * 0.7
-    boxes = torch.cat([xy, xy + 0.1 + rand(B, N, 2) * 0.2], dim=-1).clamp(max=1.0)
-    present = rand(B, N) < PRESENT_SHARE[size]
-    present[:, 0] = True                                     # every sample has at least one object
-    phrases = torch.randn(B, N, text_dim, generator=gen)
-    ctx_dim = cfg.joint_attention_dim if dit else cfg.cross_attention_dim
-    peer_phrases = None if dit else phrases if ctx_dim == text_dim else torch.randn(B, N, ctx_dim, generator=gen)
-    grounding = Grounding(phrases=phrases.to(device), boxes=boxes.to(device), present=present.to(device),
-                          keep_text=torch.ones(B, N, dtype=torch.bool, device=device))
-    added = _sdxl_added(unet, B, gen, device) if size == "sdxl" else \
-        {"pooled_projections": torch.randn(B, cfg.pooled_projection_dim, generator=gen).to(device)} if dit else None
-    if flux and cfg.guidance_embeds:              # FLUX.1-dev: the guidance value is an input (BaseModel.added_cond)
-        added["guidance"] = torch.full((B,), FLUX_GUIDANCE, device=device)
-    return Workload(
-        size=size, device=device, unet=unet, amp=amp, text_dim=text_dim,
-        noisy=torch.randn(B, channels, side, side, generator=gen).to(device),
-        t=(rand(B) * 1000 if dit else torch.randint(0, 1000, (B,), generator=gen)).to(device),
-        context=torch.randn(B, context_len, ctx_dim, generator=gen).to(device),
-        target=torch.randn(B, out_channels, side, side, generator=gen).to(device),
-        grounding=grounding, peer_phrases=None if peer_phrases is None else peer_phrases.to(device),
-        scale=(0.5 + 0.5 * rand(B)).to(device), base=base, added=added, note=note)
-
-
-def _sdxl_added(unet, batch: int, gen: torch.Generator, device) -> dict:
-    """SDXL's added conditioning for a batch: random pooled embeddings, the size / crop ids of 1024 px images."""
-    side = unet.config.sample_size * 8
-    ids = torch.tensor([[side, side, 0, 0, side, side]], dtype=torch.float32).expand(batch, 6)
-    return {"text_embeds": torch.randn(batch, SDXL_POOLED, generator=gen).to(device), "time_ids": ids.to(device)}
 
 
 @dataclass
@@ -423,11 +224,11 @@ def peer_step(w: Workload, *, compile: bool = False, peer: nn.Module | None = No
 
 
 def make_adapter(w: Workload, attention: str, feedforward: bool, blocks: str = "all",
-                 ff_mult: int = 4) -> SpatialAdapter:
+                 ff_mult: int = 4, subcell: bool = False) -> SpatialAdapter:
     """An fp32 adapter for the workload's UNet (as `build_adapter` makes one), attached, gates opened."""
     kind = GligenAdapter if attention == "gligen" else SpatialAdapter      # GLIGEN: every block, width 4, as diffusers
     adapter = kind(w.unet, w.text_dim, attention=attention, feedforward=feedforward, adapted_blocks=blocks,
-                   ff_mult=ff_mult)
+                   ff_mult=ff_mult, subcell=subcell)
     adapter = adapter.to(w.device, torch.float32).attach(w.unet)
     for p in adapter.gate_parameters().values():
         p.data.fill_(GATE_OPEN)
@@ -435,9 +236,9 @@ def make_adapter(w: Workload, attention: str, feedforward: bool, blocks: str = "
 
 
 def adapter_step(w: Workload, attention: str, feedforward: bool, *, blocks: str = "all", ff_mult: int = 4,
-                 compile: bool = False) -> Step:
+                 compile: bool = False, subcell: bool = False) -> Step:
     """Our step through `AdaptedUNet(unet, adapter).forward(noisy, t, context, grounding, scale)`."""
-    adapter = make_adapter(w, attention, feedforward, blocks, ff_mult)
+    adapter = make_adapter(w, attention, feedforward, blocks, ff_mult, subcell)
     model = AdaptedUNet(w.unet, adapter)
     trainable = adapter.trainable_parameters()
     opt = _optimizer(list(trainable.values()), w.device)
@@ -449,7 +250,7 @@ def adapter_step(w: Workload, attention: str, feedforward: bool, *, blocks: str 
         F.mse_loss(out.float(), w.target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return Step(variant_name(attention, feedforward, blocks, ff_mult), run, trainable, model, compile, blocks,
+    return Step(variant_name(attention, feedforward, blocks, ff_mult, subcell), run, trainable, model, compile, blocks,
                 ff_mult if feedforward and attention != "gligen" else None)
 
 
@@ -555,7 +356,8 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
     samples_per_s, s_per_step, per-round seconds, peak/step memory in MiB or None, trainable_params,
     x_floor and x_peer against the floor and peer of the same mode, eager or compiled, note) and the
     headline numbers (`ours_samples_per_s` is the default variant, masked+FF, eager, at the size's default blocks and
-    feed-forward width, `DEFAULT_BLOCKS` and `DEFAULT_FF_MULT`: the `shapes` preset's for tiny, the `sd15` preset's for
+    feed-forward width, `DEFAULT_BLOCKS` and `DEFAULT_FF_MULT`, with its sub-cell map where the preset has one
+    (`DEFAULT_SUBCELL`; every masked row of the size then has it, named `+cells`): the `shapes` preset's for tiny, the `sd15` preset's for
     sd15, the `sdxl` preset's for sdxl, the `sd3` preset's for sd3, the `flux` preset's for flux).
     On sd3 and flux (MM-DiTs) there is no peer (`gligen_peer`): no `peer` row, `x_peer`, `peer_samples_per_s` and
     `ours_x_peer` None, a `gligen` variant left out; `peer_note` says so (None at a size with the peer).
@@ -589,9 +391,10 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
         check_blocks_spec(spec)
     default_ff = DEFAULT_FF_MULT[size]
     ff_mults = tuple(dict.fromkeys((default_ff, *(ff_mults or ()))))
-    ours_rows = list(dict.fromkeys((a, ff, b, m if ff else 4) if a != "gligen" else (a, ff, "all", 4)   # one GLIGEN
-                                   for a, ff in variants for b in blocks for m in ff_mults))
-    ours = variant_name(*DEFAULT_VARIANT, default_blocks, default_ff)
+    cells = DEFAULT_SUBCELL[size]
+    ours_rows = list(dict.fromkeys((a, ff, b, m if ff else 4, cells and a == "masked") if a != "gligen" else
+                                   (a, ff, "all", 4, False) for a, ff in variants for b in blocks for m in ff_mults))
+    ours = variant_name(*DEFAULT_VARIANT, default_blocks, default_ff, cells)
     modes = (False, True) if compile else (False,)
     taken = {name + tag for name in ("floor", "peer", *(variant_name(*r) for r in ours_rows))
              for tag in ("", " compiled")} | {"train_step"}
@@ -604,7 +407,8 @@ def run_bench(size: str = "tiny", *, device: str | torch.device = "auto", batch:
         tag = " compiled" if compiled else ""
         peers = [peer_step(w, compile=compiled, peer=peer)] if peer is not None else []
         for step in (floor_step(w, compile=compiled), *peers,
-                     *(adapter_step(w, a, ff, blocks=b, ff_mult=m, compile=compiled) for a, ff, b, m in ours_rows)):
+                     *(adapter_step(w, a, ff, blocks=b, ff_mult=m, compile=compiled, subcell=c)
+                       for a, ff, b, m, c in ours_rows)):
             rows[step.name + tag] = step
     if with_train_step:
         rows["train_step"] = train_step(w)
