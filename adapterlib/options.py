@@ -1,4 +1,5 @@
-"""Every option list a field, flag or builder takes, stated once (a leaf: it imports nothing).
+"""Every option list a field, flag or builder takes, stated once, and the rules between them (a leaf: it imports
+nothing).
 
 The config checks its fields against `FIELD_CHOICES`, the adapter, the manifest reader and the precision policy
 check their arguments against the same tuples, so a new choice is added here and nowhere else.
@@ -43,3 +44,14 @@ FIELD_CHOICES = dict(adapter_attention=ADAPTER_ATTENTIONS, adapter_norm=NORMS, a
 ARCHITECTURE = dict(base_model=None, adapter_attention="attention", adapter_norm="norm",
                     adapter_feedforward="feedforward", adapter_ff_mult="ff_mult", adapter_depth="depth",
                     adapter_subcell="subcell", adapter_blocks="adapted_blocks", max_objects="max_objects")
+
+
+def check_attention_options(attention: str, depth: str = "none", subcell: bool = False) -> None:
+    """The masked attention's own options need their attention: checked by the config before any work and by the
+    adapter's layer for a direct `build_adapter` caller, with one message (in the config's field names)."""
+    if depth == "learned" and attention == "self":
+        raise ValueError("adapter_depth = 'learned' weighs each token's covering boxes: it needs a cross or masked "
+                         "adapter_attention, not 'self'")
+    if subcell and attention != "masked":
+        raise ValueError(f"adapter_subcell = True reads each box's cells: it needs adapter_attention = 'masked', not "
+                         f"{attention!r} (give adapter_subcell = False)")

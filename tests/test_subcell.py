@@ -84,7 +84,7 @@ def test_subcell_adapter_is_the_identity_at_init_round_trips_and_needs_masked_at
         assert torch.equal(adapted(base, loaded, records, g), out)
     finally:
         loaded.detach()
-    with pytest.raises(ValueError, match="adapter_subcell needs the masked"):
+    with pytest.raises(ValueError, match="adapter_subcell = True reads each box's cells: it needs adapter_attention = 'masked', not 'cross'"):
         build_adapter(base, attention="cross", subcell=True)
     with pytest.raises(ValueError, match="adapter_subcell"):
         build_adapter(base, attention="gligen", subcell=True)

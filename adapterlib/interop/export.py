@@ -85,7 +85,7 @@ def export(run, out, *, checkpoint: str = "latest", measure: int = 0, device: st
 
 
 def _measuring(run_dir: Path, n: int, layouts, detector, device):
-    """What `--measure N` measures on and by, as `evaluate RUN` chooses them (`__main__._evaluate_run`): the
+    """What `--measure N` measures on and by, as `evaluate RUN` chooses them (`evaluation.command`): the
     layouts (given, else the run's own), the detector spec (given, else the run's `detector` field, else
     "color") and the loaded detector, checked able to measure the layouts' objects, all before any sampling."""
     from adapterlib.evaluation import evaluate

@@ -46,7 +46,8 @@ from adapterlib.model.gligen import GligenAdapter
 from adapterlib.model.base import predict
 from adapterlib.model.hooks import (HookedAdapter, block_heads, block_width, image_tokens, transformer_blocks,
                                     with_image_tokens)
-from adapterlib.options import ARCHITECTURE, ATTENTIONS, BLOCK_CHOICES, DEPTHS, MAX_OBJECTS, NORMS
+from adapterlib.options import (ARCHITECTURE, ATTENTIONS, BLOCK_CHOICES, DEPTHS, MAX_OBJECTS, NORMS,
+                                check_attention_options)
 
 # How a visual token inside several boxes picks (masked attention): "none" lets it attend to every box covering
 # it; "smaller-front" keeps only the smallest-area box covering it, the depth rule "smaller objects in front"
@@ -196,6 +197,7 @@ class GatedLayer(nn.Module):
             raise ValueError(f"adapter_attention {attention!r}: choose one of {ATTENTIONS}")
         if depth not in DEPTHS:
             raise ValueError(f"adapter_depth {depth!r}: choose one of {DEPTHS}")
+        check_attention_options(attention, depth, subcell)
         self.attention, self.heads, self.depth = attention, heads, depth
         self.to_objects = nn.Linear(token_dim, dim)
         self.norm = make_norm(norm, dim)
@@ -206,11 +208,7 @@ class GatedLayer(nn.Module):
         self.ff = nn.Sequential(make_norm(norm, dim), nn.Linear(dim, ff_mult * dim), nn.GELU(),
                                 nn.Linear(ff_mult * dim, dim)) if feedforward else None
         self.gate_ff = zero_gate() if feedforward else None
-        if depth == "learned" and attention == "self":
-            raise ValueError("adapter_depth 'learned' needs a cross or masked adapter_attention")
         self.depth_bias = nn.Parameter(torch.zeros(heads)) if depth == "learned" else None
-        if subcell and attention != "masked":
-            raise ValueError(f"adapter_subcell needs the masked adapter_attention (a box's cells), not {attention!r}")
         # the sub-cell map: per head, Fourier features of the covered part of a cell -> that head's value width
         features = 4 * 2 * CELL_FREQS
         self.cell_value = nn.Parameter(torch.empty(heads, features, dim // heads).uniform_(

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterlib.data.manifest import check_max_objects
-from adapterlib.options import ARCHITECTURE, BLOCK_CHOICES, BLOCK_PARTS, DEVICES, FIELD_CHOICES, MAX_OBJECTS
+from adapterlib.options import (ARCHITECTURE, BLOCK_CHOICES, BLOCK_PARTS, DEVICES, FIELD_CHOICES, MAX_OBJECTS,
+                                check_attention_options)
 
 
 @dataclass
@@ -157,9 +158,7 @@ class TrainConfig:
                     raise ValueError(f"adapter_attention = 'gligen' is diffusers' GLIGEN as it is (a fuser in every "
                                      f"transformer block, its own feed-forward, as its diffusers export needs): give "
                                      f"{name} = {value!r}, not {getattr(self, name)!r}")
-        if self.adapter_subcell and self.adapter_attention != "masked":
-            raise ValueError(f"adapter_subcell = True reads each box's cells: it needs adapter_attention = 'masked', not "
-                             f"{self.adapter_attention!r} (give adapter_subcell = False)")
+        check_attention_options(self.adapter_attention, self.adapter_depth, self.adapter_subcell)
         if self.init_from and self.adapter_attention != "gligen":
             raise ValueError(f"init_from = {self.init_from!r} (a diffusers GLIGEN folder) needs adapter_attention = "
                              f"'gligen', not {self.adapter_attention!r}")
