@@ -282,6 +282,10 @@ def test_learned_depth_learns_with_the_gates_and_needs_cross_attention(base):
         assert {n for n in fast if n.endswith("depth_bias")} == {f"layers.{i}.depth_bias" for i in range(len(adapter.layers))}
     finally:
         adapter.detach()
-    with pytest.raises(ValueError, match="learned"):
+    with pytest.raises(ValueError, match="adapter_depth = 'learned' weighs each token's covering boxes"):
         build_adapter(base, attention="self", depth="learned")
+    from adapterlib.training.config import TrainConfig       # the same rule, before any work: the config's check
+    with pytest.raises(ValueError, match="adapter_depth = 'learned' weighs each token's covering boxes"):
+        TrainConfig(adapter_attention="self", adapter_depth="learned")
+    TrainConfig(adapter_attention="cross", adapter_depth="learned")
 
