@@ -138,3 +138,20 @@ def test_the_box_loss_ring_is_the_background_just_outside_each_box_and_reaches_t
     a, b = (load_file(str(tmp_path / n / "final" / "adapter.safetensors")) for n in ("plain", "ring"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) > 0
     assert main(["train", "--resume", "ring", "--box_loss_ring", "2"]) == 2              # it defines the run
+
+
+def test_the_shapes_preset_trains_with_the_ring_beside_the_map_and_the_flag_turns_it_off(tmp_path, monkeypatch):
+    import json
+    from adapterlib.__main__ import main
+    from adapterlib.training.config import make_config, preset_value
+    assert make_config("shapes").box_loss_ring == 1 and make_config("shapes").adapter_subcell is True
+    for preset in ("shapes-dit", "shapes-flux", "sd15", "sdxl", "sd3", "flux"):   # measured on the UNet of Shapes only
+        assert preset_value(preset, "box_loss_ring") == 0, preset
+    monkeypatch.setenv("ADAPTERLIB_RUNS", str(tmp_path))
+    fields = ["--preset", "shapes", "--steps", "1", "--batch_size", "4", "--n_train", "16", "--save_every", "1",
+              "--n_samples", "0"]
+    assert main(["train", "--run_name", "preset", *fields]) == 0
+    assert main(["train", "--run_name", "off", *fields, "--box_loss_ring", "0"]) == 0
+    written = {n: json.loads((tmp_path / n / "config.json").read_text()) for n in ("preset", "off")}
+    assert written["preset"]["box_loss_ring"] == 1 and written["preset"]["adapter_subcell"] is True
+    assert written["off"]["box_loss_ring"] == 0 and written["off"]["adapter_subcell"] is True
