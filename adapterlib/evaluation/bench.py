@@ -60,7 +60,7 @@ from torch import nn
 from adapterlib.model.adapter import AdaptedUNet, SpatialAdapter
 from adapterlib.options import ATTENTIONS
 from adapterlib.model.base import _predict_flux
-from adapterlib.training.config import BENCH_SIZES, PRESET_FAMILY, PRESETS, TrainConfig, check_blocks_spec
+from adapterlib.training.config import BENCH_SIZES, PRESET_FAMILY, TrainConfig, check_blocks_spec, preset_value
 from adapterlib.evaluation.workloads import SIZES, Workload, make_workload
 from adapterlib.model.gligen import GligenAdapter
 from adapterlib.model.hooks import transformer_blocks
@@ -70,13 +70,10 @@ HAS_PEER = {size: PRESET_FAMILY[p] == "unet" for size, p in BENCH_SIZES.items()}
 VARIANTS = tuple((a, ff) for a in ("masked", "self", "cross") for ff in (True, False)) + (("gligen", True),)
 DEFAULT_VARIANT = (TrainConfig.adapter_attention, TrainConfig.adapter_feedforward)
 # "ours" at each size: the default variant with the blocks and feed-forward width of the preset that trains that base
-DEFAULT_BLOCKS = {size: PRESETS[p].get("adapter_blocks", TrainConfig.adapter_blocks)
-                  for size, p in BENCH_SIZES.items()}
-DEFAULT_FF_MULT = {size: PRESETS[p].get("adapter_ff_mult", TrainConfig.adapter_ff_mult)
-                   for size, p in BENCH_SIZES.items()}
+DEFAULT_BLOCKS = {size: preset_value(p, "adapter_blocks") for size, p in BENCH_SIZES.items()}
+DEFAULT_FF_MULT = {size: preset_value(p, "adapter_ff_mult") for size, p in BENCH_SIZES.items()}
 # ... and its sub-cell map where the preset has one (masked rows only; named "+cells")
-DEFAULT_SUBCELL = {size: PRESETS[p].get("adapter_subcell", TrainConfig.adapter_subcell)
-                   for size, p in BENCH_SIZES.items()}
+DEFAULT_SUBCELL = {size: preset_value(p, "adapter_subcell") for size, p in BENCH_SIZES.items()}
 GATE_OPEN = 0.1
 
 
